@@ -1,0 +1,63 @@
+"""Every close code and error code wsd uses, in one registry.
+
+Clients deserve to know whether to reconnect: each close code says whether a
+reconnect makes sense (``reconnect``) and carries the human reason sent with it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    code: int
+    reason: str
+    reconnect: bool
+
+
+NORMAL = Close(1000, "normal closure", False)
+SHUTDOWN = Close(1001, "server shutdown", True)
+POLICY = Close(1008, "policy violation", False)
+TOO_BIG = Close(1009, "message too big", True)
+INTERNAL = Close(1011, "internal error", True)
+KICKED = Close(4000, "kicked", False)
+TOKEN_EXPIRED = Close(4001, "token expired", True)
+RATE_LIMITED = Close(4008, "message rate limit exceeded", True)
+SLOW_CONSUMER = Close(4009, "slow consumer", True)
+IDLE_TIMEOUT = Close(4010, "idle timeout", True)
+HEARTBEAT_TIMEOUT = Close(1011, "heartbeat timeout", True)
+
+CLOSE_CODES: dict[int, Close] = {
+    c.code: c
+    for c in (NORMAL, SHUTDOWN, POLICY, TOO_BIG, INTERNAL, KICKED, TOKEN_EXPIRED, RATE_LIMITED,
+              SLOW_CONSUMER, IDLE_TIMEOUT)
+}
+
+# Error codes in ``{"ok": false, "error": {"code": ...}}`` replies and handshake bodies.
+BAD_REQUEST = "bad_request"          # malformed frame, missing / wrong-typed field
+UNKNOWN_OP = "unknown_op"
+FORBIDDEN = "forbidden"
+NOT_FOUND = "not_found"
+UNKNOWN_CHANNEL = "unknown_channel"
+NOT_SUBSCRIBED = "not_subscribed"
+TOO_MANY_SUBSCRIPTIONS = "too_many_subscriptions"
+INVALID_TOKEN = "invalid_token"
+RATE_LIMIT = "rate_limited"
+INTERNAL_ERROR = "internal"
+
+# Handshake refusal codes (HTTP status, error code).
+H_MISSING_TOKEN = (401, "missing_token")
+H_INVALID_TOKEN = (401, "invalid_token")
+H_EXPIRED_TOKEN = (401, "token_expired")
+H_IP_FORBIDDEN = (403, "ip_not_allowed")
+H_ORIGIN_FORBIDDEN = (403, "origin_not_allowed")
+H_ROLE_FORBIDDEN = (403, "role_not_allowed")
+H_POOL_FORBIDDEN = (403, "pool_not_allowed")
+H_NO_POOL = (404, "no_such_pool")
+H_RATE_LIMITED = (429, "rate_limited")
+H_POOL_FULL = (503, "pool_full")
+H_MANAGER_FULL = (503, "manager_full")
+H_USER_FULL = (429, "too_many_connections")
+H_DRAINING = (503, "draining")
+H_SESSION = (400, "bad_session")

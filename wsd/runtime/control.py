@@ -1,0 +1,542 @@
+"""The control socket: a Unix stream socket (0600 in a 0700 directory) serving the control protocol.
+
+Peers whose uid (SO_PEERCRED) is neither the daemon's nor root are refused. Requests are
+bounded in size; a malformed request gets an error reply and never hurts the daemon. Each
+client is served by its own task, so many wsctl clients never slow delivery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import struct
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+import wsd
+from wsd import config as wconfig
+from wsd.control import protocol as P
+from wsd.core.channels import ChannelError, instance_parts, resolve_for_operator
+from wsd.core.outbox import Priority
+from wsd.runtime.conn import SEED_MODE
+
+if TYPE_CHECKING:
+    from wsd.runtime.daemon import Daemon
+
+log = logging.getLogger("wsd.control")
+_encode = msgspec.json.Encoder().encode
+
+
+class ControlError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def peer_uid(sock: socket.socket) -> int | None:
+    """The uid of the process at the other end of a Unix socket (Linux SO_PEERCRED)."""
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except (OSError, AttributeError):
+        return None
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return uid
+
+
+def peer_allowed(uid: int | None, own_uid: int) -> bool:
+    """The peer may talk to the daemon: same uid as the daemon, or root."""
+    return uid is not None and (uid == own_uid or uid == 0)
+
+
+def _str(params: dict[str, Any], key: str, default: str = "") -> str:
+    v = params.get(key, default)
+    if v is None:
+        return default
+    if not isinstance(v, str):
+        raise ControlError(P.E_BAD_REQUEST, f"params.{key}: expected a string")
+    return v
+
+
+def _int(params: dict[str, Any], key: str, default: int) -> int:
+    v = params.get(key, default)
+    if v is None:
+        return default
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise ControlError(P.E_BAD_REQUEST, f"params.{key}: expected an integer")
+    return v
+
+
+def _list(params: dict[str, Any], key: str) -> list[str]:
+    v = params.get(key) or []
+    if isinstance(v, str):
+        v = [v]
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise ControlError(P.E_BAD_REQUEST, f"params.{key}: expected a list of strings")
+    return v
+
+
+def _priority(params: dict[str, Any]) -> int:
+    try:
+        return int(Priority.parse(params.get("priority") or "normal"))
+    except ValueError:
+        raise ControlError(P.E_BAD_REQUEST, "params.priority: expected critical, high, normal or low") from None
+
+
+def _ttl(params: dict[str, Any]) -> float | None:
+    v = params.get("ttl_s", params.get("ttl"))
+    if v is None:
+        return None
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
+        raise ControlError(P.E_BAD_REQUEST, "params.ttl_s: expected a positive number of seconds")
+    return float(v)
+
+
+SORT_KEYS = ("id", "pool", "user_id", "company_id", "state", "age_s", "msgs_in", "msgs_out", "queue", "latency_ms",
+             "breaker", "remote_address", "bytes_out", "drops")
+
+
+class ControlServer:
+    def __init__(self, daemon: Daemon, path: str) -> None:
+        self.daemon = daemon
+        self.path = path
+        self.server: asyncio.AbstractServer | None = None
+        self.clients: set[asyncio.Task[None]] = set()
+        self.uid = os.getuid()
+        self.methods: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {
+            "hello": self.m_hello, "help": self.m_help, "status": self.m_status, "pools.list": self.m_pools,
+            "connections.list": self.m_connections, "connections.get": self.m_connection,
+            "channels.list": self.m_channels, "subscriptions.list": self.m_subscriptions,
+            "presence.get": self.m_presence, "history.get": self.m_history, "metrics.get": self.m_metrics,
+            "metrics.prometheus": self.m_prometheus, "publish": self.m_publish, "broadcast": self.m_broadcast,
+            "send": self.m_send, "kick": self.m_kick, "rules.list": self.m_rules, "rules.get": self.m_rule,
+            "rules.set_enabled": self.m_rule_enable, "token": self.m_token, "reload": self.m_reload,
+            "config.get": self.m_config, "events.recent": self.m_events_recent,
+        }
+        missing = set(P.METHODS) - set(self.methods) - {"events.subscribe"}
+        assert not missing, f"control methods without a handler: {missing}"
+
+    async def start(self) -> None:
+        d = os.path.dirname(self.path) or "."
+        os.makedirs(d, mode=0o700, exist_ok=True)
+        st = os.stat(d)
+        if st.st_uid == self.uid and (st.st_mode & 0o077):
+            os.chmod(d, 0o700)
+        if os.path.exists(self.path):
+            if await self._alive():
+                raise RuntimeError(f"another wsd is already serving the control socket {self.path}")
+            os.unlink(self.path)  # a stale socket from a crashed daemon
+        old = os.umask(0o177)
+        try:
+            self.server = await asyncio.start_unix_server(self._client, self.path, limit=P.MAX_REQUEST_BYTES)
+        finally:
+            os.umask(old)
+        os.chmod(self.path, 0o600)
+
+    async def _alive(self) -> bool:
+        try:
+            r, w = await asyncio.wait_for(asyncio.open_unix_connection(self.path), 1.0)
+        except (OSError, asyncio.TimeoutError):
+            return False
+        w.close()
+        return True
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for t in list(self.clients):
+            t.cancel()
+        for t in list(self.clients):
+            with contextlib.suppress(BaseException):
+                await t
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.clients.add(task)
+        try:
+            sock = writer.get_extra_info("socket")
+            uid = peer_uid(sock) if sock is not None else None
+            if not peer_allowed(uid, self.uid):
+                self.daemon.emit("control_refused", uid=uid)
+                writer.write(_encode({"id": None, "error": {"code": P.E_FORBIDDEN,
+                                                            "message": f"uid {uid} may not control this wsd"}})
+                             + b"\n")
+                await writer.drain()
+                return
+            while True:
+                try:
+                    line = await reader.readline()
+                except (ValueError, asyncio.LimitOverrunError):
+                    writer.write(_encode({"id": None, "error": {
+                        "code": P.E_BAD_REQUEST, "message": f"request larger than {P.MAX_REQUEST_BYTES} bytes"}})
+                        + b"\n")
+                    await writer.drain()
+                    return
+                if not line:
+                    return
+                if not line.strip():
+                    continue
+                reply = await self._handle(line, writer)
+                if reply is None:
+                    return  # a stream ended
+                writer.write(_encode(reply) + b"\n")
+                await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        except Exception:
+            log.exception("control client failed")
+        finally:
+            self.clients.discard(task)
+            writer.close()
+
+    async def _handle(self, line: bytes, writer: asyncio.StreamWriter) -> dict[str, Any] | None:
+        try:
+            req = json.loads(line)
+        except ValueError as exc:
+            return {"id": None, "error": {"code": P.E_PARSE, "message": f"invalid JSON: {exc}"}}
+        if not isinstance(req, dict):
+            return {"id": None, "error": {"code": P.E_BAD_REQUEST, "message": "a request is a JSON object"}}
+        rid = req.get("id")
+        method = req.get("method")
+        params = req.get("params") or {}
+        if not isinstance(method, str):
+            return {"id": rid, "error": {"code": P.E_BAD_REQUEST, "message": "'method' must be a string"}}
+        if not isinstance(params, dict):
+            return {"id": rid, "error": {"code": P.E_BAD_REQUEST, "message": "'params' must be an object"}}
+        if method == "events.subscribe":
+            await self._stream_events(rid, params, writer)
+            return None
+        fn = self.methods.get(method)
+        if fn is None:
+            return {"id": rid, "error": {"code": P.E_UNKNOWN_METHOD,
+                                         "message": f"unknown method {method!r}; see the 'help' method"}}
+        try:
+            return {"id": rid, "result": await fn(params)}
+        except ControlError as exc:
+            return {"id": rid, "error": {"code": exc.code, "message": exc.message}}
+        except ChannelError as exc:
+            return {"id": rid, "error": {"code": exc.code, "message": exc.message}}
+        except Exception as exc:
+            log.exception("control method %s failed", method)
+            return {"id": rid, "error": {"code": P.E_FAILED, "message": f"{type(exc).__name__}: {exc}"}}
+
+    async def _stream_events(self, rid: Any, params: dict[str, Any], writer: asyncio.StreamWriter) -> None:
+        q: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=10000)
+        kinds = set(_list(params, "kinds"))
+        self.daemon.event_subscribers.add(q)
+        try:
+            writer.write(_encode({"id": rid, "result": {"streaming": True}}) + b"\n")
+            backlog = _int(params, "backlog", 0)
+            if backlog:
+                for ev in list(self.daemon.events)[-backlog:]:
+                    if not kinds or ev["event"] in kinds:
+                        writer.write(_encode({"event": ev}) + b"\n")
+            await writer.drain()
+            while True:
+                ev = await q.get()
+                if kinds and ev["event"] not in kinds:
+                    continue
+                writer.write(_encode({"event": ev}) + b"\n")
+                await writer.drain()
+        finally:
+            self.daemon.event_subscribers.discard(q)
+
+    # -- methods ------------------------------------------------------------------------------------------
+    async def m_hello(self, p: dict[str, Any]) -> Any:
+        d = self.daemon
+        return {"protocol": P.PROTOCOL_VERSION, "version": wsd.__version__, "manager_id": d.config.manager.manager_id,
+                "pid": os.getpid()}
+
+    async def m_help(self, p: dict[str, Any]) -> Any:
+        return {"methods": [{"name": k, "help": v} for k, v in P.METHODS.items()]}
+
+    async def m_status(self, p: dict[str, Any]) -> Any:
+        d = self.daemon
+        hub = d.hub
+        by_pool: dict[str, int] = {pid: 0 for pid in d.pools}
+        by_state: dict[str, int] = {}
+        for c in hub.conns.values():
+            by_pool[c.pool.id] = by_pool.get(c.pool.id, 0) + 1
+            by_state[c.state] = by_state.get(c.state, 0) + 1
+        st = hub.stats
+        proc = d.process_stats()
+        return {
+            "manager_id": d.config.manager.manager_id, "version": wsd.__version__,
+            "uptime_s": round(time.monotonic() - d.started_mono, 1), "started_at": d.started_wall,
+            "engine": d.engine.describe(), "nodes": [d.config.manager.manager_id],
+            "listen": {"host": d.host_override or d.config.server.host, "port": d.bound_port,
+                       "tls": bool(d.config.server.tls_cert)},
+            "connections": len(hub.conns), "max_connections": d.config.manager.max_connections,
+            "by_pool": by_pool, "by_state": by_state, "draining": d.draining,
+            "rate_in": round(st.rate_in, 2), "rate_out": round(st.rate_out, 2),
+            "rate_publish": round(st.rate_pub, 2), "latency": st.latency(),
+            "rss_bytes": proc["rss_bytes"], "cpu_percent": proc["cpu_percent"],
+            "ephemeral_secret": d.ephemeral_secret, "config_path": d.config_path or "",
+            "reloads": d.reloads, "socket": d.socket_path,
+            "samples": list(st.samples)[-_int(p, "samples", 0):] if _int(p, "samples", 0) else [],
+        }
+
+    async def m_pools(self, p: dict[str, Any]) -> Any:
+        d = self.daemon
+        rows = []
+        for pool in d.pools.values():
+            conns = [c for c in d.hub.conns.values() if c.pool.id == pool.id]
+            msgs_in = sum(c.msgs_in for c in conns)
+            msgs_out = sum(c.msgs_out for c in conns)
+            drops = sum(c.drops_overflow + c.drops_expired for c in conns)
+            errors_ = sum(c.errors for c in conns)
+            row = pool.describe()
+            row.update({"connections": len(conns), "msgs_in": msgs_in, "msgs_out": msgs_out, "drops": drops,
+                        "errors": errors_, "error_rate": round(errors_ / msgs_in, 4) if msgs_in else 0.0,
+                        "queued": sum(c.queue_depth() for c in conns)})
+            rows.append(row)
+        return {"pools": rows}
+
+    async def m_connections(self, p: dict[str, Any]) -> Any:
+        d = self.daemon
+        pool, user, company, state = _str(p, "pool"), _str(p, "user"), _str(p, "company"), _str(p, "state")
+        q = _str(p, "filter").lower()
+        sort = _str(p, "sort", "age_s")
+        desc = sort.startswith("-")
+        key = sort.lstrip("-")
+        if key not in SORT_KEYS:
+            raise ControlError(P.E_BAD_REQUEST, f"params.sort: one of {', '.join(SORT_KEYS)} (prefix - for descending)")
+        limit = _int(p, "limit", 100)
+        offset = _int(p, "offset", 0)
+        if limit < 0 or offset < 0:
+            raise ControlError(P.E_BAD_REQUEST, "params.limit/offset must be >= 0")
+        now, wall = d.loop.time(), time.time()
+        rows = []
+        for c in d.hub.conns.values():
+            if pool and c.pool.id != pool or user and c.user_id != user or company and c.company_id != company:
+                continue
+            if state and c.state != state:
+                continue
+            row = c.summary(now, wall)
+            if q and q not in " ".join(str(row[k]) for k in ("id", "pool", "user_id", "company_id", "state",
+                                                             "remote_address")).lower():
+                continue
+            rows.append(row)
+        rows.sort(key=lambda r: (r[key] is None, r[key]), reverse=desc)
+        return {"total": len(rows), "offset": offset, "limit": limit, "items": rows[offset:offset + limit]}
+
+    def _conn(self, p: dict[str, Any]) -> Any:
+        cid = _str(p, "id")
+        conn = self.daemon.hub.conns.get(cid)
+        if conn is None:
+            matches = [c for k, c in self.daemon.hub.conns.items() if cid and k.startswith(cid)]
+            if len(matches) == 1:
+                return matches[0]
+            raise ControlError(P.E_NOT_FOUND, f"no connection {cid!r}")
+        return conn
+
+    async def m_connection(self, p: dict[str, Any]) -> Any:
+        d = self.daemon
+        c = self._conn(p)
+        now, wall = d.loop.time(), time.time()
+        out = c.summary(now, wall)
+        ob = c.outbox
+        out.update({
+            "info": {"remote_address": c.remote_address, "user_agent": c.user_agent,
+                     "protocol_version": c.protocol_version, "extensions": list(c.extensions),
+                     "subprotocol": c.subprotocol, "token_source": c.token_source, "session_id": c.session_id,
+                     "created_at": c.created_at, "resumed": c.resumed},
+            "auth": c.claims.as_dict(),
+            "subscriptions": [s.describe() for s in c.subs.values()],
+            "queue": {"depth": c.queue_depth(), "capacity": d.config.manager.message_buffer_size,
+                      "by_priority": dict(zip(("critical", "high", "normal", "low"),
+                                              ob.depth_by_priority() if ob is not None else (0, 0, 0, 0))),
+                      "dropped_overflow": c.drops_overflow, "dropped_expired": c.drops_expired},
+            "breaker": {"state": c.breaker_state(),
+                        "failures": c.breaker.failures if c.breaker is not None else 0,
+                        "opened_count": c.breaker.opened_count if c.breaker is not None else 0},
+            "reliable": ({"next_seq": c.reliable.next_seq, "unacked": len(c.reliable.unacked),
+                          "resent": c.reliable.resent, "given_up": c.reliable.given_up}
+                         if c.reliable is not None else None),
+            "metrics": c.metrics(now),
+            "health": {"latency_ms": round(c.latency_ms, 2),
+                       "throughput_msgs_s": round(c.msgs_out / max(1.0, now - c.created_mono), 3),
+                       "error_rate": round(c.errors / c.msgs_in, 4) if c.msgs_in else 0.0,
+                       "uptime_s": round(now - c.created_mono, 1)},
+            "exp": c.exp,
+            "events": [e for e in d.events if e.get("connection_id") == c.id][-20:],
+        })
+        return out
+
+    async def m_channels(self, p: dict[str, Any]) -> Any:
+        d = self.daemon
+        hub = d.hub
+        hist = d.engine.channels()
+        instances: dict[str, dict[str, Any]] = {}
+        for name in set(hist) | set(hub.by_channel):
+            subs = hub.by_channel.get(name, {})
+            h = hist.get(name, {})
+            instances[name] = {"channel": name, "group": instance_parts(name)[0], "subscribers": len(subs),
+                               "users": len({s.conn.user_id for s in subs.values()}),
+                               "history_depth": h.get("depth", 0), "offset": h.get("offset", 0),
+                               "epoch": h.get("epoch", "")}
+        groups = []
+        from wsd.core.channels import SEED_GROUP_TYPE
+        for gid, g in d.config.channels.items():
+            mine = [v for v in instances.values() if v["group"] == gid]
+            groups.append({"group_id": gid, "name": g.name or gid, "type": g.type,
+                           "seed_type": SEED_GROUP_TYPE[g.type], "history_size": g.history_size,
+                           "history_ttl_s": g.history_ttl_s, "publishers": list(g.publishers),
+                           "instances": len(mine), "subscribers": sum(v["subscribers"] for v in mine)})
+        return {"groups": groups, "instances": sorted(instances.values(), key=lambda v: v["channel"])}
+
+    async def m_subscriptions(self, p: dict[str, Any]) -> Any:
+        hub = self.daemon.hub
+        cid, ch = _str(p, "connection"), _str(p, "channel")
+        if cid:
+            conn = self._conn({"id": cid})
+            subs = list(conn.subs.values())
+        elif ch:
+            subs = list(hub.by_channel.get(ch, {}).values())
+        else:
+            subs = [s for c in hub.conns.values() for s in c.subs.values()]
+        limit = _int(p, "limit", 1000)
+        rows = [dict(s.describe(), user_id=s.conn.user_id, pool=s.conn.pool.id) for s in subs[:limit]]
+        by_mode: dict[str, int] = {}
+        for s in subs:
+            by_mode[SEED_MODE[s.mode]] = by_mode.get(SEED_MODE[s.mode], 0) + 1
+        return {"total": len(subs), "by_type": by_mode, "items": rows}
+
+    async def m_presence(self, p: dict[str, Any]) -> Any:
+        _, inst = resolve_for_operator(_str(p, "channel"), self.daemon.config.channels)
+        return self.daemon.hub.presence(inst)
+
+    async def m_history(self, p: dict[str, Any]) -> Any:
+        d = self.daemon
+        _, inst = resolve_for_operator(_str(p, "channel"), d.config.channels)
+        limit = _int(p, "limit", 50)
+        res = await d.engine.history(inst, limit=limit)
+        return {"channel": inst, "position": {"offset": res.position.offset, "epoch": res.position.epoch},
+                "messages": [{"offset": x.offset, "epoch": x.epoch, "type": x.type, "ts": x.ts,
+                              "priority": ("critical", "high", "normal", "low")[x.priority], "data": x.data,
+                              "source": x.source} for x in res.publications]}
+
+    async def m_metrics(self, p: dict[str, Any]) -> Any:
+        from wsd.runtime.metrics import seed_metrics
+
+        return seed_metrics(self.daemon)
+
+    async def m_prometheus(self, p: dict[str, Any]) -> Any:
+        return {"text": self.daemon.prometheus_text()}
+
+    async def m_publish(self, p: dict[str, Any]) -> Any:
+        d = self.daemon
+        group, inst = resolve_for_operator(_str(p, "channel"), d.config.channels)
+        _, company, user = instance_parts(inst)
+        return await d.hub.publish(channel=inst, group=group, msg_type=_str(p, "type", "message") or "message",
+                                   data=p.get("data"), priority=_priority(p), ttl_s=_ttl(p), source="control",
+                                   user_id=user, company_id=company)
+
+    async def m_broadcast(self, p: dict[str, Any]) -> Any:
+        d = self.daemon
+        pools = _list(p, "pools") or ([_str(p, "pool")] if _str(p, "pool") else [])
+        companies = _list(p, "companies") or ([_str(p, "company")] if _str(p, "company") else [])
+        for pl in pools:
+            if pl not in d.pools:
+                raise ControlError(P.E_NOT_FOUND, f"no pool {pl!r}")
+        return await d.hub.publish(channel="", group="", msg_type=_str(p, "type", "broadcast") or "broadcast",
+                                   data=p.get("data"), priority=_priority(p), ttl_s=_ttl(p), source="control",
+                                   pools=pools, companies=companies, broadcast=True)
+
+    async def m_send(self, p: dict[str, Any]) -> Any:
+        d = self.daemon
+        conn = self._conn({"id": _str(p, "connection_id") or _str(p, "id")})
+        from wsd.engine.base import Publication
+        from wsd.runtime.hub import encode_push
+
+        pub = Publication(id="", channel="", group="", type=_str(p, "type", "direct") or "direct",
+                          priority=_priority(p), data=p.get("data"), ts=round(time.time(), 6), source="control")
+        d.hub.send_direct(conn, encode_push(pub), pub.priority)
+        d.hub.stats.delivered += 1
+        return {"delivered": 1, "connection_id": conn.id}
+
+    async def m_kick(self, p: dict[str, Any]) -> Any:
+        d = self.daemon
+        ids = _list(p, "ids")
+        user, company, pool = _str(p, "user"), _str(p, "company"), _str(p, "pool")
+        if not (ids or user or company or pool):
+            raise ControlError(P.E_BAD_REQUEST, "name connection ids, a user, a company or a pool")
+        conns = d.hub.select(ids=[c.id for c in (self._conn({"id": i}) for i in ids)] if ids else (),
+                             user=user, company=company, pool=pool)
+        n = d.hub.kick(conns, _str(p, "reason", "kicked") or "kicked")
+        return {"closed": n, "ids": [c.id for c in conns]}
+
+    async def m_rules(self, p: dict[str, Any]) -> Any:
+        r = self.daemon.hub.rules
+        return {"rules": r.describe(), "metrics": _router_metrics(r)}
+
+    async def m_rule(self, p: dict[str, Any]) -> Any:
+        try:
+            return self.daemon.hub.rules.get(_str(p, "id"))
+        except KeyError:
+            raise ControlError(P.E_NOT_FOUND, f"no rule {_str(p, 'id')!r}") from None
+
+    async def m_rule_enable(self, p: dict[str, Any]) -> Any:
+        rid = _str(p, "id")
+        enabled = p.get("enabled")
+        if not isinstance(enabled, bool):
+            raise ControlError(P.E_BAD_REQUEST, "params.enabled: expected true or false")
+        try:
+            self.daemon.hub.rules.set_enabled(rid, enabled)
+        except KeyError:
+            raise ControlError(P.E_NOT_FOUND, f"no rule {rid!r}") from None
+        self.daemon.emit("rule_changed", rule_id=rid, enabled=enabled)
+        return self.daemon.hub.rules.get(rid)
+
+    async def m_token(self, p: dict[str, Any]) -> Any:
+        d = self.daemon
+        if d.signer is None:
+            raise ControlError(P.E_FAILED, "this wsd holds no signing key (auth.private_key_file is not set): "
+                                           "mint tokens with your identity provider")
+        user = _str(p, "user")
+        if not user:
+            raise ControlError(P.E_BAD_REQUEST, "params.user: required")
+        pool = _str(p, "pool")
+        if pool and pool not in d.pools:
+            raise ControlError(P.E_NOT_FOUND, f"no pool {pool!r}")
+        ttl = p.get("ttl_s")
+        if ttl is not None and (not isinstance(ttl, (int, float)) or ttl <= 0):
+            raise ControlError(P.E_BAD_REQUEST, "params.ttl_s: expected a positive number")
+        from wsd.core.channels import valid_segment
+
+        company = _str(p, "company")
+        if not valid_segment(user) or (company and not valid_segment(company)):
+            raise ControlError(P.E_BAD_REQUEST, "user and company ids are letters, digits and _.:@+=-")
+        token, exp = d.signer.sign(user, company, _list(p, "roles"), pool, ttl)
+        d.audit("token_minted", user_id=user, company_id=company, roles=_list(p, "roles"), pool=pool, exp=exp)
+        return {"token": token, "exp": exp, "user": user, "company": company, "roles": _list(p, "roles"),
+                "pool": pool}
+
+    async def m_reload(self, p: dict[str, Any]) -> Any:
+        res = self.daemon.reload()
+        if not res["ok"]:
+            raise ControlError(P.E_FAILED, "reload refused, the running config stays:\n" + "\n".join(res["errors"]))
+        return res
+
+    async def m_config(self, p: dict[str, Any]) -> Any:
+        d = self.daemon
+        return {"path": d.config_path or "", "toml": wconfig.dump_config(d.config, redact=True),
+                "config": wconfig.config_to_dict(d.config, redact=True)}
+
+    async def m_events_recent(self, p: dict[str, Any]) -> Any:
+        n = _int(p, "limit", 100)
+        return {"events": list(self.daemon.events)[-n:] if n else []}
+
+
+def _router_metrics(r: Any) -> dict[str, Any]:
+    return dict(r.metrics())

@@ -1,0 +1,336 @@
+"""The daemon: config, pools, engine, hub, the WebSocket server, the control socket, signals.
+
+This is the only place that owns process-wide lifecycle: start, SIGHUP reload (an invalid
+file is refused and the running config stays), SIGTERM/SIGINT drain (readyz 503, every
+client closed with 1001, exit 0 within a bounded time).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import logging.handlers
+import os
+import secrets
+import signal
+import socket
+import ssl
+import time
+from collections import deque
+from typing import Any
+
+import psutil
+from websockets.asyncio.server import Server, serve
+from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
+
+import wsd
+from wsd import config as wconfig
+from wsd.core.auth import TokenSigner, TokenVerifier
+from wsd.core.ratelimit import KeyedLimiter, per_minute
+from wsd.engine.base import Engine
+from wsd.runtime.hub import Hub
+from wsd.runtime.logs import redact
+
+log = logging.getLogger("wsd")
+
+
+class PoolRuntime:
+    """A pool as the runtime uses it (the seed's ConnectionPool with its PoolConfig)."""
+
+    __slots__ = ("batching", "compression", "default_subscriptions", "id", "max_connections", "networks", "origins",
+                 "path", "roles", "type")
+
+    SEED_TYPES = {"frontend": "FRONTEND_POOL", "mt5_client": "MT5_CLIENT_POOL", "admin": "ADMIN_POOL",
+                  "api": "API_POOL"}
+
+    def __init__(self, pool_id: str, cfg: Any, config: Any) -> None:
+        self.id = pool_id
+        self.type = cfg.type
+        self.path = cfg.path
+        self.max_connections = cfg.max_connections
+        self.networks = [ipaddress.ip_network(c, strict=False) for c in cfg.allow_cidrs]
+        origins = cfg.allowed_origins if cfg.allowed_origins is not None else config.server.allowed_origins
+        self.origins = frozenset(origins)
+        self.roles = frozenset(cfg.roles)
+        self.default_subscriptions = list(cfg.default_subscriptions)
+        self.compression = config.manager.enable_compression if cfg.compression is None else cfg.compression
+        self.batching = cfg.batching
+
+    def describe(self) -> dict[str, Any]:
+        return {"id": self.id, "type": self.type, "seed_type": self.SEED_TYPES.get(self.type, self.type),
+                "path": self.path, "max_connections": self.max_connections,
+                "allow_cidrs": [str(n) for n in self.networks], "allowed_origins": sorted(self.origins),
+                "roles": sorted(self.roles), "default_subscriptions": self.default_subscriptions,
+                "compression": self.compression,
+                "batching": {"enabled": self.batching.enabled, "interval_ms": self.batching.interval_ms,
+                             "max_messages": self.batching.max_messages}}
+
+
+def make_engine(cfg: Any) -> Engine:
+    if cfg.engine.type == "redis":
+        from wsd.engine.redis import RedisEngine  # an extra: pip install 'wsd[redis]'
+
+        return RedisEngine(cfg.engine.url, cfg.engine.prefix)
+    from wsd.engine.memory import MemoryEngine
+
+    return MemoryEngine()
+
+
+def default_socket_path() -> str:
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg and os.path.isdir(xdg):
+        return os.path.join(xdg, "wsd", "wsd.sock")
+    return f"/tmp/wsd-{os.getuid()}/wsd.sock"
+
+
+class Daemon:
+    def __init__(self, config: Any, *, config_path: str | None = None, host: str | None = None,
+                 port: int | None = None, socket_path: str | None = None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.host_override = host
+        self.port_override = port
+        self.socket_override = socket_path
+        self.started_wall = time.time()
+        self.started_mono = time.monotonic()
+        self.ready = False
+        self.draining = False
+        self.events: deque[dict[str, Any]] = deque(maxlen=2000)
+        self.event_subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
+        self.event_seq = 0
+        self.ephemeral_secret = False
+        self.reloads = 0
+        self._stop = asyncio.Event()
+        self._proc = psutil.Process()
+        self._proc.cpu_percent(None)
+        self._audit: logging.Logger | None = None
+        self.server: Server | None = None
+        self.control: Any = None
+
+    # -- setup ----------------------------------------------------------------------------------------------
+    def _apply(self, cfg: Any) -> None:
+        """Everything derived from config that a reload can change."""
+        self.config = cfg
+        self.pools = {pid: PoolRuntime(pid, p, cfg) for pid, p in cfg.pools.items()}
+        self.pools_by_path = {p.path: p for p in self.pools.values()}
+        key, sign_key = self._keys(cfg)
+        self.verifier = TokenVerifier(cfg.auth, key)
+        self.signer = TokenSigner(cfg.auth, sign_key) if sign_key else None
+        lim = cfg.limits
+        self.ip_limiter = KeyedLimiter(*per_minute(lim.connections_per_ip_per_minute))
+        self.user_limiter = KeyedLimiter(*per_minute(lim.connections_per_user_per_minute))
+        comp = cfg.manager.compression
+        self.deflate = [ServerPerMessageDeflateFactory(
+            server_max_window_bits=comp.server_max_window_bits,
+            client_max_window_bits=comp.client_max_window_bits,
+            compress_settings={"memLevel": comp.memory_level},
+        )]
+        self.metrics_networks = [ipaddress.ip_network(c, strict=False) for c in cfg.http.metrics_allow]
+        self._setup_audit(cfg)
+
+    def _keys(self, cfg: Any) -> tuple[str, str]:
+        auth = cfg.auth
+        algs = list(auth.algorithms)
+        if algs[0].startswith("HS"):
+            secret = wconfig.resolved_secret(cfg)
+            if not secret:
+                secret = getattr(self, "_ephemeral", None) or secrets.token_urlsafe(48)
+                self._ephemeral = secret
+                self.ephemeral_secret = True
+            else:
+                self.ephemeral_secret = False
+            return secret, secret
+        with open(auth.public_key_file) as f:
+            pub = f.read()
+        priv = ""
+        if auth.private_key_file:
+            with open(auth.private_key_file) as f:
+                priv = f.read()
+        return pub, priv
+
+    def _setup_audit(self, cfg: Any) -> None:
+        if self._audit is not None:
+            for h in list(self._audit.handlers):
+                self._audit.removeHandler(h)
+                h.close()
+            self._audit = None
+        if not cfg.audit.path:
+            return
+        lg = logging.getLogger("wsd.audit")
+        lg.propagate = False
+        lg.setLevel(logging.INFO)
+        h = logging.handlers.RotatingFileHandler(cfg.audit.path, maxBytes=cfg.audit.max_bytes,
+                                                 backupCount=cfg.audit.backups)
+        h.setFormatter(logging.Formatter("%(message)s"))
+        lg.addHandler(h)
+        self._audit = lg
+
+    # -- events and audit --------------------------------------------------------------------------------
+    def emit(self, kind: str, **fields: Any) -> None:
+        """A lifecycle or security event: kept for `wsctl events`, streamed to followers, logged."""
+        self.event_seq += 1
+        ev = {"seq": self.event_seq, "ts": round(time.time(), 3), "event": kind, **fields}
+        self.events.append(ev)
+        for q in list(self.event_subscribers):
+            if q.full():
+                continue  # a follower that does not read loses events, never slows the daemon
+            q.put_nowait(ev)
+        level = logging.INFO if kind not in ("refused", "rate_limited", "slow_consumer", "heartbeat_timeout",
+                                             "reload_failed") else logging.WARNING
+        if kind in ("connect", "disconnect"):
+            level = logging.DEBUG
+        if log.isEnabledFor(level):
+            log.log(level, "%s %s", kind, " ".join(f"{k}={v}" for k, v in fields.items()))
+
+    def audit(self, kind: str, **fields: Any) -> None:
+        lg = self._audit
+        if lg is not None:
+            lg.info(redact(json.dumps({"ts": round(time.time(), 3), "event": kind, **fields}, default=str)))
+
+    # -- HTTP helpers ----------------------------------------------------------------------------------------
+    def metrics_allowed(self, remote: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(remote)
+        except ValueError:
+            return False
+        if ip.version == 6 and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in n for n in self.metrics_networks)
+
+    def prometheus_text(self) -> str:
+        from wsd.runtime.metrics import prometheus_text
+
+        return prometheus_text(self)
+
+    def process_stats(self) -> dict[str, Any]:
+        with self._proc.oneshot():
+            mem = self._proc.memory_info()
+            return {"pid": self._proc.pid, "rss_bytes": mem.rss, "cpu_percent": self._proc.cpu_percent(None),
+                    "threads": self._proc.num_threads(), "fds": self._proc.num_fds()}
+
+    # -- run ---------------------------------------------------------------------------------------------------
+    @property
+    def socket_path(self) -> str:
+        return self.socket_override or self.config.control.socket or default_socket_path()
+
+    async def run(self) -> int:
+        self.loop = asyncio.get_running_loop()
+        self._apply(self.config)
+        if self.ephemeral_secret:
+            log.warning("no auth secret configured: using an ephemeral HS256 secret generated at start "
+                        "(tokens die with this process; mint them with `wsctl token`)")
+        self.engine = make_engine(self.config)
+        self.hub = Hub(self)
+        await self.engine.start(self.hub.on_remote)
+        from wsd.runtime.control import ControlServer
+        from wsd.runtime.server import Endpoint, WsdServerConnection
+
+        self.endpoint = Endpoint(self)
+        srv = self.config.server
+        host = self.host_override or srv.host
+        port = self.port_override if self.port_override is not None else srv.port
+        ssl_ctx = None
+        if srv.tls_cert:
+            ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ssl_ctx.load_cert_chain(srv.tls_cert, srv.tls_key)
+        self.control = ControlServer(self, self.socket_path)
+        await self.control.start()
+        m = self.config.manager
+        self.server = await serve(
+            self.endpoint.handler, host, port,
+            process_request=self.endpoint.process_request,
+            select_subprotocol=self.endpoint.select_subprotocol,
+            compression=None,
+            extensions=self.deflate,
+            server_header=None,
+            open_timeout=10,
+            ping_interval=None,          # heartbeats are ours: one sweep, 3 missed pongs
+            ping_timeout=None,
+            close_timeout=max(0.5, m.drain_timeout_ms / 1000.0),
+            max_size=srv.max_message_bytes,
+            max_queue=16,
+            write_limit=m.write_high_water_bytes,
+            ssl=ssl_ctx,
+            backlog=srv.backlog,
+            create_connection=WsdServerConnection,
+            logger=logging.getLogger("websockets.server"),
+        )
+        bound = [s.getsockname() for s in self.server.sockets]
+        self.bound_port = bound[0][1] if bound else port
+        self.hub.start()
+        self.ready = True
+        scheme = "wss" if ssl_ctx else "ws"
+        log.info("wsd %s listening on %s://%s:%s (pools: %s), control socket %s, engine %s", wsd.__version__,
+                 scheme, host, self.bound_port, ", ".join(f"{p.id}={p.path}" for p in self.pools.values()),
+                 self.socket_path, self.engine.name)
+        self.emit("started", port=self.bound_port, engine=self.engine.name)
+        loop = self.loop
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload_async()))
+        await self._stop.wait()
+        await self.shutdown()
+        return 0
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def shutdown(self) -> None:
+        """Stop accepting, close every client with 1001, and exit within the drain time."""
+        self.draining = True
+        self.emit("draining", connections=len(self.hub.conns))
+        log.info("draining %d connections", len(self.hub.conns))
+        deadline = self.loop.time() + self.config.manager.drain_timeout_ms / 1000.0
+        assert self.server is not None
+        self.server.close(close_connections=False)  # stop accepting; we close clients ourselves
+        for conn in list(self.hub.conns.values()):
+            self.hub.close(conn, 1001, "server shutdown")
+        while self.hub.conns and self.loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        for conn in list(self.hub.conns.values()):
+            tr = conn.ws.transport
+            if tr is not None:
+                tr.abort()
+        try:
+            await asyncio.wait_for(self.server.wait_closed(), 1.0)
+        except (asyncio.TimeoutError, Exception):
+            pass
+        await self.hub.stop()
+        if self.control is not None:
+            await self.control.stop()
+        await self.engine.stop()
+        log.info("stopped")
+
+    # -- reload --------------------------------------------------------------------------------------------
+    def reload(self) -> dict[str, Any]:
+        if not self.config_path:
+            return {"ok": False, "errors": ["no config file: the daemon runs on its embedded default"]}
+        try:
+            cfg = wconfig.load_config(self.config_path)
+        except wconfig.ConfigError as exc:
+            self.emit("reload_failed", errors=exc.errors)
+            log.error("reload refused, keeping the running config:\n%s", "\n".join(exc.errors))
+            return {"ok": False, "errors": exc.errors}
+        old = self.config
+        restart = [k for k in ("host", "port", "tls_cert", "tls_key", "max_message_bytes", "backlog")
+                   if getattr(old.server, k) != getattr(cfg.server, k)]
+        if old.engine != cfg.engine:
+            restart.append("engine")
+        if old.control.socket != cfg.control.socket:
+            restart.append("control.socket")
+        self._apply(cfg)
+        self.hub.configure()
+        self.reloads += 1
+        self.emit("reload", restart_required=restart)
+        return {"ok": True, "errors": [], "restart_required": restart}
+
+    async def reload_async(self) -> None:
+        self.reload()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -1,0 +1,745 @@
+"""The hub: every live connection, the subscription index, and the delivery pipeline.
+
+The per-message hot path (``fanout``) encodes one frame per message and writes that same
+frame to every receiver whose queue is empty and whose transport is below its high-water
+mark, as ``websockets.broadcast()`` does, without logging or allocating per receiver. Only
+congested receivers take the queued path (priority outbox, circuit breaker, adaptive batch
+frames), drained when their transport asks for more (``resume_writing``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import struct
+import time
+from collections import deque
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from websockets.frames import Frame, Opcode
+from websockets.protocol import State
+
+from wsd import errors
+from wsd.core.breaker import BreakerState, CircuitBreaker
+from wsd.core.history import StreamPosition
+from wsd.core.outbox import Outbox, Priority
+from wsd.core.router import RoutedMessage, RuleTable
+from wsd.engine.base import Publication
+from wsd.runtime.conn import (
+    BATCH,
+    CONNECTED,
+    DISCONNECTED,
+    DISCONNECTING,
+    HISTORICAL,
+    ON_DEMAND,
+    REALTIME,
+    Conn,
+    ReliableState,
+    Subscription,
+)
+from wsd.runtime.stats import Stats
+
+if TYPE_CHECKING:
+    from wsd.runtime.daemon import Daemon
+
+log = logging.getLogger("wsd.hub")
+
+OPEN = State.OPEN
+PRIORITY_NAMES = ("critical", "high", "normal", "low")
+_json_encode = msgspec.json.Encoder().encode
+_BATCH_HEAD = b'{"type":"batch","messages":['
+_BATCH_TAIL = b"]}"
+
+
+def text_frame(payload: bytes) -> bytes:
+    """One unmasked server text frame, serialized by websockets once for every receiver."""
+    return Frame(Opcode.TEXT, payload).serialize(mask=False)
+
+
+class Outgoing:
+    """One encoded server push shared by every receiver that needs no per-receiver change."""
+
+    __slots__ = ("_frame", "channel", "expires_at", "offset", "payload", "priority", "pub_mono", "type")
+
+    def __init__(self, payload: bytes, priority: int, expires_at: float | None, channel: str, offset: int,
+                 msg_type: str, pub_mono: float) -> None:
+        self.payload = payload
+        self.priority = priority
+        self.expires_at = expires_at
+        self.channel = channel
+        self.offset = offset
+        self.type = msg_type
+        self.pub_mono = pub_mono
+        self._frame: bytes | None = None
+
+    @property
+    def frame(self) -> bytes:
+        f = self._frame
+        if f is None:
+            f = self._frame = text_frame(self.payload)
+        return f
+
+
+def encode_push(pub: Publication, data: Any = None, seq: int | None = None, history: bool = False) -> bytes:
+    msg: dict[str, Any] = {"type": "message", "channel": pub.channel, "offset": pub.offset, "epoch": pub.epoch,
+                           "msg_type": pub.type, "priority": PRIORITY_NAMES[pub.priority], "ts": pub.ts,
+                           "data": pub.data if data is None else data}
+    if seq is not None:
+        msg["seq"] = seq
+    if history:
+        msg["history"] = True
+    return _json_encode(msg)
+
+
+class Hub:
+    """Connections, subscriptions, publish and delivery for one daemon process."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.loop = asyncio.get_running_loop()
+        self.conns: dict[str, Conn] = {}
+        self.by_channel: dict[str, dict[str, Subscription]] = {}
+        self.by_user: dict[str, set[Conn]] = {}
+        self.pool_counts: dict[str, int] = {}
+        self.stats = Stats()
+        self._dirty: set[Conn] = set()
+        self._drain_handle: asyncio.Handle | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self._ping_seq = 0
+        self.configure()
+
+    # -- configuration -------------------------------------------------------------------------------
+    def configure(self) -> None:
+        cfg = self.daemon.config
+        m = cfg.manager
+        self.buffer_size = m.message_buffer_size
+        self.high_water = m.write_high_water_bytes
+        self.heartbeat_s = m.heartbeat_interval_ms / 1000.0
+        self.missed_allowed = m.missed_pongs_allowed
+        self.idle_s = m.connection_timeout_ms / 1000.0
+        self.slow_s = m.slow_consumer_timeout_ms / 1000.0
+        self.breaker_threshold = m.breaker_failure_threshold
+        self.breaker_cooldown = m.breaker_cooldown_ms / 1000.0
+        self.overflow_close = m.overflow_close_count
+        self.health_error_rate = m.health_error_rate
+        self.session_ttl = float(m.session_ttl_s)
+        self.groups = cfg.channels
+        self.rules = RuleTable(cfg.routing.rules)
+
+    def start(self) -> None:
+        self._sweeper = self.loop.create_task(self._sweep_loop())
+
+    async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            try:
+                await self._sweeper
+            except asyncio.CancelledError:
+                pass
+
+    # -- registry ---------------------------------------------------------------------------------------
+    def new_id(self) -> str:
+        return secrets.token_hex(8)
+
+    def register(self, conn: Conn) -> None:
+        self.conns[conn.id] = conn
+        self.by_user.setdefault(conn.user_id, set()).add(conn)
+        self.pool_counts[conn.pool.id] = self.pool_counts.get(conn.pool.id, 0) + 1
+        conn.state = CONNECTED
+        conn.ping_due = conn.created_mono + self.heartbeat_s
+        self.stats.connections_total += 1
+
+    def unregister(self, conn: Conn) -> None:
+        if self.conns.pop(conn.id, None) is None:
+            return
+        users = self.by_user.get(conn.user_id)
+        if users is not None:
+            users.discard(conn)
+            if not users:
+                del self.by_user[conn.user_id]
+        self.pool_counts[conn.pool.id] -= 1
+        for sub in list(conn.subs.values()):
+            self._unindex(sub)
+        self._dirty.discard(conn)
+        conn.state = DISCONNECTED
+        lost = conn.queue_depth()
+        if lost:
+            conn.outbox.drain_all()  # type: ignore[union-attr]
+            self.stats.dropped_on_close += lost
+            self.daemon.audit("undelivered_on_close", connection_id=conn.id, user_id=conn.user_id,
+                              count=lost, code=conn.close_code)
+
+    def user_connections(self, user_id: str) -> int:
+        s = self.by_user.get(user_id)
+        return len(s) if s else 0
+
+    # -- subscriptions ------------------------------------------------------------------------------
+    def add_subscription(self, conn: Conn, channel: str, group: str, mode: str, types: frozenset[str] | None
+                         ) -> Subscription:
+        old = conn.subs.get(channel)
+        if old is not None:
+            self._unindex(old)
+        sub = Subscription(secrets.token_hex(6), conn, channel, group, mode, types, time.time())
+        if mode in (ON_DEMAND, BATCH):
+            sub.held = deque(maxlen=self.buffer_size)
+        conn.subs[channel] = sub
+        if mode != HISTORICAL:
+            self.by_channel.setdefault(channel, {})[conn.id] = sub
+        self.stats.subscribes += 1
+        return sub
+
+    def remove_subscription(self, conn: Conn, channel: str) -> bool:
+        sub = conn.subs.pop(channel, None)
+        if sub is None:
+            return False
+        self._unindex(sub)
+        self.stats.unsubscribes += 1
+        return True
+
+    def _unindex(self, sub: Subscription) -> None:
+        sub.active = False
+        if sub.timer is not None:
+            sub.timer.cancel()
+            sub.timer = None
+        subs = self.by_channel.get(sub.channel)
+        if subs is not None and subs.get(sub.conn.id) is sub:
+            del subs[sub.conn.id]
+            if not subs:
+                del self.by_channel[sub.channel]
+
+    def presence(self, channel: str) -> dict[str, Any]:
+        subs = self.by_channel.get(channel, {})
+        users = sorted({s.conn.user_id for s in subs.values()})
+        return {"channel": channel, "connections": len(subs), "users": users}
+
+    # -- publishing ---------------------------------------------------------------------------------------
+    async def publish(self, *, channel: str, group: str, msg_type: str, data: Any, priority: int,
+                      ttl_s: float | None, source: str, user_id: str = "", company_id: str = "",
+                      pools: Iterable[str] = (), companies: Iterable[str] = (), broadcast: bool = False
+                      ) -> dict[str, Any]:
+        """Publish one message: store it in history, route it, deliver it. Returns what happened."""
+        now = self.loop.time()
+        wall = time.time()
+        pub = Publication(id=secrets.token_hex(8), channel=channel, group=group, type=msg_type,
+                          priority=priority, data=data, ts=round(wall, 6), ttl_s=ttl_s, source=source,
+                          user_id=user_id, company_id=company_id,
+                          expires_at=(now + ttl_s) if ttl_s else None)
+        self.stats.published += 1
+        if channel:
+            gcfg = self.groups.get(group)
+            if gcfg is not None:
+                await self.daemon.engine.publish(pub, gcfg.history_size, float(gcfg.history_ttl_s))
+        delivered = self.route_and_deliver(pub, now, broadcast=broadcast, pools=tuple(pools),
+                                           companies=tuple(companies))
+        self.stats.observe_fanout(self.loop.time() - now)
+        return {"id": pub.id, "channel": channel, "offset": pub.offset, "epoch": pub.epoch,
+                "delivered": delivered}
+
+    def on_remote(self, pub: Publication) -> None:
+        """A publication from another node (shared engine): deliver locally, never re-publish."""
+        self.route_and_deliver(pub, self.loop.time())
+
+    def route_and_deliver(self, pub: Publication, now: float, *, broadcast: bool = False,
+                          pools: tuple[str, ...] = (), companies: tuple[str, ...] = ()) -> int:
+        if broadcast:
+            targets = self._narrow(self.conns.values(), pools, companies)
+            out = self._outgoing(pub, now)
+            n = 0
+            for conn in targets:
+                self.deliver(conn, out)
+                n += 1
+            return n
+        rules = self.rules
+        routes = rules.route(self._routed(pub)) if len(rules) else ()
+        if not routes:
+            return self.fanout(pub, now)
+        return self._deliver_routes(pub, now, routes)
+
+    def _routed(self, pub: Publication) -> RoutedMessage:
+        return RoutedMessage(type=pub.type, data=pub.data, channel=pub.channel, group=pub.group,
+                             priority=PRIORITY_NAMES[pub.priority], user_id=pub.user_id,
+                             company_id=pub.company_id, ttl_s=pub.ttl_s, source=pub.source, id=pub.id)
+
+    def _outgoing(self, pub: Publication, now: float, data: Any = None) -> Outgoing:
+        return Outgoing(encode_push(pub, data), pub.priority, pub.expires_at, pub.channel, pub.offset, pub.type,
+                        now)
+
+    def fanout(self, pub: Publication, now: float) -> int:
+        """Deliver ``pub`` to the subscribers of its channel: the hot path."""
+        subs = self.by_channel.get(pub.channel)
+        if not subs:
+            return 0
+        out = self._outgoing(pub, now)
+        frame = out.frame
+        flen = len(frame)
+        offset = pub.offset
+        epoch = pub.epoch
+        n = 0
+        for sub in list(subs.values()) if len(subs) < 64 else tuple(subs.values()):
+            conn = sub.conn
+            if sub.mode is REALTIME and sub.types is None and sub.pending is None:
+                if conn.outbox is None or not conn.outbox:
+                    if conn.proto.state is OPEN and conn.transport.get_write_buffer_size() < self.high_water \
+                            and conn.breaker is None:
+                        conn.transport.write(frame)
+                        conn.msgs_out += 1
+                        conn.bytes_out += flen
+                        sub.offset = offset
+                        sub.epoch = epoch
+                        n += 1
+                        continue
+                self._enqueue(conn, out)
+                n += 1
+            elif self._deliver_sub(sub, out, pub):
+                n += 1
+        self.stats.delivered += n
+        return n
+
+    def _deliver_sub(self, sub: Subscription, out: Outgoing, pub: Publication) -> bool:
+        """The slow path of one subscription: type filter, history sync, batch and on_demand modes."""
+        if sub.types is not None and pub.type not in sub.types:
+            return False
+        if sub.pending is not None:
+            sub.pending.append(out)
+            return True
+        mode = sub.mode
+        if mode is REALTIME:
+            self.deliver(sub.conn, out)
+            return True
+        if mode is ON_DEMAND:
+            held = sub.held
+            if held is not None:
+                if len(held) == held.maxlen:
+                    sub.conn.drops_overflow += 1
+                    self.stats.dropped_overflow += 1
+                held.append(out)
+            return True
+        if mode is BATCH:
+            if out.priority == Priority.CRITICAL:
+                self.deliver(sub.conn, out)
+                return True
+            held = sub.held
+            assert held is not None
+            held.append(out)
+            bcfg = sub.conn.pool.batching
+            if len(held) >= bcfg.max_messages:
+                self._flush_sub_batch(sub)
+            elif sub.timer is None:
+                sub.timer = self.loop.call_later(bcfg.interval_ms / 1000.0, self._flush_sub_batch, sub)
+            return True
+        return False
+
+    def _flush_sub_batch(self, sub: Subscription) -> None:
+        if sub.timer is not None:
+            sub.timer.cancel()
+            sub.timer = None
+        held = sub.held
+        if not held or not sub.active:
+            return
+        items = list(held)
+        held.clear()
+        now = self.loop.time()
+        items = [o for o in items if o.expires_at is None or o.expires_at > now]
+        if not items:
+            return
+        payload = _BATCH_HEAD + b",".join(o.payload for o in items) + _BATCH_TAIL
+        last = items[-1]
+        batch = Outgoing(payload, min(o.priority for o in items), None, sub.channel, last.offset, "batch", now)
+        self.deliver(sub.conn, batch, count=len(items))
+
+    def _narrow(self, conns: Iterable[Conn], pools: tuple[str, ...], companies: tuple[str, ...]
+                ) -> list[Conn]:
+        if not pools and not companies:
+            return list(conns)
+        return [c for c in conns if (not pools or c.pool.id in pools)
+                and (not companies or c.company_id in companies)]
+
+    def _deliver_routes(self, pub: Publication, now: float, routes: Any) -> int:
+        seen: set[str] = set()
+        n = 0
+        plain: Outgoing | None = None
+        cache: dict[tuple[int, str], Outgoing] = {}
+        for route in routes:
+            target = route.target
+            ttype = target.type
+            if ttype == "channel":
+                conns = [s.conn for s in self.by_channel.get(pub.channel, {}).values()
+                         if s.types is None or pub.type in s.types]
+            elif ttype == "individual":
+                conns = [c for c in (self.conns.get(i) for i in target.connection_ids) if c is not None]
+            elif ttype == "group":
+                conns = [s.conn for s in self.by_channel.get(self._group_instance(target.group_id, pub), {}).values()]
+            elif ttype == "broadcast":
+                conns = self._narrow(self.conns.values(), tuple(target.pools), tuple(target.company_ids))
+            else:  # filtered
+                conns = self._narrow(self.conns.values(), tuple(target.pools), tuple(target.company_ids))
+            pred = route.conn_predicate
+            msg_map = None
+            for conn in conns:
+                if conn.id in seen:
+                    continue
+                if pred is not None:
+                    if msg_map is None:
+                        msg_map = self._routed(pub).as_mapping()
+                    if not pred(msg_map, conn.as_conn_mapping()):
+                        continue
+                seen.add(conn.id)
+                identity = route.transform is None and not route.pool_transforms
+                if route.reliable:
+                    data = pub.data if identity else route.apply(pub.data, conn.pool.id)
+                    self.deliver_reliable(conn, pub, data, route.max_retries, route.ack_timeout_s, now)
+                elif identity:
+                    if plain is None:
+                        plain = self._outgoing(pub, now)
+                    self.deliver(conn, plain)
+                else:
+                    # One encode per (rule, pool): never per receiver.
+                    key = (id(route), conn.pool.id)
+                    out = cache.get(key)
+                    if out is None:
+                        out = cache[key] = self._outgoing(pub, now, route.apply(pub.data, conn.pool.id))
+                    self.deliver(conn, out)
+                n += 1
+        self.stats.delivered += n
+        return n
+
+    def _group_instance(self, group_id: str, pub: Publication) -> str:
+        """The instance of a group that belongs to the message's own tenant: never another tenant's."""
+        g = self.groups.get(group_id)
+        if g is None:
+            return ""
+        if g.type in ("global", "admin"):
+            return group_id
+        if g.type == "company":
+            return f"{group_id}/{pub.company_id}" if pub.company_id else ""
+        return f"{group_id}/{pub.company_id}/{pub.user_id}" if pub.company_id and pub.user_id else ""
+
+    # -- delivery to one connection ------------------------------------------------------------------
+    def deliver(self, conn: Conn, out: Outgoing, count: int = 1) -> None:
+        """Write now when nothing is queued and the transport has room; queue otherwise."""
+        if (conn.outbox is None or not conn.outbox) and conn.breaker is None \
+                and conn.proto.state is OPEN and conn.transport.get_write_buffer_size() < self.high_water:
+            frame = out.frame
+            conn.transport.write(frame)
+            conn.msgs_out += count
+            conn.bytes_out += len(frame)
+            if out.offset and out.channel:
+                sub = conn.subs.get(out.channel)
+                if sub is not None:
+                    sub.offset = out.offset
+            return
+        self._enqueue(conn, out)
+
+    def send_direct(self, conn: Conn, payload: bytes, priority: int = Priority.NORMAL) -> None:
+        """A one-off push to one connection (wsctl send, history replay)."""
+        self.deliver(conn, Outgoing(payload, priority, None, "", 0, "", self.loop.time()))
+
+    def _enqueue(self, conn: Conn, out: Outgoing) -> None:
+        if conn.closing or conn.proto.state is not OPEN:
+            return
+        ob = conn.outbox
+        if ob is None:
+            ob = conn.outbox = Outbox(self.buffer_size)
+        dropped = ob.push(out, out.priority, out.expires_at)
+        if dropped is not None:
+            conn.drops_overflow += 1
+            conn.overflows += 1
+            self.stats.dropped_overflow += 1
+            if conn.overflows == 1 or conn.overflows % 100 == 0:
+                self.daemon.audit("dropped_overflow", connection_id=conn.id, user_id=conn.user_id,
+                                  total=conn.drops_overflow)
+            if conn.overflows >= self.overflow_close:
+                self.close_slow(conn, "queue overflow")
+                return
+        if conn.congested_since is None:
+            conn.congested_since = self.loop.time()
+        if conn.breaker is None or conn.breaker.state is BreakerState.CLOSED:
+            self.schedule_drain(conn)
+
+    def schedule_drain(self, conn: Conn) -> None:
+        self._dirty.add(conn)
+        if self._drain_handle is None:
+            self._drain_handle = self.loop.call_soon(self._drain_dirty)
+
+    def on_pause_writing(self, conn: Conn) -> None:
+        """The transport went above its high-water mark: open the breaker, queue from now on."""
+        now = self.loop.time()
+        br = conn.breaker
+        if br is None:
+            br = conn.breaker = CircuitBreaker(self.breaker_threshold, self.breaker_cooldown)
+        if br.state is BreakerState.HALF_OPEN:
+            br.record_failure(now)
+        else:
+            br.trip(now)
+        if conn.congested_since is None:
+            conn.congested_since = now
+
+    def on_resume_writing(self, conn: Conn) -> None:
+        """The transport drained below its low-water mark: let the breaker try again."""
+        if conn.state is CONNECTED:
+            self.schedule_drain(conn)
+
+    def _drain_dirty(self) -> None:
+        self._drain_handle = None
+        dirty = self._dirty
+        self._dirty = set()
+        now = self.loop.time()
+        for conn in dirty:
+            self._drain(conn, now)
+
+    def _drain(self, conn: Conn, now: float) -> None:
+        if conn.proto.state is not OPEN or conn.closing:
+            return
+        br = conn.breaker
+        if br is not None and not br.allow(now):
+            # Still cooling down: come back when the breaker may half-open.
+            wait = max(0.0, (br.opened_at or now) + self.breaker_cooldown - now)
+            self.loop.call_later(wait + 0.001, self.schedule_drain, conn)
+            return
+        ob = conn.outbox
+        transport = conn.transport
+        batching = conn.pool.batching.enabled
+        max_batch = conn.pool.batching.max_messages
+        while ob and transport.get_write_buffer_size() < self.high_water:
+            if batching and len(ob) > 1 and ob.peek_priority() != Priority.CRITICAL:
+                items = ob.pop_many(now, max_batch, max_priority=Priority.HIGH)
+                items = [it for it in items]
+                if not items:
+                    continue
+                if len(items) == 1:
+                    self._write_item(conn, items[0][0], 1)
+                else:
+                    payload = _BATCH_HEAD + b",".join(o.payload for o, _ in items) + _BATCH_TAIL
+                    frame = text_frame(payload)
+                    transport.write(frame)
+                    conn.msgs_out += len(items)
+                    conn.bytes_out += len(frame)
+                    for o, _ in items:
+                        self._note_written(conn, o)
+                    self.stats.batches += 1
+            else:
+                item = ob.pop(now)
+                if item is None:
+                    break
+                self._write_item(conn, item[0], 1)
+        conn.drops_expired = ob.dropped_expired if ob is not None else conn.drops_expired
+        if ob is not None and not ob and transport.get_write_buffer_size() < self.high_water:
+            conn.congested_since = None
+            conn.overflows = 0
+            if br is not None:
+                br.record_success(now)
+                if br.state is BreakerState.CLOSED:
+                    conn.breaker = None
+
+    def _write_item(self, conn: Conn, out: Outgoing, count: int) -> None:
+        frame = out.frame
+        conn.transport.write(frame)
+        conn.msgs_out += count
+        conn.bytes_out += len(frame)
+        self._note_written(conn, out)
+        self.stats.observe_queue_latency(self.loop.time() - out.pub_mono)
+
+    def _note_written(self, conn: Conn, out: Outgoing) -> None:
+        if out.offset and out.channel:
+            sub = conn.subs.get(out.channel)
+            if sub is not None and out.offset > sub.offset:
+                sub.offset = out.offset
+
+    # -- reliable delivery ----------------------------------------------------------------------------
+    def deliver_reliable(self, conn: Conn, pub: Publication, data: Any, max_retries: int, ack_timeout_s: float,
+                         now: float) -> int:
+        rs = conn.reliable
+        if rs is None:
+            rs = conn.reliable = ReliableState()
+        seq = rs.next_seq
+        rs.next_seq += 1
+        payload = encode_push(pub, data, seq=seq)
+        rs.unacked[seq] = [payload, pub.priority, now + ack_timeout_s, max_retries, ack_timeout_s]
+        self.deliver(conn, Outgoing(payload, pub.priority, pub.expires_at, pub.channel, pub.offset, pub.type, now))
+        return seq
+
+    def ack(self, conn: Conn, seq: int) -> bool:
+        rs = conn.reliable
+        if rs is None:
+            return False
+        return rs.unacked.pop(seq, None) is not None
+
+    def _resend_due(self, conn: Conn, now: float) -> None:
+        rs = conn.reliable
+        if rs is None or not rs.unacked:
+            return
+        for seq, entry in list(rs.unacked.items()):
+            if entry[2] > now:
+                continue
+            if entry[3] <= 0:
+                del rs.unacked[seq]
+                rs.given_up += 1
+                self.stats.reliable_given_up += 1
+                self.daemon.audit("reliable_given_up", connection_id=conn.id, user_id=conn.user_id, seq=seq)
+                continue
+            entry[3] -= 1
+            entry[2] = now + entry[4]
+            rs.resent += 1
+            self.stats.reliable_resent += 1
+            self.deliver(conn, Outgoing(entry[0], entry[1], None, "", 0, "", now))
+
+    # -- closing ----------------------------------------------------------------------------------------
+    def close(self, conn: Conn, code: int, reason: str) -> None:
+        """Start closing ``conn`` with ``code``; abort the transport if the close cannot be sent in time."""
+        if conn.closing:
+            return
+        conn.closing = True
+        conn.close_code = code
+        conn.close_reason = reason
+        conn.state = DISCONNECTING
+        self._dirty.discard(conn)
+        self.loop.create_task(self._close(conn, code, reason))
+
+    async def _close(self, conn: Conn, code: int, reason: str) -> None:
+        timeout = max(0.5, self.daemon.config.manager.drain_timeout_ms / 1000.0)
+        try:
+            await asyncio.wait_for(conn.ws.close(code, reason[:120]), timeout)
+        except (asyncio.TimeoutError, Exception):
+            pass
+        if conn.ws.transport is not None and not conn.ws.transport.is_closing():
+            conn.ws.transport.abort()
+
+    def close_slow(self, conn: Conn, why: str) -> None:
+        if conn.closing:
+            return
+        self.stats.slow_consumers += 1
+        lost = conn.queue_depth()
+        self.daemon.emit("slow_consumer", connection_id=conn.id, user_id=conn.user_id, pool=conn.pool.id,
+                         reason=why, queued=lost)
+        self.daemon.audit("slow_consumer", connection_id=conn.id, user_id=conn.user_id, reason=why,
+                          queued=lost)
+        # Whatever is queued cannot be written: drop it now (counted) so the close frame goes out first.
+        if conn.outbox is not None and lost:
+            conn.outbox.drain_all()
+            self.stats.dropped_on_close += lost
+        self.close(conn, errors.SLOW_CONSUMER.code, f"slow consumer: {why}")
+        # A client that never reads cannot receive the close frame: abort after a short grace.
+        self.loop.call_later(2.0, self._abort_if_open, conn)
+
+    def _abort_if_open(self, conn: Conn) -> None:
+        tr = conn.ws.transport
+        if tr is not None and not tr.is_closing() and tr.get_write_buffer_size() >= self.high_water:
+            tr.abort()
+
+    # -- the periodic sweep: heartbeats, idle, expiry, resends, slow consumers, health ----------------
+    async def _sweep_loop(self) -> None:
+        period = min(1.0, max(0.05, self.heartbeat_s / 4))
+        while True:
+            await asyncio.sleep(period)
+            try:
+                self.sweep(self.loop.time(), time.time())
+            except Exception:  # the sweep must never die
+                log.exception("sweep failed")
+
+    def sweep(self, now: float, wall: float) -> None:
+        self.stats.tick(now, self)
+        hb = self.heartbeat_s
+        for conn in list(self.conns.values()):
+            if conn.closing or conn.state is not CONNECTED:
+                continue
+            if conn.exp and wall >= conn.exp + self.daemon.config.auth.leeway_s * 0:
+                self.daemon.emit("token_expired", connection_id=conn.id, user_id=conn.user_id)
+                self.close(conn, errors.TOKEN_EXPIRED.code, errors.TOKEN_EXPIRED.reason)
+                continue
+            if now - conn.last_activity >= self.idle_s:
+                self.daemon.emit("idle_timeout", connection_id=conn.id, user_id=conn.user_id)
+                self.close(conn, errors.IDLE_TIMEOUT.code, errors.IDLE_TIMEOUT.reason)
+                continue
+            if now >= conn.ping_due:
+                self._heartbeat(conn, now, wall)
+                if conn.closing:
+                    continue
+            if conn.congested_since is not None and now - conn.congested_since >= self.slow_s:
+                self.close_slow(conn, f"congested for {now - conn.congested_since:.1f}s")
+                continue
+            if conn.reliable is not None:
+                self._resend_due(conn, now)
+            if conn.outbox and conn.breaker is None and conn.transport.get_write_buffer_size() == 0:
+                self.schedule_drain(conn)  # safety net: queued, room to write, nobody scheduled
+
+    def _heartbeat(self, conn: Conn, now: float, wall: float) -> None:
+        ws = conn.ws
+        if conn.ping_data is not None and conn.ping_data in ws.pending_pings:
+            conn.pings_missed += 1
+            if conn.pings_missed >= self.missed_allowed:
+                self.daemon.emit("heartbeat_timeout", connection_id=conn.id, user_id=conn.user_id,
+                                 missed=conn.pings_missed)
+                self.close(conn, errors.HEARTBEAT_TIMEOUT.code, errors.HEARTBEAT_TIMEOUT.reason)
+                self.loop.call_later(2.0, self._abort_if_still, conn)
+                return
+        conn.ping_due = now + self.heartbeat_s
+        if conn.proto.state is not OPEN:
+            return
+        self._ping_seq = (self._ping_seq + 1) & 0xFFFFFFFF
+        data = struct.pack("!I", self._ping_seq)
+        fut = self.loop.create_future()
+        fut.add_done_callback(lambda f, c=conn: self._pong(c, f))
+        ws.pending_pings[data] = (fut, now)
+        conn.ping_data = data
+        conn.ping_sent_at = now
+        try:
+            conn.proto.send_ping(data)
+            ws.send_data()
+        except Exception:
+            conn.errors += 1
+
+    def _pong(self, conn: Conn, fut: asyncio.Future[float]) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            return
+        rtt_ms = fut.result() * 1000.0
+        conn.pings_missed = 0
+        conn.last_heartbeat = time.time()
+        conn.latency_n += 1
+        # Average latency over the connection's life, weighted to the recent (EWMA).
+        conn.latency_ms = rtt_ms if conn.latency_n == 1 else conn.latency_ms * 0.8 + rtt_ms * 0.2
+
+    def _abort_if_still(self, conn: Conn) -> None:
+        tr = conn.ws.transport
+        if tr is not None and not tr.is_closing():
+            tr.abort()
+
+    # -- kick --------------------------------------------------------------------------------------------
+    def select(self, ids: Iterable[str] = (), user: str = "", company: str = "", pool: str = "") -> list[Conn]:
+        ids = list(ids)
+        if ids:
+            return [c for c in (self.conns.get(i) for i in ids) if c is not None]
+        if not (user or company or pool):
+            return []
+        return [c for c in self.conns.values() if (not user or c.user_id == user)
+                and (not company or c.company_id == company) and (not pool or c.pool.id == pool)]
+
+    def kick(self, conns: list[Conn], reason: str) -> int:
+        n = 0
+        for conn in conns:
+            if conn.closing:
+                continue
+            self.daemon.emit("kick", connection_id=conn.id, user_id=conn.user_id, pool=conn.pool.id,
+                             reason=reason)
+            self.daemon.audit("kick", connection_id=conn.id, user_id=conn.user_id, reason=reason)
+            self.close(conn, errors.KICKED.code, reason or errors.KICKED.reason)
+            n += 1
+        return n
+
+    # -- history and sessions ---------------------------------------------------------------------
+    async def history(self, channel: str, limit: int | None, since: StreamPosition | None) -> Any:
+        return await self.daemon.engine.history(channel, limit=limit, since=since)
+
+    def session_state(self, conn: Conn) -> dict[str, Any]:
+        subs = [{"channel": s.channel, "group": s.group, "mode": s.mode,
+                 "types": sorted(s.types) if s.types is not None else None,
+                 "offset": s.offset, "epoch": s.epoch} for s in conn.subs.values()]
+        unacked = []
+        if conn.reliable is not None:
+            unacked = [[seq, e[0].decode(), e[1], e[3], e[4]] for seq, e in sorted(conn.reliable.unacked.items())]
+        return {"user_id": conn.user_id, "company_id": conn.company_id, "pool": conn.pool.id, "subs": subs,
+                "unacked": unacked, "next_seq": conn.reliable.next_seq if conn.reliable else 1,
+                "reconnections": conn.reconnections}
+

@@ -1,0 +1,126 @@
+"""The seed's metrics (manager, pools, routing, subscriptions, queues) and their Prometheus exposition.
+
+Collected at scrape time from the counters the hot path already keeps: exposing metrics costs
+the fan-out nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+if TYPE_CHECKING:
+    from wsd.runtime.daemon import Daemon
+
+
+def seed_metrics(d: Daemon) -> dict[str, Any]:
+    hub = d.hub
+    st = hub.stats
+    now = d.loop.time()
+    pools: dict[str, dict[str, Any]] = {}
+    for pid, pool in d.pools.items():
+        pools[pid] = {"type": pool.type, "connections": 0, "max_connections": pool.max_connections,
+                      "messages_sent": 0, "messages_received": 0, "bytes_sent": 0, "bytes_received": 0,
+                      "drops": 0, "errors": 0, "queued": 0, "breakers_open": 0, "avg_latency_ms": 0.0}
+    lat_sum: dict[str, float] = {}
+    for c in hub.conns.values():
+        p = pools.setdefault(c.pool.id, {"type": c.pool.type, "connections": 0, "max_connections": 0,
+                                         "messages_sent": 0, "messages_received": 0, "bytes_sent": 0,
+                                         "bytes_received": 0, "drops": 0, "errors": 0, "queued": 0,
+                                         "breakers_open": 0, "avg_latency_ms": 0.0})
+        p["connections"] += 1
+        p["messages_sent"] += c.msgs_out
+        p["messages_received"] += c.msgs_in
+        p["bytes_sent"] += c.bytes_out
+        p["bytes_received"] += c.bytes_in
+        p["drops"] += c.drops_overflow + c.drops_expired
+        p["errors"] += c.errors
+        p["queued"] += c.queue_depth()
+        p["breakers_open"] += 1 if c.breaker is not None and c.breaker_state() != "closed" else 0
+        lat_sum[c.pool.id] = lat_sum.get(c.pool.id, 0.0) + c.latency_ms
+    for pid, p in pools.items():
+        if p["connections"]:
+            p["avg_latency_ms"] = round(lat_sum.get(pid, 0.0) / p["connections"], 3)
+        p["error_rate"] = round(p["errors"] / p["messages_received"], 4) if p["messages_received"] else 0.0
+    subs_by_mode: dict[str, int] = {}
+    for c in hub.conns.values():
+        for s in c.subs.values():
+            subs_by_mode[s.mode] = subs_by_mode.get(s.mode, 0) + 1
+    proc = d.process_stats()
+    return {
+        "manager": {"manager_id": d.config.manager.manager_id, "connections": len(hub.conns),
+                    "max_connections": d.config.manager.max_connections,
+                    "uptime_s": round(time.monotonic() - d.started_mono, 1), "last_updated": time.time(),
+                    "rss_bytes": proc["rss_bytes"], "cpu_percent": proc["cpu_percent"],
+                    "rss_per_connection_bytes": int(proc["rss_bytes"] / len(hub.conns)) if hub.conns else 0,
+                    **st.as_dict()},
+        "pools": pools,
+        "routing": hub.rules.metrics(),
+        "subscriptions": {"total": sum(subs_by_mode.values()), "by_mode": subs_by_mode,
+                          "channels": len(hub.by_channel), "subscribes": st.subscribes,
+                          "unsubscribes": st.unsubscribes},
+        "queues": {"queued": sum(c.queue_depth() for c in hub.conns.values()),
+                   "congested": sum(1 for c in hub.conns.values() if c.congested_since is not None),
+                   "dropped_overflow": st.dropped_overflow,
+                   "dropped_expired": st.dropped_expired + sum(c.drops_expired for c in hub.conns.values()),
+                   "dropped_on_close": st.dropped_on_close, "slow_consumers": st.slow_consumers,
+                   "reliable_resent": st.reliable_resent, "reliable_given_up": st.reliable_given_up,
+                   "now": now},
+    }
+
+
+class _Collector:
+    def __init__(self, d: Daemon) -> None:
+        self.d = d
+
+    def collect(self) -> Any:
+        m = seed_metrics(self.d)
+        mgr = m["manager"]
+        g = GaugeMetricFamily("wsd_connections", "Open connections by pool", labels=["pool"])
+        for pid, p in m["pools"].items():
+            g.add_metric([pid], p["connections"])
+        yield g
+        for name, key, help_ in (("wsd_messages_sent", "messages_sent", "Messages written to clients"),
+                                 ("wsd_messages_received", "messages_received", "Frames received from clients"),
+                                 ("wsd_bytes_sent", "bytes_sent", "Bytes written to clients"),
+                                 ("wsd_bytes_received", "bytes_received", "Bytes received from clients"),
+                                 ("wsd_dropped", "drops", "Messages dropped (overflow, expiry)")):
+            c = CounterMetricFamily(name, help_ + " by pool (open connections)", labels=["pool"])
+            for pid, p in m["pools"].items():
+                c.add_metric([pid], p[key])
+            yield c
+        for key in ("published", "delivered", "connections_total", "dropped_overflow", "dropped_on_close",
+                    "slow_consumers", "reliable_resent", "reliable_given_up", "batches", "subscribes"):
+            c = CounterMetricFamily(f"wsd_{key}", f"Total {key.replace('_', ' ')}")
+            c.add_metric([], mgr[key])
+            yield c
+        c = CounterMetricFamily("wsd_handshakes_refused", "Refused handshakes by code", labels=["code"])
+        for code, n in mgr["refused"].items():
+            c.add_metric([code], n)
+        yield c
+        c = CounterMetricFamily("wsd_closes", "Closed connections by close code", labels=["code"])
+        for code, n in mgr["closed_by_code"].items():
+            c.add_metric([code], n)
+        yield c
+        r = CounterMetricFamily("wsd_rule_hits", "Routing rule hits", labels=["rule"])
+        for rid, n in m["routing"].get("rule_hits", {}).items():
+            r.add_metric([rid], n)
+        yield r
+        for name, val, help_ in (("wsd_delivery_latency_p50_seconds", mgr["latency"]["p50_ms"] / 1000, "p50 delivery"),
+                                 ("wsd_delivery_latency_p99_seconds", mgr["latency"]["p99_ms"] / 1000, "p99 delivery"),
+                                 ("wsd_queued_messages", m["queues"]["queued"], "Messages waiting in outboxes"),
+                                 ("wsd_subscriptions", m["subscriptions"]["total"], "Active subscriptions"),
+                                 ("wsd_process_rss_bytes", mgr["rss_bytes"], "Daemon RSS"),
+                                 ("wsd_process_cpu_percent", mgr["cpu_percent"], "Daemon CPU percent")):
+            gg = GaugeMetricFamily(name, help_)
+            gg.add_metric([], val)
+            yield gg
+
+
+def prometheus_text(d: Daemon) -> str:
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(_Collector(d))  # type: ignore[arg-type]
+    return generate_latest(reg).decode()

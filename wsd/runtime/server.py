@@ -1,0 +1,508 @@
+"""The WebSocket endpoint: handshake admission, the per-connection read loop, client ops.
+
+Every refusal is a plain HTTP response with a JSON body before any WebSocket frame, and is
+also logged and emitted as an event (browsers only ever see 1006 for a refused handshake).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import secrets
+import time
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlsplit
+
+import msgspec
+from websockets.asyncio.server import ServerConnection
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from wsd import errors
+from wsd.core import frames
+from wsd.core.auth import SUBPROTOCOL, AuthError, extract_token
+from wsd.core.channels import ChannelError, Principal, instance_parts, may_publish, resolve
+from wsd.core.history import StreamPosition
+from wsd.core.outbox import Priority
+from wsd.core.ratelimit import TokenBucket
+from wsd.runtime.conn import BATCH, CONNECTED, HISTORICAL, MODES, ON_DEMAND, Conn
+from wsd.runtime.hub import PRIORITY_NAMES, encode_push
+
+if TYPE_CHECKING:
+    from wsd.runtime.daemon import Daemon, PoolRuntime
+
+log = logging.getLogger("wsd.server")
+_encode = msgspec.json.Encoder().encode
+
+
+class WsdServerConnection(ServerConnection):
+    """websockets' server connection, telling the hub when its transport fills up and drains."""
+
+    wsd_conn: Conn | None = None
+    wsd_hub: Any = None
+    wsd_admission: Admission | None = None
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        c = self.wsd_conn
+        if c is not None:
+            self.wsd_hub.on_pause_writing(c)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        c = self.wsd_conn
+        if c is not None:
+            self.wsd_hub.on_resume_writing(c)
+
+
+class Admission:
+    """What the handshake established, handed to the connection handler."""
+
+    __slots__ = ("claims", "pool", "principal", "remote", "session", "session_id", "subprotocol", "token_source",
+                 "user_agent")
+
+    def __init__(self, **kw: Any) -> None:
+        for k in self.__slots__:
+            setattr(self, k, kw.get(k))
+
+
+def json_response(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
+    h = Headers()
+    h["Content-Type"] = "application/json"
+    h["Cache-Control"] = "no-store"
+    for k, v in (headers or {}).items():
+        h[k] = v
+    payload = _encode(body) + b"\n"
+    h["Content-Length"] = str(len(payload))
+    return Response(status, HTTPStatus(status).phrase, h, payload)
+
+
+def text_response(status: int, text: str, content_type: str) -> Response:
+    h = Headers()
+    h["Content-Type"] = content_type
+    body = text.encode()
+    h["Content-Length"] = str(len(body))
+    return Response(status, HTTPStatus(status).phrase, h, body)
+
+
+def request_target(path: str) -> tuple[str, str]:
+    """(path, query) of a request target, also in absolute form (``ws://host:port/ws/mt5?x``)."""
+    if "://" in path.split("?", 1)[0]:
+        parts = urlsplit(path)
+        return parts.path or "/", parts.query
+    p, _, q = path.partition("?")
+    return p, q
+
+
+class Endpoint:
+    """Handshake admission and the connection handler for one daemon."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    # -- handshake ----------------------------------------------------------------------------------------
+    def refuse(self, conn: ServerConnection, spec: tuple[int, str], message: str, remote: str, pool: str = "",
+               retry_after: float | None = None, user_id: str = "") -> Response:
+        status, code = spec
+        self.daemon.hub.stats.refuse(code)
+        self.daemon.emit("refused", status=status, code=code, reason=message, remote=remote, pool=pool,
+                         user_id=user_id)
+        if status in (401, 403, 429):
+            self.daemon.audit("handshake_refused", status=status, code=code, reason=message, remote=remote,
+                              pool=pool, user_id=user_id)
+        headers = {}
+        if retry_after is not None:
+            headers["Retry-After"] = str(max(1, int(retry_after + 0.999)))
+        return json_response(status, {"error": code, "message": message}, headers)
+
+    async def process_request(self, conn: ServerConnection, request: Request) -> Response | None:
+        d = self.daemon
+        path, query_s = request_target(request.path)
+        if path == "/healthz":
+            return json_response(200, {"status": "alive"})
+        if path == "/readyz":
+            if d.ready and not d.draining:
+                return json_response(200, {"status": "ready"})
+            return json_response(503, {"status": "draining" if d.draining else "starting"})
+        remote = conn.remote_address[0] if conn.remote_address else ""
+        if path == "/metrics":
+            if not d.metrics_allowed(remote):
+                return json_response(403, {"error": "forbidden", "message": "metrics not allowed from here"})
+            return text_response(200, d.prometheus_text(), "text/plain; version=0.0.4; charset=utf-8")
+        pool = d.pools_by_path.get(path)
+        if pool is None:
+            return self.refuse(conn, errors.H_NO_POOL, f"no pool at {path}", remote)
+        if d.draining or not d.ready:
+            return self.refuse(conn, errors.H_DRAINING, "server is draining", remote, pool.id)
+        if pool.networks and not _ip_in(remote, pool.networks):
+            return self.refuse(conn, errors.H_IP_FORBIDDEN, f"address {remote} not allowed in pool {pool.id}",
+                               remote, pool.id)
+        origin = request.headers.get("Origin")
+        if pool.origins and origin is not None and origin not in pool.origins:
+            return self.refuse(conn, errors.H_ORIGIN_FORBIDDEN, f"origin {origin} not allowed in pool {pool.id}",
+                               remote, pool.id)
+        now = d.loop.time()
+        ok, retry = d.ip_limiter.try_take(remote, now)
+        if not ok:
+            return self.refuse(conn, errors.H_RATE_LIMITED, "too many connection attempts from this address",
+                               remote, pool.id, retry_after=retry)
+        query = parse_qs(query_s)
+        offered = [p.strip() for h in request.headers.get_all("Sec-WebSocket-Protocol") for p in h.split(",")]
+        token, source = extract_token(request.headers, query, offered)
+        if token is None:
+            return self.refuse(conn, errors.H_MISSING_TOKEN, "no token: send Authorization: Bearer, ?token= or "
+                               "the bearer.<jwt> subprotocol", remote, pool.id)
+        try:
+            claims = d.verifier.verify(token)
+        except AuthError as exc:
+            spec = errors.H_EXPIRED_TOKEN if exc.code == "token_expired" else errors.H_INVALID_TOKEN
+            return self.refuse(conn, spec, exc.message, remote, pool.id)
+        user = claims.user_id
+        if claims.pool and claims.pool != pool.id:
+            return self.refuse(conn, errors.H_POOL_FORBIDDEN, f"token is for pool {claims.pool}", remote, pool.id,
+                               user_id=user)
+        if pool.roles and not pool.roles.intersection(claims.roles):
+            return self.refuse(conn, errors.H_ROLE_FORBIDDEN, f"pool {pool.id} needs one of the roles "
+                               f"{sorted(pool.roles)}", remote, pool.id, user_id=user)
+        ok, retry = d.user_limiter.try_take(user, now)
+        if not ok:
+            return self.refuse(conn, errors.H_RATE_LIMITED, "too many connections per minute for this user",
+                               remote, pool.id, retry_after=retry, user_id=user)
+        hub = d.hub
+        if hub.user_connections(user) >= d.config.limits.max_connections_per_user:
+            return self.refuse(conn, errors.H_USER_FULL, "too many open connections for this user", remote,
+                               pool.id, retry_after=60, user_id=user)
+        if len(hub.conns) >= d.config.manager.max_connections:
+            return self.refuse(conn, errors.H_MANAGER_FULL, "manager is full", remote, pool.id, user_id=user)
+        if hub.pool_counts.get(pool.id, 0) >= pool.max_connections:
+            return self.refuse(conn, errors.H_POOL_FULL, f"pool {pool.id} is full", remote, pool.id, user_id=user)
+        session = None
+        session_id = None
+        want = query.get("session", [""])[0]
+        if want:
+            state = await d.engine.load_session(want)
+            # A session is only ever resumed by the same user and tenant that left it.
+            if state is not None and state.get("user_id") == user and state.get("company_id") == claims.company_id:
+                session, session_id = state, want
+                await d.engine.drop_session(want)
+        is_admin = d.config.auth.admin_role in claims.roles
+        principal = Principal(user, claims.company_id, frozenset(claims.roles), pool.id, pool.type, is_admin)
+        adm = Admission(claims=claims, pool=pool, principal=principal, remote=remote, session=session,
+                        session_id=session_id or secrets.token_urlsafe(18),
+                        subprotocol=SUBPROTOCOL if SUBPROTOCOL in offered else "",
+                        token_source=source, user_agent=request.headers.get("User-Agent", ""))
+        conn.wsd_admission = adm  # type: ignore[attr-defined]
+        # Compression is chosen per pool: only offer permessage-deflate where the pool allows it.
+        conn.protocol.available_extensions = d.deflate if pool.compression else []  # type: ignore[attr-defined]
+        return None
+
+    def select_subprotocol(self, conn: ServerConnection, subprotocols: Any) -> str | None:
+        # Echo wsd.v1, never the bearer.<jwt> entry.
+        return SUBPROTOCOL if SUBPROTOCOL in subprotocols else None
+
+    # -- the connection -----------------------------------------------------------------------------------
+    async def handler(self, ws: ServerConnection) -> None:
+        d = self.daemon
+        hub = d.hub
+        adm: Admission | None = getattr(ws, "wsd_admission", None)
+        if adm is None:
+            await ws.close(errors.INTERNAL.code, "no admission")
+            return
+        ws.wsd_admission = None  # type: ignore[attr-defined]
+        now = d.loop.time()
+        conn = Conn(hub.new_id(), ws, adm.pool, adm.claims, adm.principal, adm.session_id, now, time.time())
+        conn.remote_address = adm.remote
+        conn.user_agent = adm.user_agent[:256]
+        conn.subprotocol = adm.subprotocol
+        conn.token_source = adm.token_source
+        if ws.response is not None:
+            ext = ws.response.headers.get("Sec-WebSocket-Extensions")
+            conn.extensions = tuple(e.strip() for e in ext.split(",")) if ext else ()
+        if len(hub.conns) >= d.config.manager.max_connections:
+            await ws.close(1013, "manager full, try again later")
+            return
+        hub.register(conn)
+        ws.wsd_conn = conn  # type: ignore[attr-defined]
+        ws.wsd_hub = hub  # type: ignore[attr-defined]
+        session = adm.session
+        if session is not None:
+            conn.resumed = True
+            conn.reconnections = int(session.get("reconnections", 0)) + 1
+        d.emit("connect", connection_id=conn.id, pool=conn.pool.id, user_id=conn.user_id,
+               company_id=conn.company_id, remote=conn.remote_address, resumed=conn.resumed)
+        try:
+            await self._start(conn, session)
+            async for message in ws:
+                await self.on_frame(conn, message)
+        except ConnectionClosed:
+            pass
+        except Exception:
+            log.exception("connection handler failed")
+            conn.state = "error"
+            hub.stats.errors += 1
+            if not conn.closing:
+                hub.close(conn, errors.INTERNAL.code, errors.INTERNAL.reason)
+        finally:
+            code = ws.close_code if ws.close_code is not None else 1006
+            reason = ws.close_reason or conn.close_reason
+            hub.stats.closed(code)
+            if code not in (1000, errors.KICKED.code):
+                try:
+                    await d.engine.save_session(conn.session_id, hub.session_state(conn), hub.session_ttl)
+                except Exception:
+                    log.exception("saving session failed")
+            hub.unregister(conn)
+            d.emit("disconnect", connection_id=conn.id, pool=conn.pool.id, user_id=conn.user_id, code=code,
+                   reason=reason)
+
+    async def _start(self, conn: Conn, session: dict[str, Any] | None) -> None:
+        d = self.daemon
+        hub = d.hub
+        restored: list[dict[str, Any]] = list(session.get("subs", [])) if session else []
+        if session is None:
+            wanted = [{"channel": ch, "mode": "realtime"} for ch in conn.pool.default_subscriptions]
+        else:
+            wanted = []
+        subs_out = [s["channel"] for s in restored]
+        for w in wanted:
+            try:
+                _, inst = resolve(w["channel"], conn.principal, d.config.channels)
+                subs_out.append(inst)
+            except ChannelError:
+                pass
+        welcome = {"type": "welcome", "connection_id": conn.id, "session_id": conn.session_id,
+                   "pool": conn.pool.id, "user_id": conn.user_id, "company_id": conn.company_id,
+                   "heartbeat_ms": d.config.manager.heartbeat_interval_ms, "subscriptions": subs_out,
+                   "resumed": session is not None, "protocol": SUBPROTOCOL}
+        hub.send_direct(conn, _encode(welcome), Priority.CRITICAL)
+        # The seed's initializeDefaultSubscriptions.
+        for w in wanted:
+            try:
+                group, inst = resolve(w["channel"], conn.principal, d.config.channels)
+            except ChannelError:
+                continue
+            hub.add_subscription(conn, inst, group, "realtime", None)
+        # The seed's Message Replay and State Synchronization: subscriptions back, then what was missed.
+        for s in restored:
+            group = s.get("group") or instance_parts(s["channel"])[0]
+            if group not in d.config.channels:
+                continue
+            types = frozenset(s["types"]) if s.get("types") else None
+            sub = hub.add_subscription(conn, s["channel"], group, s.get("mode", "realtime"), types)
+            sub.pending = []
+            since = StreamPosition(int(s.get("offset", 0)), s.get("epoch") or "")
+            await self._replay(conn, sub, since if since.epoch else None, None, notify=True)
+        if session:
+            rs_unacked = session.get("unacked") or []
+            if rs_unacked:
+                from wsd.runtime.conn import ReliableState
+                rs = conn.reliable = ReliableState()
+                rs.next_seq = int(session.get("next_seq", 1))
+                now = d.loop.time()
+                for seq, payload, prio, retries, timeout in rs_unacked:
+                    data = payload.encode()
+                    rs.unacked[int(seq)] = [data, int(prio), now + timeout, int(retries), float(timeout)]
+                    hub.send_direct(conn, data, int(prio))
+
+    async def _replay(self, conn: Conn, sub: Any, since: StreamPosition | None, limit: int | None,
+                      notify: bool = False, reply: tuple[Any, dict[str, Any]] | None = None) -> None:
+        """Send history (after ``since`` or the last ``limit``), then the live messages held meanwhile."""
+        hub = self.daemon.hub
+        res = await hub.history(sub.channel, limit, since)
+        last = 0
+        if reply is not None:
+            rid, result = reply
+            result["position"] = {"offset": res.position.offset, "epoch": res.position.epoch}
+            result["recovered"] = res.recovered
+            result["history"] = len(res.publications)
+            self.reply(conn, rid, result)
+        elif notify and not res.recovered:
+            hub.send_direct(conn, _encode({"type": "recovery", "channel": sub.channel, "recovered": False,
+                                           "position": {"offset": res.position.offset,
+                                                        "epoch": res.position.epoch}}), Priority.CRITICAL)
+        for pub in res.publications:
+            if sub.types is not None and pub.type not in sub.types:
+                continue
+            hub.send_direct(conn, encode_push(pub, history=True), Priority.CRITICAL)
+            last = pub.offset
+        sub.offset = max(sub.offset, last, res.position.offset if res.recovered or since is None else last)
+        sub.epoch = res.position.epoch
+        pending = sub.pending or []
+        sub.pending = None
+        for out in pending:
+            if out.offset and out.offset <= last:
+                continue  # already sent from history: no duplicates
+            if sub.mode == BATCH or sub.mode == ON_DEMAND:
+                hub._deliver_sub(sub, out, _PubView(out))
+            else:
+                hub.deliver(conn, out)
+
+    # -- client frames ------------------------------------------------------------------------------------
+    def reply(self, conn: Conn, rid: Any, result: Any) -> None:
+        self.daemon.hub.send_direct(conn, _encode({"id": rid, "ok": True, "result": result}), Priority.CRITICAL)
+
+    def error(self, conn: Conn, rid: Any, code: str, message: str) -> None:
+        self.daemon.hub.send_direct(conn, _encode({"id": rid, "ok": False, "error": {"code": code,
+                                                                                      "message": message}}),
+                                    Priority.CRITICAL)
+
+    async def on_frame(self, conn: Conn, message: str | bytes) -> None:
+        d = self.daemon
+        hub = d.hub
+        now = d.loop.time()
+        conn.last_activity = now
+        conn.msgs_in += 1
+        conn.bytes_in += len(message)
+        hub.stats.received += 1
+        bucket = conn.rate
+        if bucket is None:
+            lim = d.config.limits
+            bucket = conn.rate = TokenBucket(lim.messages_per_connection_per_second, lim.message_burst, now)
+        if not bucket.try_take(now):
+            d.emit("rate_limited", connection_id=conn.id, user_id=conn.user_id, pool=conn.pool.id)
+            d.audit("message_rate_limited", connection_id=conn.id, user_id=conn.user_id)
+            hub.close(conn, errors.RATE_LIMITED.code, errors.RATE_LIMITED.reason)
+            return
+        if isinstance(message, bytes):
+            conn.errors += 1
+            self.error(conn, None, errors.BAD_REQUEST, "binary frames are not accepted: send JSON text frames")
+            return
+        try:
+            frame = frames.decoder.decode(message)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            conn.errors += 1
+            rid, op = frames.salvage_id(message)
+            text = str(exc)
+            code = errors.BAD_REQUEST
+            if "`$.op`" in text or (op is not None and op not in frames.OPS):
+                code = errors.UNKNOWN_OP
+                text = f"unknown op {op!r}; expected one of {', '.join(frames.OPS)}"
+            elif op is None and "Object missing required field `op`" in text:
+                text = "missing 'op'"
+            self.error(conn, rid, code, text)
+            return
+        try:
+            await self.dispatch(conn, frame)
+        except ChannelError as exc:
+            self.error(conn, getattr(frame, "id", None), exc.code, exc.message)
+
+    async def dispatch(self, conn: Conn, f: Any) -> None:
+        d = self.daemon
+        hub = d.hub
+        if isinstance(f, frames.Subscribe):
+            if f.mode not in MODES:
+                return self.error(conn, f.id, errors.BAD_REQUEST, f"mode must be one of {', '.join(MODES)}")
+            group, inst = resolve(f.channel, conn.principal, d.config.channels)
+            if inst not in conn.subs and len(conn.subs) >= d.config.limits.max_subscriptions_per_connection:
+                return self.error(conn, f.id, errors.TOO_MANY_SUBSCRIPTIONS,
+                                  f"at most {d.config.limits.max_subscriptions_per_connection} subscriptions")
+            if f.history is not None and f.history.limit is not None and f.history.limit < 0:
+                return self.error(conn, f.id, errors.BAD_REQUEST, "history.limit must be >= 0")
+            types = frozenset(f.filter.types) if f.filter is not None and f.filter.types else None
+            sub = hub.add_subscription(conn, inst, group, f.mode, types)
+            result: dict[str, Any] = {"channel": inst, "group": group, "mode": f.mode, "subscription_id": sub.id}
+            want_history = f.history is not None or f.mode == HISTORICAL
+            if not want_history:
+                pos = d.engine.position(inst) if hasattr(d.engine, "position") else StreamPosition(0, "")
+                sub.offset, sub.epoch = pos.offset, pos.epoch
+                result["position"] = {"offset": pos.offset, "epoch": pos.epoch}
+                result["recovered"] = True
+                return self.reply(conn, f.id, result)
+            sub.pending = []
+            since = f.history.since if f.history is not None else None
+            limit = f.history.limit if f.history is not None else None
+            sp = StreamPosition(since.offset, since.epoch) if since is not None else None
+            await self._replay(conn, sub, sp, limit, reply=(f.id, result))
+            return None
+        if isinstance(f, frames.Unsubscribe):
+            _, inst = resolve(f.channel, conn.principal, d.config.channels)
+            if not hub.remove_subscription(conn, inst):
+                return self.error(conn, f.id, errors.NOT_SUBSCRIBED, f"not subscribed to {inst}")
+            return self.reply(conn, f.id, {"channel": inst})
+        if isinstance(f, frames.History):
+            _, inst = resolve(f.channel, conn.principal, d.config.channels)
+            sp = StreamPosition(f.since.offset, f.since.epoch) if f.since is not None else None
+            res = await hub.history(inst, f.limit, sp)
+            msgs = [msgspec.json.decode(encode_push(p, history=True)) for p in res.publications]
+            return self.reply(conn, f.id, {"channel": inst, "messages": msgs, "recovered": res.recovered,
+                                           "position": {"offset": res.position.offset,
+                                                        "epoch": res.position.epoch}})
+        if isinstance(f, frames.Pull):
+            _, inst = resolve(f.channel, conn.principal, d.config.channels)
+            sub = conn.subs.get(inst)
+            if sub is None or sub.mode != ON_DEMAND:
+                return self.error(conn, f.id, errors.NOT_SUBSCRIBED, f"no on_demand subscription to {inst}")
+            held = sub.held
+            n = len(held) if held else 0
+            if f.limit is not None:
+                n = min(n, max(0, f.limit))
+            now = d.loop.time()
+            items = [held.popleft() for _ in range(n)] if held else []
+            items = [o for o in items if o.expires_at is None or o.expires_at > now]
+            if items:
+                sub.offset = max(sub.offset, items[-1].offset)
+            conn.msgs_out += len(items)
+            payload = (b'{"id":' + _encode(f.id) + b',"ok":true,"result":{"channel":' + _encode(inst)
+                       + b',"remaining":' + str(len(held) if held else 0).encode()
+                       + b',"messages":[' + b",".join(o.payload for o in items) + b"]}}")
+            hub.send_direct(conn, payload, Priority.CRITICAL)
+            return None
+        if isinstance(f, frames.Publish):
+            group, inst = resolve(f.channel, conn.principal, d.config.channels)
+            gcfg = d.config.channels[group]
+            if not may_publish(gcfg, conn.principal):
+                return self.error(conn, f.id, errors.FORBIDDEN, f"not allowed to publish to {group}")
+            try:
+                prio = Priority.parse(f.priority)
+            except ValueError:
+                return self.error(conn, f.id, errors.BAD_REQUEST, "priority must be critical, high, normal or low")
+            if f.ttl is not None and f.ttl <= 0:
+                return self.error(conn, f.id, errors.BAD_REQUEST, "ttl must be > 0 seconds")
+            _, company, user = instance_parts(inst)
+            res = await hub.publish(channel=inst, group=group, msg_type=f.type, data=f.data, priority=int(prio),
+                                    ttl_s=f.ttl, source=f"client:{conn.id}", user_id=user, company_id=company)
+            return self.reply(conn, f.id, res)
+        if isinstance(f, frames.Ack):
+            if not hub.ack(conn, f.seq) and f.id is not None:
+                self.error(conn, f.id, errors.NOT_FOUND, f"no unacked message with seq {f.seq}")
+            return None
+        if isinstance(f, frames.Ping):
+            return self.reply(conn, f.id, {"pong": time.time()})
+        if isinstance(f, frames.Refresh):
+            try:
+                claims = d.verifier.verify(f.token)
+            except AuthError as exc:
+                return self.error(conn, f.id, errors.INVALID_TOKEN, exc.message)
+            if claims.user_id != conn.user_id or claims.company_id != conn.company_id:
+                d.audit("refresh_refused", connection_id=conn.id, user_id=conn.user_id)
+                return self.error(conn, f.id, errors.FORBIDDEN, "a refresh token must be for the same user and company")
+            conn.claims = claims
+            conn.exp = claims.exp
+            d.emit("token_refreshed", connection_id=conn.id, user_id=conn.user_id, exp=claims.exp)
+            return self.reply(conn, f.id, {"exp": claims.exp})
+        return self.error(conn, getattr(f, "id", None), errors.UNKNOWN_OP, "unknown op")
+
+
+class _PubView:
+    """Just enough of a Publication for the subscription slow path (type filter)."""
+
+    __slots__ = ("type",)
+
+    def __init__(self, out: Any) -> None:
+        self.type = out.type
+
+
+def _ip_in(remote: str, networks: list[Any]) -> bool:
+    try:
+        ip = ipaddress.ip_address(remote)
+    except ValueError:
+        return False
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in n for n in networks)
+
+
+_ = (asyncio, CONNECTED, PRIORITY_NAMES)

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
 import sys
+import typing
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
+import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from wsd.config import (
     REDACTED,
@@ -30,10 +37,11 @@ EXAMPLES = ROOT / "examples" / "configs"
 SECRET = "s3cr3t-" + "x" * 40  # long enough for HS256, easy to spot in output
 
 
-def run_wsd(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def run_wsd(*args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m wsd config ARGS`, with no WSD_* variables from the caller's environment."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("WSD_")}
     return subprocess.run([sys.executable, "-m", "wsd", "config", *args], capture_output=True, text=True,
-                          env=env, cwd=cwd, timeout=30)
+                          env=env, timeout=30, check=False)
 
 
 def write(path: Path, text: str) -> Path:
@@ -92,14 +100,11 @@ def test_embedded_defaults_load() -> None:
     assert resolved_secret(cfg) == "" and cfg.source_path == ""
 
 
-def test_default_toml_is_the_embedded_default() -> None:
+def test_default_toml_is_the_embedded_default(tmp_path: Path) -> None:
     """default_config_toml() loads cleanly and equals the embedded default apart from its secret."""
     text = default_config_toml(SECRET)
     assert "\n# " in text  # commented
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(write(Path(tmp) / "d.toml", text), env={})
+    cfg = load_config(write(tmp_path / "d.toml", text), env={})
     assert cfg.auth.secret == SECRET
     cfg.auth.secret, cfg.source_path = "", ""
     assert cfg == load_config(None, env={})
@@ -138,39 +143,98 @@ def test_rs256_example_checks_clean_with_its_key(tmp_path: Path, rsa_keys) -> No
     assert resolved_public_key(cfg) == pub and resolved_secret(cfg) == ""
 
 
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    for f in msgspec.structs.fields(cls):
+        if f.name == "source_path":
+            continue
+        keys.append(f.name)
+        inner = [f.type, *typing.get_args(f.type)]
+        for tp in inner:
+            if isinstance(tp, type) and issubclass(tp, msgspec.Struct):
+                keys.extend(_all_keys(tp))
+    return keys
+
+
+def test_every_key_is_documented_and_in_the_full_example() -> None:
+    """Every key of the model appears in docs/configuration.md and is set in examples/configs/full.toml."""
+    docs = (ROOT / "docs" / "configuration.md").read_text()
+    full = (EXAMPLES / "full.toml").read_text()
+    for key in set(_all_keys(Config)):
+        as_table = rf"[.\[]{key}[.\]]"  # [section], [a.key] or [[key.sub]]
+        assert f"`{key}`" in docs or re.search(as_table, docs), key
+        assert re.search(rf"(^|[\s{{,]){key} = ", full, re.M) or re.search(as_table, full), key
+
+
 # ------------------------------------------------------------------------------------------- CLI
+# Each `python -m wsd` run costs a fresh interpreter, so the runs are started together, in
+# independent chains, by one fixture; the tests then read their chain's results.
 
 
-def test_init_writes_0600_file_that_checks_clean(tmp_path: Path) -> None:
-    """`wsd config init FILE` writes a mode-0600 file and prints its path; `check` accepts it."""
-    target = tmp_path / "wsd.toml"
-    res = run_wsd("init", str(target))
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == str(target)
-    assert stat.S_IMODE(target.stat().st_mode) == 0o600
-    res = run_wsd("check", str(target))
-    assert (res.returncode, res.stdout.strip()) == (0, f"ok: {target}")
+def _chain_init(base: Path) -> dict[str, Any]:
+    target = base / "new.toml"
+    init = run_wsd("init", str(target))
+    mode = stat.S_IMODE(target.stat().st_mode) if target.exists() else None
+    return {"target": target, "init": init, "mode": mode, "check": run_wsd("check", str(target))}
 
 
-def test_init_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
-    """`wsd config init` on an existing file exits 1 with one stderr line; --force overwrites."""
-    target = write(tmp_path / "wsd.toml", "keep me\n")
-    res = run_wsd("init", str(target))
-    assert res.returncode == 1
-    assert len(res.stderr.strip().splitlines()) == 1 and "--force" in res.stderr
-    assert target.read_text() == "keep me\n"
+def _chain_overwrite(base: Path) -> dict[str, Any]:
+    target = write(base / "kept.toml", "keep me\n")
+    refused = run_wsd("init", str(target))
+    kept = target.read_text()
     target.chmod(0o644)
-    res = run_wsd("init", str(target), "--force")
-    assert res.returncode == 0 and stat.S_IMODE(target.stat().st_mode) == 0o600
-    assert "[manager]" in target.read_text()
+    forced = run_wsd("init", str(target), "--force")
+    return {"refused": refused, "kept": kept, "forced": forced, "mode": stat.S_IMODE(target.stat().st_mode),
+            "text": target.read_text()}
 
 
-def test_check_prints_every_error_on_stderr(tmp_path: Path) -> None:
-    """`wsd config check` prints each problem as `error: key.path: ...` on stderr and exits 1."""
-    bad = write(tmp_path / "bad.toml", ok_toml(
+def _chain_check_bad(base: Path) -> dict[str, Any]:
+    bad = write(base / "bad.toml", ok_toml(
         '[pools.mt5]\ntype = "mt5_client"\npath = "/ws/mt5"\nmax_connections = "ten"\n'
         "[pools.mt5.batching]\nfoo = 1\n[bogus]\nx = 1\n"))
-    res = run_wsd("check", str(bad))
+    return {"res": run_wsd("check", str(bad))}
+
+
+def _chain_check_missing(base: Path) -> dict[str, Any]:
+    missing = base / "nope.toml"
+    return {"missing": missing, "res": run_wsd("check", str(missing))}
+
+
+def _chain_show(base: Path) -> dict[str, Any]:
+    cfg = write(base / "show.toml", ok_toml("[server]\nport = 9100\n"))
+    return {"res": run_wsd("show", "-c", str(cfg))}
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+    chains = {"init": _chain_init, "overwrite": _chain_overwrite, "check_bad": _chain_check_bad,
+              "check_missing": _chain_check_missing, "show": _chain_show}
+    with ThreadPoolExecutor(len(chains)) as pool:
+        futures = {name: pool.submit(fn, tmp_path_factory.mktemp(name)) for name, fn in chains.items()}
+        return {name: fut.result() for name, fut in futures.items()}
+
+
+def test_init_writes_0600_file_that_checks_clean(cli: dict[str, dict[str, Any]]) -> None:
+    """`wsd config init FILE` writes a mode-0600 file and prints its path; `check` accepts it."""
+    run = cli["init"]
+    assert run["init"].returncode == 0, run["init"].stderr
+    assert run["init"].stdout.strip() == str(run["target"])
+    assert run["mode"] == 0o600
+    assert (run["check"].returncode, run["check"].stdout.strip()) == (0, f"ok: {run['target']}")
+
+
+def test_init_refuses_to_overwrite_without_force(cli: dict[str, dict[str, Any]]) -> None:
+    """`wsd config init` on an existing file exits 1 with one stderr line; --force overwrites."""
+    run = cli["overwrite"]
+    assert run["refused"].returncode == 1
+    assert len(run["refused"].stderr.strip().splitlines()) == 1 and "--force" in run["refused"].stderr
+    assert run["kept"] == "keep me\n"
+    assert run["forced"].returncode == 0 and run["mode"] == 0o600 and "[manager]" in run["text"]
+
+
+def test_check_prints_every_error_on_stderr(cli: dict[str, dict[str, Any]]) -> None:
+    """`wsd config check` prints each problem as `error: key.path: ...` on stderr and exits 1."""
+    res = cli["check_bad"]["res"]
     assert res.returncode == 1 and res.stdout == ""
     lines = res.stderr.strip().splitlines()
     assert 'error: pools.mt5.max_connections: expected int, got "ten"' in lines
@@ -178,17 +242,16 @@ def test_check_prints_every_error_on_stderr(tmp_path: Path) -> None:
     assert any(line.startswith("error: bogus: unknown section") for line in lines)
 
 
-def test_check_missing_file_is_one_error(tmp_path: Path) -> None:
+def test_check_missing_file_is_one_error(cli: dict[str, dict[str, Any]]) -> None:
     """`wsd config check` on a missing file prints one error line and exits 1."""
-    res = run_wsd("check", str(tmp_path / "nope.toml"))
+    res, missing = cli["check_missing"]["res"], cli["check_missing"]["missing"]
     assert res.returncode == 1
-    assert res.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope.toml'}: cannot read: No such file or directory"]
+    assert res.stderr.strip().splitlines() == [f"error: {missing}: cannot read: No such file or directory"]
 
 
-def test_show_redacts_the_secret(tmp_path: Path) -> None:
+def test_show_redacts_the_secret(cli: dict[str, dict[str, Any]]) -> None:
     """`wsd config show -c FILE` prints the effective TOML with the secret replaced by a marker."""
-    cfg = write(tmp_path / "wsd.toml", ok_toml("[server]\nport = 9100\n"))
-    res = run_wsd("show", "-c", str(cfg))
+    res = cli["show"]["res"]
     assert res.returncode == 0, res.stderr
     assert SECRET not in res.stdout and REDACTED in res.stdout
     assert "port = 9100" in res.stdout and "[pools.mt5]" in res.stdout
@@ -265,6 +328,31 @@ def test_env_secret_stays_a_string() -> None:
     assert cfg.auth.secret == digits and resolved_secret(cfg) == digits
 
 
+def test_env_secret_replaces_the_files_secret_file(tmp_path: Path) -> None:
+    """WSD_AUTH_SECRET wins over a secret_file in the file instead of clashing with it."""
+    path = write(tmp_path / "w.toml", '[auth]\nsecret_file = "missing.txt"\n')
+    cfg = load_config(path, env={"WSD_AUTH_SECRET": SECRET})
+    assert resolved_secret(cfg) == SECRET and cfg.auth.secret_file == ""
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(min_value=0, max_value=65535))
+def test_env_port_round_trips(port: int) -> None:
+    """Any valid port given as WSD_SERVER_PORT becomes server.port."""
+    assert load_config(None, env={"WSD_SERVER_PORT": str(port)}).server.port == port
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text(alphabet=st.characters(codec="ascii", exclude_categories=("Cc",)), min_size=1)
+       .filter(lambda t: not t.strip().lstrip("+-").replace("_", "").isdigit()))
+def test_env_non_int_port_is_an_error_naming_the_variable(text: str) -> None:
+    """A WSD_SERVER_PORT that is not an integer is always refused with the variable named."""
+    with pytest.raises(ConfigError) as info:
+        load_config(None, env={"WSD_SERVER_PORT": text})
+    assert all("WSD_SERVER_PORT" in e for e in info.value.errors if e.startswith("server.port"))
+    assert any(e.startswith("server.port") for e in info.value.errors)
+
+
 def test_env_bad_type_names_the_variable() -> None:
     """A WSD_* value of the wrong type is an error naming both the key and the variable."""
     with pytest.raises(ConfigError) as info:
@@ -292,7 +380,7 @@ def test_short_secret_refused(tmp_path: Path) -> None:
 
 
 def test_file_needs_a_secret_for_hs(tmp_path: Path) -> None:
-    """A config file with HS256 and neither secret nor secret_file is an error (only the built-in default may)."""
+    """A config file with HS256 but no secret or secret_file is an error (only the built-in default may)."""
     assert has(errors_of(tmp_path, "[server]\nport = 1\n"), "auth.secret: required for HS256")
 
 
@@ -368,8 +456,8 @@ def test_tls_pair_loads(tmp_path: Path) -> None:
     cert = trustme.CA().issue_cert("localhost")
     cert.cert_chain_pems[0].write_to_path(str(tmp_path / "c.pem"))
     cert.private_key_pem.write_to_path(str(tmp_path / "k.pem"))
-    cfg = load_config(write(tmp_path / "w.toml", ok_toml('[server]\ntls_cert = "c.pem"\ntls_key = "k.pem"\n')),
-                      env={})
+    toml = ok_toml('[server]\ntls_cert = "c.pem"\ntls_key = "k.pem"\n')
+    cfg = load_config(write(tmp_path / "w.toml", toml), env={})
     assert cfg.server.tls_key == str(tmp_path / "k.pem")
     write(tmp_path / "junk.pem", "junk")
     errs = errors_of(tmp_path, ok_toml('[server]\ntls_cert = "junk.pem"\ntls_key = "k.pem"\n'))
@@ -399,21 +487,24 @@ def test_numbers_out_of_range_refused(tmp_path: Path) -> None:
 
 def test_file_pools_replace_defaults_wholesale(tmp_path: Path) -> None:
     """A file's [pools] replaces the built-in pools; channels stay built-in when the file has none."""
-    cfg = load_config(write(tmp_path / "w.toml", ok_toml('[pools.only]\ntype = "api"\npath = "/only"\n')), env={})
+    toml = ok_toml('[pools.only]\ntype = "api"\npath = "/only"\n')
+    cfg = load_config(write(tmp_path / "w.toml", toml), env={})
     assert list(cfg.pools) == ["only"] and "system-status" in cfg.channels
     assert cfg.pools["only"].batching.enabled is True and cfg.pools["only"].allowed_origins is None
 
 
 def test_default_subscription_must_name_a_channel(tmp_path: Path) -> None:
     """default_subscriptions naming a missing channel group is an error."""
-    errs = errors_of(tmp_path, ok_toml('[pools.p]\ntype = "api"\npath = "/p"\ndefault_subscriptions = ["nope"]\n'))
+    errs = errors_of(tmp_path, ok_toml(
+        '[pools.p]\ntype = "api"\npath = "/p"\ndefault_subscriptions = ["nope"]\n'))
     assert has(errs, "pools.p.default_subscriptions[0]: no channel group", "nope")
 
 
 def test_pool_paths_unique_and_rooted(tmp_path: Path) -> None:
     """Pool paths must start with "/" and be unique."""
-    errs = errors_of(tmp_path, ok_toml('[pools.a]\ntype = "api"\npath = "/x"\n[pools.b]\ntype = "api"\npath = "/x"\n'
-                                       '[pools.c]\ntype = "api"\npath = "x"\n'))
+    errs = errors_of(tmp_path, ok_toml(
+        '[pools.a]\ntype = "api"\npath = "/x"\n[pools.b]\ntype = "api"\npath = "/x"\n'
+        '[pools.c]\ntype = "api"\npath = "x"\n'))
     assert has(errs, "pools.b.path:", "already") and has(errs, "pools.c.path: must start with")
 
 
@@ -422,7 +513,8 @@ def test_pool_paths_unique_and_rooted(tmp_path: Path) -> None:
 
 def test_rule_group_target_needs_a_known_group(tmp_path: Path) -> None:
     """A group target naming an unknown channel group is an error."""
-    errs = errors_of(tmp_path, ok_toml('[[routing.rules]]\nid = "r"\ntarget = { type = "group", group_id = "zz" }\n'))
+    errs = errors_of(tmp_path, ok_toml(
+        '[[routing.rules]]\nid = "r"\ntarget = { type = "group", group_id = "zz" }\n'))
     assert has(errs, "routing.rules[0].target.group_id: no channel group", "zz")
 
 

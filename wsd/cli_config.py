@@ -56,7 +56,8 @@ def check(file: Annotated[Path, typer.Argument(help="The config file to validate
 
 @config_app.command("show")
 def show(
-    config: Annotated[Path | None, typer.Option("-c", "--config", help="Config file; default: built-in.")] = None,
+    config: Annotated[Path | None,
+                      typer.Option("-c", "--config", help="Config file; default: the built-in one.")] = None,
 ) -> None:
     """Print the effective config (defaults + file + WSD_* overrides) as TOML, secrets redacted."""
     try:

@@ -26,11 +26,35 @@ import msgspec
 import tomli_w
 
 __all__ = [
-    "AuditConfig", "AuthConfig", "BatchingConfig", "ChannelConfig", "CompressionConfig", "Config",
-    "ConfigError", "ControlConfig", "EngineConfig", "FilterConfig", "HttpConfig", "LimitsConfig",
-    "LogConfig", "ManagerConfig", "PoolConfig", "REDACTED", "RoutingConfig", "RuleConfig", "ServerConfig",
-    "TargetConfig", "TransformConfig", "config_to_dict", "default_channels", "default_config_toml",
-    "default_pools", "dump_config", "load_config", "resolved_private_key", "resolved_public_key",
+    "REDACTED",
+    "AuditConfig",
+    "AuthConfig",
+    "BatchingConfig",
+    "ChannelConfig",
+    "CompressionConfig",
+    "Config",
+    "ConfigError",
+    "ControlConfig",
+    "EngineConfig",
+    "FilterConfig",
+    "HttpConfig",
+    "LimitsConfig",
+    "LogConfig",
+    "ManagerConfig",
+    "PoolConfig",
+    "RoutingConfig",
+    "RuleConfig",
+    "ServerConfig",
+    "TargetConfig",
+    "TransformConfig",
+    "config_to_dict",
+    "default_channels",
+    "default_config_toml",
+    "default_pools",
+    "dump_config",
+    "load_config",
+    "resolved_private_key",
+    "resolved_public_key",
     "resolved_secret",
 ]
 
@@ -227,7 +251,8 @@ def default_channels() -> dict[str, ChannelConfig]:
     """The built-in channel groups, used when the config file has no ``[channels]``."""
     return {
         "system-status": ChannelConfig(type="global", name="System status", publishers=["admin"]),
-        "trading-signals": ChannelConfig(type="company", name="Trading signals", publishers=["mt5", "api", "admin"]),
+        "trading-signals": ChannelConfig(type="company", name="Trading signals",
+                                         publishers=["mt5", "api", "admin"]),
         "notifications": ChannelConfig(type="user", name="Notifications", publishers=["api", "admin"]),
         "admin-events": ChannelConfig(type="admin", name="Admin events", publishers=["admin"]),
     }
@@ -389,7 +414,8 @@ def _convert(tp: Any, value: Any, path: str, errs: _Errors) -> Any:
             return value
     elif isinstance(value, tp):
         return value
-    errs.structure(path, f"expected {_TYPE_NAMES.get(tp, getattr(tp, '__name__', str(tp)))}, got {_show(value)}")
+    name = _TYPE_NAMES.get(tp, getattr(tp, "__name__", str(tp)))
+    errs.structure(path, f"expected {name}, got {_show(value)}")
     return _INVALID
 
 
@@ -503,6 +529,12 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str], errs: _Errors) -> No
                 errs.structure(var, f"unknown setting: {_key(path, rest)} is not a config key")
                 break
             cls, table, path, rest = fields[nested], table[nested], _key(path, nested), rest[len(nested) + 1:]
+    # A secret from the environment replaces the file's secret source rather than clashing with it.
+    auth = raw.get("auth")
+    if isinstance(auth, dict):
+        for mine, other in (("secret", "secret_file"), ("secret_file", "secret")):
+            if f"auth.{mine}" in errs.env_origin and f"auth.{other}" not in errs.env_origin:
+                auth.pop(other, None)
 
 
 # ---------------------------------------------------------------------------------------- loading
@@ -535,7 +567,7 @@ def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str] | No
     if "pools" in raw and raw["pools"] == {}:
         errs.structure("pools", "at least one pool is required (leave [pools] out for the built-in ones)")
     cfg = _convert_struct(Config, raw, "", errs)
-    if cfg is _INVALID:  # only when a top-level section is not a table; nothing more to check
+    if not isinstance(cfg, Config):  # cannot happen: tomllib always returns a table
         raise ConfigError(errs.lines())
     cfg.source_path = source
     base = os.path.dirname(source) if source else os.getcwd()
@@ -544,7 +576,8 @@ def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str] | No
         value = getattr(obj, key)
         if value:
             value = os.path.expanduser(value)
-            root = base if (section, key) in file_keys and _key(section, key) not in errs.env_origin else os.getcwd()
+            from_env = _key(section, key) in errs.env_origin
+            root = base if (section, key) in file_keys and not from_env else os.getcwd()
             setattr(obj, key, os.path.normpath(os.path.join(root, value)))
     _validate(cfg, errs, from_file=path is not None, raw=raw)
     if errs.items:
@@ -695,16 +728,17 @@ def _check_auth(a: AuthConfig, errs: _Errors, *, from_file: bool) -> None:
                 return
         if not secret:
             if from_file:
-                errs.add("auth.secret", f"required for {', '.join(hmac)}: set auth.secret or auth.secret_file "
-                         "(or WSD_AUTH_SECRET); `wsd config init` writes a random one")
+                errs.add("auth.secret", f"required for {', '.join(hmac)}: set auth.secret or "
+                         "auth.secret_file (or WSD_AUTH_SECRET); `wsd config init` writes a random one")
             return
         need = max(_HS_MIN_BYTES[x] for x in hmac)
         size = len(secret.encode("utf-8"))
         if size < need:
-            errs.add(where, f"too short for {', '.join(hmac)}: {size} bytes, need at least {need} random bytes "
+            errs.add(where, f"too short for {', '.join(hmac)}: {size} bytes, need at least {need} random "
+                     "bytes "
                      "(`wsd config init` writes one)")
             return
-        if "BEGIN" in secret and "KEY" in secret or secret.startswith("ssh-"):
+        if ("BEGIN" in secret and "KEY" in secret) or secret.startswith("ssh-"):
             errs.add(where, "looks like a PEM/SSH key, not an HMAC secret (HS/RS confusion)")
             return
         a._secret_material = secret  # type: ignore[attr-defined]
@@ -716,7 +750,7 @@ def _check_auth(a: AuthConfig, errs: _Errors, *, from_file: bool) -> None:
     if not a.public_key_file:
         errs.add("auth.public_key_file", f"required for {', '.join(asym)}: a PEM public key file")
         return
-    import jwt  # noqa: PLC0415 -- only needed when public-key auth is configured
+    import jwt
 
     pub_pem = _read_text(errs, "auth.public_key_file", a.public_key_file)
     if pub_pem is None:
@@ -746,13 +780,15 @@ def _check_auth(a: AuthConfig, errs: _Errors, *, from_file: bool) -> None:
     if not hasattr(priv, "private_bytes"):
         errs.add("auth.private_key_file", "holds a public key, not a private key")
         return
-    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
+    from cryptography.hazmat.primitives import serialization
 
     def spki(key: Any) -> bytes:
-        return bytes(key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo))
+        der, spki_format = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        return bytes(key.public_bytes(der, spki_format))
 
     if pub is not None and spki(priv.public_key()) != spki(pub):
-        errs.add("auth.private_key_file", "does not match auth.public_key_file (tokens it signs would not verify)")
+        errs.add("auth.private_key_file",
+                 "does not match auth.public_key_file (tokens it signs would not verify)")
         return
     a._private_key_pem = priv_pem  # type: ignore[attr-defined]
 
@@ -796,7 +832,8 @@ def _check_pools(cfg: Config, errs: _Errors, *, pools_from_file: bool) -> None:
                 errs.add(f"{path}.roles[{i}]", "must not be empty")
         for i, group in enumerate(pool.default_subscriptions):
             if channels_ok and isinstance(group, str) and group not in cfg.channels:
-                hint = "" if pools_from_file else " (the built-in pools apply because the file has no [pools])"
+                hint = "" if pools_from_file else \
+                    " (the built-in pools apply because the file has no [pools])"
                 errs.add(f"{path}.default_subscriptions[{i}]",
                          f"no channel group {json.dumps(group)} in [channels]{hint}")
         _at_least(errs, f"{path}.batching.interval_ms", pool.batching.interval_ms, 1)
@@ -808,7 +845,7 @@ def _check_routing(cfg: Config, errs: _Errors) -> None:
     seen: dict[str, int] = {}
     compile_expression: Callable[[str], Any] | None
     try:
-        from wsd.core.expr import compile_expression  # noqa: PLC0415 -- optional until the module lands
+        from wsd.core.expr import compile_expression
     except ImportError as exc:
         if exc.name != "wsd.core.expr":
             raise
@@ -820,7 +857,8 @@ def _check_routing(cfg: Config, errs: _Errors) -> None:
         if not rule.id:
             errs.add(f"{path}.id", "must not be empty")
         elif rule.id in seen:
-            errs.add(f"{path}.id", f"{json.dumps(rule.id)} is already the id of routing.rules[{seen[rule.id]}]")
+            errs.add(f"{path}.id",
+                     f"{json.dumps(rule.id)} is already the id of routing.rules[{seen[rule.id]}]")
         else:
             seen[rule.id] = i
         for j, ch in enumerate(rule.filter.channels):
@@ -833,7 +871,8 @@ def _check_routing(cfg: Config, errs: _Errors) -> None:
             if not t.group_id:
                 errs.add(f"{path}.target.group_id", 'required for target type "group": a channel group id')
             elif channels_ok and t.group_id not in cfg.channels:
-                errs.add(f"{path}.target.group_id", f"no channel group {json.dumps(t.group_id)} in [channels]")
+                errs.add(f"{path}.target.group_id",
+                         f"no channel group {json.dumps(t.group_id)} in [channels]")
         if t.type == "filtered" and not rule.filter.expression.strip():
             errs.add(f"{path}.filter.expression", 'required for target type "filtered"')
         if pools_ok:

@@ -48,6 +48,7 @@ CONN: dict[str, Any] = {
 
 
 def check(src: str) -> bool:
+    """Compile src and evaluate it against MSG and CONN."""
     return compile_expression(src)(MSG, CONN)
 
 
@@ -406,7 +407,7 @@ def test_empty_and_nul_sources(src: str, position: int) -> None:
 def test_non_string_source_is_refused() -> None:
     """A source that is not a str is an ExpressionError, not a TypeError."""
     with pytest.raises(ExpressionError):
-        compile_expression(b"msg" )  # type: ignore[arg-type]
+        compile_expression(b"msg")  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- limits
@@ -495,7 +496,7 @@ def test_random_text_only_raises_expression_error(src: str) -> None:
 @settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.sampled_from(_TOKENS), max_size=25).map(" ".join))
 def test_random_token_soup_only_raises_expression_error(src: str) -> None:
-    """Random sequences of language (and forbidden) tokens compile or raise ExpressionError, running nothing."""
+    """Random runs of language and forbidden tokens compile or raise ExpressionError, running nothing."""
     _compile_and_run(src)
 
 

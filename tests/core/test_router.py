@@ -59,6 +59,7 @@ def message(**fields: Any) -> RoutedMessage:
 
 
 def ids(routes: list[Route]) -> list[str]:
+    """The rule ids of a list of routes."""
     return [r.rule_id for r in routes]
 
 
@@ -261,7 +262,8 @@ def test_rules_are_tried_highest_priority_first() -> None:
 
 def test_priority_ties_keep_config_order() -> None:
     """Rules with equal priority keep the order they were configured in."""
-    table = RuleTable([rule("b", priority=5), rule("a", priority=5), rule("c", priority=9), rule("d", priority=5)])
+    table = RuleTable([rule("b", priority=5), rule("a", priority=5), rule("c", priority=9),
+                       rule("d", priority=5)])
     assert ids(table.route(message())) == ["c", "b", "a", "d"]
 
 
@@ -343,9 +345,11 @@ DATA = {"px": 1.25, "sym": "EURUSD", "internal": "x", "qty": 3}
         (tcfg(include=["px", "sym"]), {"px": 1.25, "sym": "EURUSD"}),
         (tcfg(include=["px", "absent"]), {"px": 1.25}),
         (tcfg(exclude=["internal", "absent"]), {"px": 1.25, "sym": "EURUSD", "qty": 3}),
-        (tcfg(rename={"px": "price", "absent": "x"}), {"price": 1.25, "sym": "EURUSD", "internal": "x", "qty": 3}),
+        (tcfg(rename={"px": "price", "absent": "x"}),
+         {"price": 1.25, "sym": "EURUSD", "internal": "x", "qty": 3}),
         (tcfg(rename={"px": "sym", "sym": "px"}), {"px": "EURUSD", "sym": 1.25, "internal": "x", "qty": 3}),
-        (tcfg(set={"source": "gw", "qty": 0}), {"px": 1.25, "sym": "EURUSD", "internal": "x", "qty": 0, "source": "gw"}),
+        (tcfg(set={"source": "gw", "qty": 0}),
+         {"px": 1.25, "sym": "EURUSD", "internal": "x", "qty": 0, "source": "gw"}),
     ],
 )
 def test_transform_steps(config: SimpleNamespace, expected: dict[str, Any]) -> None:
@@ -430,7 +434,9 @@ def test_describe_lists_rules_in_evaluation_order_with_hits() -> None:
                    "reliable_delivery": False, "max_retries": 0, "ack_timeout_ms": 2000},
         "transform": {"include_fields": [], "exclude_fields": ["internal"], "rename": {"px": "price"},
                       "set": {"source": "gw"}},
-        "pool_transforms": {"mt5": {"include_fields": ["price"], "exclude_fields": [], "rename": {}, "set": {}}},
+        "pool_transforms": {
+            "mt5": {"include_fields": ["price"], "exclude_fields": [], "rename": {}, "set": {}},
+        },
     }
     assert described[0]["hits"] == 1 and described[0]["stop"] is True
     assert described[0]["target"]["group_id"] == "desk-1"

@@ -34,6 +34,7 @@ Pure: no asyncio, sockets, time or logging.
 from __future__ import annotations
 
 import ast
+import operator
 import re
 import warnings
 from collections.abc import Callable, Mapping
@@ -91,7 +92,8 @@ def compile_expression(src: str) -> Expression:
     if not isinstance(src, str):
         raise ExpressionError(f"expression must be a string, got {type(src).__name__}", 1)
     if len(src) > MAX_SOURCE_CHARS:
-        raise ExpressionError(f"expression is longer than {MAX_SOURCE_CHARS} characters", MAX_SOURCE_CHARS + 1)
+        raise ExpressionError(f"expression is longer than {MAX_SOURCE_CHARS} characters",
+                              MAX_SOURCE_CHARS + 1)
     nul = src.find("\x00")
     if nul >= 0:
         raise ExpressionError("expression contains a NUL character", nul + 1)
@@ -144,7 +146,8 @@ class _Source:
 
     def operator_position(self, left: ast.AST, right: ast.AST) -> int:
         """Position of the operator token between two operands (skipping blanks and parentheses)."""
-        start, stop = self.node_end(left), self.index(right.lineno, right.col_offset)  # type: ignore[attr-defined]
+        start = self.node_end(left)
+        stop = self.index(right.lineno, right.col_offset)  # type: ignore[attr-defined]
         i = start
         while i < stop and (self.text[i].isspace() or self.text[i] == ")"):
             i += 1
@@ -251,32 +254,51 @@ def _neg(a: Any) -> Any:
     raise TypeError("unary '-' takes a number")
 
 
-def _ordered(op: Callable[[Any, Any], bool]) -> Callable[[Any, Any], bool]:
-    def compare(a: Any, b: Any) -> bool:
-        try:
-            return op(a, b)
-        except TypeError:
-            return False
-
-    return compare
+# Ordering between incompatible types (null < 3) is false rather than an error.
+def _lt(a: Any, b: Any) -> bool:
+    try:
+        return a < b  # type: ignore[no-any-return]
+    except TypeError:
+        return False
 
 
-_COMPARE: dict[type[ast.cmpop], Callable[[Any, Any], bool]] = {
-    ast.Eq: lambda a, b: a == b,
-    ast.NotEq: lambda a, b: a != b,
-    ast.Lt: _ordered(lambda a, b: a < b),
-    ast.LtE: _ordered(lambda a, b: a <= b),
-    ast.Gt: _ordered(lambda a, b: a > b),
-    ast.GtE: _ordered(lambda a, b: a >= b),
+def _le(a: Any, b: Any) -> bool:
+    try:
+        return a <= b  # type: ignore[no-any-return]
+    except TypeError:
+        return False
+
+
+def _gt(a: Any, b: Any) -> bool:
+    try:
+        return a > b  # type: ignore[no-any-return]
+    except TypeError:
+        return False
+
+
+def _ge(a: Any, b: Any) -> bool:
+    try:
+        return a >= b  # type: ignore[no-any-return]
+    except TypeError:
+        return False
+
+
+_COMPARE: dict[type[ast.cmpop], Callable[[Any, Any], Any]] = {
+    ast.Eq: operator.eq,
+    ast.NotEq: operator.ne,
+    ast.Lt: _lt,
+    ast.LtE: _le,
+    ast.Gt: _gt,
+    ast.GtE: _ge,
     ast.In: _is_in,
     ast.NotIn: _not_in,
 }
 
 _BINARY: dict[type[ast.operator], Callable[[Any, Any], Any]] = {
-    ast.Add: lambda a, b: a + b,
-    ast.Sub: lambda a, b: a - b,
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
     ast.Mult: _mul,
-    ast.Div: lambda a, b: a / b,
+    ast.Div: operator.truediv,
     ast.Mod: _mod,
 }
 
@@ -461,7 +483,11 @@ class _Compiler:
                 node = node.value
             elif isinstance(node, ast.Subscript):
                 ok, key = self.literal(node.slice)
-                if not ok or isinstance(key, list):
+                if not ok:
+                    return None
+                try:
+                    hash(key)
+                except TypeError:  # a list key: leave it to the generic (guarded) lookup
                     return None
                 keys.append(key)
                 node = node.value
@@ -486,16 +512,20 @@ class _Compiler:
             if isinstance(link, ast.Attribute):
                 self._check_attr(link)
             link = link.value
-        root = self.compile(found[0])
+        self.compile(found[0])  # records uses_msg / uses_conn
         keys = tuple(found[1])
+        on_conn = found[0].id in _CONN_NAMES
         if len(keys) == 1:
             (k,) = keys
-            return lambda m, c: _get(root(m, c), k)
+            if on_conn:
+                return lambda m, c: c.get(k) if type(c) is dict else _get(c, k)
+            return lambda m, c: m.get(k) if type(m) is dict else _get(m, k)
 
+        # keys are hashable literals, so dict.get cannot raise on them
         def walk(m: Any, c: Any) -> Any:
-            obj = root(m, c)
+            obj = c if on_conn else m
             for k in keys:
-                obj = _get(obj, k)
+                obj = obj.get(k) if type(obj) is dict else _get(obj, k)
                 if obj is None:
                     return None
             return obj
@@ -586,6 +616,9 @@ class _Compiler:
         rights = [self._membership_operand(op, r) for op, r in zip(node.ops, node.comparators, strict=True)]
         if len(ops) == 1:
             (compare,), (right,) = ops, rights
+            ok, value = self.literal(node.comparators[0])
+            if ok and not isinstance(value, (list, tuple)):
+                return lambda m, c: compare(left(m, c), value)
             return lambda m, c: compare(left(m, c), right(m, c))
         pairs = tuple(zip(ops, rights, strict=True))
 

@@ -36,9 +36,21 @@ __all__ = ["PRIORITY_NAMES", "Route", "RoutedMessage", "RuleTable", "Transform",
 PRIORITY_NAMES = ("critical", "high", "normal", "low")
 
 
+_PRIORITY_LOOKUP: dict[Any, str] = {
+    **{name: name for name in PRIORITY_NAMES},
+    **{name.upper(): name for name in PRIORITY_NAMES},
+    **dict(enumerate(PRIORITY_NAMES)),
+}
+
+
 def priority_name(priority: Any) -> str:
     """The lower-case name of a priority given as an enum member, a name or the seed's number."""
-    if isinstance(priority, enum.Enum):
+    kind = type(priority)
+    if kind is str or kind is int:  # the common cases, without allocating
+        name = _PRIORITY_LOOKUP.get(priority)
+        if name is not None:
+            return name
+    if isinstance(priority, enum.Enum):  # by name: an enum may number its members differently
         return str(priority.name).lower()
     if isinstance(priority, str):
         return priority.lower()
@@ -258,13 +270,15 @@ class _Rule:
             try:
                 expression = compile_expression(source)
             except ExpressionError as e:
-                raise ExpressionError(f"rule {self.id!r} filter.expression: {e.message}", e.position) from None
+                message = f"rule {self.id!r} filter.expression: {e.message}"
+                raise ExpressionError(message, e.position) from None
         conn_predicate = expression if expression is not None and expression.uses_conn else None
         self.msg_predicate = expression if conn_predicate is None else None
         self.msg_predicate_reads_msg = expression is not None and expression.uses_msg
         self.transform = Transform.from_config(getattr(config, "transform", None))
         pool_transforms = {
-            str(pool): Transform.from_config(cfg) for pool, cfg in _attr(config, "pool_transforms", {}).items()
+            str(pool): Transform.from_config(cfg)
+            for pool, cfg in _attr(config, "pool_transforms", {}).items()
         }
         self.route = Route(
             self.id,
@@ -339,7 +353,8 @@ class RuleTable:
                 continue
             if rule.types is not None and msg.type not in rule.types:
                 continue
-            if rule.channels is not None and msg.channel not in rule.channels and msg.group not in rule.channels:
+            channels = rule.channels
+            if channels is not None and msg.channel not in channels and msg.group not in channels:
                 continue
             if rule.user_ids is not None and msg.user_id not in rule.user_ids:
                 continue

@@ -60,6 +60,8 @@ class Engine(abc.ABC):
     """Channels' history and positions, sessions, and (for shared engines) cross-node delivery."""
 
     name: str = "abstract"
+    #: True when publications travel through the engine to every node (the publisher included)
+    shared: bool = False
 
     @abc.abstractmethod
     async def start(self, on_remote: Callable[[Publication], None]) -> None:
@@ -68,9 +70,22 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     async def stop(self) -> None: ...
 
+    def configure(self, groups: Any) -> None:
+        """The channel groups from config (history sizes and ttls), at start and after each reload."""
+        self.groups = groups
+
     @abc.abstractmethod
-    async def publish(self, pub: Publication, history_size: int, history_ttl_s: float) -> None:
-        """Assign ``pub.offset`` / ``pub.epoch`` (when the channel keeps history), store it, share it."""
+    async def publish(self, pub: Publication, history_size: int, history_ttl_s: float,
+                      scope: dict[str, Any] | None = None) -> None:
+        """Assign ``pub.offset`` / ``pub.epoch`` (when the channel keeps history), store it, share it.
+
+        A shared engine also hands the publication, with its delivery ``scope``, to every node's
+        ``on_remote``; the memory engine only stores it and the hub delivers.
+        """
+
+    @abc.abstractmethod
+    def position(self, channel: str) -> StreamPosition:
+        """The channel's latest known position (offset 0 when it has no history)."""
 
     @abc.abstractmethod
     async def history(self, channel: str, *, limit: int | None = None, since: StreamPosition | None = None

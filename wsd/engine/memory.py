@@ -30,7 +30,8 @@ class MemoryEngine(Engine):
     async def stop(self) -> None:
         self._buffers.clear()
 
-    async def publish(self, pub: Publication, history_size: int, history_ttl_s: float) -> None:
+    async def publish(self, pub: Publication, history_size: int, history_ttl_s: float,
+                      scope: dict[str, Any] | None = None) -> None:
         if history_size <= 0:
             return
         buf = self._buffers.get(pub.channel)

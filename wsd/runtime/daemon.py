@@ -70,8 +70,10 @@ class PoolRuntime:
 
 def make_engine(cfg: Any) -> Engine:
     if cfg.engine.type == "redis":
-        from wsd.engine.redis import RedisEngine  # an extra: pip install 'wsd[redis]'
-
+        try:
+            from wsd.engine.redis import RedisEngine
+        except ImportError:
+            raise RuntimeError("engine.type = \"redis\" needs the redis extra: pip install 'wsd[redis]'") from None
         return RedisEngine(cfg.engine.url, cfg.engine.prefix)
     from wsd.engine.memory import MemoryEngine
 
@@ -222,8 +224,12 @@ class Daemon:
             log.warning("no auth secret configured: using an ephemeral HS256 secret generated at start "
                         "(tokens die with this process; mint them with `wsctl token`)")
         self.engine = make_engine(self.config)
+        self.engine.configure(self.config.channels)
         self.hub = Hub(self)
-        await self.engine.start(self.hub.on_remote)
+        try:
+            await self.engine.start(self.hub.on_remote)
+        except Exception as exc:
+            raise RuntimeError(f"engine {self.engine.name} failed to start: {exc}") from exc
         from wsd.runtime.control import ControlServer
         from wsd.runtime.server import Endpoint, WsdServerConnection
 

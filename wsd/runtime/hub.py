@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("wsd.hub")
 
 OPEN = State.OPEN
+_CANON_MODES = {m: m for m in (REALTIME, BATCH, ON_DEMAND, HISTORICAL)}
 PRIORITY_NAMES = ("critical", "high", "normal", "low")
 _json_encode = msgspec.json.Encoder().encode
 _BATCH_HEAD = b'{"type":"batch","messages":['
@@ -128,6 +129,9 @@ class Hub:
         self.session_ttl = float(m.session_ttl_s)
         self.groups = cfg.channels
         self.rules = RuleTable(cfg.routing.rules)
+        engine = getattr(self.daemon, "engine", None)
+        if engine is not None:
+            engine.configure(cfg.channels)
 
     def start(self) -> None:
         self._sweeper = self.loop.create_task(self._sweep_loop())
@@ -182,6 +186,8 @@ class Hub:
         old = conn.subs.get(channel)
         if old is not None:
             self._unindex(old)
+        # The hot path compares modes by identity: always store the module's own constant.
+        mode = _CANON_MODES[mode]
         sub = Subscription(secrets.token_hex(6), conn, channel, group, mode, types, time.time())
         if mode in (ON_DEMAND, BATCH):
             sub.held = deque(maxlen=self.buffer_size)
@@ -228,19 +234,34 @@ class Hub:
                           user_id=user_id, company_id=company_id,
                           expires_at=(now + ttl_s) if ttl_s else None)
         self.stats.published += 1
-        if channel:
-            gcfg = self.groups.get(group)
-            if gcfg is not None:
-                await self.daemon.engine.publish(pub, gcfg.history_size, float(gcfg.history_ttl_s))
+        engine = self.daemon.engine
+        gcfg = self.groups.get(group) if channel else None
+        size = gcfg.history_size if gcfg is not None else 0
+        ttl = float(gcfg.history_ttl_s) if gcfg is not None else 0.0
+        if engine.shared:
+            # A shared engine numbers the message and hands it to every node, this one included, so all
+            # nodes deliver one channel's messages in the same order; the count is not known here.
+            scope = {"broadcast": broadcast, "pools": tuple(pools), "companies": tuple(companies)}
+            await engine.publish(pub, size, ttl, scope)
+            return {"id": pub.id, "channel": channel, "offset": pub.offset, "epoch": pub.epoch,
+                    "delivered": None, "shared": True}
+        if gcfg is not None:
+            await engine.publish(pub, size, ttl)
         delivered = self.route_and_deliver(pub, now, broadcast=broadcast, pools=tuple(pools),
                                            companies=tuple(companies))
         self.stats.observe_fanout(self.loop.time() - now)
         return {"id": pub.id, "channel": channel, "offset": pub.offset, "epoch": pub.epoch,
                 "delivered": delivered}
 
-    def on_remote(self, pub: Publication) -> None:
-        """A publication from another node (shared engine): deliver locally, never re-publish."""
-        self.route_and_deliver(pub, self.loop.time())
+    def on_remote(self, pub: Publication, scope: dict[str, Any] | None = None) -> None:
+        """A publication from the shared engine's bus (any node, this one included): deliver locally."""
+        now = self.loop.time()
+        if scope:
+            self.route_and_deliver(pub, now, broadcast=bool(scope.get("broadcast")),
+                                   pools=tuple(scope.get("pools", ())), companies=tuple(scope.get("companies", ())))
+        else:
+            self.route_and_deliver(pub, now)
+        self.stats.observe_fanout(self.loop.time() - now)
 
     def route_and_deliver(self, pub: Publication, now: float, *, broadcast: bool = False,
                           pools: tuple[str, ...] = (), companies: tuple[str, ...] = ()) -> int:
@@ -505,8 +526,8 @@ class Hub:
         max_batch = conn.pool.batching.max_messages
         while ob and transport.get_write_buffer_size() < self.high_water:
             if batching and len(ob) > 1 and ob.peek_priority() != Priority.CRITICAL:
-                items = ob.pop_many(now, max_batch, max_priority=Priority.HIGH)
-                items = [it for it in items]
+                # Nothing critical is queued (peek): coalesce up to max_batch into one batch frame.
+                items = ob.pop_many(now, max_batch)
                 if not items:
                     continue
                 if len(items) == 1:
@@ -640,16 +661,19 @@ class Hub:
                 log.exception("sweep failed")
 
     def sweep(self, now: float, wall: float) -> None:
+        """One pass over every connection: cheap checks first, so 10,000 idle connections cost little."""
         self.stats.tick(now, self)
-        hb = self.heartbeat_s
+        idle_before = now - self.idle_s
+        slow_before = now - self.slow_s
+        rate = self.health_error_rate
         for conn in list(self.conns.values()):
             if conn.closing or conn.state is not CONNECTED:
                 continue
-            if conn.exp and wall >= conn.exp + self.daemon.config.auth.leeway_s * 0:
+            if wall >= conn.exp:
                 self.daemon.emit("token_expired", connection_id=conn.id, user_id=conn.user_id)
                 self.close(conn, errors.TOKEN_EXPIRED.code, errors.TOKEN_EXPIRED.reason)
                 continue
-            if now - conn.last_activity >= self.idle_s:
+            if conn.last_activity <= idle_before:
                 self.daemon.emit("idle_timeout", connection_id=conn.id, user_id=conn.user_id)
                 self.close(conn, errors.IDLE_TIMEOUT.code, errors.IDLE_TIMEOUT.reason)
                 continue
@@ -657,13 +681,35 @@ class Hub:
                 self._heartbeat(conn, now, wall)
                 if conn.closing:
                     continue
-            if conn.congested_since is not None and now - conn.congested_since >= self.slow_s:
-                self.close_slow(conn, f"congested for {now - conn.congested_since:.1f}s")
-                continue
+            if conn.congested_since is not None:
+                if conn.congested_since <= slow_before:
+                    self.close_slow(conn, f"congested for {now - conn.congested_since:.1f}s")
+                    continue
+                if conn.outbox and conn.breaker is None and conn.transport.get_write_buffer_size() == 0:
+                    self.schedule_drain(conn)  # safety net: queued, room to write, nobody scheduled
             if conn.reliable is not None:
                 self._resend_due(conn, now)
-            if conn.outbox and conn.breaker is None and conn.transport.get_write_buffer_size() == 0:
-                self.schedule_drain(conn)  # safety net: queued, room to write, nobody scheduled
+            if conn.errors >= 5 and conn.errors > rate * conn.msgs_in:
+                self._recover(conn)
+
+    def _recover(self, conn: Conn) -> None:
+        """The seed's attemptConnectionRecovery: reset the breaker and resync once, then give up with 1011."""
+        rate = conn.errors / max(1, conn.msgs_in)
+        if conn.health_recoveries >= 1:
+            self.daemon.emit("unhealthy", connection_id=conn.id, user_id=conn.user_id, error_rate=round(rate, 3))
+            self.close(conn, errors.INTERNAL.code, f"unhealthy: error rate {rate:.0%}")
+            return
+        conn.health_recoveries += 1
+        conn.errors = 0
+        if conn.breaker is not None:
+            conn.breaker.reset()
+        self.daemon.emit("recovery", connection_id=conn.id, user_id=conn.user_id, error_rate=round(rate, 3))
+        self.send_direct(conn, _json_encode({"type": "error", "error": {
+            "code": "unhealthy", "message": f"error rate {rate:.0%} is above {self.health_error_rate:.0%}: "
+                                            "fix the client's frames or the connection will be closed"}}),
+                         Priority.CRITICAL)
+        if conn.outbox:
+            self.schedule_drain(conn)
 
     def _heartbeat(self, conn: Conn, now: float, wall: float) -> None:
         ws = conn.ws

@@ -6,7 +6,6 @@ also logged and emitted as an event (browsers only ever see 1006 for a refused h
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import logging
 import secrets
@@ -28,8 +27,8 @@ from wsd.core.channels import ChannelError, Principal, instance_parts, may_publi
 from wsd.core.history import StreamPosition
 from wsd.core.outbox import Priority
 from wsd.core.ratelimit import TokenBucket
-from wsd.runtime.conn import BATCH, CONNECTED, HISTORICAL, MODES, ON_DEMAND, Conn
-from wsd.runtime.hub import PRIORITY_NAMES, encode_push
+from wsd.runtime.conn import BATCH, HISTORICAL, MODES, ON_DEMAND, Conn
+from wsd.runtime.hub import encode_push
 
 if TYPE_CHECKING:
     from wsd.runtime.daemon import Daemon, PoolRuntime
@@ -115,7 +114,7 @@ class Endpoint:
                               pool=pool, user_id=user_id)
         headers = {}
         if retry_after is not None:
-            headers["Retry-After"] = str(max(1, int(retry_after + 0.999)))
+            headers["Retry-After"] = str(max(1, int(min(retry_after, 3600.0) + 0.999)))
         return json_response(status, {"error": code, "message": message}, headers)
 
     async def process_request(self, conn: ServerConnection, request: Request) -> Response | None:
@@ -405,13 +404,12 @@ class Endpoint:
             sub = hub.add_subscription(conn, inst, group, f.mode, types)
             result: dict[str, Any] = {"channel": inst, "group": group, "mode": f.mode, "subscription_id": sub.id}
             want_history = f.history is not None or f.mode == HISTORICAL
-            if not want_history:
-                pos = d.engine.position(inst) if hasattr(d.engine, "position") else StreamPosition(0, "")
-                sub.offset, sub.epoch = pos.offset, pos.epoch
-                result["position"] = {"offset": pos.offset, "epoch": pos.epoch}
-                result["recovered"] = True
-                return self.reply(conn, f.id, result)
             sub.pending = []
+            if not want_history:
+                # No history wanted: still read the channel's position (shared engines keep it outside
+                # this process), holding live messages meanwhile so the reply comes first.
+                await self._replay(conn, sub, None, 0, reply=(f.id, result))
+                return None
             since = f.history.since if f.history is not None else None
             limit = f.history.limit if f.history is not None else None
             sp = StreamPosition(since.offset, since.epoch) if since is not None else None
@@ -504,5 +502,3 @@ def _ip_in(remote: str, networks: list[Any]) -> bool:
         ip = ip.ipv4_mapped
     return any(ip in n for n in networks)
 
-
-_ = (asyncio, CONNECTED, PRIORITY_NAMES)

@@ -1,0 +1,252 @@
+"""The Redis engine: several wsd nodes share channels, history positions and sessions.
+
+- A publication is stored and numbered by one Lua script (atomic per channel): the channel's
+  offset is incremented, the entry appended to a capped list, and the publication is PUBLISHed
+  on the cluster bus. Every node — the publisher included — delivers from the bus, so all nodes
+  see one channel's messages in offset order.
+- Each channel has an epoch kept next to its offset; if Redis loses the channel's keys (a restart
+  without persistence, an eviction) a new epoch is chosen and resuming clients are told
+  ``recovered: false`` instead of getting a silent gap.
+- Sessions are plain keys with a TTL, so a client can resume on any node.
+
+An extra: ``pip install 'wsd[redis]'``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+from wsd.core.history import StreamPosition
+from wsd.engine.base import Engine, HistoryResult, Publication
+
+log = logging.getLogger("wsd.engine.redis")
+
+_PUBLISH = """
+local meta = KEYS[1]
+local hist = KEYS[2]
+local epoch = redis.call('HGET', meta, 'epoch')
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('HSET', meta, 'epoch', epoch)
+end
+local off = 0
+local size = tonumber(ARGV[3])
+if size > 0 then
+  off = redis.call('HINCRBY', meta, 'offset', 1)
+  redis.call('RPUSH', hist, off .. ':' .. ARGV[5] .. ':' .. ARGV[2])
+  redis.call('LTRIM', hist, -size, -1)
+  local ttl = tonumber(ARGV[4])
+  if ttl > 0 then
+    redis.call('EXPIRE', hist, ttl)
+    redis.call('EXPIRE', meta, ttl * 2 + 3600)
+  end
+end
+redis.call('PUBLISH', KEYS[3], off .. ':' .. epoch .. ':' .. ARGV[6])
+return {off, epoch}
+"""
+
+_encode = msgspec.json.Encoder().encode
+
+
+class _Wire(msgspec.Struct, array_like=True):
+    """A publication (and its delivery scope) as it travels on the bus and sits in history."""
+
+    id: str
+    channel: str
+    group: str
+    type: str
+    priority: int
+    data: Any
+    ts: float
+    ttl_s: float | None
+    source: str
+    user_id: str
+    company_id: str
+    broadcast: bool = False
+    pools: list[str] = []
+    companies: list[str] = []
+
+
+_decode = msgspec.json.Decoder(_Wire).decode
+
+
+def _to_pub(w: _Wire, offset: int, epoch: str, now: float) -> Publication:
+    expires = None
+    if w.ttl_s:
+        expires = now + w.ttl_s - max(0.0, time.time() - w.ts)
+    return Publication(id=w.id, channel=w.channel, group=w.group, type=w.type, priority=w.priority, data=w.data,
+                       ts=w.ts, ttl_s=w.ttl_s, source=w.source, user_id=w.user_id, company_id=w.company_id,
+                       offset=offset, epoch=epoch, expires_at=expires)
+
+
+class RedisEngine(Engine):
+    name = "redis"
+    shared = True
+
+    def __init__(self, url: str, prefix: str = "wsd") -> None:
+        import redis.asyncio as aioredis
+
+        self.url = url
+        self.prefix = prefix
+        self.node_id = secrets.token_hex(4)
+        self.redis = aioredis.Redis.from_url(url, decode_responses=False)
+        self.bus = f"{prefix}:bus".encode()
+        self._script = self.redis.register_script(_PUBLISH)
+        self._listener: asyncio.Task[None] | None = None
+        self._on_remote: Callable[..., None] | None = None
+        self._known: dict[str, dict[str, Any]] = {}
+        self.received = 0
+
+    def _meta(self, channel: str) -> str:
+        return f"{self.prefix}:ch:{{{channel}}}:meta"
+
+    def _hist(self, channel: str) -> str:
+        return f"{self.prefix}:ch:{{{channel}}}:hist"
+
+    async def start(self, on_remote: Callable[..., None]) -> None:
+        self._on_remote = on_remote
+        await self.redis.ping()
+        self._pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        await self._pubsub.subscribe(self.bus)
+        self._listener = asyncio.get_running_loop().create_task(self._listen())
+        await self.redis.sadd(f"{self.prefix}:nodes", self.node_id)
+
+    async def _listen(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                msg = await self._pubsub.get_message(timeout=1.0)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("redis bus read failed; retrying")
+                await asyncio.sleep(0.5)
+                continue
+            if msg is None:
+                continue
+            try:
+                raw: bytes = msg["data"]
+                off_s, epoch_b, body = raw.split(b":", 2)
+                w = _decode(body)
+                pub = _to_pub(w, int(off_s), epoch_b.decode(), loop.time())
+                self.received += 1
+                assert self._on_remote is not None
+                self._on_remote(pub, {"broadcast": w.broadcast, "pools": tuple(w.pools),
+                                      "companies": tuple(w.companies)})
+            except Exception:
+                log.exception("bad publication on the redis bus")
+
+    async def stop(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(BaseException):
+                await self._listener
+        with contextlib.suppress(Exception):
+            await self.redis.srem(f"{self.prefix}:nodes", self.node_id)
+            await self._pubsub.aclose()
+        with contextlib.suppress(Exception):
+            await self.redis.aclose()
+
+    async def publish(self, pub: Publication, history_size: int, history_ttl_s: float,
+                      scope: dict[str, Any] | None = None) -> None:
+        scope = scope or {}
+        w = _Wire(pub.id, pub.channel, pub.group, pub.type, int(pub.priority), pub.data, pub.ts, pub.ttl_s,
+                  pub.source, pub.user_id, pub.company_id, bool(scope.get("broadcast")),
+                  list(scope.get("pools", ())), list(scope.get("companies", ())))
+        body = _encode(w)
+        channel = pub.channel or "_broadcast"
+        size = history_size if pub.channel else 0
+        off, epoch = await self._script(
+            keys=[self._meta(channel), self._hist(channel), self.bus],
+            args=[secrets.token_hex(4), body, size, int(history_ttl_s), repr(pub.ts), body])
+        pub.offset = int(off)
+        pub.epoch = epoch.decode() if isinstance(epoch, bytes) else str(epoch)
+        if pub.channel and size:
+            self._known[pub.channel] = {"offset": pub.offset, "epoch": pub.epoch}
+
+    async def _read(self, channel: str) -> tuple[list[tuple[int, float, bytes]], int, str]:
+        async with self.redis.pipeline(transaction=True) as p:
+            p.hmget(self._meta(channel), "epoch", "offset")
+            p.lrange(self._hist(channel), 0, -1)
+            (epoch_b, off_b), items = await p.execute()
+        epoch = epoch_b.decode() if epoch_b else ""
+        top = int(off_b) if off_b else 0
+        entries = []
+        for raw in items:
+            off_s, ts_s, body = raw.split(b":", 2)
+            entries.append((int(off_s), float(ts_s), body))
+        return entries, top, epoch
+
+    async def history(self, channel: str, *, limit: int | None = None, since: StreamPosition | None = None,
+                      ttl_s: float | None = None) -> HistoryResult:
+        entries, top, epoch = await self._read(channel)
+        loop_now = asyncio.get_running_loop().time()
+        if ttl_s is None:
+            g = getattr(self, "groups", {}).get(channel.split("/", 1)[0])
+            ttl_s = float(g.history_ttl_s) if g is not None else None
+        if ttl_s:
+            cutoff = time.time() - ttl_s
+            entries = [e for e in entries if e[1] >= cutoff]
+        pos = StreamPosition(top, epoch)
+        if since is None:
+            chosen = entries if limit is None else (entries[-limit:] if limit > 0 else [])
+            recovered = True
+        else:
+            if epoch and since.epoch != epoch:
+                chosen, recovered = entries, False
+            elif not epoch:
+                chosen, recovered = [], since.offset == 0
+            else:
+                chosen = [e for e in entries if e[0] > since.offset]
+                if since.offset > top:
+                    recovered = False
+                elif since.offset == top:
+                    recovered = True
+                else:
+                    recovered = bool(chosen) and chosen[0][0] == since.offset + 1
+            if limit is not None:
+                chosen = chosen[:limit]
+        pubs = [_to_pub(_decode(body), off, epoch, loop_now) for off, _, body in chosen]
+        return HistoryResult(pubs, pos, recovered)
+
+    def position(self, channel: str) -> StreamPosition:
+        k = self._known.get(channel)
+        return StreamPosition(k["offset"], k["epoch"]) if k else StreamPosition(0, "")
+
+    def channels(self) -> dict[str, dict[str, Any]]:
+        return {ch: {"depth": None, **v} for ch, v in self._known.items()}
+
+    async def save_session(self, session_id: str, state: dict[str, Any], ttl_s: float) -> None:
+        await self.redis.set(f"{self.prefix}:session:{session_id}", _encode(state), ex=max(1, int(ttl_s)))
+
+    async def load_session(self, session_id: str) -> dict[str, Any] | None:
+        raw = await self.redis.get(f"{self.prefix}:session:{session_id}")
+        return msgspec.json.decode(raw) if raw else None
+
+    async def drop_session(self, session_id: str) -> None:
+        await self.redis.delete(f"{self.prefix}:session:{session_id}")
+
+    def describe(self) -> dict[str, Any]:
+        return {"engine": self.name, "node_id": self.node_id, "url": _redact_url(self.url),
+                "received": self.received}
+
+    async def nodes(self) -> list[str]:
+        return sorted(x.decode() for x in await self.redis.smembers(f"{self.prefix}:nodes"))
+
+
+def _redact_url(url: str) -> str:
+    """A Redis URL without its password."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        user = creds.split(":", 1)[0]
+        return f"{scheme}://{user + ':' if user else ''}***@{host}"
+    return url

@@ -2,7 +2,7 @@
 
 Every connection is a subscriber, except one on ``--publish-path`` (default ``/publish``): each text
 frame received there is relayed unchanged to all subscribers with ``websockets.broadcast()``. No
-authentication, no JSON parsing, no queues: this is the floor wsd is compared against.
+authentication, no JSON parsing, no queues: the baseline wsd is compared against.
 
 When ready it prints one JSON line on stdout: ``{"pid": .., "host": .., "port": .., "publish_path": ..}``.
 It stops on SIGTERM or SIGINT.
@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import resource
 import signal
 import sys
+from collections.abc import AsyncIterator
 
 from websockets.asyncio.server import ServerConnection, broadcast, serve
+from websockets.exceptions import ConnectionClosed
 
 
 def raise_fd_limit() -> int:
@@ -43,7 +46,6 @@ async def run(args: argparse.Namespace) -> None:
     async def handler(ws: ServerConnection) -> None:
         path = ws.request.path.split("?", 1)[0] if ws.request is not None else "/"
         if path == publish_path:
-            # decode=False: relay the bytes as received, no str round trip.
             async for frame in _frames(ws):
                 broadcast(subscribers, frame, text=True)
             return
@@ -53,10 +55,15 @@ async def run(args: argparse.Namespace) -> None:
         finally:
             subscribers.discard(ws)
 
-    stop = asyncio.get_running_loop().create_future()
     loop = asyncio.get_running_loop()
+    stop: asyncio.Future[None] = loop.create_future()
+
+    def request_stop() -> None:
+        if not stop.done():
+            stop.set_result(None)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
+        loop.add_signal_handler(sig, request_stop)
 
     ping_interval = args.ping_interval if args.ping_interval > 0 else None
     async with serve(
@@ -84,13 +91,12 @@ async def run(args: argparse.Namespace) -> None:
         )
         await stop
         server.close()
-        await asyncio.wait_for(server.wait_closed(), timeout=5)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(server.wait_closed(), timeout=5)
 
 
-async def _frames(ws: ServerConnection):  # type: ignore[no-untyped-def]
-    """Yield received text frames as bytes until the connection closes."""
-    from websockets.exceptions import ConnectionClosed
-
+async def _frames(ws: ServerConnection) -> AsyncIterator[bytes]:
+    """Yield received frames as bytes (no str round trip) until the connection closes."""
     while True:
         try:
             yield await ws.recv(decode=False)

@@ -27,9 +27,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import loadgen  # noqa: E402
-import servers  # noqa: E402
-from loadgen import FIGURES, PhaseOptions, flatten, log, raise_fd_limit, run_loop, run_phases  # noqa: E402
+import loadgen
+import servers
+from loadgen import FIGURES, PhaseOptions, flatten, log, raise_fd_limit, run_loop, run_phases
 
 
 def machine() -> dict[str, Any]:
@@ -81,6 +81,9 @@ def summarize(per_target: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             "runs_ok": len(good),
             "runs_failed": len(runs) - len(good),
             "publish_path": good[0]["publish_path"] if good else None,
+            "noisy_phases": sum(
+                1 for r in good for phase in ("idle", "steady", "burst") if r.get(phase, {}).get("noisy")
+            ),
             "runs": runs,
         }
     if "wsd" in out and "bare" in out:
@@ -95,7 +98,8 @@ def phase_options(args: argparse.Namespace, size: int) -> PhaseOptions:
         value = getattr(args, name)
         if value is not None:
             kw[name] = value
-    return PhaseOptions.quick(**kw) if args.quick else PhaseOptions(**kw)
+    opts = PhaseOptions.quick(**kw) if args.quick else PhaseOptions(**kw)
+    return opts.resolve()
 
 
 async def one_run(kind: str, size: int, args: argparse.Namespace, tmpdir: Path) -> dict[str, Any]:
@@ -159,29 +163,61 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _phase_dict(opts: PhaseOptions) -> dict[str, Any]:
-    keys = ("settle_s", "idle_s", "steady_rate", "steady_s", "burst_messages", "burst_window", "payload_bytes")
+    keys = (
+        "settle_s",
+        "idle_s",
+        "steady_rate",
+        "steady_s",
+        "burst_messages",
+        "burst_window",
+        "payload_bytes",
+    )
     return {k: getattr(opts, k) for k in keys}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", default=None, help="comma-separated connection counts (default 1000,5000,10000)")
+    p.add_argument(
+        "--sizes", default=None, help="comma-separated connection counts (default 1000,5000,10000)"
+    )
     p.add_argument("--quick", action="store_true", help="size 1000, one run, short phases (< 60 s)")
     p.add_argument("--target", choices=["wsd", "bare", "both"], default="both")
-    p.add_argument("--runs", type=int, default=None, help="runs per size and target (default 3; 1 with --quick)")
+    p.add_argument(
+        "--runs", type=int, default=None, help="runs per size and target (default 3; 1 with --quick)"
+    )
     p.add_argument("--procs", type=int, default=2, help="load generator worker processes")
-    p.add_argument("--client", choices=["raw", "websockets"], default="raw", help="generator client implementation")
+    p.add_argument(
+        "--client", choices=["raw", "websockets"], default="raw", help="generator client implementation"
+    )
     p.add_argument("--publish", choices=["control", "api"], default="control", help="wsd publish path")
-    p.add_argument("--wsd-cmd", default=None, help='command to run wsd (default: "python -m wsd"); "serve -c FILE" is appended')
+    p.add_argument(
+        "--wsd-cmd",
+        default=None,
+        help='command to run wsd (default: "python -m wsd"); "serve -c FILE" is appended',
+    )
     p.add_argument("--bare-loop", choices=["uvloop", "asyncio"], default="uvloop")
-    p.add_argument("--bare-frame", choices=["envelope", "raw"], default="envelope",
-                   help="bare: publish wsd-shaped message frames (default) or the bare payload")
-    p.add_argument("--ping-interval", type=float, default=30.0, help="bare server ping interval, s (wsd: 30 s too)")
+    p.add_argument(
+        "--bare-frame",
+        choices=["envelope", "raw"],
+        default="envelope",
+        help="bare: publish wsd-shaped message frames (default) or the bare payload",
+    )
+    p.add_argument(
+        "--ping-interval", type=float, default=30.0, help="bare server ping interval, s (wsd: 30 s too)"
+    )
     p.add_argument("--settle-s", type=float)
     p.add_argument("--idle-s", type=float)
-    p.add_argument("--steady-rate", type=float, help="published messages per second in the steady phase")
+    p.add_argument(
+        "--steady-rate",
+        type=float,
+        help="published msg/s in the steady phase (default: 20000 deliveries/s / size, 1..100)",
+    )
     p.add_argument("--steady-s", type=float)
-    p.add_argument("--burst-messages", type=int)
+    p.add_argument(
+        "--burst-messages",
+        type=int,
+        help="messages in the burst (default: 500k deliveries / size, 20..500; 200k with --quick)",
+    )
     args = p.parse_args(argv)
     args.sizes_given = args.sizes is not None
     args.sizes = [int(s) for s in (args.sizes or "1000,5000,10000").split(",") if s.strip()]
@@ -199,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         doc = run_loop(bench(args))
+    except KeyboardInterrupt:
+        log("interrupted; servers and workers stopped")
+        return 130
     finally:
         servers.stop_all()
     loadgen.json.dump(doc, sys.stdout, indent=2)

@@ -38,6 +38,7 @@ import base64
 import contextlib
 import hashlib
 import json
+import math
 import multiprocessing as mp
 import os
 import random
@@ -47,11 +48,12 @@ import threading
 import time
 from array import array
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import msgspec
 
+NOISY_CORES = 0.25
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -96,7 +98,7 @@ def percentile(sorted_values: list[float], q: float) -> float | None:
     """Nearest-rank percentile of an already sorted list (q in 0..100)."""
     if not sorted_values:
         return None
-    k = max(0, min(len(sorted_values) - 1, int(round(q / 100.0 * len(sorted_values) + 0.5)) - 1))
+    k = max(0, min(len(sorted_values) - 1, math.ceil(q / 100.0 * len(sorted_values)) - 1))
     return sorted_values[k]
 
 
@@ -144,7 +146,9 @@ class Target:
         return cls(kind="bare", port=port, path="/", publish="ws", **kw)
 
     @classmethod
-    def wsd(cls, port: int, secret: str, control_socket: str | None, publish: str = "control", **kw: Any) -> Target:
+    def wsd(
+        cls, port: int, secret: str, control_socket: str | None, publish: str = "control", **kw: Any
+    ) -> Target:
         kw.setdefault("channel", "bench")
         return cls(
             kind="wsd",
@@ -156,6 +160,13 @@ class Target:
             control_socket=control_socket,
             **kw,
         )
+
+    def request_target(self, user: str) -> str:
+        """The subscriber path; for wsd with a fresh token for ``user`` in the query."""
+        if self.kind == "wsd":
+            assert self.secret is not None
+            return f"{self.path}?token={mint_token(self.secret, user)}"
+        return self.path
 
     def check(self) -> None:
         if self.host not in LOOPBACK:
@@ -278,15 +289,17 @@ class RawClient(asyncio.Protocol):
         self.rest = b""
         self.fragments: list[bytes] | None = None
         self.close_sent = False
+        self.close_code: int | None = None
         self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     # asyncio.Protocol -------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's is not an asyncio.Transport
+        # uvloop's transports are not asyncio.Transport instances, but they have the same methods
+        self.transport = tr = transport  # type: ignore[assignment]
         key = base64.b64encode(os.urandom(16))
         self.accept = base64.b64encode(hashlib.sha1(key + GUID).digest())
-        transport.write(
+        tr.write(  # type: ignore[attr-defined]
             b"GET %s HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
             b"Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\nUser-Agent: wsd-bench\r\n\r\n"
             % (self.request_target.encode(), self.host_header.encode(), key)
@@ -329,9 +342,9 @@ class RawClient(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.ready.done():
-            self.ready.set_exception(HandshakeError(f"closed during {self.state}"))
+            self._reject(f"closed during {self.state}")
         elif self.state == "open":
-            self.sink.on_closed(getattr(self, "close_code", None))
+            self.sink.on_closed(self.close_code)
         self.state = "closed"
         if not self.lost.done():
             self.lost.set_result(None)
@@ -425,9 +438,13 @@ class RawClient(asyncio.Protocol):
 
     def _fail(self, reason: str) -> None:
         if not self.ready.done():
-            self.ready.set_exception(HandshakeError(reason))
+            self._reject(reason)
         if self.transport is not None:
             self.transport.abort()
+
+    def _reject(self, reason: str) -> None:
+        self.ready.set_exception(HandshakeError(reason))
+        self.ready.exception()  # mark retrieved: the opener may have timed out and gone away
 
     def _send(self, opcode: int, payload: bytes) -> None:
         if self.transport is None or self.transport.is_closing():
@@ -489,7 +506,9 @@ class WsClient:
                 if type(obj) is not dict or obj.get("type") != "welcome":
                     raise HandshakeError(f"welcome: got {str(obj)[:80]}")
             if target.channel:
-                await ws.send(msgspec.json.encode({"op": "subscribe", "id": 1, "channel": target.channel}), text=True)
+                await ws.send(
+                    msgspec.json.encode({"op": "subscribe", "id": 1, "channel": target.channel}), text=True
+                )
                 for _ in range(100):
                     obj = _decode(await asyncio.wait_for(ws.recv(decode=False), 10))
                     if type(obj) is dict and obj.get("id") == 1:
@@ -529,7 +548,9 @@ class WsClient:
 class Worker:
     """One worker process: owns its share of the connections and answers the parent's commands."""
 
-    def __init__(self, wid: int, pipe: Any, target: Target, first: int, count: int, opts: dict[str, Any]) -> None:
+    def __init__(
+        self, wid: int, pipe: Any, target: Target, first: int, count: int, opts: dict[str, Any]
+    ) -> None:
         self.wid = wid
         self.pipe = pipe
         self.target = target
@@ -599,16 +620,9 @@ class Worker:
         with contextlib.suppress(OSError):  # the parent may be gone
             self.pipe.send((status, value))
 
-    def _request_target(self, i: int) -> str:
-        t = self.target
-        if t.kind == "wsd":
-            assert t.secret is not None
-            return f"{t.path}?token={mint_token(t.secret, f'u{i}')}"
-        return t.path
-
     async def _open_one(self, i: int) -> Any:
         t = self.target
-        target = self._request_target(i)
+        target = t.request_target(f"u{i}")
         if self.opts.get("client", "raw") == "websockets":
             return await WsClient.open(self.sink, t, target)
         loop = asyncio.get_running_loop()
@@ -691,10 +705,10 @@ class WorkerHandle:
         self.lock = asyncio.Lock()
         self.pid: int | None = None
 
-    async def _recv(self, timeout: float) -> Any:
-        def recv() -> Any:  # in a thread: bounded by ``timeout``, and by EOF if the worker dies
-            if not self.pipe.poll(timeout):
-                raise TimeoutError(f"worker {self.wid}: no answer in {timeout:.0f}s")
+    async def _recv(self, wait_s: float) -> Any:
+        def recv() -> Any:  # in a thread: bounded by ``wait_s``, and by EOF if the worker dies
+            if not self.pipe.poll(wait_s):
+                raise TimeoutError(f"worker {self.wid}: no answer in {wait_s:.0f}s")
             return self.pipe.recv()
 
         try:
@@ -702,10 +716,10 @@ class WorkerHandle:
         except (EOFError, OSError) as exc:
             raise RuntimeError(f"worker {self.wid} died: {exc!r}") from exc
 
-    async def call(self, cmd: str, arg: Any = None, timeout: float = 30.0) -> Any:
+    async def call(self, cmd: str, arg: Any = None, wait_s: float = 30.0) -> Any:
         async with self.lock:
             self.pipe.send((cmd, arg))
-            status, value = await self._recv(timeout)
+            status, value = await self._recv(wait_s)
             if status != "ok":
                 raise RuntimeError(f"worker {self.wid}: {cmd}: {value}")
             return value
@@ -743,6 +757,8 @@ class LoadGen:
                 first += count
             for w in self.workers:
                 status, hello = await w._recv(30.0)
+                if status != "hello":
+                    raise RuntimeError(f"worker {w.wid}: unexpected first message {status!r}")
                 w.pid = hello["pid"]
         except BaseException:
             await self._stop(0.0)
@@ -756,7 +772,11 @@ class LoadGen:
         if close_timeout > 0:
             with contextlib.suppress(Exception):
                 await asyncio.gather(
-                    *(w.call("close", close_timeout, timeout=close_timeout + 5) for w in self.workers if w.proc.is_alive()),
+                    *(
+                        w.call("close", close_timeout, wait_s=close_timeout + 5)
+                        for w in self.workers
+                        if w.proc.is_alive()
+                    ),
                     return_exceptions=True,
                 )
         for w in self.workers:
@@ -774,13 +794,13 @@ class LoadGen:
     def pids(self) -> list[int]:
         return [w.pid for w in self.workers if w.pid]
 
-    async def all(self, cmd: str, arg: Any = None, timeout: float = 30.0) -> list[Any]:
-        return list(await asyncio.gather(*(w.call(cmd, arg, timeout) for w in self.workers)))
+    async def all(self, cmd: str, arg: Any = None, wait_s: float = 30.0) -> list[Any]:
+        return list(await asyncio.gather(*(w.call(cmd, arg, wait_s) for w in self.workers)))
 
     async def connect(self) -> dict[str, Any]:
         timeout = 30.0 + self.conns / 20.0
         started = time.monotonic()
-        parts = await self.all("connect", timeout=timeout)
+        parts = await self.all("connect", wait_s=timeout)
         elapsed = time.monotonic() - started
         self.connected = sum(p["connected"] for p in parts)
         reasons: Counter[str] = Counter()
@@ -798,7 +818,7 @@ class LoadGen:
         await self.all("phase", phase)
 
     async def counts(self) -> dict[str, Any]:
-        parts = await self.all("count", timeout=10)
+        parts = await self.all("count", wait_s=10)
         return {
             "received": sum(p["received"] for p in parts),
             "last_recv": max(p["last_recv"] for p in parts),
@@ -806,7 +826,7 @@ class LoadGen:
         }
 
     async def report(self) -> dict[str, Any]:
-        parts = await self.all("report", timeout=60)
+        parts = await self.all("report", wait_s=60)
         samples: list[float] = []
         codes: Counter[str] = Counter()
         for p in parts:
@@ -855,14 +875,12 @@ class Publisher:
         self.errors = 0
         self.first_error: str | None = None
         self.first_result: Any = None
+        self.closed_reason: str | None = None
         self.pending: dict[int, asyncio.Future[Any]] = {}
 
     async def open(self) -> None: ...
 
     async def close(self) -> None: ...
-
-    async def send(self, payload: dict[str, Any]) -> None:
-        raise NotImplementedError
 
     def _settle(self, reply: dict[str, Any]) -> None:
         fut = self.pending.pop(reply.get("id"), None)  # type: ignore[arg-type]
@@ -879,11 +897,25 @@ class Publisher:
         if not fut.done():
             fut.set_result(reply)
 
-    async def flush(self, timeout: float = 30.0) -> None:
+    def _lost(self, why: str) -> None:
+        """The publish connection is gone: every outstanding request fails now, not at the timeout."""
+        self.closed_reason = why
+        for rid, fut in list(self.pending.items()):
+            self.pending.pop(rid, None)
+            self.errors += 1
+            if self.first_error is None:
+                self.first_error = why
+            if not fut.done():
+                fut.set_result({"id": rid, "error": why})
+
+    async def send(self, payload: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    async def flush(self, wait_s: float = 30.0) -> None:
         """Wait for every reply still outstanding (bounded)."""
         futs = [f for f in self.pending.values() if not f.done()]
         if futs:
-            await asyncio.wait(futs, timeout=timeout)
+            await asyncio.wait(futs, timeout=wait_s)
         for i, f in list(self.pending.items()):  # unanswered: counted as errors
             if not f.done():
                 f.cancel()
@@ -893,7 +925,7 @@ class Publisher:
 
     async def steady(self, phase: int, rate: float, duration: float) -> int:
         """Publish ``rate`` messages per second for ``duration`` seconds, on a fixed schedule."""
-        total = max(1, int(round(rate * duration)))
+        total = max(1, round(rate * duration))
         start = time.monotonic()
         for i in range(total):
             delay = start + i / rate - time.monotonic()
@@ -906,7 +938,9 @@ class Publisher:
         """Publish ``count`` messages as fast as the publish path accepts them (``window`` unacked)."""
         for i in range(count):
             if len(self.pending) >= window:
-                await asyncio.wait(list(self.pending.values()), return_when=asyncio.FIRST_COMPLETED, timeout=30)
+                await asyncio.wait(
+                    list(self.pending.values()), return_when=asyncio.FIRST_COMPLETED, timeout=30
+                )
             await self.send(make_payload(phase, i, self.payload_bytes))
         return count
 
@@ -971,14 +1005,17 @@ class ControlPublisher(Publisher):
         self.read_task = asyncio.create_task(self._read())
 
     async def _read(self) -> None:
-        while True:
-            line = await self.reader.readline()
-            if not line:
-                return
-            with contextlib.suppress(msgspec.DecodeError):
-                reply = _decode(line)
-                if type(reply) is dict:
-                    self._settle(reply)
+        try:
+            while True:
+                line = await self.reader.readline()
+                if not line:
+                    break
+                with contextlib.suppress(msgspec.DecodeError):
+                    reply = _decode(line)
+                    if type(reply) is dict:
+                        self._settle(reply)
+        finally:
+            self._lost("control socket closed by wsd")
 
     async def close(self) -> None:
         self.read_task.cancel()
@@ -987,6 +1024,8 @@ class ControlPublisher(Publisher):
             await asyncio.wait_for(self.writer.wait_closed(), 5)
 
     async def send(self, payload: dict[str, Any]) -> None:
+        if self.closed_reason:
+            raise RuntimeError(f"cannot publish: {self.closed_reason}")
         self.seq += 1
         rid = self.seq
         self.pending[rid] = asyncio.get_running_loop().create_future()
@@ -1015,20 +1054,29 @@ class ApiPublisher(Publisher):
             open_timeout=10,
             max_queue=None,
         )
-        welcome = _decode(await asyncio.wait_for(self.ws.recv(decode=False), 10))
-        if type(welcome) is not dict or welcome.get("type") != "welcome":
-            raise HandshakeError(f"api publisher: expected welcome, got {str(welcome)[:80]}")
+        try:
+            welcome = _decode(await asyncio.wait_for(self.ws.recv(decode=False), 10))
+            if type(welcome) is not dict or welcome.get("type") != "welcome":
+                raise HandshakeError(f"api publisher: expected welcome, got {str(welcome)[:80]}")
+        except BaseException:
+            await self.ws.close()
+            raise
         self.read_task = asyncio.create_task(self._read())
 
     async def _read(self) -> None:
         from websockets.exceptions import ConnectionClosed
 
-        with contextlib.suppress(ConnectionClosed):
-            async for frame in self.ws:
-                with contextlib.suppress(msgspec.DecodeError):
-                    reply = _decode(frame)
-                    if type(reply) is dict and "id" in reply:
-                        self._settle(reply)
+        try:
+            with contextlib.suppress(ConnectionClosed):
+                async for frame in self.ws:
+                    with contextlib.suppress(msgspec.DecodeError):
+                        reply = _decode(frame)
+                        if type(reply) is dict and "id" in reply:
+                            self._settle(reply)
+        finally:
+            self._lost(
+                f"api publisher closed by wsd: {self.ws.close_code} {self.ws.close_reason or ''}".strip()
+            )
 
     async def close(self) -> None:
         self.read_task.cancel()
@@ -1036,10 +1084,19 @@ class ApiPublisher(Publisher):
             await asyncio.wait_for(self.ws.close(), 5)
 
     async def send(self, payload: dict[str, Any]) -> None:
+        if self.closed_reason:
+            raise RuntimeError(f"cannot publish: {self.closed_reason}")
         self.seq += 1
         rid = self.seq
         self.pending[rid] = asyncio.get_running_loop().create_future()
-        req = {"op": "publish", "id": rid, "channel": "bench", "type": "tick", "data": payload, "priority": "normal"}
+        req = {
+            "op": "publish",
+            "id": rid,
+            "channel": "bench",
+            "type": "tick",
+            "data": payload,
+            "priority": "normal",
+        }
         self.sent += 1
         await self.ws.send(msgspec.json.encode(req), text=True)
 
@@ -1054,28 +1111,44 @@ def make_publisher(target: Target) -> Publisher:
 
 @dataclass
 class PhaseOptions:
+    """Phase lengths and loads. ``steady_rate`` and ``burst_messages`` left at None are derived from
+    the connection count, so every size gets the same delivery load (see ``resolve``)."""
+
     conns: int = 1000
     procs: int = 2
     client: str = "raw"
     connect_concurrency: int = 50
     settle_s: float = 2.0
     idle_s: float = 5.0
-    steady_rate: float = 10.0
+    steady_rate: float | None = None  # published msg/s; None: steady_deliveries_per_s / conns
+    steady_deliveries_per_s: float = 20_000.0
     steady_s: float = 10.0
-    burst_messages: int = 100
+    burst_messages: int | None = None  # None: burst_deliveries / conns, clamped to 20..500
+    burst_deliveries: int = 500_000
     burst_window: int = 64
     payload_bytes: int = 200
     drain_quiet_s: float = 2.0
     drain_max_s: float = 60.0
     sample_cap: int = 200_000
     warmup_conns: int = 10
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def quick(cls, **kw: Any) -> PhaseOptions:
-        base = dict(settle_s=1.0, idle_s=2.0, steady_rate=10.0, steady_s=3.0, burst_messages=100, drain_max_s=15.0)
+        base: dict[str, Any] = dict(
+            settle_s=1.0, idle_s=2.0, steady_s=3.0, burst_deliveries=200_000, drain_max_s=15.0
+        )
         base.update(kw)
         return cls(**base)
+
+    def resolve(self) -> PhaseOptions:
+        """Fill in the derived loads; the result is what actually runs (and is reported)."""
+        rate = self.steady_rate
+        if rate is None:
+            rate = round(min(100.0, max(1.0, self.steady_deliveries_per_s / self.conns)), 3)
+        burst = self.burst_messages
+        if burst is None:
+            burst = int(min(500, max(20, self.burst_deliveries // self.conns)))
+        return replace(self, steady_rate=rate, burst_messages=burst)
 
 
 class ServerProbe:
@@ -1122,6 +1195,57 @@ def _cpu_of(pids: list[int]) -> float:
     return total
 
 
+def _machine_cpu() -> tuple[float, float, float]:
+    """Machine-wide CPU seconds so far (all CPUs, /proc/stat via psutil): time in processes, in
+    interrupts (softirq + irq: on loopback, much of the TCP stack's work), stolen by the hypervisor."""
+    import psutil
+
+    t = psutil.cpu_times()
+    procs = t.user + t.nice + t.system - getattr(t, "guest", 0.0) - getattr(t, "guest_nice", 0.0)
+    irq = getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
+    return procs, irq, getattr(t, "steal", 0.0)
+
+
+class Accounting:
+    """CPU seconds over a phase: the server, the generator (workers + this process), the kernel's
+    interrupt work, and everyone else on the machine (``other_cpu_s`` + ``steal_cpu_s``: the noise)."""
+
+    def __init__(self, probe: ServerProbe, worker_pids: list[int]) -> None:
+        self.probe = probe
+        self.pids = [*worker_pids, os.getpid()]
+
+    def __enter__(self) -> Accounting:
+        self.t0 = time.monotonic()
+        self.server0 = self.probe.cpu()
+        self.gen0 = _cpu_of(self.pids)
+        self.machine0 = _machine_cpu()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.wall = time.monotonic() - self.t0
+        server1 = self.probe.cpu()
+        self.server = None if server1 is None or self.server0 is None else server1 - self.server0
+        self.gen = _cpu_of(self.pids) - self.gen0
+        procs, irq, steal = (b - a for a, b in zip(self.machine0, _machine_cpu(), strict=True))
+        self.irq = irq
+        self.steal = steal
+        self.other = max(0.0, procs - self.gen - (self.server or 0.0))
+
+    def figures(self) -> dict[str, Any]:
+        noise = (self.other + self.steal) / self.wall if self.wall > 0 else 0.0
+        return {
+            "server_cpu_s": None if self.server is None else round(self.server, 3),
+            "server_cpu_percent": None if self.server is None else round(100 * self.server / self.wall, 2),
+            "loadgen_cpu_s": round(self.gen, 3),
+            "irq_cpu_s": round(self.irq, 3),
+            "other_cpu_s": round(self.other, 3),
+            "steal_cpu_s": round(self.steal, 3),
+            # other processes (or the hypervisor) took more than a quarter of a core on average:
+            # on a 2-core machine the figures of this phase are suspect
+            "noisy": noise > NOISY_CORES,
+        }
+
+
 def _ms(x: float | None) -> float | None:
     return None if x is None else round(x * 1000.0, 3)
 
@@ -1135,7 +1259,7 @@ def latency_figures(samples: list[float], max_lat: float) -> dict[str, float | N
     }
 
 
-async def warm_up(target: Target, publisher: Publisher, conns: int) -> None:
+async def warm_up(target: Target, publisher: Publisher | None, conns: int) -> None:
     """Open and close a few connections and publish once, so lazy imports and caches exist
     before the baseline RSS is read."""
     if conns <= 0:
@@ -1144,7 +1268,7 @@ async def warm_up(target: Target, publisher: Publisher, conns: int) -> None:
     loop = asyncio.get_running_loop()
     clients: list[RawClient] = []
     for i in range(conns):
-        req = f"{target.path}?token={mint_token(target.secret, f'warm{i}')}" if target.kind == "wsd" else target.path
+        req = target.request_target(f"warm{i}")
         proto = RawClient(sink, target.host, target.port, req, target.expect_welcome, target.channel)
         try:
             await asyncio.wait_for(loop.create_connection(lambda p=proto: p, target.host, target.port), 10)  # type: ignore[misc]
@@ -1153,8 +1277,9 @@ async def warm_up(target: Target, publisher: Publisher, conns: int) -> None:
         except Exception as exc:
             proto.abort()
             raise RuntimeError(f"warm-up connection failed: {_reason(exc)}") from exc
-    await publisher.send(make_payload(-1, 0, publisher.payload_bytes))
-    await publisher.flush(10)
+    if publisher is not None:
+        await publisher.send(make_payload(-1, 0, publisher.payload_bytes))
+        await publisher.flush(10)
     await asyncio.sleep(0.2)
     for c in clients:
         await c.close()
@@ -1166,10 +1291,19 @@ async def warm_up(target: Target, publisher: Publisher, conns: int) -> None:
 async def run_phases(target: Target, opts: PhaseOptions) -> dict[str, Any]:
     """Run connect, idle, steady and burst against one running server; return the figures."""
     target.check()
+    opts = opts.resolve()
+    assert opts.steady_rate is not None and opts.burst_messages is not None
     probe = ServerProbe(target.server_pid)
     publisher = make_publisher(target)
     publisher.payload_bytes = opts.payload_bytes
-    result: dict[str, Any] = {"target": target.kind, "publish_path": publisher.path, "client": opts.client}
+    result: dict[str, Any] = {
+        "target": target.kind,
+        "publish_path": publisher.path,
+        "client": opts.client,
+        "conns": opts.conns,
+        "steady_rate": opts.steady_rate,
+        "burst_messages": opts.burst_messages,
+    }
     worker_opts = {
         "client": opts.client,
         "connect_concurrency": opts.connect_concurrency,
@@ -1193,39 +1327,44 @@ async def run_phases(target: Target, opts: PhaseOptions) -> dict[str, Any]:
             # idle ---------------------------------------------------------------------------
             await asyncio.sleep(opts.settle_s)
             rss1 = probe.rss()
-            cpu0, t0 = probe.cpu(), time.monotonic()
-            await asyncio.sleep(opts.idle_s)
-            cpu1, t1 = probe.cpu(), time.monotonic()
+            with Accounting(probe, lg.pids) as idle:
+                await asyncio.sleep(opts.idle_s)
             result["idle"] = {
                 "rss_before_mib": None if rss0 is None else round(rss0 / 2**20, 2),
                 "rss_after_mib": None if rss1 is None else round(rss1 / 2**20, 2),
-                "rss_per_conn_kib": None if rss0 is None or rss1 is None else round((rss1 - rss0) / n / 1024, 2),
-                "cpu_percent": None if cpu0 is None or cpu1 is None else round(100 * (cpu1 - cpu0) / (t1 - t0), 2),
-                "window_s": round(t1 - t0, 2),
+                "rss_per_conn_kib": None
+                if rss0 is None or rss1 is None
+                else round((rss1 - rss0) / n / 1024, 2),
+                "cpu_percent": idle.figures()["server_cpu_percent"],
+                "window_s": round(idle.wall, 2),
+                "other_cpu_s": idle.figures()["other_cpu_s"],
+                "steal_cpu_s": idle.figures()["steal_cpu_s"],
+                "noisy": idle.figures()["noisy"],
             }
 
             # steady -------------------------------------------------------------------------
             log(f"[{target.kind}] steady {opts.steady_rate} msg/s x {opts.steady_s}s to {n}")
             await lg.set_phase(1)
-            cpu0, t0 = probe.cpu(), time.monotonic()
-            w0 = time.time()
-            published = await publisher.steady(1, opts.steady_rate, opts.steady_s)
-            await publisher.flush()
-            ok = published - publisher.errors
-            expected = ok * n
-            await lg.drain(expected, opts.drain_quiet_s, opts.drain_max_s)
-            cpu1, t1 = probe.cpu(), time.monotonic()
+            with Accounting(probe, lg.pids) as acct:
+                w0 = time.time()
+                published = await publisher.steady(1, opts.steady_rate, opts.steady_s)
+                await publisher.flush()
+                ok = published - publisher.errors
+                expected = ok * n
+                await lg.drain(expected, opts.drain_quiet_s, opts.drain_max_s)
             rep = await lg.report()
             span = (rep["last_recv"] - w0) if rep["received"] else None
             result["steady"] = {
+                "rate": opts.steady_rate,
                 "published": published,
                 "publish_errors": publisher.errors,
                 "expected": expected,
                 "received": rep["received"],
+                "frames": rep["frames"],
                 "drops": expected - rep["received"],
                 "deliveries_per_s": round(rep["received"] / span, 1) if span else None,
                 **latency_figures(rep["samples"], rep["max_lat"]),
-                "server_cpu_percent": None if cpu0 is None or cpu1 is None else round(100 * (cpu1 - cpu0) / (t1 - t0), 2),
+                **acct.figures(),
                 "closed_during": rep["closed"],
                 "stray": rep["stray"],
                 "other_frames": rep["other"],
@@ -1236,35 +1375,33 @@ async def run_phases(target: Target, opts: PhaseOptions) -> dict[str, Any]:
             log(f"[{target.kind}] burst {opts.burst_messages} msgs to {n}")
             errors_before = publisher.errors
             await lg.set_phase(2)
-            cpu0 = probe.cpu()
-            gen0 = _cpu_of(lg.pids)
-            w0 = time.time()
-            published = await publisher.burst(2, opts.burst_messages, opts.burst_window)
-            w_pub = time.time()
-            await publisher.flush()
-            ok = published - (publisher.errors - errors_before)
-            expected = ok * n
-            await lg.drain(expected, opts.drain_quiet_s, opts.drain_max_s)
-            cpu1 = probe.cpu()
-            gen1 = _cpu_of(lg.pids)
+            with Accounting(probe, lg.pids) as acct:
+                w0 = time.time()
+                published = await publisher.burst(2, opts.burst_messages, opts.burst_window)
+                w_pub = time.time()
+                await publisher.flush()
+                ok = published - (publisher.errors - errors_before)
+                expected = ok * n
+                await lg.drain(expected, opts.drain_quiet_s, opts.drain_max_s)
             rep = await lg.report()
             span = (rep["last_recv"] - w0) if rep["received"] else None
+            cpu = acct.figures()
             result["burst"] = {
                 "published": published,
                 "publish_errors": publisher.errors - errors_before,
                 "publish_s": round(w_pub - w0, 3),
                 "expected": expected,
                 "received": rep["received"],
+                "frames": rep["frames"],
                 "drops": expected - rep["received"],
                 "span_s": round(span, 3) if span else None,
                 "deliveries_per_s": round(rep["received"] / span, 1) if span else None,
-                "server_cpu_s": None if cpu0 is None or cpu1 is None else round(cpu1 - cpu0, 3),
                 "server_cpu_us_per_delivery": (
                     None
-                    if cpu0 is None or cpu1 is None or not rep["received"]
-                    else round(1e6 * (cpu1 - cpu0) / rep["received"], 3)
+                    if acct.server is None or not rep["received"]
+                    else round(1e6 * acct.server / rep["received"], 3)
                 ),
-                "loadgen_cpu_s": round(gen1 - gen0, 3),
+                **cpu,
                 **latency_figures(rep["samples"], rep["max_lat"]),
                 "closed_during": rep["closed"],
                 "stray": rep["stray"],
@@ -1281,6 +1418,44 @@ async def run_phases(target: Target, opts: PhaseOptions) -> dict[str, Any]:
         "first_result": publisher.first_result,
     }
     return result
+
+
+async def measure_idle(
+    target: Target,
+    conns: int,
+    procs: int = 2,
+    client: str = "raw",
+    settle_s: float = 3.0,
+    warmup_conns: int = 10,
+) -> dict[str, Any]:
+    """Server RSS per idle connection: (RSS with ``conns`` open - RSS before) / connected."""
+    target.check()
+    probe = ServerProbe(target.server_pid)
+    if probe.proc is None:
+        raise ValueError("measure_idle needs the server's pid")
+    await warm_up(target, None, warmup_conns)
+    async with LoadGen(target, conns, procs, client=client) as lg:
+        await asyncio.sleep(1.0)
+        rss0 = probe.rss()
+        c = await lg.connect()
+        await asyncio.sleep(settle_s)
+        rss1 = probe.rss()
+        await asyncio.sleep(1.0)
+        rss2 = probe.rss()  # a second reading shows whether RSS had settled
+        n = c["connected"]
+        if not n or rss0 is None or rss1 is None or rss2 is None:
+            raise RuntimeError(f"no connection succeeded: {c['failure_reasons']}")
+        return {
+            "target": target.kind,
+            "connected": n,
+            "failures": c["failures"],
+            "failure_reasons": c["failure_reasons"],
+            "subscribed": bool(target.channel),
+            "rss_before_mib": round(rss0 / 2**20, 2),
+            "rss_after_mib": round(rss2 / 2**20, 2),
+            "rss_per_conn_kib": round((rss2 - rss0) / n / 1024, 2),
+            "rss_per_conn_kib_1s_earlier": round((rss1 - rss0) / n / 1024, 2),
+        }
 
 
 # The flat figures compared across targets, with where they come from in run_phases' result.
@@ -1335,13 +1510,17 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     raise_fd_limit()
     if args.target == "bare":
-        target = Target.bare(args.port, host=args.host, publish_path=args.publish_path, bare_frame=args.bare_frame)
+        target = Target.bare(
+            args.port, host=args.host, publish_path=args.publish_path, bare_frame=args.bare_frame
+        )
     else:
         if not args.secret:
             p.error("--secret is required for --target wsd")
         if args.publish == "control" and not args.control_socket:
             p.error("--control-socket is required for --publish control")
-        target = Target.wsd(args.port, args.secret, args.control_socket, args.publish, host=args.host, channel=args.channel)
+        target = Target.wsd(
+            args.port, args.secret, args.control_socket, args.publish, host=args.host, channel=args.channel
+        )
     target.server_pid = args.server_pid
     kw: dict[str, Any] = {"conns": args.conns, "procs": args.procs, "client": args.client}
     for name in ("idle_s", "steady_rate", "steady_s", "burst_messages"):
@@ -1349,7 +1528,11 @@ def main(argv: list[str] | None = None) -> None:
             kw[name] = getattr(args, name)
     opts = PhaseOptions.quick(**kw) if args.quick else PhaseOptions(**kw)
     result = run_loop(run_phases(target, opts))
-    json.dump({"options": asdict(opts), "result": result, "figures": flatten(result)}, sys.stdout, indent=2)
+    json.dump(
+        {"options": asdict(opts.resolve()), "result": result, "figures": flatten(result)},
+        sys.stdout,
+        indent=2,
+    )
     print()
 
 

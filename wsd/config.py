@@ -98,6 +98,7 @@ class ManagerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     drain_timeout_ms: int = 5000
     slow_consumer_timeout_ms: int = 5000
     write_high_water_bytes: int = 65536
+    socket_send_buffer_bytes: int = 0
     session_ttl_s: int = 300
     health_error_rate: float = 0.05
     breaker_failure_threshold: int = 3
@@ -130,7 +131,7 @@ class AuthConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, dict=
     issuer: str = ""
     audience: str = ""
     leeway_s: int = 30
-    max_token_bytes: int = 8192
+    max_token_bytes: int = 4096
     user_claim: str = "sub"
     company_claim: str = "company_id"
     roles_claim: str = "roles"
@@ -492,6 +493,9 @@ def _env_value(tp: Any, text: str) -> Any:
         parses = True
     except tomllib.TOMLDecodeError:
         parsed, parses = text, False
+    if parses and ("\n" in text or "\r" in text or ("#" in text and not isinstance(parsed, (str, list)))):
+        # "0#x" would parse as 0 with a comment: a value from the environment is taken whole or not at all.
+        parsed, parses = text, False
     if tp is str or typing.get_origin(tp) is Literal:
         # A secret or a host name that happens to look like a number stays a string.
         return parsed if parses and isinstance(parsed, str) else text
@@ -640,6 +644,7 @@ def _check_manager(m: ManagerConfig, errs: _Errors) -> None:
     _at_least(errs, "manager.drain_timeout_ms", m.drain_timeout_ms, 0)
     _at_least(errs, "manager.slow_consumer_timeout_ms", m.slow_consumer_timeout_ms, 1)
     _at_least(errs, "manager.write_high_water_bytes", m.write_high_water_bytes, 1024)
+    _at_least(errs, "manager.socket_send_buffer_bytes", m.socket_send_buffer_bytes, 0)
     _at_least(errs, "manager.session_ttl_s", m.session_ttl_s, 0)
     _between(errs, "manager.health_error_rate", m.health_error_rate, 0.0, 1.0)
     _at_least(errs, "manager.breaker_failure_threshold", m.breaker_failure_threshold, 1)
@@ -1012,6 +1017,10 @@ drain_timeout_ms = 5000
 slow_consumer_timeout_ms = 5000
 # Transport write buffer above which a connection counts as congested and messages queue.
 write_high_water_bytes = 65536
+# SO_SNDBUF for client sockets (0 = the kernel's autotuning, which lets a client that stopped reading
+# hold up to net.ipv4.tcp_wmem's max, 4 MiB, in the kernel before wsd sees it congested). Set e.g.
+# 262144 to detect slow consumers sooner and bound kernel memory per connection.
+socket_send_buffer_bytes = 0
 # How long a disconnected session can be resumed with ?session=<id> (0 = no resume).
 session_ttl_s = 300
 # Error rate (0..1) above which a pool reports itself unhealthy.
@@ -1066,10 +1075,10 @@ private_key_file = ""
 # Required "iss" / "aud" claim values; "" = not checked.
 issuer = ""
 audience = ""
-# Clock skew allowed when checking exp / nbf / iat.
+# Clock skew allowed when checking nbf / iat (exp is strict: connections close at exp with 4001).
 leeway_s = 30
 # Tokens longer than this are refused before decoding.
-max_token_bytes = 8192
+max_token_bytes = 4096
 # Claim names: user id, company id, roles (list), pool restriction.
 user_claim = "sub"
 company_claim = "company_id"

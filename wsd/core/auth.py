@@ -107,7 +107,12 @@ class TokenVerifier:
             raise AuthError("invalid_token", "token signature does not verify") from None
         except jwt.PyJWTError:
             raise AuthError("invalid_token", "token is malformed") from None
-        return self._claims(payload)
+        claims = self._claims(payload)
+        # The leeway absorbs clock skew for nbf/iat only: a connection is closed at `exp` (4001), so a
+        # token already past it is refused here rather than welcomed and closed a second later.
+        if claims.exp <= time.time():
+            raise AuthError("token_expired", "token expired")
+        return claims
 
     def _claims(self, payload: dict[str, Any]) -> Claims:
         user = payload.get(self.user_claim)

@@ -73,8 +73,13 @@ class Refresh(msgspec.Struct, tag="refresh", tag_field="op", forbid_unknown_fiel
     token: str
 
 
-ClientFrame = Subscribe | Unsubscribe | History | Pull | Publish | Ack | Ping | Refresh
-OPS = ("subscribe", "unsubscribe", "history", "pull", "publish", "ack", "ping", "refresh")
+class Presence(msgspec.Struct, tag="presence", tag_field="op", forbid_unknown_fields=True):
+    id: int | str
+    channel: str
+
+
+ClientFrame = Subscribe | Unsubscribe | History | Pull | Publish | Ack | Ping | Refresh | Presence
+OPS = ("subscribe", "unsubscribe", "history", "pull", "publish", "ack", "ping", "refresh", "presence")
 
 decoder = msgspec.json.Decoder(ClientFrame)
 

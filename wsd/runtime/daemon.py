@@ -290,11 +290,13 @@ class Daemon:
         log.info("draining %d connections", len(self.hub.conns))
         deadline = self.loop.time() + self.config.manager.drain_timeout_ms / 1000.0
         assert self.server is not None
-        self.server.close(close_connections=False)  # stop accepting; we close clients ourselves
+        # The listener stays open while draining: new handshakes and /readyz get 503 (draining)
+        # instead of a refused TCP connect, so load balancers and clients see why.
         for conn in list(self.hub.conns.values()):
             self.hub.close(conn, 1001, "server shutdown")
         while self.hub.conns and self.loop.time() < deadline:
             await asyncio.sleep(0.02)
+        self.server.close(close_connections=False)  # stop accepting; we closed clients ourselves
         for conn in list(self.hub.conns.values()):
             tr = conn.ws.transport
             if tr is not None:
@@ -312,6 +314,7 @@ class Daemon:
     # -- reload --------------------------------------------------------------------------------------------
     def reload(self) -> dict[str, Any]:
         if not self.config_path:
+            log.warning("reload: nothing to re-read, no config file (running on the embedded default)")
             return {"ok": False, "errors": ["no config file: the daemon runs on its embedded default"]}
         try:
             cfg = wconfig.load_config(self.config_path)

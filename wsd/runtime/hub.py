@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import socket
 import struct
 import time
 from collections import deque
@@ -48,11 +49,27 @@ if TYPE_CHECKING:
 log = logging.getLogger("wsd.hub")
 
 OPEN = State.OPEN
+_perf = time.perf_counter  # latency figures need sub-millisecond resolution (uvloop's loop.time() is 1 ms)
 _CANON_MODES = {m: m for m in (REALTIME, BATCH, ON_DEMAND, HISTORICAL)}
 PRIORITY_NAMES = ("critical", "high", "normal", "low")
 _json_encode = msgspec.json.Encoder().encode
 _BATCH_HEAD = b'{"type":"batch","messages":['
 _BATCH_TAIL = b"]}"
+
+
+def hard_abort(transport: asyncio.BaseTransport) -> None:
+    """Abort with a TCP reset: the kernel drops what it still holds for a peer that stopped reading.
+
+    A plain ``abort()`` only closes the fd; the kernel keeps the orphaned socket and its unsent data
+    (up to net.ipv4.tcp_wmem max, 4 MiB by default) while it keeps probing a zero window.
+    """
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+    transport.abort()
 
 
 def text_frame(payload: bytes) -> bytes:
@@ -169,6 +186,11 @@ class Hub:
             self._unindex(sub)
         self._dirty.discard(conn)
         conn.state = DISCONNECTED
+        # The manager's expiry count is the closed connections' plus the live ones' (metrics.py): keep
+        # this connection's drops once it leaves, so the counter never goes down.
+        if conn.outbox is not None:
+            conn.drops_expired = max(conn.drops_expired, conn.outbox.dropped_expired)
+        self.stats.dropped_expired += conn.drops_expired
         lost = conn.queue_depth()
         if lost:
             conn.outbox.drain_all()  # type: ignore[union-attr]
@@ -247,21 +269,23 @@ class Hub:
                     "delivered": None, "shared": True}
         if gcfg is not None:
             await engine.publish(pub, size, ttl)
+        t0 = _perf()
         delivered = self.route_and_deliver(pub, now, broadcast=broadcast, pools=tuple(pools),
                                            companies=tuple(companies))
-        self.stats.observe_fanout(self.loop.time() - now)
+        self.stats.observe_fanout(_perf() - t0)
         return {"id": pub.id, "channel": channel, "offset": pub.offset, "epoch": pub.epoch,
                 "delivered": delivered}
 
     def on_remote(self, pub: Publication, scope: dict[str, Any] | None = None) -> None:
         """A publication from the shared engine's bus (any node, this one included): deliver locally."""
         now = self.loop.time()
+        t0 = _perf()
         if scope:
             self.route_and_deliver(pub, now, broadcast=bool(scope.get("broadcast")),
                                    pools=tuple(scope.get("pools", ())), companies=tuple(scope.get("companies", ())))
         else:
             self.route_and_deliver(pub, now)
-        self.stats.observe_fanout(self.loop.time() - now)
+        self.stats.observe_fanout(_perf() - t0)
 
     def route_and_deliver(self, pub: Publication, now: float, *, broadcast: bool = False,
                           pools: tuple[str, ...] = (), companies: tuple[str, ...] = ()) -> int:
@@ -286,7 +310,7 @@ class Hub:
 
     def _outgoing(self, pub: Publication, now: float, data: Any = None) -> Outgoing:
         return Outgoing(encode_push(pub, data), pub.priority, pub.expires_at, pub.channel, pub.offset, pub.type,
-                        now)
+                        _perf())
 
     def fanout(self, pub: Publication, now: float) -> int:
         """Deliver ``pub`` to the subscribers of its channel: the hot path."""
@@ -368,7 +392,8 @@ class Hub:
             return
         payload = _BATCH_HEAD + b",".join(o.payload for o in items) + _BATCH_TAIL
         last = items[-1]
-        batch = Outgoing(payload, min(o.priority for o in items), None, sub.channel, last.offset, "batch", now)
+        batch = Outgoing(payload, min(o.priority for o in items), None, sub.channel, last.offset, "batch",
+                         items[0].pub_mono)
         self.deliver(sub.conn, batch, count=len(items))
 
     def _narrow(self, conns: Iterable[Conn], pools: tuple[str, ...], companies: tuple[str, ...]
@@ -456,7 +481,7 @@ class Hub:
 
     def send_direct(self, conn: Conn, payload: bytes, priority: int = Priority.NORMAL) -> None:
         """A one-off push to one connection (wsctl send, history replay)."""
-        self.deliver(conn, Outgoing(payload, priority, None, "", 0, "", self.loop.time()))
+        self.deliver(conn, Outgoing(payload, priority, None, "", 0, "", _perf()))
 
     def _enqueue(self, conn: Conn, out: Outgoing) -> None:
         if conn.closing or conn.proto.state is not OPEN:
@@ -561,7 +586,7 @@ class Hub:
         conn.msgs_out += count
         conn.bytes_out += len(frame)
         self._note_written(conn, out)
-        self.stats.observe_queue_latency(self.loop.time() - out.pub_mono)
+        self.stats.observe_queue_latency(_perf() - out.pub_mono)
 
     def _note_written(self, conn: Conn, out: Outgoing) -> None:
         if out.offset and out.channel:
@@ -579,7 +604,8 @@ class Hub:
         rs.next_seq += 1
         payload = encode_push(pub, data, seq=seq)
         rs.unacked[seq] = [payload, pub.priority, now + ack_timeout_s, max_retries, ack_timeout_s]
-        self.deliver(conn, Outgoing(payload, pub.priority, pub.expires_at, pub.channel, pub.offset, pub.type, now))
+        self.deliver(conn, Outgoing(payload, pub.priority, pub.expires_at, pub.channel, pub.offset, pub.type,
+                                     _perf()))
         return seq
 
     def ack(self, conn: Conn, seq: int) -> bool:
@@ -605,7 +631,7 @@ class Hub:
             entry[2] = now + entry[4]
             rs.resent += 1
             self.stats.reliable_resent += 1
-            self.deliver(conn, Outgoing(entry[0], entry[1], None, "", 0, "", now))
+            self.deliver(conn, Outgoing(entry[0], entry[1], None, "", 0, "", _perf()))
 
     # -- closing ----------------------------------------------------------------------------------------
     def close(self, conn: Conn, code: int, reason: str) -> None:
@@ -622,11 +648,12 @@ class Hub:
     async def _close(self, conn: Conn, code: int, reason: str) -> None:
         timeout = max(0.5, self.daemon.config.manager.drain_timeout_ms / 1000.0)
         try:
-            await asyncio.wait_for(conn.ws.close(code, reason[:120]), timeout)
+            # A close reason is at most 123 bytes of UTF-8: cut by bytes, not characters.
+            await asyncio.wait_for(conn.ws.close(code, reason.encode()[:123].decode("utf-8", "ignore")), timeout)
         except (asyncio.TimeoutError, Exception):
             pass
         if conn.ws.transport is not None and not conn.ws.transport.is_closing():
-            conn.ws.transport.abort()
+            hard_abort(conn.ws.transport)
 
     def close_slow(self, conn: Conn, why: str) -> None:
         if conn.closing:
@@ -648,7 +675,7 @@ class Hub:
     def _abort_if_open(self, conn: Conn) -> None:
         tr = conn.ws.transport
         if tr is not None and not tr.is_closing() and tr.get_write_buffer_size() >= self.high_water:
-            tr.abort()
+            hard_abort(tr)
 
     # -- the periodic sweep: heartbeats, idle, expiry, resends, slow consumers, health ----------------
     async def _sweep_loop(self) -> None:
@@ -727,7 +754,10 @@ class Hub:
         self._ping_seq = (self._ping_seq + 1) & 0xFFFFFFFF
         data = struct.pack("!I", self._ping_seq)
         fut = self.loop.create_future()
-        fut.add_done_callback(lambda f, c=conn: self._pong(c, f))
+        # RTT from a high-resolution clock: loop.time() (what websockets measures with) is
+        # millisecond-coarse under uvloop, so a sub-millisecond RTT would read as 0.
+        sent = time.perf_counter()
+        fut.add_done_callback(lambda f, c=conn, t=sent: self._pong(c, f, t))
         ws.pending_pings[data] = (fut, now)
         conn.ping_data = data
         conn.ping_sent_at = now
@@ -737,11 +767,12 @@ class Hub:
         except Exception:
             conn.errors += 1
 
-    def _pong(self, conn: Conn, fut: asyncio.Future[float]) -> None:
+    def _pong(self, conn: Conn, fut: asyncio.Future[float], sent: float) -> None:
         if fut.cancelled() or fut.exception() is not None:
             return
-        rtt_ms = fut.result() * 1000.0
+        rtt_ms = (time.perf_counter() - sent) * 1000.0
         conn.pings_missed = 0
+        conn.last_activity = self.loop.time()  # a pong is activity: a listen-only subscriber is not idle
         conn.last_heartbeat = time.time()
         conn.latency_n += 1
         # Average latency over the connection's life, weighted to the recent (EWMA).
@@ -750,7 +781,7 @@ class Hub:
     def _abort_if_still(self, conn: Conn) -> None:
         tr = conn.ws.transport
         if tr is not None and not tr.is_closing():
-            tr.abort()
+            hard_abort(tr)
 
     # -- kick --------------------------------------------------------------------------------------------
     def select(self, ids: Iterable[str] = (), user: str = "", company: str = "", pool: str = "") -> list[Conn]:

@@ -6,9 +6,11 @@ also logged and emitted as an event (browsers only ever see 1006 for a refused h
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import secrets
+import socket
 import time
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
@@ -44,6 +46,12 @@ class WsdServerConnection(ServerConnection):
     wsd_hub: Any = None
     wsd_admission: Admission | None = None
 
+    def __init__(self, protocol: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(protocol, *args, **kwargs)
+        # websockets refuses malformed or oversized requests itself (400, 414, 426, 431) in plain text:
+        # give those the same JSON body as our own refusals.
+        protocol.reject = _json_reject
+
     def pause_writing(self) -> None:
         super().pause_writing()
         c = self.wsd_conn
@@ -77,6 +85,18 @@ def json_response(status: int, body: dict[str, Any], headers: dict[str, str] | N
     payload = _encode(body) + b"\n"
     h["Content-Length"] = str(len(payload))
     return Response(status, HTTPStatus(status).phrase, h, payload)
+
+
+_LIBRARY_REFUSALS = {414: "request_too_large", 431: "request_too_large", 426: "upgrade_required"}
+
+
+def _json_reject(status: Any, text: str) -> Response:
+    """websockets' ``ServerProtocol.reject`` with our JSON body ``{"error", "message"}``."""
+    code = int(status)
+    error = _LIBRARY_REFUSALS.get(code, "bad_request" if code < 500 else "internal")
+    resp = json_response(code, {"error": error, "message": text.strip()})
+    resp.headers["Connection"] = "close"
+    return resp
 
 
 def text_response(status: int, text: str, content_type: str) -> Response:
@@ -194,6 +214,12 @@ class Endpoint:
                         subprotocol=SUBPROTOCOL if SUBPROTOCOL in offered else "",
                         token_source=source, user_agent=request.headers.get("User-Agent", ""))
         conn.wsd_admission = adm  # type: ignore[attr-defined]
+        sndbuf = d.config.manager.socket_send_buffer_bytes
+        if sndbuf:
+            sock = conn.transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
         # Compression is chosen per pool: only offer permessage-deflate where the pool allows it.
         conn.protocol.available_extensions = d.deflate if pool.compression else []  # type: ignore[attr-defined]
         return None
@@ -246,6 +272,10 @@ class Endpoint:
                 hub.close(conn, errors.INTERNAL.code, errors.INTERNAL.reason)
         finally:
             code = ws.close_code if ws.close_code is not None else 1006
+            if code == 1006 and conn.close_code:
+                # We started the close and the peer never answered it (a stalled reader is aborted):
+                # report the code we closed with, not websockets' "no close frame received".
+                code = conn.close_code
             reason = ws.close_reason or conn.close_reason
             hub.stats.closed(code)
             if code not in (1000, errors.KICKED.code):
@@ -260,7 +290,15 @@ class Endpoint:
     async def _start(self, conn: Conn, session: dict[str, Any] | None) -> None:
         d = self.daemon
         hub = d.hub
-        restored: list[dict[str, Any]] = list(session.get("subs", [])) if session else []
+        restored: list[dict[str, Any]] = []
+        for s in session.get("subs", []) if session else []:
+            # Permission is checked again on resume: the new token may carry fewer roles than the old one.
+            try:
+                group, inst = resolve(s["channel"], conn.principal, d.config.channels)
+            except ChannelError:
+                continue
+            if inst == s["channel"]:
+                restored.append(dict(s, group=group))
         if session is None:
             wanted = [{"channel": ch, "mode": "realtime"} for ch in conn.pool.default_subscriptions]
         else:
@@ -277,6 +315,18 @@ class Endpoint:
                    "heartbeat_ms": d.config.manager.heartbeat_interval_ms, "subscriptions": subs_out,
                    "resumed": session is not None, "protocol": SUBPROTOCOL}
         hub.send_direct(conn, _encode(welcome), Priority.CRITICAL)
+        if session:
+            # Unacked reliable messages first: they are older than anything replayed from history.
+            rs_unacked = session.get("unacked") or []
+            if rs_unacked or int(session.get("next_seq", 1)) > 1:  # seqs continue: never reuse one
+                from wsd.runtime.conn import ReliableState
+                rs = conn.reliable = ReliableState()
+                rs.next_seq = int(session.get("next_seq", 1))
+                now = d.loop.time()
+                for seq, payload, prio, retries, timeout in rs_unacked:
+                    data = payload.encode()
+                    rs.unacked[int(seq)] = [data, int(prio), now + timeout, int(retries), float(timeout)]
+                    hub.send_direct(conn, data, Priority.CRITICAL)  # ahead of the (critical) replay
         # The seed's initializeDefaultSubscriptions.
         for w in wanted:
             try:
@@ -293,18 +343,12 @@ class Endpoint:
             sub = hub.add_subscription(conn, s["channel"], group, s.get("mode", "realtime"), types)
             sub.pending = []
             since = StreamPosition(int(s.get("offset", 0)), s.get("epoch") or "")
+            if sub.mode == HISTORICAL:
+                # History only, no live feed: nothing was missed while away.
+                sub.pending = None
+                sub.offset, sub.epoch = since.offset, since.epoch
+                continue
             await self._replay(conn, sub, since if since.epoch else None, None, notify=True)
-        if session:
-            rs_unacked = session.get("unacked") or []
-            if rs_unacked:
-                from wsd.runtime.conn import ReliableState
-                rs = conn.reliable = ReliableState()
-                rs.next_seq = int(session.get("next_seq", 1))
-                now = d.loop.time()
-                for seq, payload, prio, retries, timeout in rs_unacked:
-                    data = payload.encode()
-                    rs.unacked[int(seq)] = [data, int(prio), now + timeout, int(retries), float(timeout)]
-                    hub.send_direct(conn, data, int(prio))
 
     async def _replay(self, conn: Conn, sub: Any, since: StreamPosition | None, limit: int | None,
                       notify: bool = False, reply: tuple[Any, dict[str, Any]] | None = None) -> None:
@@ -322,12 +366,26 @@ class Endpoint:
             hub.send_direct(conn, _encode({"type": "recovery", "channel": sub.channel, "recovered": False,
                                            "position": {"offset": res.position.offset,
                                                         "epoch": res.position.epoch}}), Priority.CRITICAL)
+        # On resume, what an on_demand subscription missed is held for `pull`, not pushed; its offset
+        # stays at the last pulled message until the client pulls.
+        hold = notify and sub.mode == ON_DEMAND and sub.held is not None
         for pub in res.publications:
             if sub.types is not None and pub.type not in sub.types:
                 continue
-            hub.send_direct(conn, encode_push(pub, history=True), Priority.CRITICAL)
+            if hold:
+                if len(sub.held) == sub.held.maxlen:
+                    conn.drops_overflow += 1
+                    hub.stats.dropped_overflow += 1
+                sub.held.append(hub._outgoing(pub, hub.loop.time()))
+            else:
+                hub.send_direct(conn, encode_push(pub, history=True), Priority.CRITICAL)
             last = pub.offset
-        sub.offset = max(sub.offset, last, res.position.offset if res.recovered or since is None else last)
+        if not hold:
+            top = res.position.offset if res.recovered or since is None else last
+            sub.offset = max(sub.offset, last, top)
+        elif not res.recovered:
+            # The old position means nothing in this stream: restart it just before what is now held.
+            sub.offset = res.publications[0].offset - 1 if res.publications else res.position.offset
         sub.epoch = res.position.epoch
         pending = sub.pending or []
         sub.pending = None
@@ -469,6 +527,12 @@ class Endpoint:
             return None
         if isinstance(f, frames.Ping):
             return self.reply(conn, f.id, {"pong": time.time()})
+        if isinstance(f, frames.Presence):
+            # Who is subscribed where is tenant data: only admin-pool connections and admins may ask.
+            if conn.pool.type != "admin" and not conn.principal.is_admin:
+                return self.error(conn, f.id, errors.FORBIDDEN, "presence is for the admin pool")
+            _, inst = resolve(f.channel, conn.principal, d.config.channels)
+            return self.reply(conn, f.id, hub.presence(inst))
         if isinstance(f, frames.Refresh):
             try:
                 claims = d.verifier.verify(f.token)
@@ -477,6 +541,16 @@ class Endpoint:
             if claims.user_id != conn.user_id or claims.company_id != conn.company_id:
                 d.audit("refresh_refused", connection_id=conn.id, user_id=conn.user_id)
                 return self.error(conn, f.id, errors.FORBIDDEN, "a refresh token must be for the same user and company")
+            # The new token must pass this pool's admission too: its pool claim and the pool's roles.
+            pool = conn.pool
+            if (claims.pool and claims.pool != pool.id) or (
+                    pool.roles and not pool.roles.intersection(claims.roles)):
+                d.audit("refresh_refused", connection_id=conn.id, user_id=conn.user_id)
+                return self.error(conn, f.id, errors.FORBIDDEN,
+                                  f"the refresh token is not allowed in pool {pool.id}")
+            if frozenset(claims.roles) != conn.principal.roles:
+                conn.principal = Principal(conn.user_id, conn.company_id, frozenset(claims.roles), pool.id,
+                                           pool.type, d.config.auth.admin_role in claims.roles)
             conn.claims = claims
             conn.exp = claims.exp
             d.emit("token_refreshed", connection_id=conn.id, user_id=conn.user_id, exp=claims.exp)

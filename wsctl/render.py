@@ -1,0 +1,628 @@
+"""Human views of control-socket results: rich tables that fit 80 columns, in human units.
+
+Pure functions of the data: each ``render_*`` takes a method's ``result`` and returns a rich
+renderable (or a string), so views can be tested without a daemon and reused by the TUI.
+Units: ``1.2k msg/s``, ``34 MiB``, ``3m12s``; connection ids are shown as their first 8 characters
+(every command that takes an id accepts such a prefix).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from collections.abc import Iterable
+from typing import Any
+
+from rich import box
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+ID_WIDTH = 8
+
+
+# ------------------------------------------------------------------------------------------------ units
+
+
+def fmt_count(n: float | int | None) -> str:
+    """1234 -> 1.2k, 1234567 -> 1.2M; small numbers as they are."""
+    if n is None:
+        return "-"
+    v = float(n)
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(v) >= div:
+            x = v / div
+            text = f"{x:.1f}" if abs(x) < 100 else f"{x:.0f}"
+            return text.removesuffix(".0") + suffix
+    if v == int(v):
+        return str(int(v))
+    return f"{v:.1f}" if abs(v) >= 1 else f"{v:.2f}"
+
+
+def fmt_rate(per_s: float | None, unit: str = "msg/s") -> str:
+    """1234.5 -> '1.2k msg/s'."""
+    if per_s is None:
+        return "-"
+    return f"{fmt_count(per_s)} {unit}" if unit else fmt_count(per_s)
+
+
+def fmt_bytes(n: float | int | None) -> str:
+    """35651584 -> '34 MiB', 1536 -> '1.5 KiB', 512 -> '512 B'."""
+    if n is None:
+        return "-"
+    v = float(n)
+    if abs(v) < 1024:
+        return f"{int(v)} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        v /= 1024
+        if abs(v) < 1024 or unit == "TiB":
+            return f"{v:.1f} {unit}" if abs(v) < 10 else f"{v:.0f} {unit}"
+    return f"{v:.0f} TiB"  # pragma: no cover - unreachable
+
+
+def fmt_duration(s: float | int | None) -> str:
+    """192 -> '3m12s', 7500 -> '2h05m', 266400 -> '3d02h', 4.2 -> '4.2s'."""
+    if s is None:
+        return "-"
+    s = max(0.0, float(s))
+    if s < 10:
+        return f"{s:.1f}s" if s != int(s) else f"{int(s)}s"
+    n = int(s)
+    if n < 60:
+        return f"{n}s"
+    if n < 3600:
+        return f"{n // 60}m{n % 60:02d}s"
+    if n < 86400:
+        return f"{n // 3600}h{n % 3600 // 60:02d}m"
+    return f"{n // 86400}d{n % 86400 // 3600:02d}h"
+
+
+def fmt_ms(ms: float | None) -> str:
+    if ms is None:
+        return "-"
+    if ms >= 1000:
+        return f"{ms / 1000:.2f} s"
+    if ms >= 10:
+        return f"{ms:.0f} ms"
+    return f"{ms:.1f} ms"
+
+
+def fmt_pct(x: float | None) -> str:
+    """An error rate (0..1) as a percentage."""
+    if x is None:
+        return "-"
+    return f"{x * 100:.1f}%"
+
+
+def fmt_time(ts: float | None, with_date: bool = True) -> str:
+    """A Unix time in local time, to the millisecond."""
+    if not ts:
+        return "-"
+    t = _dt.datetime.fromtimestamp(float(ts))
+    s = t.strftime("%Y-%m-%d %H:%M:%S" if with_date else "%H:%M:%S")
+    return f"{s}.{t.microsecond // 1000:03d}"
+
+
+def short_id(cid: str | None, n: int = ID_WIDTH) -> str:
+    return (cid or "")[:n]
+
+
+def clip(text: str, n: int) -> str:
+    return text if len(text) <= n else text[: max(0, n - 1)] + "…"
+
+
+def compact_json(v: Any) -> str:
+    return json.dumps(v, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def _join(items: Iterable[Any]) -> str:
+    out = ",".join(str(x) for x in items)
+    return out or "-"
+
+
+# ------------------------------------------------------------------------------------------------ tables
+
+
+def table(*columns: str, title: str | None = None, right: Iterable[str] = ()) -> Table:
+    """A borderless table whose rows never wrap: long cells end in an ellipsis instead."""
+    # two spaces between columns (one box divider + one padding): widths below are budgeted for 80 columns
+    t = Table(
+        box=box.SIMPLE_HEAD,
+        title=title,
+        title_justify="left",
+        pad_edge=False,
+        show_edge=False,
+        expand=False,
+        padding=(0, 1, 0, 0),
+        title_style="bold",
+    )
+    rset = set(right)
+    for c in columns:
+        t.add_column(c, no_wrap=True, overflow="ellipsis", justify="right" if c in rset else "left")
+    return t
+
+
+def kv(rows: Iterable[tuple[str, Any]], title: str | None = None) -> Table:
+    """Two columns: a label and a value."""
+    t = Table.grid(padding=(0, 2))
+    t.add_column(style="bold", no_wrap=True)
+    t.add_column(overflow="fold")
+    if title:
+        t.title = title
+        t.title_justify = "left"
+        t.title_style = "bold underline"
+    for k, v in rows:
+        t.add_row(k, v if isinstance(v, Text) else Text(str(v)))
+    return t
+
+
+def _by(d: dict[str, Any]) -> str:
+    return "  ".join(f"{k} {v}" for k, v in d.items()) or "-"
+
+
+# ------------------------------------------------------------------------------------------------ views
+
+
+def render_status(r: dict[str, Any]) -> RenderableType:
+    listen = r.get("listen") or {}
+    scheme = "wss" if listen.get("tls") else "ws"
+    eng = r.get("engine") or {}
+    lat = r.get("latency") or {}
+    rows: list[tuple[str, Any]] = [
+        ("manager", f"{r.get('manager_id', '')}  (wsd {r.get('version', '?')})"),
+        ("uptime", fmt_duration(r.get("uptime_s"))),
+        ("listen", f"{scheme}://{listen.get('host', '?')}:{listen.get('port', '?')}"),
+        ("engine", eng.get("engine", "?") if isinstance(eng, dict) else str(eng)),
+        (
+            "connections",
+            f"{r.get('connections', 0)} / {r.get('max_connections', '?')}"
+            + ("  (draining)" if r.get("draining") else ""),
+        ),
+        ("  by pool", _by(r.get("by_pool") or {})),
+        ("  by state", _by(r.get("by_state") or {})),
+        (
+            "messages",
+            f"in {fmt_rate(r.get('rate_in'))}  out {fmt_rate(r.get('rate_out'))}  "
+            f"published {fmt_rate(r.get('rate_publish'))}",
+        ),
+        ("latency", f"p50 {fmt_ms(lat.get('p50_ms'))}  p99 {fmt_ms(lat.get('p99_ms'))}"),
+        ("process", f"RSS {fmt_bytes(r.get('rss_bytes'))}  CPU {r.get('cpu_percent', 0):.1f}%"),
+        ("config", (r.get("config_path") or "built-in defaults") + f"  (reloads: {r.get('reloads', 0)})"),
+        ("socket", r.get("socket", "")),
+    ]
+    if r.get("ephemeral_secret"):
+        rows.append(
+            (
+                "auth",
+                Text("ephemeral secret: tokens from `wsctl token` die with this process", style="yellow"),
+            )
+        )
+    return kv(rows)
+
+
+def render_pools(r: dict[str, Any]) -> RenderableType:
+    t = table(
+        "POOL",
+        "TYPE",
+        "PATH",
+        "CONNS",
+        "IN",
+        "OUT",
+        "DROPS",
+        "ERR%",
+        right=("CONNS", "IN", "OUT", "DROPS", "ERR%"),
+    )
+    for p in r.get("pools", []):
+        t.add_row(
+            clip(p.get("id", ""), 10),
+            clip(p.get("type", ""), 10),
+            clip(p.get("path", ""), 14),
+            f"{fmt_count(p.get('connections'))}/{fmt_count(p.get('max_connections'))}",
+            fmt_count(p.get("msgs_in")),
+            fmt_count(p.get("msgs_out")),
+            fmt_count(p.get("drops")),
+            fmt_pct(p.get("error_rate")),
+        )
+    return t
+
+
+def render_connections(r: dict[str, Any], filtered: bool = False) -> RenderableType:
+    # latency, bytes and breaker state are in `wsctl connection ID` and --json; --sort works on them
+    t = table(
+        "ID", "POOL", "USER", "COMPANY", "STATE", "AGE", "IN", "OUT", "Q", right=("AGE", "IN", "OUT", "Q")
+    )
+    items = r.get("items", [])
+    for c in items:
+        t.add_row(
+            short_id(c.get("id")),
+            clip(c.get("pool", ""), 8),
+            clip(c.get("user_id", ""), 9),
+            clip(c.get("company_id", "") or "-", 9),
+            clip(c.get("state", ""), 10),
+            fmt_duration(c.get("age_s")),
+            fmt_count(c.get("msgs_in")),
+            fmt_count(c.get("msgs_out")),
+            fmt_count(c.get("queue")),
+        )
+    total = r.get("total", len(items))
+    if not total:
+        return Text("no connections match" if filtered else "no connections", style="dim")
+    shown = len(items)
+    foot = f"{total} connection{'s' if total != 1 else ''}"
+    if shown < total:
+        foot = f"showing {shown} of {total} connections (use --limit)"
+    return Group(t, Text(foot, style="dim"))
+
+
+def render_connection(r: dict[str, Any]) -> RenderableType:
+    info = r.get("info") or {}
+    auth = r.get("auth") or {}
+    q = r.get("queue") or {}
+    br = r.get("breaker") or {}
+    health = r.get("health") or {}
+    m = r.get("metrics") or {}
+    main = kv(
+        [
+            ("id", r.get("id", "")),
+            ("pool", f"{r.get('pool', '')} ({r.get('pool_type', '')})"),
+            ("state", r.get("state", "")),
+            ("remote", info.get("remote_address", r.get("remote_address", ""))),
+            ("user agent", info.get("user_agent", "") or "-"),
+            ("session", info.get("session_id", "") + ("  (resumed)" if info.get("resumed") else "")),
+            ("connected", f"{fmt_time(info.get('created_at'))}  ({fmt_duration(r.get('age_s'))} ago)"),
+            ("subprotocol", info.get("subprotocol") or "-"),
+            ("token from", info.get("token_source") or "-"),
+        ],
+        title="connection",
+    )
+    claims = kv(
+        [
+            ("user", auth.get("user_id", "")),
+            ("company", auth.get("company_id", "") or "-"),
+            ("roles", _join(auth.get("roles") or [])),
+            ("pool claim", auth.get("pool") or "-"),
+            ("expires", fmt_time(auth.get("exp") or r.get("exp"))),
+            ("other claims", compact_json(auth.get("claims") or {})),
+        ],
+        title="auth claims",
+    )
+    bp = q.get("by_priority") or {}
+    queue = kv(
+        [
+            (
+                "queue",
+                f"{q.get('depth', 0)} / {q.get('capacity', '?')}  "
+                + "  ".join(f"{k} {v}" for k, v in bp.items()),
+            ),
+            ("dropped", f"overflow {q.get('dropped_overflow', 0)}  expired {q.get('dropped_expired', 0)}"),
+            (
+                "breaker",
+                f"{br.get('state', '?')}  failures {br.get('failures', 0)}  "
+                f"opened {br.get('opened_count', 0)}x",
+            ),
+            (
+                "messages",
+                f"in {fmt_count(m.get('messages_received'))} ({fmt_bytes(m.get('bytes_received'))})  "
+                f"out {fmt_count(m.get('messages_sent'))} ({fmt_bytes(m.get('bytes_sent'))})",
+            ),
+            ("latency", fmt_ms(health.get("latency_ms"))),
+            ("throughput", fmt_rate(health.get("throughput_msgs_s"))),
+            ("error rate", fmt_pct(health.get("error_rate"))),
+            ("pings missed", m.get("pings_missed", 0)),
+        ],
+        title="delivery",
+    )
+    parts: list[RenderableType] = [main, Text(""), claims, Text(""), queue]
+    rel = r.get("reliable")
+    if rel:
+        parts += [
+            Text(""),
+            kv(
+                [
+                    ("next seq", rel.get("next_seq")),
+                    ("unacked", rel.get("unacked")),
+                    ("resent", rel.get("resent")),
+                    ("given up", rel.get("given_up")),
+                ],
+                title="reliable delivery",
+            ),
+        ]
+    subs = r.get("subscriptions") or []
+    parts += [Text(""), render_subscription_rows(subs, with_conn=False, title="subscriptions")]
+    events = r.get("events") or []
+    if events:
+        parts += [Text(""), Text("recent events", style="bold underline")]
+        parts += [Text(event_line(e), no_wrap=True, overflow="ellipsis") for e in events[-10:]]
+    return Group(*parts)
+
+
+def render_subscription_rows(
+    items: list[dict[str, Any]], with_conn: bool = True, title: str | None = None
+) -> RenderableType:
+    cols = (["CONN", "USER"] if with_conn else []) + ["CHANNEL", "MODE", "TYPES", "OFFSET"]
+    t = table(*cols, title=title, right=("OFFSET",))
+    for s in items:
+        pos = s.get("position") or {}
+        row = [short_id(s.get("connection_id")), clip(s.get("user_id", ""), 10)] if with_conn else []
+        row += [
+            clip(s.get("channel", ""), 25 if with_conn else 40),
+            s.get("mode", ""),
+            clip(_join(s.get("types") or []) if s.get("types") else "all", 10),
+            str(pos.get("offset", "-")),
+        ]
+        t.add_row(*row)
+    return t
+
+
+def render_subscriptions(r: dict[str, Any]) -> RenderableType:
+    items = r.get("items", [])
+    total = r.get("total", len(items))
+    if not total:
+        return Text("no subscriptions", style="dim")
+    by = r.get("by_type") or {}
+    foot = f"{total} subscription{'s' if total != 1 else ''}" + (f"  ({_by(by)})" if by else "")
+    if len(items) < total:
+        foot += f"; showing {len(items)}"
+    return Group(render_subscription_rows(items), Text(foot, style="dim"))
+
+
+def render_channels(r: dict[str, Any]) -> RenderableType:
+    g = table(
+        "GROUP",
+        "TYPE",
+        "INSTANCES",
+        "SUBS",
+        "HISTORY",
+        "PUBLISHERS",
+        title="channel groups",
+        right=("INSTANCES", "SUBS", "HISTORY"),
+    )
+    for x in r.get("groups", []):
+        g.add_row(
+            clip(x.get("group_id", ""), 20),
+            x.get("type", ""),
+            fmt_count(x.get("instances")),
+            fmt_count(x.get("subscribers")),
+            f"{x.get('history_size', 0)}/{fmt_duration(x.get('history_ttl_s'))}",
+            clip(_join(x.get("publishers") or []), 18),
+        )
+    inst = table(
+        "CHANNEL",
+        "SUBS",
+        "USERS",
+        "HISTORY",
+        "OFFSET",
+        "EPOCH",
+        title="instances",
+        right=("SUBS", "USERS", "HISTORY", "OFFSET"),
+    )
+    for x in r.get("instances", []):
+        inst.add_row(
+            clip(x.get("channel", ""), 36),
+            fmt_count(x.get("subscribers")),
+            fmt_count(x.get("users")),
+            fmt_count(x.get("history_depth")),
+            str(x.get("offset", 0)),
+            x.get("epoch") or "-",
+        )
+    parts: list[RenderableType] = [g, Text("")]
+    parts.append(inst if r.get("instances") else Text("no channel instances yet", style="dim"))
+    return Group(*parts)
+
+
+def render_history(r: dict[str, Any]) -> RenderableType:
+    pos = r.get("position") or {}
+    t = table("OFFSET", "TIME", "TYPE", "PRIO", "DATA", right=("OFFSET",))
+    msgs = r.get("messages", [])
+    for m in msgs:
+        t.add_row(
+            str(m.get("offset")),
+            fmt_time(m.get("ts"), with_date=False),
+            clip(m.get("type", ""), 14),
+            m.get("priority", ""),
+            clip(compact_json(m.get("data")), 32),
+        )
+    head = Text(
+        f"{r.get('channel', '')}  offset {pos.get('offset', 0)}  epoch {pos.get('epoch') or '-'}  "
+        f"({len(msgs)} message{'s' if len(msgs) != 1 else ''})",
+        style="bold",
+    )
+    return Group(head, t)
+
+
+def render_metrics(r: dict[str, Any]) -> RenderableType:
+    m = r.get("manager") or {}
+    lat = m.get("latency") or {}
+    mgr = kv(
+        [
+            (
+                "connections",
+                f"{m.get('connections', 0)} / {m.get('max_connections', '?')}  "
+                f"(total since start {fmt_count(m.get('connections_total'))})",
+            ),
+            (
+                "messages",
+                f"published {fmt_count(m.get('published'))}  delivered {fmt_count(m.get('delivered'))}  "
+                f"received {fmt_count(m.get('received'))}  batches {fmt_count(m.get('batches'))}",
+            ),
+            (
+                "rates",
+                f"in {fmt_rate(m.get('rate_in'))}  out {fmt_rate(m.get('rate_out'))}  "
+                f"published {fmt_rate(m.get('rate_publish'))}",
+            ),
+            ("latency", f"p50 {fmt_ms(lat.get('p50_ms'))}  p99 {fmt_ms(lat.get('p99_ms'))}"),
+            (
+                "memory",
+                f"RSS {fmt_bytes(m.get('rss_bytes'))}  "
+                f"({fmt_bytes(m.get('rss_per_connection_bytes'))}/connection)  "
+                f"CPU {m.get('cpu_percent', 0)}%",
+            ),
+            ("refused", _by(m.get("refused") or {})),
+            ("closed by code", _by(m.get("closed_by_code") or {})),
+        ],
+        title="manager",
+    )
+    pools = table(
+        "POOL",
+        "TYPE",
+        "CONNS",
+        "SENT",
+        "RECV",
+        "BYTES OUT",
+        "DROPS",
+        "BRK",
+        "ERR%",
+        title="pools",
+        right=("CONNS", "SENT", "RECV", "BYTES OUT", "DROPS", "BRK", "ERR%"),
+    )
+    for pid, p in (r.get("pools") or {}).items():
+        pools.add_row(
+            clip(pid, 12),
+            p.get("type", ""),
+            f"{p.get('connections', 0)}",
+            fmt_count(p.get("messages_sent")),
+            fmt_count(p.get("messages_received")),
+            fmt_bytes(p.get("bytes_sent")),
+            fmt_count(p.get("drops")),
+            str(p.get("breakers_open", 0)),
+            fmt_pct(p.get("error_rate")),
+        )
+    ro = r.get("routing") or {}
+    routing = kv(
+        [
+            ("routed", fmt_count(ro.get("messages_routed"))),
+            ("unrouted", fmt_count(ro.get("messages_unrouted"))),
+            ("rule hits", _by(ro.get("rule_hits") or {})),
+        ],
+        title="routing",
+    )
+    s = r.get("subscriptions") or {}
+    subs = kv(
+        [
+            ("total", f"{s.get('total', 0)} on {s.get('channels', 0)} channels"),
+            ("by mode", _by(s.get("by_mode") or {})),
+            (
+                "subscribes",
+                f"{fmt_count(s.get('subscribes'))}  unsubscribes {fmt_count(s.get('unsubscribes'))}",
+            ),
+        ],
+        title="subscriptions",
+    )
+    q = r.get("queues") or {}
+    queues = kv(
+        [
+            ("queued", f"{fmt_count(q.get('queued'))}  (congested connections {q.get('congested', 0)})"),
+            (
+                "dropped",
+                f"overflow {fmt_count(q.get('dropped_overflow'))}  "
+                f"expired {fmt_count(q.get('dropped_expired'))}  "
+                f"on close {fmt_count(q.get('dropped_on_close'))}",
+            ),
+            ("slow consumers", fmt_count(q.get("slow_consumers"))),
+            (
+                "reliable",
+                f"resent {fmt_count(q.get('reliable_resent'))}  "
+                f"given up {fmt_count(q.get('reliable_given_up'))}",
+            ),
+        ],
+        title="queues",
+    )
+    return Group(mgr, Text(""), pools, Text(""), routing, Text(""), subs, Text(""), queues)
+
+
+def _rule_filter(rule: dict[str, Any], with_expression: bool = True) -> str:
+    f = rule.get("filter") or {}
+    parts = []
+    for key, label in (
+        ("message_types", "types"),
+        ("channels", "channels"),
+        ("user_ids", "users"),
+        ("company_ids", "companies"),
+    ):
+        if f.get(key):
+            parts.append(f"{label}={_join(f[key])}")
+    if with_expression and f.get("expression"):
+        parts.append(f"expr={f['expression']}")
+    return " ".join(parts) or "any"
+
+
+def _rule_target(rule: dict[str, Any]) -> str:
+    t = rule.get("target") or {}
+    kind = t.get("type", "?")
+    extra = ""
+    if t.get("group_id"):
+        extra = f":{t['group_id']}"
+    elif t.get("connection_ids"):
+        extra = f":{len(t['connection_ids'])} conns"
+    if t.get("reliable_delivery"):
+        extra += " reliable"
+    return kind + extra
+
+
+def render_rules(r: dict[str, Any]) -> RenderableType:
+    t = table("ID", "PRIO", "ON", "STOP", "HITS", "FILTER", "TARGET", right=("PRIO", "HITS"))
+    rules = r.get("rules", [])
+    for rule in rules:
+        t.add_row(
+            clip(rule.get("id", ""), 16),
+            str(rule.get("priority", 0)),
+            "yes" if rule.get("enabled") else "no",
+            "yes" if rule.get("stop") else "",
+            fmt_count(rule.get("hits")),
+            clip(_rule_filter(rule), 20),
+            clip(_rule_target(rule), 14),
+        )
+    m = r.get("metrics") or {}
+    foot = (
+        f"{len(rules)} rule{'s' if len(rules) != 1 else ''}; routed {fmt_count(m.get('messages_routed'))}, "
+        f"unrouted {fmt_count(m.get('messages_unrouted'))}"
+    )
+    if not rules:
+        foot = "no routing rules: messages go to their channel's subscribers"
+    return Group(t, Text(foot, style="dim")) if rules else Text(foot, style="dim")
+
+
+def render_rule(rule: dict[str, Any]) -> RenderableType:
+    f = rule.get("filter") or {}
+    t = rule.get("target") or {}
+    rows: list[tuple[str, Any]] = [
+        ("id", rule.get("id", "")),
+        ("priority", rule.get("priority", 0)),
+        ("enabled", "yes" if rule.get("enabled") else "no"),
+        ("stop", "yes" if rule.get("stop") else "no"),
+        ("hits", rule.get("hits", 0)),
+        ("filter", _rule_filter(rule, with_expression=False)),
+    ]
+    if f.get("expression"):
+        rows.append(("expression", f["expression"]))
+    rows += [("target", _rule_target(rule))]
+    for k in ("pools", "company_ids", "connection_ids"):
+        if t.get(k):
+            rows.append((f"  {k}", _join(t[k])))
+    if t.get("reliable_delivery"):
+        rows.append(
+            (
+                "  reliable",
+                f"max_retries {t.get('max_retries', 0)}  ack_timeout {t.get('ack_timeout_ms', 0)} ms",
+            )
+        )
+    tr = {k: v for k, v in (rule.get("transform") or {}).items() if v}
+    if tr:
+        rows.append(("transform", compact_json(tr)))
+    return kv(rows)
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, str):
+        return v if v and not any(ch.isspace() for ch in v) else json.dumps(v, ensure_ascii=False)
+    if isinstance(v, (list, tuple)):
+        return ",".join(str(x) for x in v) or "[]"
+    if isinstance(v, dict):
+        return compact_json(v)
+    return str(v)
+
+
+def event_line(ev: dict[str, Any]) -> str:
+    """One event as one line: ``TIME KIND key=value ...`` (values with spaces are quoted)."""
+    fields = " ".join(f"{k}={_value(v)}" for k, v in ev.items() if k not in ("seq", "ts", "event"))
+    return f"{fmt_time(ev.get('ts'))} {ev.get('event', '?'):<14} {fields}".rstrip()

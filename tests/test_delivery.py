@@ -357,6 +357,7 @@ async def test_expired_message_is_dropped_before_drain(wsd_factory):
         CHANNELS,
         base=base(
             write_high_water_bytes=16384,
+            coalesce_window_ms=0,  # this test inspects the outbox right after each publish
             message_buffer_size=100,
             slow_consumer_timeout_ms=60000,
             breaker_cooldown_ms=100,
@@ -397,6 +398,7 @@ async def test_overflow_drops_lowest_priority_first(wsd_factory):
         CHANNELS,
         base=base(
             write_high_water_bytes=16384,
+            coalesce_window_ms=0,  # this test inspects the outbox right after each publish
             message_buffer_size=cap,
             slow_consumer_timeout_ms=60000,
             breaker_cooldown_ms=100,

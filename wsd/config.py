@@ -99,6 +99,8 @@ class ManagerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     slow_consumer_timeout_ms: int = 5000
     write_high_water_bytes: int = 65536
     socket_send_buffer_bytes: int = 0
+    coalesce_window_ms: int = 5
+    coalesce_max_messages: int = 256
     session_ttl_s: int = 300
     health_error_rate: float = 0.05
     breaker_failure_threshold: int = 3
@@ -645,6 +647,8 @@ def _check_manager(m: ManagerConfig, errs: _Errors) -> None:
     _at_least(errs, "manager.slow_consumer_timeout_ms", m.slow_consumer_timeout_ms, 1)
     _at_least(errs, "manager.write_high_water_bytes", m.write_high_water_bytes, 1024)
     _at_least(errs, "manager.socket_send_buffer_bytes", m.socket_send_buffer_bytes, 0)
+    _at_least(errs, "manager.coalesce_window_ms", m.coalesce_window_ms, 0)
+    _at_least(errs, "manager.coalesce_max_messages", m.coalesce_max_messages, 2)
     _at_least(errs, "manager.session_ttl_s", m.session_ttl_s, 0)
     _between(errs, "manager.health_error_rate", m.health_error_rate, 0.0, 1.0)
     _at_least(errs, "manager.breaker_failure_threshold", m.breaker_failure_threshold, 1)
@@ -1021,6 +1025,11 @@ write_high_water_bytes = 65536
 # hold up to net.ipv4.tcp_wmem's max, 4 MiB, in the kernel before wsd sees it congested). Set e.g.
 # 262144 to detect slow consumers sooner and bound kernel memory per connection.
 socket_send_buffer_bytes = 0
+# Burst coalescing: a second message for one channel within this window starts a window whose frames
+# are written joined, one write per receiver (0 = off). Lone and critical messages go at once.
+coalesce_window_ms = 5
+# A window is flushed early when it holds this many messages.
+coalesce_max_messages = 256
 # How long a disconnected session can be resumed with ?session=<id> (0 = no resume).
 session_ttl_s = 300
 # Error rate (0..1) above which a pool reports itself unhealthy.

@@ -461,6 +461,7 @@ class ControlServer:
 
         pub = Publication(id="", channel="", group="", type=_str(p, "type", "direct") or "direct",
                           priority=_priority(p), data=p.get("data"), ts=round(time.time(), 6), source="control")
+        d.hub.flush_all()  # a send never overtakes channel messages published before it
         d.hub.send_direct(conn, encode_push(pub), pub.priority)
         d.hub.stats.delivered += 1
         return {"delivered": 1, "connection_id": conn.id}

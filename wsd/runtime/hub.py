@@ -80,7 +80,7 @@ def text_frame(payload: bytes) -> bytes:
 class Outgoing:
     """One encoded server push shared by every receiver that needs no per-receiver change."""
 
-    __slots__ = ("_frame", "channel", "expires_at", "offset", "payload", "priority", "pub_mono", "type")
+    __slots__ = ("_frame", "channel", "epoch", "expires_at", "offset", "payload", "priority", "pub_mono", "type")
 
     def __init__(self, payload: bytes, priority: int, expires_at: float | None, channel: str, offset: int,
                  msg_type: str, pub_mono: float) -> None:
@@ -91,6 +91,7 @@ class Outgoing:
         self.offset = offset
         self.type = msg_type
         self.pub_mono = pub_mono
+        self.epoch = ""
         self._frame: bytes | None = None
 
     @property
@@ -127,6 +128,9 @@ class Hub:
         self._drain_handle: asyncio.Handle | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._ping_seq = 0
+        self._win: dict[str, list[Outgoing]] = {}
+        self._win_timer: dict[str, asyncio.TimerHandle] = {}
+        self._last_fanout: dict[str, float] = {}
         self.configure()
 
     # -- configuration -------------------------------------------------------------------------------
@@ -144,6 +148,8 @@ class Hub:
         self.overflow_close = m.overflow_close_count
         self.health_error_rate = m.health_error_rate
         self.session_ttl = float(m.session_ttl_s)
+        self.coalesce_s = m.coalesce_window_ms / 1000.0
+        self.coalesce_max = m.coalesce_max_messages
         self.groups = cfg.channels
         self.rules = RuleTable(cfg.routing.rules)
         engine = getattr(self.daemon, "engine", None)
@@ -205,6 +211,8 @@ class Hub:
     # -- subscriptions ------------------------------------------------------------------------------
     def add_subscription(self, conn: Conn, channel: str, group: str, mode: str, types: frozenset[str] | None
                          ) -> Subscription:
+        if channel in self._win:
+            self._flush_window(channel)  # nobody may receive a message published before they subscribed
         old = conn.subs.get(channel)
         if old is not None:
             self._unindex(old)
@@ -228,6 +236,8 @@ class Hub:
         return True
 
     def _unindex(self, sub: Subscription) -> None:
+        if sub.channel in self._win:
+            self._flush_window(sub.channel)  # what it was promised before leaving still goes out
         sub.active = False
         if sub.timer is not None:
             sub.timer.cancel()
@@ -290,6 +300,7 @@ class Hub:
     def route_and_deliver(self, pub: Publication, now: float, *, broadcast: bool = False,
                           pools: tuple[str, ...] = (), companies: tuple[str, ...] = ()) -> int:
         if broadcast:
+            self.flush_all()  # never let a later broadcast overtake messages held in a window
             targets = self._narrow(self.conns.values(), pools, companies)
             out = self._outgoing(pub, now)
             n = 0
@@ -301,6 +312,7 @@ class Hub:
         routes = rules.route(self._routed(pub)) if len(rules) else ()
         if not routes:
             return self.fanout(pub, now)
+        self.flush_all()
         return self._deliver_routes(pub, now, routes)
 
     def _routed(self, pub: Publication) -> RoutedMessage:
@@ -309,19 +321,59 @@ class Hub:
                              company_id=pub.company_id, ttl_s=pub.ttl_s, source=pub.source, id=pub.id)
 
     def _outgoing(self, pub: Publication, now: float, data: Any = None) -> Outgoing:
-        return Outgoing(encode_push(pub, data), pub.priority, pub.expires_at, pub.channel, pub.offset, pub.type,
-                        _perf())
+        out = Outgoing(encode_push(pub, data), pub.priority, pub.expires_at, pub.channel, pub.offset, pub.type,
+                       _perf())
+        out.epoch = pub.epoch
+        return out
 
     def fanout(self, pub: Publication, now: float) -> int:
-        """Deliver ``pub`` to the subscribers of its channel: the hot path."""
+        """Deliver ``pub`` to the subscribers of its channel: the hot path.
+
+        Under a burst (a second message for the same channel within ``coalesce_window_ms``), messages
+        are collected for the window and their frames written as ONE joined buffer shared by every
+        receiver: one write per receiver per window instead of per message. A lone message, a critical
+        one, or a channel at a quiet rate is written at once.
+        """
         subs = self.by_channel.get(pub.channel)
         if not subs:
             return 0
         out = self._outgoing(pub, now)
+        channel = pub.channel
+        if self.coalesce_s > 0.0:
+            win = self._win.get(channel)
+            if out.priority == Priority.CRITICAL:
+                if win is not None:
+                    self._flush_window(channel)  # what came before goes first; critical is never held
+            elif win is not None:
+                win.append(out)
+                if len(win) >= self.coalesce_max:
+                    self._flush_window(channel)
+                return len(subs)
+            else:
+                last = self._last_fanout.get(channel)
+                self._last_fanout[channel] = now
+                if last is not None and now - last < self.coalesce_s:
+                    self._win[channel] = [out]
+                    self._win_timer[channel] = self.loop.call_later(self.coalesce_s, self._flush_window, channel)
+                    return len(subs)
+        return self._fanout_one(subs, out)
+
+    def flush_all(self) -> None:
+        """Write every coalescing window now (before a delivery that must not overtake them)."""
+        if self._win:
+            for channel in list(self._win):
+                self._flush_window(channel)
+
+    def flush_channel(self, channel: str) -> None:
+        """Write a channel's coalescing window now, if it has one."""
+        if channel in self._win:
+            self._flush_window(channel)
+
+    def _fanout_one(self, subs: dict[str, Subscription], out: Outgoing) -> int:
         frame = out.frame
         flen = len(frame)
-        offset = pub.offset
-        epoch = pub.epoch
+        offset = out.offset
+        epoch = out.epoch
         n = 0
         for sub in list(subs.values()) if len(subs) < 64 else tuple(subs.values()):
             conn = sub.conn
@@ -338,10 +390,56 @@ class Hub:
                         continue
                 self._enqueue(conn, out)
                 n += 1
-            elif self._deliver_sub(sub, out, pub):
+            elif self._deliver_sub(sub, out, out):
                 n += 1
         self.stats.delivered += n
         return n
+
+    def _flush_window(self, channel: str) -> None:
+        """Write a channel's coalesced messages: one shared buffer of their frames per receiver."""
+        win = self._win.pop(channel, None)
+        timer = self._win_timer.pop(channel, None)
+        if timer is not None:
+            timer.cancel()
+        if not win:
+            return
+        subs = self.by_channel.get(channel)
+        if not subs:
+            return
+        now = self.loop.time()
+        win = [o for o in win if o.expires_at is None or o.expires_at > now]
+        if len(win) <= 1:
+            if win:
+                self._fanout_one(subs, win[0])
+            return
+        k = len(win)
+        last = win[-1]
+        # The window's frames, joined once and shared by every receiver: the client sees exactly the
+        # frames it would have seen, and the daemon pays one write per receiver instead of k.
+        data = b"".join(o.frame for o in win)
+        hw = self.high_water
+        n = 0
+        for sub in tuple(subs.values()):
+            conn = sub.conn
+            if sub.mode is REALTIME and sub.types is None and sub.pending is None \
+                    and (conn.outbox is None or not conn.outbox) and conn.breaker is None \
+                    and conn.proto.state is OPEN and conn.transport.get_write_buffer_size() < hw:
+                conn.transport.write(data)
+                conn.msgs_out += k
+                conn.bytes_out += len(data)
+                sub.offset = last.offset
+                sub.epoch = last.epoch
+                n += k
+                continue
+            for o in win:
+                if sub.mode is REALTIME and sub.types is None and sub.pending is None:
+                    self.deliver(conn, o)
+                    n += 1
+                elif self._deliver_sub(sub, o, o):
+                    n += 1
+        self.stats.coalesced += 1
+        self.stats.delivered += n
+        self.stats.observe_fanout(_perf() - win[0].pub_mono)
 
     def _deliver_sub(self, sub: Subscription, out: Outgoing, pub: Publication) -> bool:
         """The slow path of one subscription: type filter, history sync, batch and on_demand modes."""

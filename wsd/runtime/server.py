@@ -488,6 +488,7 @@ class Endpoint:
                                                         "epoch": res.position.epoch}})
         if isinstance(f, frames.Pull):
             _, inst = resolve(f.channel, conn.principal, d.config.channels)
+            hub.flush_channel(inst)  # a pull sees everything published before it, coalesced or not
             sub = conn.subs.get(inst)
             if sub is None or sub.mode != ON_DEMAND:
                 return self.error(conn, f.id, errors.NOT_SUBSCRIBED, f"no on_demand subscription to {inst}")

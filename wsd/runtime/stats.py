@@ -26,6 +26,7 @@ class Stats:
         self.delivered = 0
         self.received = 0
         self.batches = 0
+        self.coalesced = 0
         self.subscribes = 0
         self.unsubscribes = 0
         self.dropped_overflow = 0
@@ -83,7 +84,7 @@ class Stats:
     def as_dict(self) -> dict[str, Any]:
         return {
             "connections_total": self.connections_total, "published": self.published,
-            "delivered": self.delivered, "received": self.received, "batches": self.batches,
+            "delivered": self.delivered, "received": self.received, "batches": self.batches, "coalesced_windows": self.coalesced,
             "subscribes": self.subscribes, "unsubscribes": self.unsubscribes,
             "dropped_overflow": self.dropped_overflow, "dropped_expired": self.dropped_expired,
             "dropped_on_close": self.dropped_on_close, "slow_consumers": self.slow_consumers,

@@ -249,6 +249,16 @@ async def request(ws: ClientConnection, frame: dict[str, Any], timeout: float = 
     return await recv_until(ws, lambda m: m.get("id") == frame.get("id") and "ok" in m, timeout)
 
 
+async def frames_before(ws: ClientConnection, marker: str, timeout: float = 5.0) -> list[dict[str, Any]]:
+    """Every frame received before the message whose data is ``{"sentinel": marker}``."""
+    seen: list[dict[str, Any]] = []
+    while True:
+        m = await recv_json(ws, timeout)
+        if m.get("type") == "message" and m.get("data") == {"sentinel": marker}:
+            return seen
+        seen.append(m)
+
+
 async def welcome(ws: ClientConnection) -> dict[str, Any]:
     msg = await recv_json(ws)
     assert msg["type"] == "welcome", msg

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
-from tests.harness import make_token, recv_json, recv_until, request, wait_for, welcome
+from tests.harness import frames_before, make_token, recv_json, recv_until, request, wait_for, welcome
 
 _ids = itertools.count(1)
 
@@ -31,16 +31,6 @@ REFUSED = ("forbidden", "bad_request", "unknown_channel")
 
 def rid() -> int:
     return next(_ids)
-
-
-async def frames_before(ws: Any, marker: str, timeout: float = 5.0) -> list[dict[str, Any]]:
-    """Every frame received before the message whose data is ``{"sentinel": marker}``."""
-    seen: list[dict[str, Any]] = []
-    while True:
-        m = await recv_json(ws, timeout)
-        if m.get("type") == "message" and m.get("data") == {"sentinel": marker}:
-            return seen
-        seen.append(m)
 
 
 def messages_in(frames: list[dict[str, Any]]) -> list[dict[str, Any]]:

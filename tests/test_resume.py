@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from tests.harness import (
+    frames_before,
     ControlError,
     closed_with,
     make_token,
@@ -61,16 +62,6 @@ async def gone(wsd: Any, conn_id: str) -> None:
             return exc.code == "not_found"
         return False
     await wait_for(check)
-
-
-async def frames_before(ws: Any, marker: str, timeout: float = 5.0) -> list[dict[str, Any]]:
-    """Every frame received before the message whose data is ``{"sentinel": marker}``."""
-    seen: list[dict[str, Any]] = []
-    while True:
-        m = await recv_json(ws, timeout)
-        if m.get("type") == "message" and m.get("data") == {"sentinel": marker}:
-            return seen
-        seen.append(m)
 
 
 async def leave(wsd: Any, ws: Any, conn_id: str, how: str = "4999") -> None:

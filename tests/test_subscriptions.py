@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness import make_token, recv_json, recv_until, request, welcome
+from tests.harness import frames_before, make_token, recv_json, recv_until, request, welcome
 
 _ids = itertools.count(1)
 
@@ -59,16 +59,6 @@ async def subscribe(ws: Any, channel: str, **extra: Any) -> dict[str, Any]:
 async def publish(wsd: Any, n: int, channel: str = "trading-signals/acme", **kw: Any) -> list[dict[str, Any]]:
     """Publish ``n`` messages {"n": i} (i = 1..n) through the control socket, one after another."""
     return [await wsd.ctl("publish", channel=channel, data={"n": i}, **kw) for i in range(1, n + 1)]
-
-
-async def frames_before(ws: Any, marker: str, timeout: float = 5.0) -> list[dict[str, Any]]:
-    """Every frame received before the message whose data is ``{"sentinel": marker}``."""
-    seen: list[dict[str, Any]] = []
-    while True:
-        m = await recv_json(ws, timeout)
-        if m.get("type") == "message" and m.get("data") == {"sentinel": marker}:
-            return seen
-        seen.append(m)
 
 
 async def nothing_pushed_from(ws: Any, wsd: Any, channel: str, user: str = "alice") -> None:

@@ -393,7 +393,7 @@ class Endpoint:
             if out.offset and out.offset <= last:
                 continue  # already sent from history: no duplicates
             if sub.mode == BATCH or sub.mode == ON_DEMAND:
-                hub._deliver_sub(sub, out, _PubView(out))
+                hub._deliver_sub(sub, out, out)
             else:
                 hub.deliver(conn, out)
 
@@ -557,15 +557,6 @@ class Endpoint:
             d.emit("token_refreshed", connection_id=conn.id, user_id=conn.user_id, exp=claims.exp)
             return self.reply(conn, f.id, {"exp": claims.exp})
         return self.error(conn, getattr(f, "id", None), errors.UNKNOWN_OP, "unknown op")
-
-
-class _PubView:
-    """Just enough of a Publication for the subscription slow path (type filter)."""
-
-    __slots__ = ("type",)
-
-    def __init__(self, out: Any) -> None:
-        self.type = out.type
 
 
 def _ip_in(remote: str, networks: list[Any]) -> bool:

@@ -37,6 +37,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(1, str(HERE.parent))  # this tree's wsd, not whatever an installed copy points at
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -87,6 +88,8 @@ async def _clients_main(port: int, secret: str, n: int, subscribe: bool) -> None
 
 
 def _module(filename: str) -> str:
+    with contextlib.suppress(ValueError):
+        return str(Path(filename).resolve().relative_to(HERE.parent))
     for marker in ("/site-packages/", "/lib/python3"):
         if marker in filename:
             rest = filename.split(marker, 1)[1]
@@ -187,8 +190,12 @@ async def _orchestrate(daemon: Any, port: int, secret: str, args: argparse.Names
     by_wsd: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
     for st in snap1.compare_to(snap0, "traceback"):
         # frames are most recent first: the innermost wsd frame is the first one in our code
-        site = next((f"{_module(f.filename)}:{f.lineno}" for f in st.traceback if _is_wsd(f.filename)),
-                    f"(no wsd frame) {_module(st.traceback[0].filename)}")
+        # (else the innermost websockets frame; else the allocation came from C code run by the loop:
+        # uvloop transports, sockets, tasks and futures created in callbacks)
+        site = next((f"{_module(f.filename)}:{f.lineno}" for f in st.traceback if _is_wsd(f.filename)), None)
+        if site is None:
+            site = next((f"(no wsd frame) {_module(f.filename)}:{f.lineno}" for f in st.traceback
+                         if "/websockets/" in f.filename), "(no Python frame: event loop C code)")
         by_wsd[site][0] += st.size_diff
         by_wsd[site][1] += st.count_diff
     top_wsd = sorted(by_wsd.items(), key=lambda kv: -kv[1][0])[: args.top]

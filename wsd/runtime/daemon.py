@@ -287,7 +287,6 @@ class Daemon:
         """Stop accepting, close every client with 1001, and exit within the drain time."""
         self.draining = True
         self.emit("draining", connections=len(self.hub.conns))
-        log.info("draining %d connections", len(self.hub.conns))
         deadline = self.loop.time() + self.config.manager.drain_timeout_ms / 1000.0
         assert self.server is not None
         # The listener stays open while draining: new handshakes and /readyz get 503 (draining)

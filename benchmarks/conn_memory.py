@@ -72,7 +72,7 @@ async def _clients_main(port: int, secret: str, n: int, subscribe: bool) -> None
                 await loop.create_connection(lambda: proto, t.host, t.port)
                 await asyncio.wait_for(proto.ready, 20)
                 clients.append(proto)
-            except Exception:
+            except Exception:  # noqa: BLE001 - any failure is one failed client
                 proto.abort()
                 failed += 1
 
@@ -107,7 +107,6 @@ def _is_wsd(filename: str) -> bool:
 
 async def _orchestrate(daemon: Any, port: int, secret: str, args: argparse.Namespace) -> dict[str, Any]:
     import psutil
-
     from loadgen import RawClient, Target
 
     proc = psutil.Process()
@@ -149,9 +148,15 @@ async def _orchestrate(daemon: Any, port: int, secret: str, args: argparse.Names
     traced0 = tracemalloc.get_traced_memory()[0]
 
     child = await asyncio.create_subprocess_exec(
-        sys.executable, __file__, "_clients", str(port), secret, str(args.conns),
+        sys.executable,
+        __file__,
+        "_clients",
+        str(port),
+        secret,
+        str(args.conns),
         "1" if args.subscribe else "0",
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
     )
     try:
         line = await asyncio.wait_for(child.stdout.readline(), 120)  # type: ignore[union-attr]
@@ -182,8 +187,13 @@ async def _orchestrate(daemon: Any, port: int, secret: str, args: argparse.Names
     by_line = []
     for st in snap1.compare_to(snap0, "lineno")[: args.top]:
         fr = st.traceback[0]
-        by_line.append({"site": f"{_module(fr.filename)}:{fr.lineno}", "bytes_per_conn": round(st.size_diff / per, 1),
-                        "blocks_per_conn": round(st.count_diff / per, 2)})
+        by_line.append(
+            {
+                "site": f"{_module(fr.filename)}:{fr.lineno}",
+                "bytes_per_conn": round(st.size_diff / per, 1),
+                "blocks_per_conn": round(st.count_diff / per, 2),
+            }
+        )
     by_module: dict[str, float] = defaultdict(float)
     for st in snap1.compare_to(snap0, "filename"):
         by_module[_module(st.traceback[0].filename)] += st.size_diff
@@ -194,8 +204,14 @@ async def _orchestrate(daemon: Any, port: int, secret: str, args: argparse.Names
         # uvloop transports, sockets, tasks and futures created in callbacks)
         site = next((f"{_module(f.filename)}:{f.lineno}" for f in st.traceback if _is_wsd(f.filename)), None)
         if site is None:
-            site = next((f"(no wsd frame) {_module(f.filename)}:{f.lineno}" for f in st.traceback
-                         if "/websockets/" in f.filename), "(no Python frame: event loop C code)")
+            site = next(
+                (
+                    f"(no wsd frame) {_module(f.filename)}:{f.lineno}"
+                    for f in st.traceback
+                    if "/websockets/" in f.filename
+                ),
+                "(no Python frame: event loop C code)",
+            )
         by_wsd[site][0] += st.size_diff
         by_wsd[site][1] += st.count_diff
     top_wsd = sorted(by_wsd.items(), key=lambda kv: -kv[1][0])[: args.top]
@@ -208,10 +224,14 @@ async def _orchestrate(daemon: Any, port: int, secret: str, args: argparse.Names
         "traced_kib_per_conn": round((traced1 - traced0) / per / 1024, 2),
         "rss_kib_per_conn_with_tracemalloc": round((rss1 - rss0) / per / 1024, 2),
         "by_line": by_line,
-        "by_module": [{"module": m, "bytes_per_conn": round(b / per, 1)}
-                      for m, b in sorted(by_module.items(), key=lambda kv: -kv[1])[: args.top]],
-        "by_wsd_frame": [{"site": s, "bytes_per_conn": round(v[0] / per, 1), "blocks_per_conn": round(v[1] / per, 2)}
-                         for s, v in top_wsd],
+        "by_module": [
+            {"module": m, "bytes_per_conn": round(b / per, 1)}
+            for m, b in sorted(by_module.items(), key=lambda kv: -kv[1])[: args.top]
+        ],
+        "by_wsd_frame": [
+            {"site": s, "bytes_per_conn": round(v[0] / per, 1), "blocks_per_conn": round(v[1] / per, 2)}
+            for s, v in top_wsd
+        ],
     }
 
 
@@ -243,8 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg_path.write_text(servers.wsd_config(args.conns, port, tmp / "wsd.sock", secret, servers.EXTRA_LIMITS))
     cfg_path.chmod(0o600)
 
-    from wsd.runtime import logs
     from wsd.config import load_config
+    from wsd.runtime import logs
     from wsd.runtime.daemon import Daemon
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("WSD_")}
@@ -263,7 +283,9 @@ def main(argv: list[str] | None = None) -> int:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(run, 15)
 
-    log(f"in-process wsd on 127.0.0.1:{port}, {args.conns} clients in a subprocess, tracemalloc {args.frames}")
+    log(
+        f"in-process wsd on 127.0.0.1:{port}, {args.conns} clients in a subprocess, tracemalloc {args.frames}"
+    )
     try:
         import uvloop
 

@@ -44,7 +44,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import servers
-from loadgen import RawClient, Target, _decode, _reason, log, mint_token, percentile, raise_fd_limit, run_loop
+from loadgen import RawClient, Target, _decode, _reason, log, percentile, raise_fd_limit, run_loop
 
 LINGER_RST = struct.pack("ii", 1, 0)
 
@@ -71,7 +71,7 @@ class StormClient(RawClient):
         if self.state == "welcome":
             try:
                 obj = _decode(payload)
-            except Exception:
+            except Exception:  # noqa: BLE001 - not JSON: the base class reports it
                 obj = None
             if type(obj) is dict and obj.get("type") == "welcome":
                 self.welcome_at = time.monotonic()
@@ -131,7 +131,7 @@ class StormWorker:
                 else:
                     async with sem:
                         results[k] = await asyncio.wait_for(self._open(k, resume), self.timeout_s)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - counted by kind
                 failures[_reason(exc)] += 1
 
         await asyncio.gather(*(one(k) for k in range(n)))
@@ -276,9 +276,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     proc = psutil.Process(server.pid)
     workers = Workers(target, args.conns, args.procs, args.timeout_s)
     doc: dict[str, Any] = {
-        "config": {"conns": args.conns, "procs": args.procs, "pause_s": args.pause_s,
-                   "timeout_s": args.timeout_s, "variants": args.variants,
-                   "connections_per_ip_per_minute": 1_000_000, "users": "one per connection (u<i>)"},
+        "config": {
+            "conns": args.conns,
+            "procs": args.procs,
+            "pause_s": args.pause_s,
+            "timeout_s": args.timeout_s,
+            "variants": args.variants,
+            "connections_per_ip_per_minute": 1_000_000,
+            "users": "one per connection (u<i>)",
+        },
         "server_pid": server.pid,
         "rss_before_connect_mib": round(proc.memory_info().rss / 2**20, 1),
     }
@@ -296,8 +302,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 time.sleep(args.pause_s)
             cpu0 = proc.cpu_times()
             res = merge(
-                workers.call_all("connect", {"concurrency": None, "resume": variant == "resume"},
-                                 wait_s=args.timeout_s + 60),
+                workers.call_all(
+                    "connect",
+                    {"concurrency": None, "resume": variant == "resume"},
+                    wait_s=args.timeout_s + 60,
+                ),
                 args.conns,
             )
             count, settle = wait_connections(sock, res["connected"], 15)
@@ -308,9 +317,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             res["status_settle_s"] = settle
             res["rss_after_mib"] = round(proc.memory_info().rss / 2**20, 1)
             if variant == "resume":
-                res["every_resumed_client_got_resumed_true"] = res["resumed_true"] == res["connected"] == args.conns
+                res["every_resumed_client_got_resumed_true"] = (
+                    res["resumed_true"] == res["connected"] == args.conns
+                )
             doc[variant] = res
-            log(f"[{variant}] {json.dumps({k: res[k] for k in ('connected', 'failed', 'time_to_all_welcomed_s')})}")
+            log(
+                f"[{variant}] {json.dumps({k: res[k] for k in ('connected', 'failed', 'time_to_all_welcomed_s')})}"
+            )
         doc["server_alive"] = server.alive()
         doc["server_log_tail"] = server.tail(5)
     finally:

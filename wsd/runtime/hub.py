@@ -128,6 +128,8 @@ class Hub:
         self._drain_handle: asyncio.Handle | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._ping_seq = 0
+        self._pong_done: asyncio.Future[float] = self.loop.create_future()
+        self._pong_done.set_result(0.0)
         self._win: dict[str, list[Outgoing]] = {}
         self._win_timer: dict[str, asyncio.TimerHandle] = {}
         self._last_fanout: dict[str, float] = {}
@@ -857,24 +859,24 @@ class Hub:
             return
         self._ping_seq = (self._ping_seq + 1) & 0xFFFFFFFF
         data = struct.pack("!I", self._ping_seq)
-        fut = self.loop.create_future()
+        # websockets tracks pings in pending_pings; we give it one shared, already-done future, so a
+        # pong schedules no callback: WsdServerConnection.acknowledge_pings calls on_pong directly.
+        ws.pending_pings[data] = (self._pong_done, now)
+        conn.ping_data = data
         # RTT from a high-resolution clock: loop.time() (what websockets measures with) is
         # millisecond-coarse under uvloop, so a sub-millisecond RTT would read as 0.
-        sent = time.perf_counter()
-        fut.add_done_callback(lambda f, c=conn, t=sent: self._pong(c, f, t))
-        ws.pending_pings[data] = (fut, now)
-        conn.ping_data = data
-        conn.ping_sent_at = now
+        conn.ping_sent_at = time.perf_counter()
         try:
             conn.proto.send_ping(data)
             ws.send_data()
         except Exception:
             conn.errors += 1
 
-    def _pong(self, conn: Conn, fut: asyncio.Future[float], sent: float) -> None:
-        if fut.cancelled() or fut.exception() is not None:
+    def on_pong(self, conn: Conn, data: bytes) -> None:
+        """A pong arrived (called synchronously by the connection): record the heartbeat and RTT."""
+        if data != conn.ping_data:
             return
-        rtt_ms = (time.perf_counter() - sent) * 1000.0
+        rtt_ms = (time.perf_counter() - conn.ping_sent_at) * 1000.0
         conn.pings_missed = 0
         conn.last_activity = self.loop.time()  # a pong is activity: a listen-only subscriber is not idle
         conn.last_heartbeat = time.time()

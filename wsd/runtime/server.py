@@ -57,6 +57,12 @@ class WsdServerConnection(ServerConnection):
         # give those the same JSON body as our own refusals.
         protocol.reject = _json_reject
 
+    def acknowledge_pings(self, data: bytes) -> None:
+        c = self.wsd_conn
+        if c is not None and c.ping_data is not None:
+            self.wsd_hub.on_pong(c, data)
+        super().acknowledge_pings(data)
+
     def pause_writing(self) -> None:
         super().pause_writing()
         c = self.wsd_conn

@@ -18,7 +18,7 @@ from __future__ import annotations
 import enum
 from collections import deque
 
-__all__ = ["Priority", "Outbox"]
+__all__ = ["PRIORITY_NAMES", "Outbox", "Priority"]
 
 _INF = float("inf")
 
@@ -48,6 +48,8 @@ class Priority(enum.IntEnum):
 
 
 _BY_NAME = {p.name.lower(): p for p in Priority}
+#: wire names by priority number (the seed's MessagePriority)
+PRIORITY_NAMES = tuple(p.name.lower() for p in Priority)
 _BY_VALUE = {int(p): p for p in Priority}
 _ALL = tuple(Priority)  # index == value
 

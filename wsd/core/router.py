@@ -26,14 +26,13 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from wsd.core.expr import Expression, ExpressionError, compile_expression
+from wsd.core.outbox import PRIORITY_NAMES  # re-exported: the seed's MessagePriority by number
 
 if TYPE_CHECKING:  # only for readers and type checkers; duck typing at run time
     from wsd.config import RuleConfig, TargetConfig, TransformConfig
 
 __all__ = ["PRIORITY_NAMES", "Route", "RoutedMessage", "RuleTable", "Transform", "priority_name"]
 
-# The seed's MessagePriority, by number.
-PRIORITY_NAMES = ("critical", "high", "normal", "low")
 
 
 _PRIORITY_LOOKUP: dict[Any, str] = {

@@ -46,8 +46,7 @@ class MemoryEngine(Engine):
         now = self._clock()
         if buf is None:
             pos = StreamPosition(0, self.epoch)
-            recovered = since is None or (since.epoch == self.epoch and since.offset == 0) or (
-                since.offset == 0)
+            recovered = since is None or since.offset == 0  # nothing was ever published after 0
             return HistoryResult([], pos, recovered)
         if since is not None:
             entries, recovered = buf.since(since.offset, since.epoch, now, limit)

@@ -24,7 +24,7 @@ import wsd
 from wsd import config as wconfig
 from wsd.control import protocol as P
 from wsd.core.channels import ChannelError, instance_parts, resolve_for_operator
-from wsd.core.outbox import Priority
+from wsd.core.outbox import PRIORITY_NAMES, Priority
 from wsd.runtime.conn import SEED_MODE
 
 if TYPE_CHECKING:
@@ -297,18 +297,17 @@ class ControlServer:
         }
 
     async def m_pools(self, p: dict[str, Any]) -> Any:
+        from wsd.runtime.metrics import pool_totals
+
         d = self.daemon
+        totals = pool_totals(d)
         rows = []
         for pool in d.pools.values():
-            conns = [c for c in d.hub.conns.values() if c.pool.id == pool.id]
-            msgs_in = sum(c.msgs_in for c in conns)
-            msgs_out = sum(c.msgs_out for c in conns)
-            drops = sum(c.drops_overflow + c.drops_expired for c in conns)
-            errors_ = sum(c.errors for c in conns)
+            t = totals[pool.id]
             row = pool.describe()
-            row.update({"connections": len(conns), "msgs_in": msgs_in, "msgs_out": msgs_out, "drops": drops,
-                        "errors": errors_, "error_rate": round(errors_ / msgs_in, 4) if msgs_in else 0.0,
-                        "queued": sum(c.queue_depth() for c in conns)})
+            row.update({"connections": t["connections"], "msgs_in": t["messages_received"],
+                        "msgs_out": t["messages_sent"], "drops": t["drops"], "errors": t["errors"],
+                        "error_rate": t["error_rate"], "queued": t["queued"]})
             rows.append(row)
         return {"pools": rows}
 
@@ -365,7 +364,7 @@ class ControlServer:
             "auth": c.claims.as_dict(),
             "subscriptions": [s.describe() for s in c.subs.values()],
             "queue": {"depth": c.queue_depth(), "capacity": d.config.manager.message_buffer_size,
-                      "by_priority": dict(zip(("critical", "high", "normal", "low"),
+                      "by_priority": dict(zip(PRIORITY_NAMES,
                                               ob.depth_by_priority() if ob is not None else (0, 0, 0, 0))),
                       "dropped_overflow": c.drops_overflow, "dropped_expired": c.drops_expired},
             "breaker": {"state": c.breaker_state(),
@@ -434,7 +433,7 @@ class ControlServer:
         res = await d.engine.history(inst, limit=limit)
         return {"channel": inst, "position": {"offset": res.position.offset, "epoch": res.position.epoch},
                 "messages": [{"offset": x.offset, "epoch": x.epoch, "type": x.type, "ts": x.ts,
-                              "priority": ("critical", "high", "normal", "low")[x.priority], "data": x.data,
+                              "priority": PRIORITY_NAMES[x.priority], "data": x.data,
                               "source": x.source} for x in res.publications]}
 
     async def m_metrics(self, p: dict[str, Any]) -> Any:

@@ -27,6 +27,7 @@ from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFact
 
 import wsd
 from wsd import config as wconfig
+from wsd.control.protocol import default_socket_path
 from wsd.core.auth import TokenSigner, TokenVerifier
 from wsd.core.ratelimit import KeyedLimiter, per_minute
 from wsd.engine.base import Engine
@@ -34,6 +35,17 @@ from wsd.runtime.hub import Hub
 from wsd.runtime.logs import redact
 
 log = logging.getLogger("wsd")
+
+
+def ip_in(remote: str, networks: list[Any]) -> bool:
+    """``remote`` (an IPv4-mapped IPv6 address counts as its IPv4) is inside one of ``networks``."""
+    try:
+        ip = ipaddress.ip_address(remote)
+    except ValueError:
+        return False
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in n for n in networks)
 
 
 class PoolRuntime:
@@ -78,13 +90,6 @@ def make_engine(cfg: Any) -> Engine:
     from wsd.engine.memory import MemoryEngine
 
     return MemoryEngine()
-
-
-def default_socket_path() -> str:
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    if xdg and os.path.isdir(xdg):
-        return os.path.join(xdg, "wsd", "wsd.sock")
-    return f"/tmp/wsd-{os.getuid()}/wsd.sock"
 
 
 class Daemon:
@@ -193,13 +198,7 @@ class Daemon:
 
     # -- HTTP helpers ----------------------------------------------------------------------------------------
     def metrics_allowed(self, remote: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(remote)
-        except ValueError:
-            return False
-        if ip.version == 6 and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return any(ip in n for n in self.metrics_networks)
+        return ip_in(remote, self.metrics_networks)
 
     def prometheus_text(self) -> str:
         from wsd.runtime.metrics import prometheus_text
@@ -337,8 +336,3 @@ class Daemon:
     async def reload_async(self) -> None:
         self.reload()
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])

@@ -26,7 +26,7 @@ from websockets.protocol import State
 from wsd import errors
 from wsd.core.breaker import BreakerState, CircuitBreaker
 from wsd.core.history import StreamPosition
-from wsd.core.outbox import Outbox, Priority
+from wsd.core.outbox import PRIORITY_NAMES, Outbox, Priority
 from wsd.core.router import RoutedMessage, RuleTable
 from wsd.engine.base import Publication
 from wsd.runtime.conn import (
@@ -51,7 +51,6 @@ log = logging.getLogger("wsd.hub")
 OPEN = State.OPEN
 _perf = time.perf_counter  # latency figures need sub-millisecond resolution (uvloop's loop.time() is 1 ms)
 _CANON_MODES = {m: m for m in (REALTIME, BATCH, ON_DEMAND, HISTORICAL)}
-PRIORITY_NAMES = ("critical", "high", "normal", "low")
 _json_encode = msgspec.json.Encoder().encode
 _BATCH_HEAD = b'{"type":"batch","messages":['
 _BATCH_TAIL = b"]}"
@@ -524,9 +523,7 @@ class Hub:
                 conns = [c for c in (self.conns.get(i) for i in target.connection_ids) if c is not None]
             elif ttype == "group":
                 conns = [s.conn for s in self.by_channel.get(self._group_instance(target.group_id, pub), {}).values()]
-            elif ttype == "broadcast":
-                conns = self._narrow(self.conns.values(), tuple(target.pools), tuple(target.company_ids))
-            else:  # filtered
+            else:  # broadcast, or filtered (the rule's conn predicate below does the filtering)
                 conns = self._narrow(self.conns.values(), tuple(target.pools), tuple(target.company_ids))
             pred = route.conn_predicate
             msg_map = None

@@ -16,21 +16,19 @@ if TYPE_CHECKING:
     from wsd.runtime.daemon import Daemon
 
 
-def seed_metrics(d: Daemon) -> dict[str, Any]:
-    hub = d.hub
-    st = hub.stats
-    now = d.loop.time()
-    pools: dict[str, dict[str, Any]] = {}
-    for pid, pool in d.pools.items():
-        pools[pid] = {"type": pool.type, "connections": 0, "max_connections": pool.max_connections,
-                      "messages_sent": 0, "messages_received": 0, "bytes_sent": 0, "bytes_received": 0,
-                      "drops": 0, "errors": 0, "queued": 0, "breakers_open": 0, "avg_latency_ms": 0.0}
+def pool_totals(d: Daemon) -> dict[str, dict[str, Any]]:
+    """Per pool (the seed's PoolMetrics), summed over open connections in one pass."""
+    def empty(pool_type: str, max_connections: int) -> dict[str, Any]:
+        return {"type": pool_type, "connections": 0, "max_connections": max_connections, "messages_sent": 0,
+                "messages_received": 0, "bytes_sent": 0, "bytes_received": 0, "drops": 0, "errors": 0,
+                "queued": 0, "breakers_open": 0, "avg_latency_ms": 0.0}
+
+    pools = {pid: empty(pool.type, pool.max_connections) for pid, pool in d.pools.items()}
     lat_sum: dict[str, float] = {}
-    for c in hub.conns.values():
-        p = pools.setdefault(c.pool.id, {"type": c.pool.type, "connections": 0, "max_connections": 0,
-                                         "messages_sent": 0, "messages_received": 0, "bytes_sent": 0,
-                                         "bytes_received": 0, "drops": 0, "errors": 0, "queued": 0,
-                                         "breakers_open": 0, "avg_latency_ms": 0.0})
+    for c in d.hub.conns.values():
+        p = pools.get(c.pool.id)
+        if p is None:  # a pool removed by a reload still has connections
+            p = pools[c.pool.id] = empty(c.pool.type, 0)
         p["connections"] += 1
         p["messages_sent"] += c.msgs_out
         p["messages_received"] += c.msgs_in
@@ -45,6 +43,14 @@ def seed_metrics(d: Daemon) -> dict[str, Any]:
         if p["connections"]:
             p["avg_latency_ms"] = round(lat_sum.get(pid, 0.0) / p["connections"], 3)
         p["error_rate"] = round(p["errors"] / p["messages_received"], 4) if p["messages_received"] else 0.0
+    return pools
+
+
+def seed_metrics(d: Daemon) -> dict[str, Any]:
+    hub = d.hub
+    st = hub.stats
+    now = d.loop.time()
+    pools = pool_totals(d)
     subs_by_mode: dict[str, int] = {}
     for c in hub.conns.values():
         for s in c.subs.values():

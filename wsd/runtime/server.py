@@ -29,8 +29,10 @@ from wsd.core.channels import ChannelError, Principal, instance_parts, may_publi
 from wsd.core.history import StreamPosition
 from wsd.core.outbox import Priority
 from wsd.core.ratelimit import TokenBucket
-from wsd.runtime.conn import BATCH, HISTORICAL, MODES, ON_DEMAND, Conn
+from wsd.runtime.conn import BATCH, HISTORICAL, MODES, ON_DEMAND, Conn, ReliableState
 from wsd.runtime.hub import encode_push
+
+from wsd.runtime.daemon import ip_in
 
 if TYPE_CHECKING:
     from wsd.runtime.daemon import Daemon, PoolRuntime
@@ -170,7 +172,7 @@ class Endpoint:
             return self.refuse(conn, errors.H_NO_POOL, f"no pool at {path}", remote)
         if d.draining or not d.ready:
             return self.refuse(conn, errors.H_DRAINING, "server is draining", remote, pool.id)
-        if pool.networks and not _ip_in(remote, pool.networks):
+        if pool.networks and not ip_in(remote, pool.networks):
             return self.refuse(conn, errors.H_IP_FORBIDDEN, f"address {remote} not allowed in pool {pool.id}",
                                remote, pool.id)
         origin = request.headers.get("Origin")
@@ -337,7 +339,6 @@ class Endpoint:
             # Unacked reliable messages first: they are older than anything replayed from history.
             rs_unacked = session.get("unacked") or []
             if rs_unacked or int(session.get("next_seq", 1)) > 1:  # seqs continue: never reuse one
-                from wsd.runtime.conn import ReliableState
                 rs = conn.reliable = ReliableState()
                 rs.next_seq = int(session.get("next_seq", 1))
                 now = d.loop.time()
@@ -575,14 +576,4 @@ class Endpoint:
             d.emit("token_refreshed", connection_id=conn.id, user_id=conn.user_id, exp=claims.exp)
             return self.reply(conn, f.id, {"exp": claims.exp})
         return self.error(conn, getattr(f, "id", None), errors.UNKNOWN_OP, "unknown op")
-
-
-def _ip_in(remote: str, networks: list[Any]) -> bool:
-    try:
-        ip = ipaddress.ip_address(remote)
-    except ValueError:
-        return False
-    if ip.version == 6 and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return any(ip in n for n in networks)
 

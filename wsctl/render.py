@@ -719,8 +719,9 @@ def render_trace(r: dict[str, Any]) -> RenderableType:
             if "queue_depth" in x:
                 detail = f"queue depth {x['queue_depth']}" + (f", breaker {x['breaker']}" if x.get("breaker") else "") \
                          + (f"; {detail}" if detail else "")
-            d.add_row(Text(short_id(x.get("connection_id"))), Text(clip(str(x.get("user_id", "")), 16)),
-                      Text(str(x.get("pool", ""))), Text(str(x.get("outcome", "")).replace("_", " ")), Text(detail))
+            d.add_row(Text(short_id(x.get("connection_id"))), Text(clip(str(x.get("user_id", "")), 10)),
+                      Text(clip(str(x.get("pool", "")), 8)), Text(str(x.get("outcome", "")).replace("_", " ")),
+                      Text(clip(detail, 36)))
         parts.append(d)
         if len(other) > 20:
             parts.append(Text(f"… {len(other) - 20} more (--json lists every receiver)", style="dim"))

@@ -1209,6 +1209,8 @@ default_subscriptions = []
 # Channel groups. A file with no [channels] gets these four.
 # type: user (instance group/company/user), company (group/company), global, admin (admins only).
 # publishers: pool ids or role names whose clients may publish; [] = only the server side.
+# data_schema (an inline JSON Schema) or data_schema_file (a JSON file): publications whose data
+# fails it are refused with invalid_data. Not set: any data. See docs/configuration.md.
 [channels.system-status]
 type = "global"
 name = "System status"

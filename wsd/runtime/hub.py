@@ -705,7 +705,7 @@ class Hub:
                     continue
                 if sub.types is not None and pub.type not in sub.types:
                     outcome = "filtered"
-                    row["reason"] = f"type filter {sorted(sub.types)} excludes {pub.type!r}"
+                    row["reason"] = f"type filter {','.join(sorted(sub.types))} excludes {pub.type}"
                 elif b[5]:
                     outcome = "dropped"
                     row["reason"] = "closed"
@@ -750,11 +750,11 @@ class Hub:
             return "held"
         if mode is BATCH and (held_d > 0 or out_d > 0) and pub.priority != Priority.CRITICAL:
             held = len(sub.held) if sub is not None and sub.held is not None else 0
-            row["reason"] = (f"batch subscription: in the next batch frame ({held} held)" if held
+            row["reason"] = (f"batch subscription: {held} held for its next frame" if held
                              else "batch subscription: its batch frame was written now")
             return "batched"
         if drops_d > 0:
-            row["reason"] = "overflow"
+            row["reason"] = "overflow: the queue is full of more urgent messages"
             row["queue_depth"] = conn.queue_depth()
             return "dropped"
         if out_d > 0:

@@ -218,3 +218,17 @@ async def test_trace_of_a_routed_message_and_of_a_closed_receiver(wsd_factory):
         # client (default subscription): the mt5 client counts as not subscribed.
         res = await w.ctl("publish.trace", channel="system-status", type="plain", data={})
         assert res["trace"]["counts"] == {"written": 1, "not_subscribed": 1}
+
+
+async def test_trace_in_a_burst_reports_coalesced(wsd_factory):
+    w = wsd_factory(CHANNELS, base=base(coalesce_window_ms=1000))
+    ws, _ = await hello(w, "alice")
+    async with ws:
+        assert (await request(ws, {"op": "subscribe", "id": 1, "channel": "trading-signals"}))["ok"]
+        async with Ctl(w) as ctl:
+            await ctl("publish", channel="trading-signals/acme", type="first", data={})
+            res = await ctl("publish.trace", channel="trading-signals/acme", type="second", data={})
+        rows = res["trace"]["receivers"]
+        assert [r["outcome"] for r in rows] == ["coalesced"], rows
+        assert (await recv_json(ws))["msg_type"] == "first"
+        assert (await recv_json(ws, 10))["msg_type"] == "second"  # written when the window closes

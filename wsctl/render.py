@@ -660,8 +660,8 @@ def render_rules_test(r: dict[str, Any]) -> RenderableType:
     if not r.get("routed"):
         ch = r.get("channel") or {}
         n = ch.get("connections", 0)
-        line = (f"no rule matched: the message goes to the {n} subscriber{'s' if n != 1 else ''} "
-                f"of {ch.get('channel') or '-'}")
+        line = (f"{'no rule matched' if steps else 'no routing rules'}: the message goes to the {n} "
+                f"subscriber{'s' if n != 1 else ''} of {ch.get('channel') or '-'}")
         if ch.get("filtered_by_type"):
             line += f" ({ch['filtered_by_type']} more filter this type out)"
         parts.append(Text(line))
@@ -710,7 +710,7 @@ def render_trace(r: dict[str, Any]) -> RenderableType:
     for k in (*TRACE_ORDER, *sorted(set(counts) - set(TRACE_ORDER))):
         if counts.get(k):
             t.add_row(Text(k.replace("_", " ")), Text(str(counts[k])))
-    parts: list[RenderableType] = [head, t]
+    parts: list[RenderableType] = [head, t] if counts else [head]
     other = [x for x in tr.get("receivers") or [] if x.get("outcome") not in ("written", "coalesced")]
     if other:
         d = table("CONNECTION", "USER", "POOL", "OUTCOME", "DETAIL")

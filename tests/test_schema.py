@@ -168,3 +168,27 @@ def test_schema_file_problems_fail_config_check(tmp_path: Path) -> None:
     assert "channels.b.data_schema_file:" in err and "is not JSON" in err, err
     assert "channels.c.data_schema_file: set data_schema or data_schema_file, not both" in err, err
     assert "channels.d.data_schema: not a valid JSON Schema" in err and "$.minLength" in err, err
+
+
+def test_compiled_schema_names_the_path_and_never_echoes_a_long_value() -> None:
+    from wsd.core.schema import SchemaError, compile_schema
+
+    schema = compile_schema({"type": "object", "properties": {"items": {"type": "array",
+                                                                         "items": {"type": "integer"}}}})
+    assert schema.problem({"items": [1, 2]}) is None
+    path, reason = schema.problem({"items": [1, "y" * 5000]})
+    assert path == "$.items[1]" and len(reason) <= 200 and "y" * 50 not in reason and "integer" in reason
+    # $ref only inside the schema: a remote one is never fetched, the publication is refused with why.
+    remote = compile_schema({"$ref": "https://example.com/schema.json"})
+    path, reason = remote.problem({})
+    assert "cannot be resolved" in reason
+    # The draft named by $schema applies (draft 4's boolean exclusiveMaximum).
+    d4 = compile_schema({"$schema": "http://json-schema.org/draft-04/schema#", "maximum": 5,
+                         "exclusiveMaximum": True})
+    assert d4.problem(5) is not None and d4.problem(4) is None
+    try:
+        compile_schema(["not", "an", "object"])
+    except SchemaError as exc:
+        assert "JSON object" in exc.message
+    else:
+        raise AssertionError("a non-object schema was accepted")

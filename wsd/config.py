@@ -169,12 +169,15 @@ class PoolConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     batching: BatchingConfig = msgspec.field(default_factory=BatchingConfig)
 
 
-class ChannelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+class ChannelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, dict=True):
     type: ChannelType
     name: str = ""
     history_size: int = 100
     history_ttl_s: int = 3600
     publishers: list[str] = []
+    # A JSON Schema that published ``data`` must satisfy: inline, or a JSON file (not both).
+    data_schema: dict[str, Any] | None = None
+    data_schema_file: str = ""
 
 
 class FilterConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -585,6 +588,9 @@ def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str] | No
             from_env = _key(section, key) in errs.env_origin
             root = base if (section, key) in file_keys and not from_env else os.getcwd()
             setattr(obj, key, os.path.normpath(os.path.join(root, value)))
+    for ch in cfg.channels.values():  # [channels.<id>] data_schema_file: relative to the config file too
+        if isinstance(ch, ChannelConfig) and ch.data_schema_file:
+            ch.data_schema_file = os.path.normpath(os.path.join(base, os.path.expanduser(ch.data_schema_file)))
     _validate(cfg, errs, from_file=path is not None, raw=raw)
     if errs.items:
         raise ConfigError(errs.lines())
@@ -812,6 +818,45 @@ def _check_channels(channels: dict[str, ChannelConfig], errs: _Errors) -> None:
         for i, pub in enumerate(ch.publishers):
             if pub == "":
                 errs.add(f"{path}.publishers[{i}]", "must not be empty")
+        _check_data_schema(ch, path, errs)
+
+
+def _check_data_schema(ch: ChannelConfig, path: str, errs: _Errors) -> None:
+    """Read, check and compile a channel group's data schema once, at load (kept on the struct)."""
+    from wsd.core.schema import SchemaError, compile_schema
+
+    ch._data_schema = None  # type: ignore[attr-defined]
+    schema, where = ch.data_schema, f"{path}.data_schema"
+    if schema is not None and ch.data_schema_file:
+        errs.add(f"{path}.data_schema_file", "set data_schema or data_schema_file, not both")
+        return
+    if ch.data_schema_file:
+        where = f"{path}.data_schema_file"
+        text = _read_text(errs, where, ch.data_schema_file)
+        if text is None:
+            return
+        try:
+            schema = json.loads(text)
+        except ValueError as exc:
+            errs.add(where, f"{json.dumps(ch.data_schema_file)} is not JSON: {exc}")
+            return
+    if schema is None:
+        return
+    try:
+        ch._data_schema = compile_schema(schema)  # type: ignore[attr-defined]
+    except SchemaError as exc:
+        at = "" if exc.json_path == "$" else f" (at {exc.json_path})"
+        errs.add(where, f"not a valid JSON Schema: {exc.message}{at}")
+
+
+def data_schema_of(ch: ChannelConfig) -> Any:
+    """The compiled ``DataSchema`` of a channel group, or None; compiled here for a hand-built config."""
+    if "_data_schema" not in ch.__dict__:
+        errs = _Errors()
+        _check_data_schema(ch, "channels", errs)
+        if errs.items:
+            raise ConfigError(errs.lines())
+    return ch.__dict__["_data_schema"]
 
 
 def _check_pools(cfg: Config, errs: _Errors, *, pools_from_file: bool) -> None:
@@ -1164,6 +1209,8 @@ default_subscriptions = []
 # Channel groups. A file with no [channels] gets these four.
 # type: user (instance group/company/user), company (group/company), global, admin (admins only).
 # publishers: pool ids or role names whose clients may publish; [] = only the server side.
+# data_schema (an inline JSON Schema) or data_schema_file (a JSON file): publications whose data
+# fails it are refused with invalid_data. Not set: any data. See docs/configuration.md.
 [channels.system-status]
 type = "global"
 name = "System status"

@@ -45,6 +45,7 @@ TOO_MANY_SUBSCRIPTIONS = "too_many_subscriptions"
 INVALID_TOKEN = "invalid_token"
 RATE_LIMIT = "rate_limited"
 INTERNAL_ERROR = "internal"
+INVALID_DATA = "invalid_data"      # publish: data fails the channel group's data_schema
 
 # Handshake refusal codes (HTTP status, error code).
 H_MISSING_TOKEN = (401, "missing_token")

@@ -103,6 +103,9 @@ class _Collector:
             c = CounterMetricFamily(f"wsd_{key}", f"Total {key.replace('_', ' ')}")
             c.add_metric([], mgr[key])
             yield c
+        c = CounterMetricFamily("wsd_publish_invalid_data", "Publications refused: data failed the channel's schema")
+        c.add_metric([], mgr["invalid_data"])
+        yield c
         c = CounterMetricFamily("wsd_handshakes_refused", "Refused handshakes by code", labels=["code"])
         for code, n in mgr["refused"].items():
             c.add_metric([code], n)

@@ -338,3 +338,60 @@ async def test_history_and_pull_refuse_a_limit_below_one(wsd):
                 assert "limit" in r["error"]["message"]
         ok = await request(ws, {"op": "history", "id": rid(), "channel": "trading-signals", "limit": 1})
         assert ok["ok"] is True and ok["result"]["more"] is False
+
+
+# ------------------------------------------------------------------------------------ Redis engine
+
+async def test_redis_history_is_capped_and_pages_every_message_once(wsd_factory, redis_url):  # noqa: F811
+    """The same caps and paging with history kept in Redis."""
+    prefix = "t" + secrets.token_hex(3)
+    wsd = wsd_factory(engine_toml(redis_url, prefix) + channels_toml(history_size=1000))
+    await fill(wsd, 1000, 5000)
+    cap = 524288
+    async with wsd.connect(token=make_token("alice", "acme"), max_size=4 * cap) as ws:
+        await welcome(ws)
+        msgs = await page_all(ws, {"op": "history", "id": rid(), "channel": "trading-signals"}, cap)
+        assert [m["offset"] for m in msgs] == list(range(1, 1001))
+        assert sorted(m["data"]["i"] for m in msgs) == list(range(1000))
+        assert all(m["history"] is True and len(m["data"]["pad"]) == 5000 for m in msgs)
+        r = await request(ws, {"op": "history", "id": rid(), "channel": "trading-signals", "limit": -1})
+        assert r["ok"] is False and r["error"]["code"] == "bad_request"
+
+
+async def test_redis_sessions_are_bounded_and_counted(wsd_factory, redis_url):  # noqa: F811
+    """Per-user and total session bounds, refusal by size and the stored count hold with Redis too."""
+    prefix = "t" + secrets.token_hex(3)
+    wsd = wsd_factory(engine_toml(redis_url, prefix), env=env(limits_max_sessions_per_user=2, limits_max_sessions=3,
+                                                              limits_max_session_bytes=1000))
+    sids = []
+    for user in ("alice", "alice", "alice", "bob", "carol"):
+        async with wsd.connect(token=make_token(user, "acme")) as ws:
+            w = await welcome(ws)
+            sids.append(w["session_id"])
+            await drop(wsd, ws, w["connection_id"])
+
+    async def counted() -> bool:
+        m = await memory(wsd)
+        return m["sessions"] == 3 and m["sessions_evicted"] == 2
+    await wait_for(counted, timeout=5, step=0.1)
+    import redis.asyncio as aioredis
+
+    r = aioredis.Redis.from_url(redis_url)
+    try:
+        assert 0 < await r.ttl(f"{prefix}:session:{sids[2]}") <= 300  # Redis frees it by itself at expiry
+        assert await r.exists(f"{prefix}:session:{sids[0]}") == 0  # evicted: deleted, not just unindexed
+    finally:
+        await r.aclose()
+    for sid, resumed in zip(sids[:3], (False, False, True)):
+        async with wsd.connect(token=make_token("alice", "acme"), query={"session": sid}) as ws:
+            assert (await welcome(ws))["resumed"] is resumed, sid
+            await ws.close(1000)
+    async with wsd.connect(token=make_token("dave", "acme")) as ws:
+        w = await welcome(ws)
+        r = await request(ws, {"op": "subscribe", "id": rid(), "channel": "trading-signals",
+                               "filter": {"types": [f"type-{i:03d}-{'z' * 60}" for i in range(20)]}})
+        assert r["ok"]
+        await drop(wsd, ws, w["connection_id"])
+    assert (await memory(wsd))["sessions_refused"] == 1
+    async with wsd.connect(token=make_token("dave", "acme"), query={"session": w["session_id"]}) as ws:
+        assert (await welcome(ws))["resumed"] is False

@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import re
 import secrets
 from typing import Any
 
 from tests.harness import ControlError, http_get, make_token, recv_json, recv_until, request, wait_for, welcome
 from tests.test_redis_engine import engine_toml, redis_url  # noqa: F401  (the redis-server fixture)
+from tests.test_wsctl import awsctl
 
 _ids = itertools.count(1)
 
@@ -129,6 +131,8 @@ async def test_expired_sessions_are_freed_on_the_sweep(wsd_factory):
             w = await welcome(ws)
             await drop(wsd, ws, w["connection_id"])
     assert (await memory(wsd))["sessions"] == 20
+    shown = await awsctl(wsd, "metrics")
+    assert shown.rc == 0 and re.search(r"sessions\s+20 ", shown.out), shown.out
 
     async def freed() -> bool:
         m = await memory(wsd)
@@ -395,3 +399,26 @@ async def test_redis_sessions_are_bounded_and_counted(wsd_factory, redis_url):  
     assert (await memory(wsd))["sessions_refused"] == 1
     async with wsd.connect(token=make_token("dave", "acme"), query={"session": w["session_id"]}) as ws:
         assert (await welcome(ws))["resumed"] is False
+
+
+async def test_redis_node_forgets_positions_of_unused_expired_instances(wsd_factory, redis_url):  # noqa: F811
+    """A Redis node's local map of channel positions stays flat under a churn of names: unused instances
+    are forgotten once their history has expired (Redis expires their keys by itself)."""
+    prefix = "t" + secrets.token_hex(3)
+    wsd = wsd_factory(engine_toml(redis_url, prefix) + channels_toml(history_ttl_s=1))
+    for i in range(100):
+        await wsd.ctl("publish", channel=f"trading-signals/co{i}", data={"i": i})
+    assert (await memory(wsd))["channels"] == 100
+
+    async def flat() -> bool:
+        m = await memory(wsd)
+        return m["channels"] == 0 and m["channels_expired"] == 100
+    await wait_for(flat, timeout=6, step=0.2)
+    import redis.asyncio as aioredis
+
+    r = aioredis.Redis.from_url(redis_url)
+    try:
+        assert await r.exists(f"{prefix}:ch:{{trading-signals/co1}}:hist") == 0  # expired in Redis
+        assert await r.ttl(f"{prefix}:ch:{{trading-signals/co1}}:meta") > 0  # offsets kept, but not forever
+    finally:
+        await r.aclose()

@@ -143,6 +143,7 @@ class Hub:
         self._win: dict[str, list[Outgoing]] = {}
         self._win_timer: dict[str, asyncio.TimerHandle] = {}
         self._last_fanout: dict[str, float] = {}
+        self._memory_swept = 0.0
         self.configure()
 
     # -- configuration -------------------------------------------------------------------------------
@@ -812,7 +813,9 @@ class Hub:
     def sweep(self, now: float, wall: float) -> None:
         """One pass over every connection: cheap checks first, so 10,000 idle connections cost little."""
         self.stats.tick(now, self)
-        self.sweep_memory(now)
+        if now - self._memory_swept >= 1.0:  # at most once a second, however short the heartbeat
+            self._memory_swept = now
+            self.sweep_memory(now)
         idle_before = now - self.idle_s
         slow_before = now - self.slow_s
         rate = self.health_error_rate

@@ -527,7 +527,26 @@ def render_metrics(r: dict[str, Any]) -> RenderableType:
         ],
         title="queues",
     )
-    return Group(mgr, Text(""), pools, Text(""), routing, Text(""), subs, Text(""), queues)
+    h = r.get("memory") or {}
+    lk = h.get("limiter_keys") or {}
+    held = kv(
+        [
+            (
+                "sessions",
+                f"{fmt_count(h.get('sessions'))} ({fmt_bytes(h.get('session_bytes'))})  "
+                f"evicted {fmt_count(h.get('sessions_evicted'))}  expired {fmt_count(h.get('sessions_expired'))}  "
+                f"too large {fmt_count(h.get('sessions_refused'))}",
+            ),
+            (
+                "channel history",
+                f"{fmt_count(h.get('channels'))} instances  evicted {fmt_count(h.get('channels_evicted'))}  "
+                f"expired {fmt_count(h.get('channels_expired'))}",
+            ),
+            ("limiter keys", f"ip {fmt_count(lk.get('ip'))}  user {fmt_count(lk.get('user'))}"),
+        ],
+        title="held",
+    )
+    return Group(mgr, Text(""), pools, Text(""), routing, Text(""), subs, Text(""), queues, Text(""), held)
 
 
 def _rule_filter(rule: dict[str, Any], with_expression: bool = True) -> str:

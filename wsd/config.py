@@ -149,6 +149,14 @@ class LimitsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     messages_per_connection_per_second: int = 50
     message_burst: int = 100
     max_subscriptions_per_connection: int = 100
+    max_filter_types: int = 64
+    max_filter_type_length: int = 128
+    max_session_bytes: int = 65536
+    max_sessions_per_user: int = 20
+    max_sessions: int = 100000
+    max_history_channels: int = 10000
+    history_max_messages: int = 500
+    history_max_bytes: int = 524288
 
 
 class BatchingConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -1154,6 +1162,22 @@ messages_per_connection_per_second = 50
 message_burst = 100
 # Channels one connection may subscribe to.
 max_subscriptions_per_connection = 100
+# A subscribe's filter.types: at most this many types, each at most this many characters
+# (error filter_too_large above; nothing is stored).
+max_filter_types = 64
+max_filter_type_length = 128
+# A disconnected session larger than this (encoded JSON bytes) is not kept: its resume starts afresh.
+max_session_bytes = 65536
+# Disconnected sessions kept per user and in total; beyond either the oldest is evicted (counted).
+max_sessions_per_user = 20
+max_sessions = 100000
+# Channel instances whose history is held; beyond it the least recently used one without
+# subscribers is freed (instances without subscribers are also freed once their history expires).
+max_history_channels = 10000
+# One history or pull reply carries at most this many messages and about this many bytes
+# (at least one message); a cut reply says "more": true and where to continue.
+history_max_messages = 500
+history_max_bytes = 524288
 
 # Pools: one WebSocket endpoint each. A file with no [pools] gets these four.
 # Keys: type (frontend|mt5_client|admin|api), path, max_connections, allow_cidrs ([] = any IP),

@@ -42,6 +42,7 @@ NOT_FOUND = "not_found"
 UNKNOWN_CHANNEL = "unknown_channel"
 NOT_SUBSCRIBED = "not_subscribed"
 TOO_MANY_SUBSCRIPTIONS = "too_many_subscriptions"
+FILTER_TOO_LARGE = "filter_too_large"     # filter.types beyond limits.max_filter_types / _type_length
 INVALID_TOKEN = "invalid_token"
 RATE_LIMIT = "rate_limited"
 INTERNAL_ERROR = "internal"

@@ -103,6 +103,17 @@ class Outgoing:
         return f
 
 
+_HISTORY_TAIL = b',"history":true}'
+
+
+def history_payload(pub: Publication) -> bytes:
+    """The publication's push marked ``"history": true``, spliced from its stored encoding (no re-encode)."""
+    payload = pub.payload
+    if payload is None:
+        payload = pub.payload = encode_push(pub)
+    return payload[:-1] + _HISTORY_TAIL
+
+
 def encode_push(pub: Publication, data: Any = None, seq: int | None = None, history: bool = False) -> bytes:
     msg: dict[str, Any] = {"type": "message", "channel": pub.channel, "offset": pub.offset, "epoch": pub.epoch,
                            "msg_type": pub.type, "priority": PRIORITY_NAMES[pub.priority], "ts": pub.ts,
@@ -141,6 +152,7 @@ class Hub:
         self._win: dict[str, list[Outgoing]] = {}
         self._win_timer: dict[str, asyncio.TimerHandle] = {}
         self._last_fanout: dict[str, float] = {}
+        self._memory_swept = 0.0
         self.configure()
 
     # -- configuration -------------------------------------------------------------------------------
@@ -167,6 +179,8 @@ class Hub:
         engine = getattr(self.daemon, "engine", None)
         if engine is not None:
             engine.configure(cfg.channels)
+            engine.set_limits(cfg.limits)
+            engine.in_use = self.by_channel.__contains__  # instances with subscribers here are never freed
 
     def start(self) -> None:
         self._sweeper = self.loop.create_task(self._sweep_loop())
@@ -357,8 +371,14 @@ class Hub:
                              company_id=pub.company_id, ttl_s=pub.ttl_s, source=pub.source, id=pub.id)
 
     def _outgoing(self, pub: Publication, now: float, data: Any = None) -> Outgoing:
-        out = Outgoing(encode_push(pub, data), pub.priority, pub.expires_at, pub.channel, pub.offset, pub.type,
-                       _perf())
+        if data is None:
+            # Encoded once per publication and kept on it: history is served from the same bytes.
+            payload = pub.payload
+            if payload is None:
+                payload = pub.payload = encode_push(pub)
+        else:
+            payload = encode_push(pub, data)
+        out = Outgoing(payload, pub.priority, pub.expires_at, pub.channel, pub.offset, pub.type, _perf())
         out.epoch = pub.epoch
         return out
 
@@ -1007,6 +1027,9 @@ class Hub:
     def sweep(self, now: float, wall: float) -> None:
         """One pass over every connection: cheap checks first, so 10,000 idle connections cost little."""
         self.stats.tick(now, self)
+        if now - self._memory_swept >= 1.0:  # at most once a second, however short the heartbeat
+            self._memory_swept = now
+            self.sweep_memory(now)
         idle_before = now - self.idle_s
         slow_before = now - self.slow_s
         rate = self.health_error_rate
@@ -1035,6 +1058,21 @@ class Hub:
                 self._resend_due(conn, now)
             if conn.errors >= 5 and conn.errors > rate * conn.msgs_in:
                 self._recover(conn)
+
+    def sweep_memory(self, now: float) -> None:
+        """Free what nobody needs any more: expired sessions and unused channel instances (engine),
+        fan-out timestamps of channels quiet for longer than the coalescing window, refilled limiter buckets."""
+        self.daemon.engine.sweep()
+        last = self._last_fanout
+        if last:
+            cutoff = _perf() - self.coalesce_s
+            stale = [ch for ch, t in last.items() if t <= cutoff]
+            for ch in stale:
+                del last[ch]
+        for name in ("ip_limiter", "user_limiter"):
+            lim = getattr(self.daemon, name, None)
+            if lim is not None:
+                lim.sweep(now)
 
     def _recover(self, conn: Conn) -> None:
         """The seed's attemptConnectionRecovery: reset the breaker and resync once, then give up with 1011."""

@@ -23,6 +23,7 @@ TOO_BIG = Close(1009, "message too big", True)
 INTERNAL = Close(1011, "internal error", True)
 KICKED = Close(4000, "kicked", False)
 TOKEN_EXPIRED = Close(4001, "token expired", True)
+NOT_ADMITTED = Close(4003, "the refreshed token is not admitted in this pool", False)
 RATE_LIMITED = Close(4008, "message rate limit exceeded", True)
 SLOW_CONSUMER = Close(4009, "slow consumer", True)
 IDLE_TIMEOUT = Close(4010, "idle timeout", True)
@@ -30,7 +31,7 @@ HEARTBEAT_TIMEOUT = Close(1011, "heartbeat timeout", True)
 
 CLOSE_CODES: dict[int, Close] = {
     c.code: c
-    for c in (NORMAL, SHUTDOWN, POLICY, TOO_BIG, INTERNAL, KICKED, TOKEN_EXPIRED, RATE_LIMITED,
+    for c in (NORMAL, SHUTDOWN, POLICY, TOO_BIG, INTERNAL, KICKED, TOKEN_EXPIRED, NOT_ADMITTED, RATE_LIMITED,
               SLOW_CONSUMER, IDLE_TIMEOUT)
 }
 

@@ -1,4 +1,4 @@
-"""Client frames of the wire protocol (SPEC section 4), as typed msgspec structs.
+"""Client frames of the wire protocol, as typed msgspec structs.
 
 Decoding validates shape and types at once; an error names the key path (``$.history.limit``).
 """
@@ -99,3 +99,43 @@ def salvage_id(raw: bytes | str) -> tuple[int | str | None, Any]:
         return got.id, got.op
     except (msgspec.DecodeError, msgspec.ValidationError):
         return None, None
+
+
+_encode = msgspec.json.Encoder().encode
+
+
+def nests_deeper(value: Any, limit: int) -> bool:
+    """True when ``value`` nests arrays/objects more than ``limit`` levels deep (``[]`` is 1, a scalar 0).
+
+    Iterative, so no input can exhaust the stack; it stops at the first path found too deep.
+    """
+    t = type(value)
+    if t is not dict and t is not list:
+        return False
+    stack = [(value, 1)]
+    pop, push = stack.pop, stack.append
+    while stack:
+        v, depth = pop()
+        if depth > limit:
+            return True
+        for x in (v.values() if type(v) is dict else v):
+            tx = type(x)
+            if tx is dict or tx is list:
+                push((x, depth + 1))
+    return False
+
+
+def unpublishable(msg_type: Any, data: Any, max_depth: int) -> str | None:
+    """Why a message cannot be stored and sent again, or None when it can.
+
+    ``max_depth`` is the frame nesting limit (``limits.max_json_depth``): a message's data sits one
+    level inside its frame, so it may nest ``max_depth - 1`` levels. Whatever the JSON encoder refuses
+    (a string with a lone surrogate, a non-string object key, ...) is refused here, before any store.
+    """
+    if nests_deeper(data, max_depth - 1):
+        return f"data nests deeper than {max_depth - 1} levels (limits.max_json_depth = {max_depth})"
+    try:
+        _encode((msg_type, data))
+    except (TypeError, ValueError, OverflowError) as exc:  # UnicodeEncodeError is a ValueError
+        return f"data cannot be encoded as JSON: {exc}"
+    return None

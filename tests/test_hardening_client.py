@@ -255,3 +255,34 @@ async def test_wsctl_token_refuses_an_id_with_a_trailing_newline(wsd):
         assert r.rc != 0 and r.out == "", r
         lines = r.err.strip().splitlines()
         assert len(lines) == 1 and "plain id" in lines[0] and "\\n" in lines[0], r
+
+
+# -- documented error replies, checked against the code ----------------------------------------------------
+async def test_out_of_range_counts_and_offsets_are_bad_request_not_internal(wsd):
+    """Counts beyond 2**53 - 1 and negative offsets are `bad_request` naming the field; the connection goes on.
+
+    An unbounded limit used to reach the history buffer and fail there (an internal error and a closed
+    connection); a negative `since.offset` was taken as a position.
+    """
+    huge = 10**20
+    frames = [
+        ({"op": "subscribe", "channel": "trading-signals", "history": {"limit": huge}}, "$.history.limit"),
+        ({"op": "history", "channel": "trading-signals", "limit": huge}, "$.limit"),
+        ({"op": "pull", "channel": "trading-signals", "limit": huge}, "$.limit"),
+        ({"op": "ack", "seq": huge}, "$.seq"),
+        ({"op": "history", "channel": "trading-signals", "since": {"offset": huge, "epoch": "e"}}, "$.since.offset"),
+        ({"op": "subscribe", "channel": "trading-signals", "history": {"since": {"offset": -1, "epoch": "e"}}},
+         "$.history.since.offset"),
+        ({"op": "history", "channel": "trading-signals", "since": {"offset": -1, "epoch": "e"}}, "$.since.offset"),
+    ]
+    await wsd.ctl("publish", channel="trading-signals/acme", data={"n": 1})
+    async with wsd.connect("api", make_token("counter")) as ws:
+        await welcome(ws)
+        for i, (frame, where) in enumerate(frames):
+            r = await request(ws, {**frame, "id": i})
+            assert not r["ok"] and r["error"]["code"] == "bad_request", (frame, r)
+            assert where in r["error"]["message"], (frame, r)
+        assert (await request(ws, {"op": "ping", "id": "alive"}))["ok"]
+        r = await request(ws, {"op": "history", "id": "big-ok", "channel": "trading-signals", "limit": 2**53 - 1})
+        assert r["ok"] and [m["data"] for m in r["result"]["messages"]] == [{"n": 1}]
+    assert "internal error" not in wsd.log()

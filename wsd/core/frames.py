@@ -5,18 +5,24 @@ Decoding validates shape and types at once; an error names the key path (``$.his
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
+# The largest count or offset a client may send (2**53 - 1, what every JSON client can represent). An
+# unbounded int decodes fine but breaks the code it reaches (islice, deque sizes): refused at decode.
+MAX_COUNT = 2**53 - 1
+Count = Annotated[int, msgspec.Meta(le=MAX_COUNT)]
+Offset = Annotated[int, msgspec.Meta(ge=0, le=MAX_COUNT)]
+
 
 class Position(msgspec.Struct, forbid_unknown_fields=True):
-    offset: int
+    offset: Offset
     epoch: str
 
 
 class HistoryReq(msgspec.Struct, forbid_unknown_fields=True):
-    limit: int | None = None
+    limit: Count | None = None
     since: Position | None = None
 
 
@@ -40,14 +46,14 @@ class Unsubscribe(msgspec.Struct, tag="unsubscribe", tag_field="op", forbid_unkn
 class History(msgspec.Struct, tag="history", tag_field="op", forbid_unknown_fields=True):
     id: int | str
     channel: str
-    limit: int | None = None
+    limit: Count | None = None
     since: Position | None = None
 
 
 class Pull(msgspec.Struct, tag="pull", tag_field="op", forbid_unknown_fields=True):
     id: int | str
     channel: str
-    limit: int | None = None
+    limit: Count | None = None
 
 
 class Publish(msgspec.Struct, tag="publish", tag_field="op", forbid_unknown_fields=True):
@@ -60,7 +66,7 @@ class Publish(msgspec.Struct, tag="publish", tag_field="op", forbid_unknown_fiel
 
 
 class Ack(msgspec.Struct, tag="ack", tag_field="op", forbid_unknown_fields=True):
-    seq: int
+    seq: Count
     id: int | str | None = None
 
 

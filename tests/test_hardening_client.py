@@ -286,3 +286,14 @@ async def test_out_of_range_counts_and_offsets_are_bad_request_not_internal(wsd)
         r = await request(ws, {"op": "history", "id": "big-ok", "channel": "trading-signals", "limit": 2**53 - 1})
         assert r["ok"] and [m["data"] for m in r["result"]["messages"]] == [{"n": 1}]
     assert "internal error" not in wsd.log()
+
+
+async def test_deep_frame_with_an_unknown_op_gets_unknown_op(wsd):
+    """An unknown op carrying 1,000-deep data: the op is judged first, and the deep rest cannot crash the reply."""
+    async with wsd.connect("api", make_token("odd")) as ws:
+        await welcome(ws)
+        await ws.send('{"op":"teleport","id":5,"data":%s1%s}' % ("[" * 1000, "]" * 1000))
+        r = await recv_until(ws, lambda m: m.get("ok") is False)
+        assert r["error"]["code"] == "unknown_op" and "teleport" in r["error"]["message"], r
+        assert (await request(ws, {"op": "ping", "id": "after"}))["ok"]
+    assert "Traceback" not in wsd.log()

@@ -103,7 +103,7 @@ def salvage_id(raw: bytes | str) -> tuple[int | str | None, Any]:
     try:
         got = _id_decoder.decode(raw)
         return got.id, got.op
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
         return None, None
 
 

@@ -460,10 +460,7 @@ class Endpoint:
         except RecursionError:
             # Nested far beyond limits.max_json_depth: the decoder gave up before any limit check.
             conn.errors += 1
-            try:
-                rid, _ = frames.salvage_id(message)
-            except RecursionError:
-                rid = None
+            rid, _ = frames.salvage_id(message)
             self.error(conn, rid, errors.BAD_REQUEST,
                        f"JSON nested deeper than {d.config.limits.max_json_depth} levels (limits.max_json_depth)")
             return
@@ -474,7 +471,8 @@ class Endpoint:
             code = errors.BAD_REQUEST
             if "`$.op`" in text or (op is not None and op not in frames.OPS):
                 code = errors.UNKNOWN_OP
-                text = f"unknown op {op!r}; expected one of {', '.join(frames.OPS)}"
+                what = repr(op) if op is not None else f"({text})"  # op unreadable: the decoder's words
+                text = f"unknown op {what}; expected one of {', '.join(frames.OPS)}"
             elif op is None and "Object missing required field `op`" in text:
                 text = "missing 'op'"
             self.error(conn, rid, code, text)

@@ -297,3 +297,32 @@ async def test_deep_frame_with_an_unknown_op_gets_unknown_op(wsd):
         assert r["error"]["code"] == "unknown_op" and "teleport" in r["error"]["message"], r
         assert (await request(ws, {"op": "ping", "id": "after"}))["ok"]
     assert "Traceback" not in wsd.log()
+
+
+def test_config_ids_with_a_trailing_newline_are_refused(tmp_path):
+    """A channel group id, a pool id or an engine prefix ending in a newline is a config error, key path named."""
+    from wsd.config import ConfigError, load_config
+
+    from tests.harness import SECRET
+
+    text = f"""
+[auth]
+secret = "{SECRET}"
+[engine]
+prefix = "wsd\\n"
+[channels."news\\n"]
+type = "global"
+[pools."feed\\n"]
+type = "api"
+path = "/ws/feed"
+"""
+    (tmp_path / "wsd.toml").write_text(text)
+    try:
+        load_config(tmp_path / "wsd.toml", env={})
+    except ConfigError as exc:
+        errs = exc.errors
+    else:
+        raise AssertionError("ids ending in a newline were accepted")
+    assert any(e.startswith('channels."news\\n"') for e in errs), errs
+    assert any(e.startswith('pools."feed\\n"') for e in errs), errs
+    assert any(e.startswith("engine.prefix") for e in errs), errs

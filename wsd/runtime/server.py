@@ -287,10 +287,10 @@ class Endpoint:
             pass
         except Exception:
             log.exception("connection %s: handler failed", conn.id)
+            conn.state = "error"
             hub.stats.errors += 1
             if not conn.closing:
                 hub.close(conn, errors.INTERNAL.code, errors.INTERNAL.reason)
-            conn.state = "error"
             # Let that close go out first: returning now would have websockets close with 1000 ("session
             # over"), and an internal error is 1011, with the session kept for resume.
             with contextlib.suppress(Exception):

@@ -186,17 +186,24 @@ async def test_deep_but_allowed_data_round_trips(wsd_factory):
 
 
 async def test_operator_publish_that_could_not_be_sent_again_is_refused(wsd):
-    """wsctl publish of data too deep to send is refused before it is stored (bad_request)."""
+    """Operator publishes of data too deep, or not encodable (a lone surrogate), are refused before any store."""
     from tests.harness import ControlError
 
-    try:
-        await wsd.ctl("publish", channel="trading-signals/acme", data=nested(100))
-    except ControlError as exc:
-        assert exc.code == "bad_request" and "deeper than" in exc.message
-    else:
-        raise AssertionError("a 100-deep publish was accepted")
+    bad = [({"data": nested(100)}, "deeper than"), ({"data": {"a": "\ud800"}}, "cannot be encoded"),
+           ({"data": {}, "type": "x\ud800"}, "cannot be encoded")]
+    for params, words in bad:
+        try:
+            await wsd.ctl("publish", channel="trading-signals/acme", **params)
+        except ControlError as exc:
+            assert exc.code == "bad_request" and words in exc.message, exc
+        else:
+            raise AssertionError(f"{params!r} was accepted")
     hist = await wsd.ctl("history.get", channel="trading-signals/acme")
     assert not hist.get("messages")
+    async with wsd.connect("api", make_token("reader")) as ws:
+        await welcome(ws)
+        r = await request(ws, {"op": "history", "id": 1, "channel": "trading-signals"})
+        assert r["ok"] and r["result"]["messages"] == []
 
 
 async def test_internal_error_answers_internal_closes_1011_and_keeps_the_session(wsd_factory, redis_url):

@@ -136,12 +136,24 @@ def unpublishable(msg_type: Any, data: Any, max_depth: int) -> str | None:
 
     ``max_depth`` is the frame nesting limit (``limits.max_json_depth``): a message's data sits one
     level inside its frame, so it may nest ``max_depth - 1`` levels. Whatever the JSON encoder refuses
-    (a string with a lone surrogate, a non-string object key, ...) is refused here, before any store.
+    (a string with a lone surrogate, ...) is refused here, before any store.
     """
-    if nests_deeper(data, max_depth - 1):
-        return f"data nests deeper than {max_depth - 1} levels (limits.max_json_depth = {max_depth})"
     try:
-        _encode((msg_type, data))
+        raw = _encode(data)
+        if msg_type.__class__ is not str:
+            _encode(msg_type)
+        elif not msg_type.isascii():
+            msg_type.encode()  # a lone surrogate cannot be sent
+    except RecursionError:
+        return _too_deep(max_depth)
     except (TypeError, ValueError, OverflowError) as exc:  # UnicodeEncodeError is a ValueError
-        return f"data cannot be encoded as JSON: {exc}"
+        return f"the message cannot be encoded as JSON: {exc}"
+    # Every level opens a bracket: with few brackets in all (the common case) no path can be too deep,
+    # and the walk is skipped.
+    if raw.count(b"[") + raw.count(b"{") >= max_depth and nests_deeper(data, max_depth - 1):
+        return _too_deep(max_depth)
     return None
+
+
+def _too_deep(max_depth: int) -> str:
+    return f"data nests deeper than {max_depth - 1} levels (limits.max_json_depth = {max_depth})"

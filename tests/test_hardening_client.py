@@ -333,3 +333,28 @@ path = "/ws/feed"
     assert any(e.startswith('channels."news\\n"') for e in errs), errs
     assert any(e.startswith('pools."feed\\n"') for e in errs), errs
     assert any(e.startswith("engine.prefix") for e in errs), errs
+
+
+async def test_library_close_codes_are_the_documented_ones_and_keep_the_session(wsd):
+    """Bad UTF-8 in a text frame closes 1007, an unknown opcode 1002 (both documented); the session resumes."""
+    from tests.rawws import close_code as code_of
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "protocol.md").read_text()
+    for opcode, payload, want in ((OP_TEXT, b'{"op":"ping","id":"\xff"}', 1007), (0x3, b"x", 1002)):
+        raw = await RawWs.open(wsd.port, f"/ws/api?token={make_token('utf')}")
+        hello = await raw.read_json()
+        await raw.send_frame(opcode, payload)
+        while True:
+            op, body = await raw.read_frame()
+            if op == OP_CLOSE:
+                break
+        assert code_of(body) == want
+        raw.close()
+        assert f"| {want} |" in doc
+
+        async def gone() -> bool:
+            return not (await wsd.ctl("connections.list", user="utf"))["items"]
+
+        await wait_for(gone, timeout=10)  # the session is saved when the old connection ends
+        async with wsd.connect("api", make_token("utf"), query={"session": hello["session_id"]}) as ws:
+            assert (await welcome(ws))["resumed"]

@@ -18,6 +18,8 @@ class Close:
 
 NORMAL = Close(1000, "normal closure", False)
 SHUTDOWN = Close(1001, "server shutdown", True)
+PROTOCOL_ERROR = Close(1002, "protocol error", False)  # sent by websockets: a malformed WebSocket frame
+INVALID_DATA = Close(1007, "invalid data", True)  # sent by websockets: a text frame that is not UTF-8
 POLICY = Close(1008, "policy violation", False)
 TOO_BIG = Close(1009, "message too big", True)
 INTERNAL = Close(1011, "internal error", True)
@@ -31,7 +33,7 @@ HEARTBEAT_TIMEOUT = Close(1011, "heartbeat timeout", True)
 
 CLOSE_CODES: dict[int, Close] = {
     c.code: c
-    for c in (NORMAL, SHUTDOWN, POLICY, TOO_BIG, INTERNAL, KICKED, TOKEN_EXPIRED, NOT_ADMITTED, RATE_LIMITED,
+    for c in (NORMAL, SHUTDOWN, PROTOCOL_ERROR, INVALID_DATA, POLICY, TOO_BIG, INTERNAL, KICKED, TOKEN_EXPIRED, NOT_ADMITTED, RATE_LIMITED,
               SLOW_CONSUMER, IDLE_TIMEOUT)
 }
 

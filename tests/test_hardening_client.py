@@ -224,6 +224,11 @@ async def test_internal_error_answers_internal_closes_1011_and_keeps_the_session
         assert not reply["ok"] and reply["error"]["code"] == "internal", reply
         code, _ = await closed_with(ws)
     assert code == 1011
+
+    async def gone() -> bool:
+        return not (await w.ctl("connections.list", user="victim"))["items"]
+
+    await wait_for(gone, timeout=10)  # the session is saved when the old connection ends
     async with w.connect("api", make_token("victim"), query={"session": hello["session_id"]}) as ws:
         again = await welcome(ws)
         assert again["resumed"] and again["subscriptions"] == ["notifications/acme/victim"]

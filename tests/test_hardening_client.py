@@ -163,6 +163,12 @@ async def test_publish_nested_1000_deep_gets_bad_request_and_nothing_is_stored(w
         await welcome(ws)
         r = await request(ws, {"op": "history", "id": 1, "channel": "trading-signals"})
         assert r["ok"] and r["result"]["messages"] == []
+        # At the default limit (32) a frame may be 32 deep: data 31 deep is stored and served back as sent.
+        limit_data = {"a": nested(30)}
+        r = await request(ws, {"op": "publish", "id": 2, "channel": "trading-signals", "data": limit_data})
+        assert r["ok"], r
+        r = await request(ws, {"op": "history", "id": 3, "channel": "trading-signals"})
+        assert [m["data"] for m in r["result"]["messages"]] == [limit_data]
     assert "Traceback" not in wsd.log()
 
 

@@ -157,6 +157,7 @@ class LimitsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_history_channels: int = 10000
     history_max_messages: int = 500
     history_max_bytes: int = 524288
+    max_json_depth: int = 32
 
 
 class BatchingConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -303,9 +304,9 @@ _HS_MIN_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
 _ASYMMETRIC = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES256K", "ES384", "ES512",
                "EdDSA")
 _RESERVED_PATHS = ("/healthz", "/readyz", "/metrics")
-_POOL_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_CHANNEL_ID = re.compile(r"^[A-Za-z0-9_.:@+=-]{1,128}$")  # one channel-instance segment, no "/"
-_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+_POOL_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # fullmatch only
+_CHANNEL_ID = re.compile(r"[A-Za-z0-9_.:@+=-]{1,128}")  # one channel-instance segment, no "/"; fullmatch only
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")  # fullmatch only
 
 
 # ------------------------------------------------------------------------------------ error collection
@@ -362,7 +363,7 @@ def _under(path: str, prefix: str) -> bool:
 
 
 def _key(path: str, key: str) -> str:
-    part = key if _BARE_KEY.match(key) else json.dumps(key)
+    part = key if _BARE_KEY.fullmatch(key) else json.dumps(key)
     return f"{path}.{part}" if path else part
 
 
@@ -614,6 +615,7 @@ def _validate(cfg: Config, errs: _Errors, *, from_file: bool, raw: dict[str, Any
     _check_auth(cfg.auth, errs, from_file=from_file)
     for key in msgspec.structs.fields(LimitsConfig):
         _at_least(errs, f"limits.{key.name}", getattr(cfg.limits, key.name), 1)
+    _between(errs, "limits.max_json_depth", cfg.limits.max_json_depth, 2, 512)
     _check_channels(cfg.channels, errs)
     _check_pools(cfg, errs, pools_from_file="pools" in raw)
     _check_routing(cfg, errs)
@@ -819,7 +821,7 @@ def _check_auth(a: AuthConfig, errs: _Errors, *, from_file: bool) -> None:
 def _check_channels(channels: dict[str, ChannelConfig], errs: _Errors) -> None:
     for cid, ch in channels.items():
         path = _key("channels", cid)
-        if not _CHANNEL_ID.match(cid):
+        if not _CHANNEL_ID.fullmatch(cid):
             errs.add(path, "a channel group id is 1-128 of A-Z a-z 0-9 _ . : @ + = - (no /)")
         _at_least(errs, f"{path}.history_size", ch.history_size, 0)
         _at_least(errs, f"{path}.history_ttl_s", ch.history_ttl_s, 0)
@@ -872,7 +874,7 @@ def _check_pools(cfg: Config, errs: _Errors, *, pools_from_file: bool) -> None:
     channels_ok = errs.intact("channels")
     for pid, pool in cfg.pools.items():
         path = _key("pools", pid)
-        if not _POOL_ID.match(pid):
+        if not _POOL_ID.fullmatch(pid):
             errs.add(path, "a pool id is 1-64 of A-Z a-z 0-9 _ -")
         p = pool.path
         if not p.startswith("/"):
@@ -961,7 +963,7 @@ def _check_engine(e: EngineConfig, errs: _Errors) -> None:
             errs.add("engine.url", "must be a redis://, rediss:// or unix:// URL")
     elif e.url:
         errs.add("engine.url", f'set, but engine.type is "{e.type}"; set engine.type = "redis" or remove it')
-    if not re.match(r"^[A-Za-z0-9_.:-]+$", e.prefix):
+    if not re.fullmatch(r"[A-Za-z0-9_.:-]+", e.prefix):
         errs.add("engine.prefix", "must be 1 or more of A-Z a-z 0-9 _ . : -")
 
 
@@ -1178,6 +1180,8 @@ max_history_channels = 10000
 # (at least one message); a cut reply says "more": true and where to continue.
 history_max_messages = 500
 history_max_bytes = 524288
+# Deepest nesting of arrays/objects in a client frame (the frame is level 1); deeper gets bad_request.
+max_json_depth = 32
 
 # Pools: one WebSocket endpoint each. A file with no [pools] gets these four.
 # Keys: type (frontend|mt5_client|admin|api), path, max_connections, allow_cidrs ([] = any IP),

@@ -524,11 +524,12 @@ class ControlServer:
         ttl = p.get("ttl_s")
         if ttl is not None and (not isinstance(ttl, (int, float)) or ttl <= 0):
             raise ControlError(P.E_BAD_REQUEST, "params.ttl_s: expected a positive number")
-        from wsd.core.channels import valid_segment
+        from wsd.core.channels import ID_RULE, valid_segment
 
         company = _str(p, "company")
-        if not valid_segment(user) or (company and not valid_segment(company)):
-            raise ControlError(P.E_BAD_REQUEST, "user and company ids are letters, digits and _.:@+=-")
+        for key, value in (("user", user), ("company", company)):
+            if value and not valid_segment(value):
+                raise ControlError(P.E_BAD_REQUEST, f"params.{key}: {value!r} is not a plain id: {ID_RULE}")
         token, exp = d.signer.sign(user, company, _list(p, "roles"), pool, ttl)
         d.audit("token_minted", user_id=user, company_id=company, roles=_list(p, "roles"), pool=pool, exp=exp)
         return {"token": token, "exp": exp, "user": user, "company": company, "roles": _list(p, "roles"),

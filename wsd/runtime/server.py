@@ -6,6 +6,7 @@ also logged and emitted as an event (browsers only ever see 1006 for a refused h
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
 import logging
@@ -301,11 +302,15 @@ class Endpoint:
         except ConnectionClosed:
             pass
         except Exception:
-            log.exception("connection handler failed")
+            log.exception("connection %s: handler failed", conn.id)
             conn.state = "error"
             hub.stats.errors += 1
             if not conn.closing:
                 hub.close(conn, errors.INTERNAL.code, errors.INTERNAL.reason)
+            # Let that close go out first: returning now would have websockets close with 1000 ("session
+            # over"), and an internal error is 1011, with the session kept for resume.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(ws.wait_closed(), hub.close_timeout() + 1.0)
         finally:
             code = ws.close_code if ws.close_code is not None else 1006
             if code == 1006 and conn.close_code:
@@ -442,6 +447,10 @@ class Endpoint:
                                     Priority.CRITICAL)
 
     async def on_frame(self, conn: Conn, message: str | bytes) -> None:
+        if conn.closing:
+            # A close is decided (rate limit, kick, expiry, ...): what the peer still sends is not
+            # processed, answered, counted, audited or logged. One decision, one record.
+            return
         d = self.daemon
         hub = d.hub
         now = d.loop.time()
@@ -464,6 +473,13 @@ class Endpoint:
             return
         try:
             frame = frames.decoder.decode(message)
+        except RecursionError:
+            # Nested far beyond limits.max_json_depth: the decoder gave up before any limit check.
+            conn.errors += 1
+            rid, _ = frames.salvage_id(message)
+            self.error(conn, rid, errors.BAD_REQUEST,
+                       f"JSON nested deeper than {d.config.limits.max_json_depth} levels (limits.max_json_depth)")
+            return
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             conn.errors += 1
             rid, op = frames.salvage_id(message)
@@ -471,7 +487,8 @@ class Endpoint:
             code = errors.BAD_REQUEST
             if "`$.op`" in text or (op is not None and op not in frames.OPS):
                 code = errors.UNKNOWN_OP
-                text = f"unknown op {op!r}; expected one of {', '.join(frames.OPS)}"
+                what = repr(op) if op is not None else f"({text})"  # op unreadable: the decoder's words
+                text = f"unknown op {what}; expected one of {', '.join(frames.OPS)}"
             elif op is None and "Object missing required field `op`" in text:
                 text = "missing 'op'"
             self.error(conn, rid, code, text)
@@ -480,6 +497,24 @@ class Endpoint:
             await self.dispatch(conn, frame)
         except ChannelError as exc:
             self.error(conn, getattr(frame, "id", None), exc.code, exc.message)
+        except Exception:
+            self.internal_error(conn, frame)
+
+    def internal_error(self, conn: Conn, frame: Any) -> None:
+        """A bug or a failed backend while serving a frame: logged once, answered ``internal``, closed 1011.
+
+        1011 (not 1000) tells the client to reconnect, and keeps its session for resume; frames that
+        follow are ignored (the close is decided), so this is logged once per connection.
+        """
+        hub = self.daemon.hub
+        op = frame.__class__.__name__.lower()
+        log.exception("connection %s: internal error serving %s", conn.id, op)
+        hub.stats.errors += 1
+        conn.errors += 1
+        self.daemon.emit("internal_error", connection_id=conn.id, user_id=conn.user_id, op=op)
+        self.error(conn, getattr(frame, "id", None), errors.INTERNAL_ERROR,
+                   "internal error: the connection is closed with 1011; resume and retry")
+        hub.close(conn, errors.INTERNAL.code, errors.INTERNAL.reason)
 
     async def dispatch(self, conn: Conn, f: Any) -> None:
         d = self.daemon
@@ -602,26 +637,61 @@ class Endpoint:
             _, inst = resolve(f.channel, conn.principal, d.config.channels)
             return self.reply(conn, f.id, hub.presence(inst))
         if isinstance(f, frames.Refresh):
-            try:
-                claims = d.verifier.verify(f.token)
-            except AuthError as exc:
-                return self.error(conn, f.id, errors.INVALID_TOKEN, exc.message)
-            if claims.user_id != conn.user_id or claims.company_id != conn.company_id:
-                d.audit("refresh_refused", connection_id=conn.id, user_id=conn.user_id)
-                return self.error(conn, f.id, errors.FORBIDDEN, "a refresh token must be for the same user and company")
-            # The new token must pass this pool's admission too: its pool claim and the pool's roles.
-            pool = conn.pool
-            if (claims.pool and claims.pool != pool.id) or (
-                    pool.roles and not pool.roles.intersection(claims.roles)):
-                d.audit("refresh_refused", connection_id=conn.id, user_id=conn.user_id)
-                return self.error(conn, f.id, errors.FORBIDDEN,
-                                  f"the refresh token is not allowed in pool {pool.id}")
-            if frozenset(claims.roles) != conn.principal.roles:
-                conn.principal = Principal(conn.user_id, conn.company_id, frozenset(claims.roles), pool.id,
-                                           pool.type, d.config.auth.admin_role in claims.roles)
-            conn.claims = claims
-            conn.exp = claims.exp
-            d.emit("token_refreshed", connection_id=conn.id, user_id=conn.user_id, exp=claims.exp)
-            return self.reply(conn, f.id, {"exp": claims.exp})
+            return self.refresh(conn, f)
         return self.error(conn, getattr(f, "id", None), errors.UNKNOWN_OP, "unknown op")
 
+    def refresh(self, conn: Conn, f: frames.Refresh) -> None:
+        """Take a new token: same user and company; the pool must still admit it; rights are checked again.
+
+        Every subscription the new claims no longer allow is dropped, each announced with an
+        ``unsubscribed`` push before the reply; a token the pool no longer admits closes with 4003.
+        """
+        d = self.daemon
+        hub = d.hub
+        try:
+            claims = d.verifier.verify(f.token)
+        except AuthError as exc:
+            return self.error(conn, f.id, errors.INVALID_TOKEN, exc.message)
+        if claims.user_id != conn.user_id or claims.company_id != conn.company_id:
+            d.audit("refresh_refused", connection_id=conn.id, user_id=conn.user_id, reason="another user or company")
+            return self.error(conn, f.id, errors.FORBIDDEN, "a refresh token must be for the same user and company")
+        pool = conn.pool
+        why = ""
+        if claims.pool and claims.pool != pool.id:
+            why = f"the token is for pool {claims.pool!r}"
+        elif pool.roles and not pool.roles.intersection(claims.roles):
+            why = f"pool {pool.id} needs one of the roles {sorted(pool.roles)}"
+        if why:
+            # The connection was admitted on rights this token no longer carries: end it (one decision,
+            # one record), after telling the client why in the reply.
+            d.audit("refresh_refused", connection_id=conn.id, user_id=conn.user_id, reason=why)
+            d.emit("refresh_refused", connection_id=conn.id, user_id=conn.user_id, pool=pool.id, reason=why)
+            self.error(conn, f.id, errors.FORBIDDEN, f"{why}: closing with {errors.NOT_ADMITTED.code}")
+            hub.close(conn, errors.NOT_ADMITTED.code, f"{errors.NOT_ADMITTED.reason}: {why}")
+            return None
+        principal = Principal(conn.user_id, conn.company_id, frozenset(claims.roles), pool.id, pool.type,
+                              d.config.auth.admin_role in claims.roles)
+        conn.principal = principal
+        conn.claims = claims
+        conn.exp = claims.exp
+        # Rights that came with the old token end with it: every subscription is resolved again, as a
+        # new subscribe with this token would be, and kept only if it names the same instance.
+        dropped: list[str] = []
+        for inst in list(conn.subs):
+            try:
+                _, again = resolve(inst, principal, d.config.channels)
+            except ChannelError as exc:
+                code, message = exc.code, exc.message
+            else:
+                if again == inst:
+                    continue
+                code, message = errors.FORBIDDEN, f"not allowed to use {inst!r}"
+            hub.remove_subscription(conn, inst)
+            dropped.append(inst)
+            hub.send_direct(conn, _encode({"type": "unsubscribed", "channel": inst, "reason": code,
+                                           "message": f"after refresh: {message}"}), Priority.CRITICAL)
+        if dropped:
+            d.audit("subscriptions_revoked", connection_id=conn.id, user_id=conn.user_id, channels=dropped)
+        d.emit("token_refreshed", connection_id=conn.id, user_id=conn.user_id, exp=claims.exp,
+               unsubscribed=len(dropped))
+        return self.reply(conn, f.id, {"exp": claims.exp})

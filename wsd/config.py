@@ -149,6 +149,8 @@ class LimitsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     messages_per_connection_per_second: int = 50
     message_burst: int = 100
     max_subscriptions_per_connection: int = 100
+    handshakes_in_progress_per_ip: int = 128
+    handshakes_in_progress: int = 2048
 
 
 class BatchingConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -237,6 +239,7 @@ class HttpConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class LogConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["text", "json"] = "text"
+    repeat_summary_interval_s: int = 10
 
 
 def default_pools() -> dict[str, PoolConfig]:
@@ -600,6 +603,7 @@ def _validate(cfg: Config, errs: _Errors, *, from_file: bool, raw: dict[str, Any
     _check_auth(cfg.auth, errs, from_file=from_file)
     for key in msgspec.structs.fields(LimitsConfig):
         _at_least(errs, f"limits.{key.name}", getattr(cfg.limits, key.name), 1)
+    _at_least(errs, "log.repeat_summary_interval_s", cfg.log.repeat_summary_interval_s, 1)
     _check_channels(cfg.channels, errs)
     _check_pools(cfg, errs, pools_from_file="pools" in raw)
     _check_routing(cfg, errs)
@@ -1109,6 +1113,10 @@ messages_per_connection_per_second = 50
 message_burst = 100
 # Channels one connection may subscribe to.
 max_subscriptions_per_connection = 100
+# TCP connections still in their WebSocket handshake, per client IP and in total: a connection
+# over either bound is closed at once (counted as refused code handshakes_in_progress).
+handshakes_in_progress_per_ip = 128
+handshakes_in_progress = 2048
 
 # Pools: one WebSocket endpoint each. A file with no [pools] gets these four.
 # Keys: type (frontend|mt5_client|admin|api), path, max_connections, allow_cidrs ([] = any IP),
@@ -1225,4 +1233,7 @@ metrics_allow = ["127.0.0.1/32", "::1/128"]
 level = "info"
 # text | json
 format = "text"
+# Repeated records (one refusal kind from one address, descriptor exhaustion): the first is
+# written in full, the rest are counted into one summary per this many seconds.
+repeat_summary_interval_s = 10
 '''

@@ -47,6 +47,7 @@ RATE_LIMIT = "rate_limited"
 INTERNAL_ERROR = "internal"
 
 # Handshake refusal codes (HTTP status, error code).
+H_BAD_REQUEST = (400, "bad_request")
 H_MISSING_TOKEN = (401, "missing_token")
 H_INVALID_TOKEN = (401, "invalid_token")
 H_EXPIRED_TOKEN = (401, "token_expired")

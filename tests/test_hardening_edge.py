@@ -420,3 +420,50 @@ async def test_socket_directory_modes(wsd_factory):
         finally:
             assert w.stop() == 0
         assert not path.exists()
+
+
+# -- the edge's state machines (injected clock) -----------------------------------------------------------------
+def test_in_progress_bounds_per_address_and_in_total():
+    from wsd.runtime.gate import InProgress
+
+    g = InProgress(per_ip=2, total=3)
+    assert [g.try_enter("a"), g.try_enter("a"), g.try_enter("a")] == ["", "", "per_ip"]
+    assert g.try_enter("b") == "" and g.try_enter("c") == "total"
+    g.leave("a")
+    assert g.try_enter("c") == "" and g.count == 3
+    for ip in ("a", "b", "c", "c"):  # a second leave of "c" gives back nothing
+        g.leave(ip)
+    assert g.count == 0 and g.by_ip == {}
+
+
+def test_repeats_pass_the_first_and_summarise_the_rest():
+    from wsd.runtime.gate import Repeats
+
+    r = Repeats(max_keys=2)
+    assert r.hit(("ip1", "x"), 0.0, "d1") is True
+    assert [r.hit(("ip1", "x"), 0.5) for _ in range(4)] == [False] * 4
+    assert r.hit(("ip2", "x"), 1.0, "d2") is True
+    # Over max_keys a new key folds into its overflow key: memory stays bounded.
+    assert r.hit(("ip3", "x"), 1.0, "d3", overflow=("*", "x")) is True
+    assert r.hit(("ip4", "x"), 1.0, "d4", overflow=("*", "x")) is False
+    assert len(r) == 3
+    out = r.flush(10.0)
+    assert out == [(("ip1", "x"), 4, 10.0, "d1"), (("*", "x"), 1, 9.0, "d3")]
+    # A key that keeps repeating yields only summaries; a quiet one is forgotten.
+    assert r.hit(("ip1", "x"), 11.0) is False
+    assert r.flush(20.0) == [(("ip1", "x"), 1, 10.0, "d1")]
+    assert r.flush(30.0) == [] and len(r) == 0
+    assert r.hit(("ip1", "x"), 31.0, "again") is True
+
+
+def test_redact_and_escape_cover_cut_tokens_and_control_characters():
+    from wsd.runtime.logs import escape, redact
+
+    tok = make_token("alice")
+    header, payload, sig = tok.split(".")
+    for text in (f"/ws/{tok}", f"/ws/{header}", f"/ws/{header}.{payload[:10]}", '{"op":"refresh","token":"' + tok[:30],
+                 f"TEXT '{{\"op\":\"x\",\"tok...{payload[-10:]}.{sig}\"}}' [300 bytes]"):
+        out = redact(text)
+        assert "[redacted]" in out and sig[-8:] not in out and header[3:] not in out, out
+    assert escape("a\nb\r\x1b[2J\x07\u202e\x85") == "a\\nb\\r\\x1b[2J\\x07\\u202e\\x85"
+    assert escape("plain text: é ü 中") == "plain text: é ü 中"

@@ -367,6 +367,7 @@ class Daemon:
         if self.control is not None:
             await self.control.stop()
         await self.engine.stop()
+        self.endpoint.flush_repeats()  # the counts of repeated records not yet summarised
         log.info("stopped")
 
     # -- reload --------------------------------------------------------------------------------------------

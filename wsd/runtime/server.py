@@ -18,8 +18,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import msgspec
 from websockets.asyncio.server import ServerConnection
-from websockets.datastructures import Headers
-from websockets.datastructures import MultipleValuesError
+from websockets.datastructures import Headers, MultipleValuesError
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
@@ -232,7 +231,10 @@ class Endpoint:
                overflow: Any = None) -> None:
         """An event (and audit record): written in full the first time per key and interval, else counted."""
         d = self.daemon
-        if not self.repeats.hit(key, d.loop.time(), (kind, fields, audit_kind), overflow):
+        rep = self.repeats
+        if overflow is not None and key not in rep.entries and len(rep) >= rep.max_keys:
+            key, fields = overflow, {**fields, "remote": "*"}  # too many addresses at once: one record for all
+        if not rep.hit(key, d.loop.time(), (kind, fields, audit_kind)):
             self._schedule_flush()
             return
         d.emit(kind, **fields)

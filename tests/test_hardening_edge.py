@@ -156,13 +156,13 @@ def idle_sockets(port: int, n: int, source: str) -> list[socket.socket]:
     return out
 
 
-def closed_by_peer(socks: list[socket.socket], timeout: float) -> set[socket.socket]:
-    """The sockets the daemon closed within ``timeout`` (EOF or reset)."""
+def closed_by_peer(socks: list[socket.socket], timeout: float, want: int | None = None) -> set[socket.socket]:
+    """The sockets the daemon closed within ``timeout`` (EOF or reset), returning early once ``want`` are."""
     closed: set[socket.socket] = set()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         left = [s for s in socks if s not in closed]
-        if not left:
+        if not left or (want is not None and len(closed) >= want):
             break
         readable, _, _ = select.select(left, [], [], 0.1)
         for s in readable:
@@ -183,7 +183,7 @@ async def test_idle_sockets_from_one_address_are_bounded(tmp_path):
         assert "descriptor limit raised from 128 to 256" in w.log()
         socks = idle_sockets(w.port, 300, "127.0.0.2")
         try:
-            closed = closed_by_peer(socks, 3.0)
+            closed = closed_by_peer(socks, 8.0, want=292)  # well before the 10 s handshake deadline
             assert len(closed) == 292
             async with w.connect(token=make_token("alice")) as ws:
                 assert (await welcome(ws))["type"] == "welcome"
@@ -208,7 +208,7 @@ async def test_descriptor_exhaustion_is_logged_rate_limited_and_counted(tmp_path
     try:
         socks = idle_sockets(w.port, 200, "127.0.0.2")
         try:
-            closed = closed_by_peer(socks, 3.0)
+            closed = closed_by_peer(socks, 8.0, want=80)
             assert len(closed) >= 80
             assert await prom_refused(w, "descriptors_exhausted") >= 80
             lines = [ln for ln in w.log().splitlines() if "descriptors_exhausted" in ln]

@@ -158,6 +158,8 @@ class LimitsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     history_max_messages: int = 500
     history_max_bytes: int = 524288
     max_json_depth: int = 32
+    handshakes_in_progress_per_ip: int = 128
+    handshakes_in_progress: int = 2048
 
 
 class BatchingConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -249,6 +251,7 @@ class HttpConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class LogConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["text", "json"] = "text"
+    repeat_summary_interval_s: int = 10
 
 
 def default_pools() -> dict[str, PoolConfig]:
@@ -616,6 +619,7 @@ def _validate(cfg: Config, errs: _Errors, *, from_file: bool, raw: dict[str, Any
     for key in msgspec.structs.fields(LimitsConfig):
         _at_least(errs, f"limits.{key.name}", getattr(cfg.limits, key.name), 1)
     _between(errs, "limits.max_json_depth", cfg.limits.max_json_depth, 2, 512)
+    _at_least(errs, "log.repeat_summary_interval_s", cfg.log.repeat_summary_interval_s, 1)
     _check_channels(cfg.channels, errs)
     _check_pools(cfg, errs, pools_from_file="pools" in raw)
     _check_routing(cfg, errs)
@@ -1182,6 +1186,10 @@ history_max_messages = 500
 history_max_bytes = 524288
 # Deepest nesting of arrays/objects in a client frame (the frame is level 1); deeper gets bad_request.
 max_json_depth = 32
+# TCP connections still in their WebSocket handshake, per client IP and in total: a connection
+# over either bound is closed at once (counted as refused code handshakes_in_progress).
+handshakes_in_progress_per_ip = 128
+handshakes_in_progress = 2048
 
 # Pools: one WebSocket endpoint each. A file with no [pools] gets these four.
 # Keys: type (frontend|mt5_client|admin|api), path, max_connections, allow_cidrs ([] = any IP),
@@ -1300,4 +1308,7 @@ metrics_allow = ["127.0.0.1/32", "::1/128"]
 level = "info"
 # text | json
 format = "text"
+# Repeated records (one refusal kind from one address, descriptor exhaustion): the first is
+# written in full, the rest are counted into one summary per this many seconds.
+repeat_summary_interval_s = 10
 '''

@@ -52,6 +52,7 @@ INTERNAL_ERROR = "internal"
 INVALID_DATA = "invalid_data"      # publish: data fails the channel group's data_schema
 
 # Handshake refusal codes (HTTP status, error code).
+H_BAD_REQUEST = (400, "bad_request")
 H_MISSING_TOKEN = (401, "missing_token")
 H_INVALID_TOKEN = (401, "invalid_token")
 H_EXPIRED_TOKEN = (401, "token_expired")

@@ -19,7 +19,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import msgspec
 from websockets.asyncio.server import ServerConnection
-from websockets.datastructures import Headers
+from websockets.datastructures import Headers, MultipleValuesError
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
@@ -31,7 +31,9 @@ from wsd.core.history import StreamPosition
 from wsd.core.outbox import Priority
 from wsd.core.ratelimit import TokenBucket
 from wsd.runtime.conn import BATCH, HISTORICAL, MODES, ON_DEMAND, Conn, ReliableState
-from wsd.runtime.hub import history_payload
+from wsd.runtime.hub import encode_push, history_payload
+from wsd.runtime.gate import InProgress, Repeats
+from wsd.runtime.logs import redact
 
 from wsd.runtime.daemon import ip_in
 
@@ -48,6 +50,8 @@ class WsdServerConnection(ServerConnection):
     wsd_conn: Conn | None = None
     wsd_hub: Any = None
     wsd_admission: Admission | None = None
+    wsd_slot: str | None = None  # the address holding a handshake-in-progress slot, until the handshake ends
+    wsd_endpoint: Endpoint | None = None  # class-wide: set by the daemon's Endpoint
 
     def __init__(self, protocol: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(protocol, *args, **kwargs)
@@ -56,9 +60,34 @@ class WsdServerConnection(ServerConnection):
         self.wsd_conn = None
         self.wsd_hub = None
         self.wsd_admission = None
+        self.wsd_slot = None
         # websockets refuses malformed or oversized requests itself (400, 414, 426, 431) in plain text:
         # give those the same JSON body as our own refusals.
         protocol.reject = _json_reject
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        ep = WsdServerConnection.wsd_endpoint
+        if ep is not None:
+            ep.on_accept(self, transport)
+
+    async def handshake(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            await super().handshake(*args, **kwargs)
+        finally:
+            self._release_slot()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._release_slot()
+        super().connection_lost(exc)
+
+    def _release_slot(self) -> None:
+        ip = self.wsd_slot
+        if ip is not None:
+            self.wsd_slot = None
+            ep = WsdServerConnection.wsd_endpoint
+            if ep is not None:
+                ep.inflight.leave(ip)
 
     def acknowledge_pings(self, data: bytes) -> None:
         c = self.wsd_conn
@@ -147,6 +176,23 @@ def _capped(pubs: list[Any], max_messages: int, max_bytes: int) -> tuple[list[by
         size += len(p) + 1
         out.append(p)
     return out, False
+# Headers a handshake carries at most once; a duplicate is refused with 400 rather than guessed at.
+SINGLE_HEADERS = ("Host", "Origin", "Authorization", "Cookie", "User-Agent", "Sec-WebSocket-Key",
+                  "Sec-WebSocket-Version")
+
+
+def duplicated_header(headers: Headers) -> str | None:
+    """The first of ``SINGLE_HEADERS`` sent more than once, or None."""
+    for name in SINGLE_HEADERS:
+        if len(headers.get_all(name)) > 1:
+            return name
+    return None
+
+
+def shown_path(path: str) -> str:
+    """A request path as it may be recorded: tokens redacted, at most 200 characters."""
+    p = redact(path)
+    return p if len(p) <= 200 else p[:200] + "..."
 
 
 class Endpoint:
@@ -154,23 +200,103 @@ class Endpoint:
 
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
+        lim = daemon.config.limits
+        self.inflight = InProgress(lim.handshakes_in_progress_per_ip, lim.handshakes_in_progress)
+        self.repeats = Repeats()
+        self._flush_handle: Any = None
+        WsdServerConnection.wsd_endpoint = self
+
+    # -- the edge: accepted sockets, repeated records -------------------------------------------------------
+    def on_accept(self, conn: WsdServerConnection, transport: Any) -> None:
+        """A TCP connection was accepted: hold a handshake slot for it, or close it at once."""
+        d = self.daemon
+        peer = transport.get_extra_info("peername")
+        ip = peer[0] if peer else ""
+        sock = transport.get_extra_info("socket")
+        fd = sock.fileno() if sock is not None else -1
+        # Descriptors are handed out lowest first: a new one this high means nearly all are in use.
+        # Close it while a reserve is left for the control socket, the log and the audit file.
+        if fd >= d.fd_alarm:
+            self.descriptors_exhausted(f"descriptor {fd} of {d.fd_limit} in use at accept", remote=ip)
+            transport.abort()
+            return
+        lim = d.config.limits
+        inflight = self.inflight
+        inflight.per_ip = lim.handshakes_in_progress_per_ip
+        inflight.total = lim.handshakes_in_progress
+        full = inflight.try_enter(ip)
+        if full:
+            d.hub.stats.refuse("handshakes_in_progress")
+            limit = inflight.per_ip if full == "per_ip" else inflight.total
+            self.record((ip, "handshakes_in_progress"), "handshake_limit", {
+                "remote": ip, "bound": "handshakes_in_progress_per_ip" if full == "per_ip"
+                else "handshakes_in_progress", "limit": limit}, None, overflow=("*", "handshakes_in_progress"))
+            transport.abort()
+            return
+        conn.wsd_slot = ip
+
+    def descriptors_exhausted(self, detail: str, remote: str = "") -> None:
+        """Count descriptor exhaustion and log it (the first in full, then one summary per interval)."""
+        d = self.daemon
+        d.hub.stats.refuse("descriptors_exhausted")
+        self.record(("descriptors",), "descriptors_exhausted", {"detail": detail, "remote": remote,
+                                                                "limit": d.fd_limit}, "descriptors_exhausted")
+
+    def record(self, key: Any, kind: str, fields: dict[str, Any], audit_kind: str | None,
+               overflow: Any = None) -> None:
+        """An event (and audit record): written in full the first time per key and interval, else counted."""
+        d = self.daemon
+        rep = self.repeats
+        if overflow is not None and key not in rep.entries and len(rep) >= rep.max_keys:
+            key, fields = overflow, {**fields, "remote": "*"}  # too many addresses at once: one record for all
+        if not rep.hit(key, d.loop.time(), (kind, fields, audit_kind)):
+            self._schedule_flush()
+            return
+        d.emit(kind, **fields)
+        if audit_kind is not None:
+            d.audit(audit_kind, **fields)
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if self._flush_handle is None:
+            d = self.daemon
+            self._flush_handle = d.loop.call_later(d.config.log.repeat_summary_interval_s, self.flush_repeats)
+
+    def flush_repeats(self) -> None:
+        """One summary per key that repeated: the first record's fields, with ``repeated`` and ``interval_s``."""
+        d = self.daemon
+        self._flush_handle = None
+        for _key, n, span, (kind, fields, audit_kind) in self.repeats.flush(d.loop.time()):
+            summary = {**fields, "repeated": n, "interval_s": round(span, 1)}
+            d.emit(kind, **summary)
+            if audit_kind is not None:
+                d.audit(audit_kind, **summary)
+        if len(self.repeats):
+            self._schedule_flush()
 
     # -- handshake ----------------------------------------------------------------------------------------
     def refuse(self, conn: ServerConnection, spec: tuple[int, str], message: str, remote: str, pool: str = "",
                retry_after: float | None = None, user_id: str = "") -> Response:
         status, code = spec
         self.daemon.hub.stats.refuse(code)
-        self.daemon.emit("refused", status=status, code=code, reason=message, remote=remote, pool=pool,
-                         user_id=user_id)
-        if status in (401, 403, 429):
-            self.daemon.audit("handshake_refused", status=status, code=code, reason=message, remote=remote,
-                              pool=pool, user_id=user_id)
+        # A flood of one refusal from one address is one record, then one summary with the count per interval.
+        self.record((remote, code), "refused", {"status": status, "code": code, "reason": message, "remote": remote,
+                                                "pool": pool, "user_id": user_id},
+                    "handshake_refused" if status in (401, 403, 429) else None, overflow=("*", code))
         headers = {}
         if retry_after is not None:
             headers["Retry-After"] = str(max(1, int(min(retry_after, 3600.0) + 0.999)))
         return json_response(status, {"error": code, "message": message}, headers)
 
     async def process_request(self, conn: ServerConnection, request: Request) -> Response | None:
+        try:
+            return await self._admit(conn, request)
+        except MultipleValuesError as exc:
+            # A header read as single that came more than once: a client error, never a 500.
+            remote = conn.remote_address[0] if conn.remote_address else ""
+            return self.refuse(conn, errors.H_BAD_REQUEST, f"duplicated header {exc}: send it once", remote)
+
+    async def _admit(self, conn: ServerConnection, request: Request) -> Response | None:
         d = self.daemon
         path, query_s = request_target(request.path)
         if path == "/healthz":
@@ -185,25 +311,32 @@ class Endpoint:
                 return json_response(403, {"error": "forbidden", "message": "metrics not allowed from here"})
             return text_response(200, d.prometheus_text(), "text/plain; version=0.0.4; charset=utf-8")
         pool = d.pools_by_path.get(path)
+        pool_id = pool.id if pool is not None else ""
+        # Every attempt counts against its address, whatever comes of it: a flood of bad requests from
+        # one address meets 429 after the budget, not an endless stream of 403/404 (and their records).
+        now = d.loop.time()
+        ok, retry = d.ip_limiter.try_take(remote, now)
+        if not ok:
+            return self.refuse(conn, errors.H_RATE_LIMITED, "too many connection attempts from this address",
+                               remote, pool_id, retry_after=retry)
+        headers = request.headers
+        dup = duplicated_header(headers)
+        if dup is not None:
+            return self.refuse(conn, errors.H_BAD_REQUEST, f"duplicated header {dup}: send it once", remote, pool_id)
         if pool is None:
-            return self.refuse(conn, errors.H_NO_POOL, f"no pool at {path}", remote)
+            return self.refuse(conn, errors.H_NO_POOL, f"no pool at {shown_path(path)}", remote)
         if d.draining or not d.ready:
             return self.refuse(conn, errors.H_DRAINING, "server is draining", remote, pool.id)
         if pool.networks and not ip_in(remote, pool.networks):
             return self.refuse(conn, errors.H_IP_FORBIDDEN, f"address {remote} not allowed in pool {pool.id}",
                                remote, pool.id)
-        origin = request.headers.get("Origin")
+        origin = headers.get("Origin")
         if pool.origins and origin is not None and origin not in pool.origins:
-            return self.refuse(conn, errors.H_ORIGIN_FORBIDDEN, f"origin {origin} not allowed in pool {pool.id}",
-                               remote, pool.id)
-        now = d.loop.time()
-        ok, retry = d.ip_limiter.try_take(remote, now)
-        if not ok:
-            return self.refuse(conn, errors.H_RATE_LIMITED, "too many connection attempts from this address",
-                               remote, pool.id, retry_after=retry)
+            return self.refuse(conn, errors.H_ORIGIN_FORBIDDEN,
+                               f"origin {shown_path(origin)} not allowed in pool {pool.id}", remote, pool.id)
         query = parse_qs(query_s)
-        offered = [p.strip() for h in request.headers.get_all("Sec-WebSocket-Protocol") for p in h.split(",")]
-        token, source = extract_token(request.headers, query, offered)
+        offered = [p.strip() for h in headers.get_all("Sec-WebSocket-Protocol") for p in h.split(",")]
+        token, source = extract_token(headers, query, offered)
         if token is None:
             return self.refuse(conn, errors.H_MISSING_TOKEN, "no token: send Authorization: Bearer, ?token= or "
                                "the bearer.<jwt> subprotocol", remote, pool.id)
@@ -235,17 +368,18 @@ class Endpoint:
         session_id = None
         want = query.get("session", [""])[0]
         if want:
+            # Only read here: the session is taken (deleted) by the handler once the handshake is accepted,
+            # so a refusal after this point (by websockets, or a full manager) leaves it to a later resume.
             state = await d.engine.load_session(want)
             # A session is only ever resumed by the same user and tenant that left it.
             if state is not None and state.get("user_id") == user and state.get("company_id") == claims.company_id:
                 session, session_id = state, want
-                await d.engine.drop_session(want)
         is_admin = d.config.auth.admin_role in claims.roles
         principal = Principal(user, claims.company_id, frozenset(claims.roles), pool.id, pool.type, is_admin)
         adm = Admission(claims=claims, pool=pool, principal=principal, remote=remote, session=session,
                         session_id=session_id or secrets.token_urlsafe(18),
                         subprotocol=SUBPROTOCOL if SUBPROTOCOL in offered else "",
-                        token_source=source, user_agent=request.headers.get("User-Agent", ""))
+                        token_source=source, user_agent=headers.get("User-Agent", ""))
         conn.wsd_admission = adm  # type: ignore[attr-defined]
         sndbuf = d.config.manager.socket_send_buffer_bytes
         if sndbuf:
@@ -296,6 +430,9 @@ class Endpoint:
         d.emit("connect", connection_id=conn.id, pool=conn.pool.id, user_id=conn.user_id,
                company_id=conn.company_id, remote=conn.remote_address, resumed=conn.resumed)
         try:
+            if session is not None:
+                # Taken only now that the handshake is accepted: a refused resume leaves it for the next try.
+                await d.engine.drop_session(conn.session_id)
             await self._start(conn, session)
             async for message in ws:
                 await self.on_frame(conn, message)

@@ -2,13 +2,14 @@
 
 Pure functions of the data: each ``render_*`` takes a method's ``result`` and returns a rich
 renderable (or a string), so views can be tested without a daemon and reused by the TUI.
-Units: ``1.2k msg/s``, ``34 MiB``, ``3m12s``; connection ids are shown as their first 8 characters
+Units come from ``wsctl.fmt`` (shared with ``wsctl top``): ``1.2k msg/s``, ``54.0 MiB``, ``3m12s``.
+Every cell is a ``rich.text.Text`` made with ``fmt.plain``: text that came from clients (types, ids,
+claims, reasons) is drawn literally with control characters escaped, never as markup. Connection ids are shown as their first 8 characters
 (every command that takes an id accepts such a prefix).
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 from collections.abc import Iterable
 from typing import Any
@@ -18,115 +19,64 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from wsctl import fmt
+
 ID_WIDTH = 8
+
+#: subscription modes as words (the daemon's counts may use the upper-case names)
+MODE_WORDS = {
+    "REAL_TIME": "realtime",
+    "BATCH": "batch",
+    "ON_DEMAND": "on demand",
+    "HISTORICAL": "historical",
+    "on_demand": "on demand",
+}
 
 
 # ------------------------------------------------------------------------------------------------ units
+# one set of formatters for every view and the dashboard (wsctl.fmt)
 
-
-def fmt_count(n: float | int | None) -> str:
-    """1234 -> 1.2k, 1234567 -> 1.2M; small numbers as they are."""
-    if n is None:
-        return "-"
-    v = float(n)
-    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(v) >= div:
-            x = v / div
-            text = f"{x:.1f}" if abs(x) < 100 else f"{x:.0f}"
-            return text.removesuffix(".0") + suffix
-    if v == int(v):
-        return str(int(v))
-    return f"{v:.1f}" if abs(v) >= 1 else f"{v:.2f}"
-
-
-def fmt_rate(per_s: float | None, unit: str = "msg/s") -> str:
-    """1234.5 -> '1.2k msg/s'."""
-    if per_s is None:
-        return "-"
-    return f"{fmt_count(per_s)} {unit}" if unit else fmt_count(per_s)
-
-
-def fmt_bytes(n: float | int | None) -> str:
-    """35651584 -> '34 MiB', 1536 -> '1.5 KiB', 512 -> '512 B'."""
-    if n is None:
-        return "-"
-    v = float(n)
-    if abs(v) < 1024:
-        return f"{int(v)} B"
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        v /= 1024
-        if abs(v) < 1024 or unit == "TiB":
-            return f"{v:.1f} {unit}" if abs(v) < 10 else f"{v:.0f} {unit}"
-    return f"{v:.0f} TiB"  # pragma: no cover - unreachable
-
-
-def fmt_duration(s: float | int | None) -> str:
-    """192 -> '3m12s', 7500 -> '2h05m', 266400 -> '3d02h', 4.2 -> '4.2s'."""
-    if s is None:
-        return "-"
-    s = max(0.0, float(s))
-    if s < 10:
-        return f"{s:.1f}s" if s != int(s) else f"{int(s)}s"
-    n = int(s)
-    if n < 60:
-        return f"{n}s"
-    if n < 3600:
-        return f"{n // 60}m{n % 60:02d}s"
-    if n < 86400:
-        return f"{n // 3600}h{n % 3600 // 60:02d}m"
-    return f"{n // 86400}d{n % 86400 // 3600:02d}h"
-
-
-def fmt_ms(ms: float | None) -> str:
-    if ms is None:
-        return "-"
-    if ms >= 1000:
-        return f"{ms / 1000:.2f} s"
-    if ms >= 10:
-        return f"{ms:.0f} ms"
-    return f"{ms:.1f} ms"
-
-
-def fmt_pct(x: float | None) -> str:
-    """An error rate (0..1) as a percentage."""
-    if x is None:
-        return "-"
-    return f"{x * 100:.1f}%"
-
-
-def fmt_time(ts: float | None, with_date: bool = True) -> str:
-    """A Unix time in local time, to the millisecond."""
-    if not ts:
-        return "-"
-    t = _dt.datetime.fromtimestamp(float(ts))
-    s = t.strftime("%Y-%m-%d %H:%M:%S" if with_date else "%H:%M:%S")
-    return f"{s}.{t.microsecond // 1000:03d}"
+fmt_count = fmt.count
+fmt_rate = fmt.rate
+fmt_bytes = fmt.size
+fmt_duration = fmt.duration
+fmt_ms = fmt.ms
+fmt_pct = fmt.percent
+fmt_time = fmt.local_time
+compact_json = fmt.compact_json
+plain = fmt.plain
 
 
 def short_id(cid: str | None, n: int = ID_WIDTH) -> str:
-    return (cid or "")[:n]
+    return plain((cid or "")[:n])
 
 
-def clip(text: str, n: int) -> str:
-    return text if len(text) <= n else text[: max(0, n - 1)] + "…"
-
-
-def compact_json(v: Any) -> str:
-    return json.dumps(v, separators=(",", ":"), ensure_ascii=False, default=str)
+def clip(text: Any, n: int) -> str:
+    """Outside text made inert (``fmt.plain``) and cut to ``n`` characters with an ellipsis."""
+    s = plain(text if text is not None else "")
+    return s if len(s) <= n else s[: max(0, n - 1)] + "…"
 
 
 def _join(items: Iterable[Any]) -> str:
-    out = ",".join(str(x) for x in items)
+    out = ",".join(plain(x) for x in items)
     return out or "-"
 
 
 # ------------------------------------------------------------------------------------------------ tables
 
 
+class PlainTable(Table):
+    """A table whose string cells are drawn as literal text (``fmt.plain``), never parsed as markup."""
+
+    def add_row(self, *renderables: RenderableType | None, **kw: Any) -> None:
+        cells = [fmt.text(c) if isinstance(c, str) else c for c in renderables]
+        super().add_row(*cells, **kw)
+
+
 def table(*columns: str, title: str | None = None, right: Iterable[str] = ()) -> Table:
     """A borderless table whose rows never wrap: long cells end in an ellipsis instead."""
     # two spaces between columns (one box divider + one padding): widths below are budgeted for 80 columns
-    t = Table(
+    t = PlainTable(
         box=box.SIMPLE_HEAD,
         title=title,
         title_justify="left",
@@ -144,7 +94,7 @@ def table(*columns: str, title: str | None = None, right: Iterable[str] = ()) ->
 
 def kv(rows: Iterable[tuple[str, Any]], title: str | None = None) -> Table:
     """Two columns: a label and a value."""
-    t = Table.grid(padding=(0, 2))
+    t = PlainTable.grid(padding=(0, 2))
     t.add_column(style="bold", no_wrap=True)
     t.add_column(overflow="fold")
     if title:
@@ -152,12 +102,12 @@ def kv(rows: Iterable[tuple[str, Any]], title: str | None = None) -> Table:
         t.title_justify = "left"
         t.title_style = "bold underline"
     for k, v in rows:
-        t.add_row(k, v if isinstance(v, Text) else Text(str(v)))
+        t.add_row(Text(k), v if isinstance(v, Text) else fmt.text(fmt.words(v) if not isinstance(v, str) else v))
     return t
 
 
 def _by(d: dict[str, Any]) -> str:
-    return "  ".join(f"{k} {v}" for k, v in d.items()) or "-"
+    return "  ".join(f"{plain(k)} {fmt.words(v)}" for k, v in d.items()) or "-"
 
 
 # ------------------------------------------------------------------------------------------------ views
@@ -186,7 +136,7 @@ def render_status(r: dict[str, Any]) -> RenderableType:
             f"published {fmt_rate(r.get('rate_publish'))}",
         ),
         ("latency", f"p50 {fmt_ms(lat.get('p50_ms'))}  p99 {fmt_ms(lat.get('p99_ms'))}"),
-        ("process", f"RSS {fmt_bytes(r.get('rss_bytes'))}  CPU {r.get('cpu_percent', 0):.1f}%"),
+        ("process", f"RSS {fmt_bytes(r.get('rss_bytes'))}  CPU {fmt.cpu(r.get('cpu_percent'))}"),
         ("config", (r.get("config_path") or "built-in defaults") + f"  (reloads: {r.get('reloads', 0)})"),
         ("socket", r.get("socket", "")),
     ]
@@ -346,7 +296,7 @@ def render_subscription_rows(
         row = [short_id(s.get("connection_id")), clip(s.get("user_id", ""), 10)] if with_conn else []
         row += [
             clip(s.get("channel", ""), 25 if with_conn else 40),
-            s.get("mode", ""),
+            MODE_WORDS.get(s.get("mode", ""), s.get("mode", "")),
             clip(_join(s.get("types") or []) if s.get("types") else "all", 10),
             str(pos.get("offset", "-")),
         ]
@@ -359,7 +309,7 @@ def render_subscriptions(r: dict[str, Any]) -> RenderableType:
     total = r.get("total", len(items))
     if not total:
         return Text("no subscriptions", style="dim")
-    by = r.get("by_type") or {}
+    by = {MODE_WORDS.get(k, k): v for k, v in (r.get("by_mode") or r.get("by_type") or {}).items()}
     foot = f"{total} subscription{'s' if total != 1 else ''}" + (f"  ({_by(by)})" if by else "")
     if len(items) < total:
         foot += f"; showing {len(items)}"
@@ -455,7 +405,7 @@ def render_metrics(r: dict[str, Any]) -> RenderableType:
                 "memory",
                 f"RSS {fmt_bytes(m.get('rss_bytes'))}  "
                 f"({fmt_bytes(m.get('rss_per_connection_bytes'))}/connection)  "
-                f"CPU {m.get('cpu_percent', 0)}%",
+                f"CPU {fmt.cpu(m.get('cpu_percent'))}",
             ),
             ("refused", _by(m.get("refused") or {})),
             ("closed by code", _by(m.get("closed_by_code") or {})),
@@ -614,15 +564,23 @@ def render_rule(rule: dict[str, Any]) -> RenderableType:
 
 def _value(v: Any) -> str:
     if isinstance(v, str):
+        v = plain(v)
         return v if v and not any(ch.isspace() for ch in v) else json.dumps(v, ensure_ascii=False)
+    if isinstance(v, bool):
+        return "yes" if v else "no"
     if isinstance(v, (list, tuple)):
-        return ",".join(str(x) for x in v) or "[]"
+        return ",".join(plain(x) for x in v) or "none"
     if isinstance(v, dict):
-        return compact_json(v)
-    return str(v)
+        return plain(compact_json(v))
+    if v is None:
+        return "-"
+    return plain(v)
 
 
 def event_line(ev: dict[str, Any]) -> str:
-    """One event as one line: ``TIME KIND key=value ...`` (values with spaces are quoted)."""
-    fields = " ".join(f"{k}={_value(v)}" for k, v in ev.items() if k not in ("seq", "ts", "event"))
-    return f"{fmt_time(ev.get('ts'))} {ev.get('event', '?'):<14} {fields}".rstrip()
+    """One event as one line: ``TIME KIND key=value ...`` (values with spaces are quoted).
+
+    Every key and value is inert text (``fmt.plain``): what a client sent cannot reach the terminal raw.
+    """
+    fields = " ".join(f"{plain(k)}={_value(v)}" for k, v in ev.items() if k not in ("seq", "ts", "event"))
+    return f"{fmt_time(ev.get('ts'))} {plain(ev.get('event', '?')):<14} {fields}".rstrip()

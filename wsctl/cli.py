@@ -831,6 +831,10 @@ def top(
     path = _opts(ctx).path()
     with Client(path) as c:
         c.call("hello")  # exit 3 with the usual message before starting a full-screen app
+    if hasattr(signal, "SIGPIPE"):
+        # The dashboard outlives the daemon: a write to its dead control socket must be an error the
+        # dashboard handles ("cannot reach wsd ... retrying"), not a signal that kills it mid-screen.
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     try:
         from wsctl.tui import app as tui_app  # lazy: importing wsctl.cli never imports textual
     except ImportError as exc:
@@ -897,7 +901,8 @@ def _fail(err: WsctlError, as_json: bool) -> NoReturn:
 def main(argv: list[str] | None = None) -> None:
     """Run wsctl: parse, call, print; every failure becomes one stderr line and a fixed exit code."""
     if hasattr(signal, "SIGPIPE"):
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `wsctl events -f | head` ends quietly
+        # `wsctl events -f | head` ends quietly; `top` sets it back to ignored (it writes to sockets)
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     args = hoist_globals(list(sys.argv[1:] if argv is None else argv))
     head = args[: args.index("--")] if "--" in args else args
     as_json = "--json" in head

@@ -321,6 +321,8 @@ def connections(
     key = SORT_KEYS.get(key, key)
     if key not in SORT_KEYS.values():
         raise UsageFailure("usage", f"--sort: one of {', '.join(SORT_KEYS)} (prefix - for descending)")
+    if state is not None and state not in P.CONNECTION_STATES:
+        raise UsageFailure("usage", f"--state: one of {', '.join(P.CONNECTION_STATES)}")
     res = rpc(
         ctx,
         "connections.list",
@@ -368,12 +370,21 @@ def channels(ctx: typer.Context) -> None:
 @app.command()
 def subscriptions(
     ctx: typer.Context,
+    id: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="[ID]",
+            help="Only this connection's subscriptions (its id or a unique prefix).",
+            autocompletion=complete_connection,
+            show_default=False,
+        ),
+    ] = None,
     connection: Annotated[
         str | None,
         typer.Option(
             "--connection",
             metavar="ID",
-            help="Only this connection's subscriptions.",
+            help="The same as the ID argument.",
             autocompletion=complete_connection,
         ),
     ] = None,
@@ -391,9 +402,12 @@ def subscriptions(
     """Subscriptions: of one connection, of one channel instance, or all of them.
 
     Examples:
+    $ wsctl subscriptions d272b4ad
     $ wsctl subscriptions --channel trading-signals/acme
-    $ wsctl subscriptions --connection d272b4ad
     """
+    if id and connection and id != connection:
+        raise UsageFailure("usage", "name the connection once: ID or --connection ID")
+    connection = id or connection
     if connection and channel:
         raise UsageFailure("usage", "--connection and --channel cannot be combined")
     emit(
@@ -431,7 +445,7 @@ def metrics(
         bool, typer.Option("--prometheus", help="Print the Prometheus exposition text.")
     ] = False,
 ) -> None:
-    """The seed's metrics: manager, pools, routing, subscriptions, queues.
+    """Daemon metrics: manager, pools, routing, subscriptions, queues.
 
     Examples:
     $ wsctl metrics
@@ -563,14 +577,31 @@ def send(
     priority: Annotated[
         Priority, typer.Option("--priority", metavar="PRIORITY", help="critical, high, normal or low.")
     ] = Priority.normal,
+    ttl: Annotated[
+        float | None,
+        typer.Option(
+            "--ttl",
+            metavar="DURATION",
+            parser=duration_param,
+            help="Drop the message if not delivered within this time.",
+        ),
+    ] = None,
 ) -> None:
     """Send a message to one connection (no channel, no history).
 
     Example:
-    $ wsctl send d272b4ad --type notice --data '{"text": "hello"}'
+    $ wsctl send d272b4ad --type notice --ttl 30s --data '{"text": "hello"}'
     """
     payload = parse_data(data)
-    res = rpc(ctx, "send", connection_id=connection_id, data=payload, type=type_, priority=priority.value)
+    res = rpc(
+        ctx,
+        "send",
+        connection_id=connection_id,
+        data=payload,
+        type=type_,
+        priority=priority.value,
+        ttl_s=ttl,
+    )
     emit(ctx, res, lambda r: f"sent to connection {r.get('connection_id')}")
 
 
@@ -768,8 +799,8 @@ def events(
         list[str] | None,
         typer.Option(
             "--kind",
-            help="Only this kind: connect, disconnect, kick, refused, rate_limited, slow_consumer, "
-            "reload, ... (repeatable).",
+            help="Only this kind (repeatable): connect, disconnect, kick, refused, rate_limited, "
+            "slow_consumer, reload, ...; the full list is in man wsctl.",
         ),
     ] = None,
 ) -> None:
@@ -781,6 +812,11 @@ def events(
     """
     as_json = _opts(ctx).json
     kinds = set(kind or [])
+    unknown = sorted(kinds - set(P.EVENT_KINDS))
+    if unknown:
+        raise UsageFailure(
+            "usage", f"--kind {render.plain(unknown[0])}: one of {', '.join(sorted(P.EVENT_KINDS))}"
+        )
 
     def show(ev: dict[str, Any]) -> None:
         if kinds and ev.get("event") not in kinds:

@@ -192,7 +192,7 @@ def render_connections(r: dict[str, Any], filtered: bool = False) -> RenderableT
             fmt_duration(c.get("age_s")),
             fmt_count(c.get("msgs_in")),
             fmt_count(c.get("msgs_out")),
-            fmt_count(c.get("queue")),
+            fmt_count(_depth(c.get("queue"))),
         )
     total = r.get("total", len(items))
     if not total:
@@ -202,6 +202,11 @@ def render_connections(r: dict[str, Any], filtered: bool = False) -> RenderableT
     if shown < total:
         foot = f"showing {shown} of {total} connections (use --limit)"
     return Group(t, Text(foot, style="dim"))
+
+
+def _depth(q: Any) -> Any:
+    """A row's queue depth: ``queue`` is ``{"depth", ...}`` (older daemons sent the number)."""
+    return q.get("depth") if isinstance(q, dict) else q
 
 
 def render_connection(r: dict[str, Any]) -> RenderableType:

@@ -25,6 +25,7 @@ from rich.console import Console, RenderableType
 import wsd
 from wsctl import render
 from wsctl.client import Client, RequestFailed, UsageFailure, WsctlError, discover_socket
+from wsctl.helptext import readable_help
 from wsd.control import protocol as P
 
 try:  # typer >= 0.22 vendors its own click
@@ -33,6 +34,7 @@ except ImportError:  # pragma: no cover - older typer on the real click
     from click import exceptions as click_exc  # type: ignore[no-redef]
 
 PROG = "wsctl"
+readable_help()  # --help shows TEXT, N, PATH, not <str>, <int>, <bool>
 
 app = typer.Typer(
     name=PROG,
@@ -373,7 +375,7 @@ def subscriptions(
     id: Annotated[
         str | None,
         typer.Argument(
-            metavar="[ID]",
+            metavar="ID",
             help="Only this connection's subscriptions (its id or a unique prefix).",
             autocompletion=complete_connection,
             show_default=False,

@@ -1,0 +1,67 @@
+"""`--help` in words: value placeholders like TEXT, N, PATH instead of Python type names.
+
+Typer's rich help shows each option's Python type (``<str>``, ``<bool>`` on every flag,
+``<list[str]>``, ``<int range> [x>=0]``). ``readable_help()`` replaces those with the placeholders
+people expect from command-line tools: flags show nothing, ``TEXT``, ``N``, ``NUMBER``, ``PATH``,
+``ID...`` for repeated arguments, choices as ``a|b|c``. Options and arguments that set a metavar keep
+it. Used by both ``wsctl`` and ``wsd``; it only imports typer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import typer.core as _core
+
+_WORDS = {
+    "str": "TEXT",
+    "int": "N",
+    "int range": "N",
+    "float": "NUMBER",
+    "float range": "NUMBER",
+    "path": "PATH",
+    "file": "FILE",
+    "directory": "DIR",
+    "datetime": "TIME",
+}
+
+
+def placeholder(typer_label: str | None) -> str | None:
+    """Typer's ``<type>`` label -> a placeholder (``None`` for a flag)."""
+    if not typer_label:
+        return typer_label
+    label = typer_label.strip("<>")
+    many = label.startswith("list[") and label.endswith("]")
+    if many:
+        label = label[5:-1]
+    if label == "bool":
+        return None
+    word = _WORDS.get(label, label if "|" in label else label.upper())
+    return word + ("..." if many else "")
+
+
+def readable_help() -> None:
+    """Make typer's help show placeholders instead of Python types (idempotent)."""
+    if getattr(_core, "_readable_help", False):
+        return
+    base_display = _core._TyperParameter.display_type_rich
+    opt_display = _core.TyperOption.display_type_rich
+
+    def arg_display(self: Any, ctx: Any) -> str | None:
+        if self.metavar is not None:
+            return None  # the metavar is already the argument's name in the first column
+        return placeholder(base_display(self, ctx))
+
+    def option_display(self: Any, ctx: Any) -> str | None:
+        if self.metavar is not None:
+            return str(self.metavar)
+        if self.is_flag:
+            return None
+        return placeholder(opt_display(self, ctx))
+
+    _core._TyperParameter.display_type_rich = arg_display  # type: ignore[method-assign]
+    _core.TyperOption.display_type_rich = option_display  # type: ignore[method-assign]
+    # "[x>=0]" after a count: the help text says what the number is
+    _core.TyperOption._get_number_range_help_str = lambda self: None  # type: ignore[method-assign]
+    _core.TyperArgument._get_number_range_help_str = lambda self: None  # type: ignore[method-assign]
+    _core._readable_help = True  # type: ignore[attr-defined]

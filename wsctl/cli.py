@@ -853,6 +853,53 @@ def config_cmd(ctx: typer.Context) -> None:
         emit(ctx, res, lambda r: r.get("toml", ""))
 
 
+MAN_PAGES = {"wsctl": "man1/wsctl.1", "wsd": "man8/wsd.8"}
+
+
+def man_page_path(page: str) -> str | None:
+    """Where a manual page is: ``<prefix>/share/man/`` (installed from a wheel) or the checkout's man/."""
+    import os
+    import sysconfig
+
+    rel = MAN_PAGES[page]
+    candidates = [
+        os.path.join(sysconfig.get_path("data"), "share", "man", rel),
+        os.path.join(sys.prefix, "share", "man", rel),
+        os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "man", os.path.basename(rel)),
+    ]
+    return next((c for c in candidates if os.path.isfile(c)), None)
+
+
+@app.command("man")
+def man_cmd(
+    ctx: typer.Context,
+    page: Annotated[str, typer.Argument(metavar="PAGE", help="wsctl (the default) or wsd.")] = "wsctl",
+    path: Annotated[bool, typer.Option("--path", help="Print the page's file name instead of showing it.")] = False,
+) -> None:
+    """Show the manual page of wsctl or wsd, wherever it was installed (also from a source checkout).
+
+    Examples:
+    $ wsctl man wsd
+    $ man -l "$(wsctl man --path)"
+    """
+    if page not in MAN_PAGES:
+        raise UsageFailure("usage", f"PAGE: one of {', '.join(MAN_PAGES)}")
+    where = man_page_path(page)
+    if where is None:
+        raise RequestFailed("not_found", f"the {page} manual page is not installed with this wsctl")
+    if path or _opts(ctx).json:
+        emit(ctx, {"page": page, "path": where}, lambda r: r["path"])
+        return
+    import os
+    import shutil
+
+    if shutil.which("man") is None:
+        with open(where, encoding="utf-8") as f:
+            sys.stdout.write(f.read())
+        return
+    os.execvp("man", ["man", "-l", where])
+
+
 def top(
     ctx: typer.Context,
     refresh: Annotated[

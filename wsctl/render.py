@@ -209,6 +209,20 @@ def _depth(q: Any) -> Any:
     return q.get("depth") if isinstance(q, dict) else q
 
 
+_TIME_CLAIMS = ("iat", "nbf", "auth_time")
+
+
+def _other_claims(claims: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The token's other claims, one row each (times as local times); its text is the client's, escaped."""
+    if not claims:
+        return [("other claims", "-")]
+    rows: list[tuple[str, Any]] = []
+    for k, v in sorted(claims.items()):
+        is_time = k in _TIME_CLAIMS and isinstance(v, (int, float)) and not isinstance(v, bool)
+        rows.append((clip(k, 12), fmt_time(v) if is_time else fmt.words(v)))
+    return rows
+
+
 def render_connection(r: dict[str, Any]) -> RenderableType:
     info = r.get("info") or {}
     auth = r.get("auth") or {}
@@ -237,7 +251,7 @@ def render_connection(r: dict[str, Any]) -> RenderableType:
             ("roles", _join(auth.get("roles") or [])),
             ("pool claim", auth.get("pool") or "-"),
             ("expires", fmt_time(auth.get("exp") or r.get("exp"))),
-            ("other claims", compact_json(auth.get("claims") or {})),
+            *_other_claims(auth.get("claims") or {}),
         ],
         title="auth claims",
     )

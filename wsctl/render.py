@@ -136,7 +136,11 @@ def render_status(r: dict[str, Any]) -> RenderableType:
             f"published {fmt_rate(r.get('rate_publish'))}",
         ),
         ("latency", f"p50 {fmt_ms(lat.get('p50_ms'))}  p99 {fmt_ms(lat.get('p99_ms'))}"),
-        ("process", f"RSS {fmt_bytes(r.get('rss_bytes'))}  CPU {fmt.cpu(r.get('cpu_percent'))}"),
+        (
+            "process",
+            (f"pid {r['pid']}  " if r.get("pid") else "")
+            + f"RSS {fmt_bytes(r.get('rss_bytes'))}  CPU {fmt.cpu(r.get('cpu_percent'))}",
+        ),
         ("config", (r.get("config_path") or "built-in defaults") + f"  (reloads: {r.get('reloads', 0)})"),
         ("socket", r.get("socket", "")),
     ]

@@ -290,7 +290,7 @@ class ControlServer:
             "by_pool": by_pool, "by_state": by_state, "draining": d.draining,
             "rate_in": round(st.rate_in, 2), "rate_out": round(st.rate_out, 2),
             "rate_publish": round(st.rate_pub, 2), "latency": st.latency(),
-            "rss_bytes": proc["rss_bytes"], "cpu_percent": proc["cpu_percent"],
+            "pid": proc["pid"], "rss_bytes": proc["rss_bytes"], "cpu_percent": proc["cpu_percent"],
             "ephemeral_secret": d.ephemeral_secret, "config_path": d.config_path or "",
             "reloads": d.reloads, "socket": d.socket_path,
             "samples": list(st.samples)[-_int(p, "samples", 0):] if _int(p, "samples", 0) else [],

@@ -132,6 +132,22 @@ async def test_bad_filter_values_are_one_line_errors_like_sort(wsd):
     ok(await awsctl(wsd, "events", "--kind", "connect"))
 
 
+def test_refused_values_are_worded_not_validation_library_messages():
+    cases = [
+        (["publish", "x", "--priority", "urgent", "--data", "{}"], "--priority: one of critical, high, normal, low"),
+        (["connections", "--limit", "-1"], "--limit: a whole number, at least 0"),
+        (["connections", "--limit", "many"], "--limit: a whole number, at least 0"),
+        (["top", "--refresh", "0"], "--refresh: a number, at least 0.1"),
+    ]
+    for args, words in cases:
+        r = wsctl(None, "--socket", "/nonexistent/wsd.sock", *args)
+        one_line_error(r, 2, words)
+        assert "Value error" not in r.err and "Input should" not in r.err, r
+    p = run_wsd("serve", "--port", "abc")
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+        "wsd: error: --port: a whole number (see 'wsd serve --help')"], p
+
+
 def test_every_event_kind_the_daemon_emits_is_known_to_wsctl():
     """`--kind` accepts exactly the kinds in the protocol module; every `emit("kind", ...)` is among them."""
     emitted = set()
@@ -171,7 +187,7 @@ async def test_human_output_has_no_python_reprs_or_field_names(wsd):
     )]
     text = "\n".join(outs)
     for bad in ("=False", "=True", "=[]", "['", "{'", "None", "REAL_TIME", "FRONTEND_POOL", "age_s",
-                "msgs_in", "seed"):
+                "msgs_in"):
         assert bad not in text, f"{bad!r} in human output:\n{text}"
     assert re.search(r"RSS \d+\.\d (B|KiB|MiB|GiB)", text), text
     await ws.close()

@@ -25,7 +25,7 @@ from rich.console import Console, RenderableType
 import wsd
 from wsctl import render
 from wsctl.client import Client, RequestFailed, UsageFailure, WsctlError, discover_socket
-from wsctl.helptext import readable_help
+from wsctl.helptext import bad_value, readable_help
 from wsd.control import protocol as P
 
 try:  # typer >= 0.22 vendors its own click
@@ -1003,7 +1003,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     except click_exc.UsageError as exc:
         where = exc.ctx.command_path if exc.ctx is not None else PROG
-        msg = exc.format_message().rstrip(".")
+        worded = bad_value(exc) if isinstance(exc, click_exc.BadParameter) else None
+        msg = worded or exc.format_message().rstrip(".")
         _fail(UsageFailure("usage", f"{msg} (see '{where} --help')"), as_json)
     except click_exc.ClickException as exc:
         _fail(WsctlError("error", exc.format_message()), as_json)

@@ -4,11 +4,14 @@ Typer's rich help shows each option's Python type (``<str>``, ``<bool>`` on ever
 ``<list[str]>``, ``<int range> [x>=0]``). ``readable_help()`` replaces those with the placeholders
 people expect from command-line tools: flags show nothing, ``TEXT``, ``N``, ``NUMBER``, ``PATH``,
 ``ID...`` for repeated arguments, choices as ``a|b|c``. Options and arguments that set a metavar keep
-it. Used by both ``wsctl`` and ``wsd``; it only imports typer.
+it. ``bad_value`` words a refused option value the same way (``--priority: one of critical, high,
+normal, low``) instead of the validation library's message. Used by both ``wsctl`` and ``wsd``; it
+only imports typer.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import typer.core as _core
@@ -65,3 +68,28 @@ def readable_help() -> None:
     _core.TyperOption._get_number_range_help_str = lambda self: None  # type: ignore[method-assign]
     _core.TyperArgument._get_number_range_help_str = lambda self: None  # type: ignore[method-assign]
     _core._readable_help = True  # type: ignore[attr-defined]
+
+
+def bad_value(exc: Any) -> str | None:
+    """A refused value (typer's ``BadParameter``) in words: ``--limit: a whole number, at least 0``.
+
+    ``None`` when the error is not about one parameter (the caller keeps typer's message).
+    """
+    p = getattr(exc, "param", None)
+    if p is None:
+        return None
+    opts = [o for o in getattr(p, "opts", []) if o.startswith("-")]
+    name = max(opts, key=len) if opts else str(p.metavar or p.name or "value").upper()
+    desc = getattr(p, "type_descriptor", None)
+    choices = getattr(desc, "choices", None)
+    if choices:
+        return f"{name}: one of {', '.join(str(getattr(c, 'value', c)) for c in choices)}"
+    if getattr(exc, "__cause__", None) is None:  # our own parser's message (durations, ...)
+        return f"{name}: {exc.message}"
+    kind = getattr(desc, "annotation", None)
+    what = {int: "a whole number", float: "a number"}.get(kind)
+    if what is None:
+        return f"{name}: " + re.sub(r"^(Value error|Assertion failed), ", "", str(exc.message))
+    lo, hi = getattr(p, "min", None), getattr(p, "max", None)
+    bounds = [f"at least {lo}" if lo is not None else "", f"at most {hi}" if hi is not None else ""]
+    return f"{name}: " + ", ".join([what, *[b for b in bounds if b]])

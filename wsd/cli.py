@@ -8,9 +8,10 @@ import sys
 from typing import Annotated, Optional
 
 import typer
+import typer.main
 
 import wsd
-from wsctl.helptext import readable_help
+from wsctl.helptext import bad_value, readable_help
 from wsd.cli_config import config_app
 
 readable_help()  # --help shows TEXT, N, PATH, not <str>, <int>, <bool>
@@ -121,5 +122,28 @@ def version() -> None:
     print(f"engines {', '.join(engines)}")
 
 
-def main() -> None:
-    app(prog_name="wsd")
+def main(argv: list[str] | None = None) -> None:
+    """Run wsd; a usage error is one line on stderr (``wsd: error: --port: a whole number``), exit 2."""
+    try:  # typer >= 0.22 vendors its own click
+        from typer._click import exceptions as click_exc
+    except ImportError:  # pragma: no cover - older typer on the real click
+        from click import exceptions as click_exc  # type: ignore[no-redef]
+
+    command = typer.main.get_command(app)
+    try:
+        rv = command.main(args=argv, prog_name="wsd", standalone_mode=False)
+    except click_exc.NoArgsIsHelpError as exc:
+        exc.show()
+        raise SystemExit(2) from None
+    except click_exc.UsageError as exc:
+        where = exc.ctx.command_path if exc.ctx is not None else "wsd"
+        worded = bad_value(exc) if isinstance(exc, click_exc.BadParameter) else None
+        msg = worded or exc.format_message().rstrip(".")
+        print(f"wsd: error: {msg} (see '{where} --help')", file=sys.stderr)
+        raise SystemExit(2) from None
+    except click_exc.ClickException as exc:
+        print(f"wsd: error: {exc.format_message()}", file=sys.stderr)
+        raise SystemExit(exc.exit_code) from None
+    except typer.Abort:
+        raise SystemExit(130) from None
+    raise SystemExit(rv if isinstance(rv, int) else 0)

@@ -976,9 +976,9 @@ def _fail(err: WsctlError, as_json: bool) -> NoReturn:
         sys.stderr.write(json.dumps({"error": err.as_dict()}, ensure_ascii=False) + "\n")
     else:
         prefix = "wsctl: " if err.code == "unreachable" else "wsctl: error: "
-        sys.stderr.write(prefix + err.message + "\n")
+        sys.stderr.write(prefix + render.plain(err.message) + "\n")  # may quote what a client sent
         for line in err.details:
-            sys.stderr.write(f"  {line}\n")
+            sys.stderr.write(f"  {render.plain(line)}\n")
     sys.stderr.flush()
     raise SystemExit(err.exit_code)
 

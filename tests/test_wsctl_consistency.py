@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import json
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -134,7 +135,8 @@ async def test_bad_filter_values_are_one_line_errors_like_sort(wsd):
 
 def test_refused_values_are_worded_not_validation_library_messages():
     cases = [
-        (["publish", "x", "--priority", "urgent", "--data", "{}"], "--priority: one of critical, high, normal, low"),
+        (["publish", "x", "--priority", "urgent", "--data", "{}"],
+         "--priority: one of critical, high, normal, low"),
         (["connections", "--limit", "-1"], "--limit: a whole number, at least 0"),
         (["connections", "--limit", "many"], "--limit: a whole number, at least 0"),
         (["top", "--refresh", "0"], "--refresh: a number, at least 0.1"),
@@ -197,8 +199,8 @@ def test_help_shows_placeholders_not_python_types():
     offenders = []
 
     def walk(cmd, path):
-        p = subprocess.run([*WSCTL_CMD, *path, "--help"], capture_output=True, text=True, timeout=30, cwd=ROOT,
-                           env=env_for({"COLUMNS": "100"}))
+        p = subprocess.run([*WSCTL_CMD, *path, "--help"], capture_output=True, text=True, timeout=30,
+                           cwd=ROOT, env=env_for({"COLUMNS": "100"}))
         assert p.returncode == 0, p
         if re.search(r"<(bool|str|int|float|list\[str\]|int range|path)>|\[x>=", p.stdout):
             offenders.append(" ".join(path))
@@ -220,11 +222,20 @@ WSCTL_CMD = [sys.executable, "-m", "wsctl"]
 
 
 def test_man_pages_ship_in_the_wheel(tmp_path):
-    p = subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "-q", "-w", str(tmp_path)],
+    src = tmp_path / "src"  # build from a copy: a build leaves build/ and *.egg-info behind
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        if (ROOT / name).exists():
+            shutil.copy(ROOT / name, src / name)
+    for name in ("wsd", "wsctl", "man"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    out = tmp_path / "dist"
+    p = subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "-q", "-w", str(out)],
                        capture_output=True, text=True, timeout=240)
-    wheels = list(tmp_path.glob("wsd-*.whl"))
+    wheels = list(out.glob("wsd-*.whl"))
     if p.returncode != 0 or not wheels:
-        pytest.skip(f"cannot build a wheel here (pip wheel needs setuptools>=68 and wheel): {p.stderr[-300:]}")
+        pytest.skip("cannot build a wheel here (pip wheel needs setuptools>=68 and wheel, or an index "
+                    f"to fetch them from): {p.stderr[-300:]}")
     names = zipfile.ZipFile(wheels[0]).namelist()
     assert any(n.endswith(".data/data/share/man/man1/wsctl.1") for n in names), names
     assert any(n.endswith(".data/data/share/man/man8/wsd.8") for n in names), names

@@ -865,7 +865,7 @@ def man_page_path(page: str) -> str | None:
     candidates = [
         os.path.join(sysconfig.get_path("data"), "share", "man", rel),
         os.path.join(sys.prefix, "share", "man", rel),
-        os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "man", os.path.basename(rel)),
+        os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "man", rel.split("/")[1]),
     ]
     return next((c for c in candidates if os.path.isfile(c)), None)
 
@@ -874,7 +874,9 @@ def man_page_path(page: str) -> str | None:
 def man_cmd(
     ctx: typer.Context,
     page: Annotated[str, typer.Argument(metavar="PAGE", help="wsctl (the default) or wsd.")] = "wsctl",
-    path: Annotated[bool, typer.Option("--path", help="Print the page's file name instead of showing it.")] = False,
+    path: Annotated[
+        bool, typer.Option("--path", help="Print the page's file name instead of showing it.")
+    ] = False,
 ) -> None:
     """Show the manual page of wsctl or wsd, wherever it was installed (also from a source checkout).
 

@@ -4,8 +4,8 @@ Pure functions of the data: each ``render_*`` takes a method's ``result`` and re
 renderable (or a string), so views can be tested without a daemon and reused by the TUI.
 Units come from ``wsctl.fmt`` (shared with ``wsctl top``): ``1.2k msg/s``, ``54.0 MiB``, ``3m12s``.
 Every cell is a ``rich.text.Text`` made with ``fmt.plain``: text that came from clients (types, ids,
-claims, reasons) is drawn literally with control characters escaped, never as markup. Connection ids are shown as their first 8 characters
-(every command that takes an id accepts such a prefix).
+claims, reasons) is drawn literally with control characters escaped, never as markup. Connection ids
+are shown as their first 8 characters (every command that takes an id accepts such a prefix).
 """
 
 from __future__ import annotations
@@ -102,7 +102,8 @@ def kv(rows: Iterable[tuple[str, Any]], title: str | None = None) -> Table:
         t.title_justify = "left"
         t.title_style = "bold underline"
     for k, v in rows:
-        t.add_row(Text(k), v if isinstance(v, Text) else fmt.text(fmt.words(v) if not isinstance(v, str) else v))
+        cell = v if isinstance(v, Text) else fmt.text(v if isinstance(v, str) else fmt.words(v))
+        t.add_row(Text(k), cell)
     return t
 
 

@@ -137,7 +137,7 @@ def pools_table(pools: Sequence[dict[str, Any]], rates: dict[str, float | None],
             Text(rate(rates.get(str(p.get("id"))))),
         ]
         if not narrow:
-            row += [Text(count(p.get("msgs_in"))), Text(count(p.get("msgs_out"))), Text(count(p.get("queued")))]
+            row += [Text(count(p.get(k))) for k in ("msgs_in", "msgs_out", "queued")]
         row += [Text(count(drops), style="yellow" if drops else ""),
                 Text(percent(err), style="red" if err >= 0.01 else "")]
         t.add_row(*row)
@@ -405,4 +405,5 @@ def rule_row(r: dict[str, Any]) -> tuple[Text | str, ...]:
     on = bool(r.get("enabled"))
     return _texts(r.get("id"), r.get("priority"),
                   Text("enabled" if on else "disabled", style="green" if on else "red"),
-                  "stop" if r.get("stop") else "", count(r.get("hits")), target, fit(plain(rule_filter(r)), 80))
+                  "stop" if r.get("stop") else "", count(r.get("hits")), target,
+                  fit(plain(rule_filter(r)), 80))

@@ -93,15 +93,26 @@ async def test_wsctl_views_show_client_text_literally(wsd):
 
 async def test_dashboard_drill_down_shows_client_text_literally(wsd):
     pytest.importorskip("textual")
-    from textual.widgets import Static
+    from textual.widgets import RichLog, Static
 
     from wsctl.tui.app import WsdTop
     from wsctl.tui.screens import ConnectionScreen
     from wsctl.tui.source import LiveSource
 
     ws, cid = await _client_with_hostile_text(wsd)
+    gone = await wsd.connect("frontend", make_token("gone", "acme"))
+    await welcome(gone)
+    await gone.close(code=1000, reason=CLOSE_REASON)  # its disconnect event is in the log's backlog
     app = WsdTop(LiveSource(wsd.socket), refresh=0.2)
     async with app.run_test(size=(160, 48)) as pilot:
+        log = app.main.query_one("#log", RichLog)
+        for _ in range(100):
+            lines = ["".join(seg.text for seg in strip) for strip in log.lines]
+            if any("bye" in line for line in lines):
+                break
+            await pilot.pause(0.05)
+        assert any("reason=[bold]bye\\x1b[2J[/x]" in line for line in lines), lines
+        assert not any("\x1b" in line for line in lines)
         screen = ConnectionScreen(cid)
         await app.push_screen(screen)
         for _ in range(100):

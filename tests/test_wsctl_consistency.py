@@ -152,6 +152,9 @@ def test_refused_values_are_worded_not_validation_library_messages():
 
 def test_every_event_kind_the_daemon_emits_is_known_to_wsctl():
     """`--kind` accepts exactly the kinds in the protocol module; every `emit("kind", ...)` is among them."""
+    from wsd.runtime import conn
+
+    assert P.CONNECTION_STATES == (conn.CONNECTING, conn.CONNECTED, conn.DISCONNECTING)
     emitted = set()
     for path in (ROOT / "wsd").rglob("*.py"):
         emitted |= set(re.findall(r"\.emit\(\s*\"([a-z_]+)\"", path.read_text()))

@@ -59,7 +59,7 @@ def words(value: Any) -> str:
     if isinstance(value, dict):
         return plain(compact_json(value)) if value else "-"
     if isinstance(value, float):
-        return f"{value:g}"
+        return str(value).removesuffix(".0")
     return plain(value)
 
 

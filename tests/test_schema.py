@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from tests.harness import BASE_CONFIG, ControlError, Wsd, make_token, recv_json, request, welcome
@@ -192,3 +194,87 @@ def test_compiled_schema_names_the_path_and_never_echoes_a_long_value() -> None:
         assert "JSON object" in exc.message
     else:
         raise AssertionError("a non-object schema was accepted")
+
+
+HOSTILE_SCHEMA = """
+[channels.system-status]
+type = "global"
+publishers = ["admin"]
+
+[channels.trading-signals]
+type = "company"
+publishers = ["api", "admin"]
+data_schema = { type = "object", properties = { code = { type = "string", pattern = "^(a|aa)+$" }, legs = { type = "array", uniqueItems = true } } }
+"""
+
+
+async def test_hostile_data_cannot_stall_the_daemon_with_a_backtracking_pattern_or_unique_items(wsd_factory):
+    w = wsd_factory(HOSTILE_SCHEMA)
+    pub, _ = await _client(w, "api")
+    other, _ = await _client(w, "frontend", "bob")
+    async with pub, other:
+        loop = asyncio.get_running_loop()
+        # Python's re needs hours for this one (it backtracks through every split of the a's).
+        t0 = loop.time()
+        r = await request(pub, {"op": "publish", "id": 1, "channel": "trading-signals",
+                                "data": {"code": "a" * 60 + "!"}}, timeout=3)
+        assert r["error"]["code"] == "invalid_data" and "took longer than" in r["error"]["message"], r
+        # 5000 distinct objects: the library's uniqueItems compares every pair (about 50 s).
+        legs = [{"n": i} for i in range(5000)]
+        r = await request(pub, {"op": "publish", "id": 2, "channel": "trading-signals", "data": {"legs": legs}},
+                          timeout=3)
+        assert r["ok"], r
+        r = await request(pub, {"op": "publish", "id": 3, "channel": "trading-signals",
+                                "data": {"legs": [*legs, {"n": 0}]}}, timeout=3)
+        assert r["error"]["code"] == "invalid_data" and "uniqueItems" in r["error"]["message"], r
+        assert loop.time() - t0 < 3
+        # The daemon stayed responsive for everyone else, and honest data still passes.
+        pong = await request(other, {"op": "ping", "id": 9}, timeout=2)
+        assert pong["ok"], pong
+        ok = await request(pub, {"op": "publish", "id": 4, "channel": "trading-signals",
+                                 "data": {"code": "aaaa", "legs": [1, 2]}})
+        assert ok["ok"], ok
+
+
+def test_validation_time_is_bounded_and_unique_items_keeps_json_equality() -> None:
+    from wsd.core.schema import VALIDATION_BUDGET_S, compile_schema
+
+    evil = "^(a|aa)+$"
+    cases = [
+        ({"properties": {"s": {"pattern": evil}}}, {"s": "a" * 60 + "!"}),
+        ({"patternProperties": {evil: {"type": "integer"}}}, {"a" * 60 + "!": 1}),
+        ({"patternProperties": {evil: {}}, "additionalProperties": False}, {"a" * 60 + "!": 1}),
+        ({"type": "array", "items": {"pattern": evil}}, ["a" * 40 + "!"] * 50),
+    ]
+    for schema, data in cases:
+        t0 = time.perf_counter()
+        path, reason = compile_schema(schema).problem(data)
+        assert time.perf_counter() - t0 < VALIDATION_BUDGET_S + 0.5, schema
+        assert path == "$" and "took longer than" in reason, (schema, reason)
+    # The swapped-in keywords give the library's answers.
+    pp = compile_schema({"patternProperties": {"^x-": {"type": "integer"}}, "additionalProperties": False})
+    assert pp.problem({"x-a": 1}) is None
+    assert pp.problem({"x-a": "s"})[0] == "$['x-a']"
+    assert "do not match any of the regexes" in pp.problem({"b": 1, "c": 2})[1]
+    ap = compile_schema({"properties": {"a": {}}, "additionalProperties": False})
+    assert ap.problem({"a": 1, "b": 2})[1] == "Additional properties are not allowed ('b' was unexpected)"
+    assert compile_schema({"pattern": "^[A-Z]{3}$"}).problem("EURUSD") is not None
+    uniq = compile_schema({"uniqueItems": True})
+    assert uniq.problem([1, 1.0]) is not None and uniq.problem([1, True]) is None
+    assert uniq.problem([{"a": 1, "b": [2]}, {"b": [2], "a": 1}]) is not None
+    assert uniq.problem([{"a": 1}, {"a": 2}, [1], [True], None, False, 0]) is None
+    # Data nested deeper than the recursion limit is refused, not crashed on.
+    nested = compile_schema({"$defs": {"n": {"type": ["array", "null"], "items": {"$ref": "#/$defs/n"}}},
+                             "$ref": "#/$defs/n"})
+    deep: object = None
+    for _ in range(5000):
+        deep = [deep]
+    assert nested.problem(deep) == ("$", "the data is nested too deeply to validate")
+
+
+def test_unevaluated_properties_with_pattern_properties_fails_config_check(tmp_path: Path) -> None:
+    p = _check(tmp_path, '[channels.d]\ntype = "global"\ndata_schema = { patternProperties = { "^x" = {} }, '
+                         'unevaluatedProperties = false }\n')
+    assert p.returncode != 0
+    assert "channels.d.data_schema: not a valid JSON Schema: unevaluatedProperties together with " \
+           "patternProperties" in p.stderr + p.stdout, p

@@ -269,7 +269,7 @@ class Hub:
     async def publish(self, *, channel: str, group: str, msg_type: str, data: Any, priority: int,
                       ttl_s: float | None, source: str, user_id: str = "", company_id: str = "",
                       pools: Iterable[str] = (), companies: Iterable[str] = (), broadcast: bool = False,
-                      trace: bool = False) -> dict[str, Any]:
+                      trace: bool = False, trace_limit: int = 1000) -> dict[str, Any]:
         """Publish one message: store it in history, route it, deliver it. Returns what happened.
 
         Data that fails the channel group's ``data_schema`` raises ``InvalidData`` before anything
@@ -301,7 +301,7 @@ class Hub:
             await engine.publish(pub, size, ttl)
         if trace:
             report = self.trace_delivery(pub, now, broadcast=broadcast, pools=tuple(pools),
-                                         companies=tuple(companies))
+                                         companies=tuple(companies), limit=trace_limit)
             return {"id": pub.id, "channel": channel, "offset": pub.offset, "epoch": pub.epoch,
                     "delivered": report["delivered"], "trace": report}
         t0 = _perf()
@@ -662,7 +662,8 @@ class Hub:
         return out
 
     def trace_delivery(self, pub: Publication, now: float, *, broadcast: bool = False,
-                       pools: tuple[str, ...] = (), companies: tuple[str, ...] = ()) -> dict[str, Any]:
+                       pools: tuple[str, ...] = (), companies: tuple[str, ...] = (), limit: int = 1000
+                       ) -> dict[str, Any]:
         """Deliver ``pub`` exactly as ``route_and_deliver`` does and report what happened per receiver.
 
         A separate path, so untraced messages pay nothing for tracing. It does not re-decide with
@@ -672,7 +673,8 @@ class Hub:
         breaker state), batched / held (batch and on_demand subscriptions), dropped (overflow, closed),
         filtered (type filter), not reached (a rule's target left it out) or not subscribed. The result
         is as of the moment the publication was handed over; a queued message can still expire (ttl)
-        or be dropped later, which the drop counters and the audit log record.
+        or be dropped later, which the drop counters and the audit log record. ``receivers`` lists at
+        most ``limit`` of them, those not written at once first; ``receivers_total`` counts them all.
         """
         channel = pub.channel
         self.flush_all()  # earlier windows go out first, so their writes are not taken for this message
@@ -705,7 +707,9 @@ class Hub:
                     continue
                 if sub.types is not None and pub.type not in sub.types:
                     outcome = "filtered"
-                    row["reason"] = f"type filter {','.join(sorted(sub.types))} excludes {pub.type}"
+                    types = ",".join(sorted(sub.types))  # the client's own strings: cut, never whole
+                    row["reason"] = f"type filter {types[:80] + '…' if len(types) > 80 else types} excludes " \
+                                    f"{pub.type[:80]}"
                 elif b[5]:
                     outcome = "dropped"
                     row["reason"] = "closed"
@@ -719,7 +723,12 @@ class Hub:
             counts[row["outcome"]] = counts.get(row["outcome"], 0) + 1
         if not_subscribed:
             counts["not_subscribed"] = sum(not_subscribed.values())
+        total = len(rows)
+        if total > limit:  # the unusual outcomes first: those are what a trace is read for
+            rows.sort(key=lambda r: r["outcome"] in ("written", "coalesced"))
+            del rows[limit:]
         return {"delivered": delivered, "routed": bool(routed), "counts": counts, "receivers": rows,
+                "receivers_total": total,
                 "not_subscribed": {"connections": sum(not_subscribed.values()), "by_pool": not_subscribed}}
 
     def _trace_outcome(self, conn: Conn, sub: Subscription | None, pub: Publication,

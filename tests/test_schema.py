@@ -180,8 +180,10 @@ def test_compiled_schema_names_the_path_and_never_echoes_a_long_value() -> None:
     assert schema.problem({"items": [1, 2]}) is None
     path, reason = schema.problem({"items": [1, "y" * 5000]})
     assert path == "$.items[1]" and len(reason) <= 200 and "y" * 50 not in reason and "integer" in reason
-    # $ref only inside the schema: a remote one is never fetched, the publication is refused with why.
-    remote = compile_schema({"$ref": "https://example.com/schema.json"})
+    # $ref only inside the schema: a remote one is never fetched; a schema with nested $ids (refs relative
+    # to them are left to validation time) refuses the publication with why.
+    remote = compile_schema({"$defs": {"x": {"$id": "https://example.com/x"}},
+                             "$ref": "https://example.com/schema.json"})
     path, reason = remote.problem({})
     assert "cannot be resolved" in reason
     # The draft named by $schema applies (draft 4's boolean exclusiveMaximum).
@@ -278,3 +280,18 @@ def test_unevaluated_properties_with_pattern_properties_fails_config_check(tmp_p
     assert p.returncode != 0
     assert "channels.d.data_schema: not a valid JSON Schema: unevaluatedProperties together with " \
            "patternProperties" in p.stderr + p.stdout, p
+
+
+def test_a_ref_that_does_not_resolve_inside_the_schema_fails_config_check(tmp_path: Path) -> None:
+    secret = tmp_path / "secret.json"
+    secret.write_text('{"type": "string"}')
+    for ref in ("https://example.com/s.json", secret.as_uri(), "#/$defs/typo"):
+        p = _check(tmp_path, '[channels.d]\ntype = "global"\ndata_schema = { properties = { a = '
+                             f'{{ "$ref" = "{ref}" }} }} }}\n')
+        assert p.returncode != 0, p
+        out = p.stderr + p.stdout
+        assert f"channels.d.data_schema: not a valid JSON Schema: $ref '{ref[:60]}" in out, p
+        assert "does not resolve inside the schema (the daemon never fetches" in out, p
+    ok = _check(tmp_path, '[channels.d]\ntype = "global"\ndata_schema = { "$defs" = { p = { type = "number" } }, '
+                          'properties = { a = { "$ref" = "#/$defs/p" } } }\n')
+    assert "channels.d" not in ok.stderr + ok.stdout, ok

@@ -29,6 +29,7 @@ from typing import Any
 import jsonschema
 import referencing
 import referencing.exceptions
+import referencing.jsonschema
 import regex
 from jsonschema.exceptions import SchemaError, ValidationError, best_match
 
@@ -74,6 +75,30 @@ def _walk(node: Any) -> Iterator[dict[str, Any]]:
             stack.extend(n)
 
 
+def _check_refs(schema: dict[str, Any]) -> None:
+    """SchemaError for a ``$ref`` that cannot be resolved inside the schema (a URL, a file, a typo).
+
+    Checked at load so a careless ref fails ``wsd config check`` instead of every publication. Refs
+    are looked up from the root, so a schema with nested ``$id``s (bases of their own) is left to
+    validation time, which refuses the publication with the same reason.
+    """
+    objs = list(_walk(schema))
+    if any(isinstance(o.get("$id"), str) or isinstance(o.get("id"), str) for o in objs if o is not schema):
+        return
+    spec = referencing.jsonschema.specification_with(
+        schema.get("$schema") or "https://json-schema.org/draft/2020-12/schema",
+        default=referencing.jsonschema.DRAFT202012)
+    resolver = referencing.Registry().resolver_with_root(spec.create_resource(schema))
+    for o in objs:
+        ref = o.get("$ref")
+        if isinstance(ref, str):
+            try:
+                resolver.lookup(ref)
+            except referencing.exceptions.Unresolvable:
+                raise SchemaError(f"$ref {_cut(ref, 80)!r} does not resolve inside the schema (the daemon "
+                                  "never fetches a schema from a URL or a file)") from None
+
+
 class DataSchema:
     """One compiled schema; ``problem(data)`` is None for valid data, else ``(json_path, reason)``."""
 
@@ -86,6 +111,7 @@ class DataSchema:
         if any("unevaluatedProperties" in o for o in objs) and any("patternProperties" in o for o in objs):
             raise SchemaError("unevaluatedProperties together with patternProperties is not supported: their "
                               "pattern matching could not be bounded in time (use additionalProperties)")
+        _check_refs(schema)
         self.schema = schema
         self._deadline = 0.0
         keywords: dict[str, Any] = {name: self._bounded(fn) for name, fn in base.VALIDATORS.items()}

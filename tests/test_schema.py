@@ -295,3 +295,15 @@ def test_a_ref_that_does_not_resolve_inside_the_schema_fails_config_check(tmp_pa
     ok = _check(tmp_path, '[channels.d]\ntype = "global"\ndata_schema = { "$defs" = { p = { type = "number" } }, '
                           'properties = { a = { "$ref" = "#/$defs/p" } } }\n')
     assert "channels.d" not in ok.stderr + ok.stdout, ok
+
+
+def test_the_documented_formats_are_asserted() -> None:
+    from wsd.core.schema import compile_schema
+
+    for fmt, good, bad in (("date-time", "2026-01-01T10:00:00Z", "yesterday"), ("time", "10:00:00Z", "25:00"),
+                           ("date", "2026-01-31", "2026-13-01"), ("email", "a@b.c", "nobody"),
+                           ("ipv4", "10.0.0.1", "10.0.0.256"), ("uuid", "12345678-1234-5678-1234-567812345678",
+                                                                  "1234"), ("regex", "^a+$", "(a")):
+        s = compile_schema({"type": "string", "format": fmt})
+        assert s.problem(good) is None, fmt
+        assert s.problem(bad) == ("$", f"{bad!r} is not a {fmt!r}"), fmt

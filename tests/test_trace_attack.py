@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 from tests.harness import ControlError, request
+from tests.test_redis_engine import engine_toml, redis_url  # noqa: F401 (a fixture)
 from tests.test_trace import CHANNELS, hello, nothing_but_sentinel, run_wsctl
 
 EVIL = "\x1b[2J\x1b]0;owned\x07[bold red]boom[/]\u202e"
@@ -93,4 +93,12 @@ async def test_trace_is_a_real_publish_of_its_own_channel_tenant_only(wsd_factor
                 raise AssertionError(f"accepted {params}")
         assert (await w.ctl("history.get", channel="trading-signals/acme"))["messages"] == []
         assert (await w.ctl("metrics.get"))["manager"]["published"] == 0
-        await asyncio.sleep(0)
+
+
+async def test_with_the_redis_engine_trace_is_refused_clearly_and_rules_test_works(wsd_factory, redis_url):
+    w = wsd_factory(CHANNELS + engine_toml(redis_url, "wsdtrace"))
+    rc, out, err = await run_wsctl(w, "publish", "trading-signals/acme", "--data", "{}", "--trace")
+    assert rc == 1 and "memory engine" in err and err.count("\n") <= 2, (out, err)
+    assert (await w.ctl("history.get", channel="trading-signals/acme"))["messages"] == []
+    rc, out, err = await run_wsctl(w, "--json", "rules", "test", "--channel", "trading-signals/acme")
+    assert rc == 0 and json.loads(out)["routed"] is False, err

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import websockets
 
 from tests.harness import BASE_CONFIG, ControlError, Wsd, make_token, recv_json, request, welcome
 
@@ -236,6 +239,25 @@ async def test_hostile_data_cannot_stall_the_daemon_with_a_backtracking_pattern_
         ok = await request(pub, {"op": "publish", "id": 4, "channel": "trading-signals",
                                  "data": {"code": "aaaa", "legs": [1, 2]}})
         assert ok["ok"], ok
+
+
+async def test_a_client_that_keeps_sending_costly_data_is_warned_then_closed(wsd_factory):
+    w = wsd_factory(HOSTILE_SCHEMA)
+    pub, _ = await _client(w, "api", "mallory")
+    async with pub:
+        for i in range(40):  # each takes the whole validation budget
+            await pub.send(json.dumps({"op": "publish", "id": i, "channel": "trading-signals",
+                                       "data": {"code": "a" * 60 + "!"}}))
+        seen: list[dict] = []
+        with contextlib.suppress(websockets.exceptions.ConnectionClosed):
+            async with asyncio.timeout(20):
+                while True:
+                    seen.append(json.loads(await pub.recv()))
+        assert pub.close_code == 1011 and "unhealthy" in (pub.close_reason or ""), (pub.close_code, seen[-3:])
+        assert any(m.get("type") == "error" and m["error"]["code"] == "unhealthy" for m in seen), seen[-3:]
+        refusals = [m for m in seen if m.get("ok") is False]
+        assert refusals and all(m["error"]["code"] == "invalid_data" for m in refusals)
+        assert len(refusals) <= 10  # warned at 5, closed at 10: not 40 x 250 ms of a busy loop
 
 
 def test_validation_time_is_bounded_and_unique_items_keeps_json_equality() -> None:

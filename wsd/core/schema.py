@@ -33,10 +33,12 @@ import referencing.jsonschema
 import regex
 from jsonschema.exceptions import SchemaError, ValidationError, best_match
 
-__all__ = ["DataSchema", "MAX_REASON_CHARS", "SchemaError", "VALIDATION_BUDGET_S", "compile_schema"]
+__all__ = ["DataSchema", "MAX_REASON_CHARS", "OVER_BUDGET", "SchemaError", "VALIDATION_BUDGET_S", "compile_schema"]
 
 MAX_REASON_CHARS = 200  # a refusal's reason is cut here: it may quote the offending value
 VALIDATION_BUDGET_S = 0.25  # one validation of one publication's data may take this long, then it is refused
+OVER_BUDGET = (f"validating took longer than {VALIDATION_BUDGET_S * 1000:g} ms: the data is too large or too "
+               "complex for the schema")  # the reason of a refusal that cost the whole budget
 _perf = time.perf_counter
 
 
@@ -128,8 +130,7 @@ class DataSchema:
         except referencing.exceptions.Unresolvable as exc:  # a $ref outside the schema: refuse, say why
             return "$", _cut(f"the channel's schema has a $ref that cannot be resolved: {exc}")
         except _OverBudget:
-            return "$", (f"validating took longer than {VALIDATION_BUDGET_S * 1000:g} ms: the data is too "
-                         "large or too complex for the schema")
+            return "$", OVER_BUDGET
         except RecursionError:
             return "$", "the data is nested too deeply to validate"
         if error is None:

@@ -30,6 +30,7 @@ from wsd.core.channels import ChannelError
 from wsd.core.history import StreamPosition
 from wsd.core.outbox import PRIORITY_NAMES, Outbox, Priority
 from wsd.core.router import Route, RoutedMessage, RuleTable
+from wsd.core.schema import OVER_BUDGET
 from wsd.engine.base import Publication
 from wsd.runtime.conn import (
     BATCH,
@@ -117,8 +118,9 @@ def encode_push(pub: Publication, data: Any = None, seq: int | None = None, hist
 class InvalidData(ChannelError):
     """A publication whose data fails its channel group's ``data_schema``: the reply's code is ``invalid_data``."""
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, costly: bool = False) -> None:
         super().__init__(errors.INVALID_DATA, message)
+        self.costly = costly  # validating it used the whole time budget: a client's frame error
 
 
 class Hub:
@@ -320,7 +322,8 @@ class Hub:
         self.stats.invalid_data += 1
         self.daemon.audit("invalid_data", source=source, channel=channel, msg_type=msg_type[:100], path=path,
                           reason=reason)
-        raise InvalidData(f"data does not match the schema of {channel.split('/')[0]}: at {path}: {reason}")
+        raise InvalidData(f"data does not match the schema of {channel.split('/')[0]}: at {path}: {reason}",
+                          costly=reason == OVER_BUDGET)
 
     def on_remote(self, pub: Publication, scope: dict[str, Any] | None = None) -> None:
         """A publication from the shared engine's bus (any node, this one included): deliver locally."""
@@ -1044,6 +1047,11 @@ class Hub:
                 self._resend_due(conn, now)
             if conn.errors >= 5 and conn.errors > rate * conn.msgs_in:
                 self._recover(conn)
+
+    def check_health(self, conn: Conn) -> None:
+        """The sweep's error-rate test for one connection, now (after a frame that cost the daemon dearly)."""
+        if not conn.closing and conn.errors >= 5 and conn.errors > self.health_error_rate * conn.msgs_in:
+            self._recover(conn)
 
     def _recover(self, conn: Conn) -> None:
         """The seed's attemptConnectionRecovery: reset the breaker and resync once, then give up with 1011."""

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from tests.harness import ControlError, request
+from tests.harness import ControlError, make_token, request
+from tests.test_delivery import Ctl, RawClient, base, congest
 from tests.test_redis_engine import engine_toml, redis_url  # noqa: F401 (a fixture)
 from tests.test_trace import CHANNELS, hello, nothing_but_sentinel, run_wsctl
 
@@ -102,3 +103,20 @@ async def test_with_the_redis_engine_trace_is_refused_clearly_and_rules_test_wor
     assert (await w.ctl("history.get", channel="trading-signals/acme"))["messages"] == []
     rc, out, err = await run_wsctl(w, "--json", "rules", "test", "--channel", "trading-signals/acme")
     assert rc == 0 and json.loads(out)["routed"] is False, err
+
+
+async def test_a_receiver_closed_by_the_traced_message_is_reported_dropped_closed(wsd_factory):
+    w = wsd_factory(CHANNELS, base=base(write_high_water_bytes=16384, message_buffer_size=3,
+                                        slow_consumer_timeout_ms=60000, overflow_close_count=1,
+                                        coalesce_window_ms=0))  # fillers one by one: no window flushes 4
+    raw = RawClient(w, make_token("stall", "acme"))
+    cid = (await raw.open())["connection_id"]
+    try:
+        assert (await raw.request({"op": "subscribe", "id": 1, "channel": "trading-signals"}))["ok"]
+        async with Ctl(w) as ctl:
+            await congest(ctl, cid, priority="normal", size=16384, at_least=3)
+        res = await w.ctl("publish.trace", channel="trading-signals/acme", type="traced", data={})
+        row = next(x for x in res["trace"]["receivers"] if x["connection_id"] == cid)
+        assert row["outcome"] == "dropped" and row["reason"] == "closed: slow consumer: queue overflow", row
+    finally:
+        raw.close()

@@ -742,6 +742,11 @@ class Hub:
         drops_d = conn.drops_overflow - b[2]
         held_d = (len(sub.held) if sub is not None and sub.held is not None else 0) - b[3]
         pending_d = (len(sub.pending) if sub is not None and sub.pending is not None else 0) - b[4]
+        if not b[5] and conn.closing and sub is not None:
+            # Closed by this very delivery (its queue overflowed once too often): what it held, this
+            # message included, was dropped with it.
+            row["reason"] = f"closed: {conn.close_reason or 'closing'}"
+            return "dropped"
         ob = conn.outbox
         # Every Outgoing made for this publication was made after t_start (delivery is synchronous).
         ours_queued = ob is not None and any(item.pub_mono >= t_start for item in ob)

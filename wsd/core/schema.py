@@ -133,6 +133,8 @@ class DataSchema:
             return "$", OVER_BUDGET
         except RecursionError:
             return "$", "the data is nested too deeply to validate"
+        except SchemaError as exc:
+            return "$", _cut(exc.message)
         if error is None:
             return None
         reason = error.message
@@ -157,6 +159,8 @@ class DataSchema:
             return regex.search(pattern, text, timeout=left) is not None
         except TimeoutError:
             raise _OverBudget from None
+        except regex.error as exc:  # accepted by re at load, not by regex: say so rather than fail inside
+            raise SchemaError(f"the schema's pattern {_cut(pattern, 60)!r} cannot be used: {exc}") from None
 
     def _pattern(self, validator: Any, patrn: str, instance: Any, schema: Any) -> Iterator[ValidationError]:
         if validator.is_type(instance, "string") and not self._search(patrn, instance):

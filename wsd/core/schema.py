@@ -50,6 +50,13 @@ class _OverBudget(Exception):
     """Raised inside a validation that ran past its deadline."""
 
 
+# Keywords that look at one value and never descend: the deadline is checked by the keywords that lead
+# to them (properties, items, $ref, allOf, ...), which is every path to more work.
+_LEAF = frozenset({"type", "required", "minLength", "maxLength", "minimum", "maximum", "exclusiveMinimum",
+                   "exclusiveMaximum", "multipleOf", "minItems", "maxItems", "minProperties", "maxProperties",
+                   "format", "dependentRequired", "divisibleBy"})
+
+
 def _hashable(x: Any) -> Any:
     """A hashable form of JSON ``x`` under JSON Schema equality (1 == 1.0, true != 1, key order ignored)."""
     if isinstance(x, bool) or x is None:
@@ -104,7 +111,7 @@ def _check_refs(schema: dict[str, Any]) -> None:
 class DataSchema:
     """One compiled schema; ``problem(data)`` is None for valid data, else ``(json_path, reason)``."""
 
-    __slots__ = ("_deadline", "schema", "validator")
+    __slots__ = ("_deadline", "_patterns", "schema", "validator")
 
     def __init__(self, schema: dict[str, Any]) -> None:
         base = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
@@ -116,7 +123,9 @@ class DataSchema:
         _check_refs(schema)
         self.schema = schema
         self._deadline = 0.0
-        keywords: dict[str, Any] = {name: self._bounded(fn) for name, fn in base.VALIDATORS.items()}
+        self._patterns: dict[str, Any] = {}  # compiled once; every pattern comes from the schema itself
+        keywords: dict[str, Any] = {name: fn if name in _LEAF else self._bounded(fn)
+                                    for name, fn in base.VALIDATORS.items()}
         own = {"pattern": self._pattern, "patternProperties": self._pattern_properties,
                "additionalProperties": self._additional_properties, "uniqueItems": self._unique_items}
         keywords.update({name: fn for name, fn in own.items() if name in base.VALIDATORS})
@@ -155,8 +164,11 @@ class DataSchema:
         left = self._deadline - _perf()
         if left <= 0:
             raise _OverBudget
+        compiled = self._patterns.get(pattern)
         try:
-            return regex.search(pattern, text, timeout=left) is not None
+            if compiled is None:
+                compiled = self._patterns[pattern] = regex.compile(pattern)
+            return compiled.search(text, timeout=left) is not None
         except TimeoutError:
             raise _OverBudget from None
         except regex.error as exc:  # accepted by re at load, not by regex: say so rather than fail inside

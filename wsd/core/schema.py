@@ -11,7 +11,9 @@ swapped in through ``jsonschema.validators.extend``: ``pattern``, ``patternPrope
 ``additionalProperties`` match with the ``regex`` library under a timeout (Python's ``re`` cannot be
 interrupted, and a pattern like ``^(a+)+$`` backtracks for seconds on 30 characters), and
 ``uniqueItems`` compares by hashing (the library's comparison is quadratic for objects: seconds on
-64 KiB). Every other keyword checks the deadline before it runs. ``unevaluatedProperties`` together
+64 KiB). Every other keyword that can lead to more work (``properties``, ``items``, ``$ref``, ``allOf``,
+...) checks the deadline before it runs; leaf keywords (``type``, ``minLength``, ``format``, ...) run
+as they are, so one of them may finish past it. ``unevaluatedProperties`` together
 with ``patternProperties`` is refused at load: the library matches those patterns with ``re``.
 Data nested deeper than the interpreter's recursion limit allows is refused, not crashed on.
 

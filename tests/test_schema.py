@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -173,6 +174,25 @@ def test_schema_file_problems_fail_config_check(tmp_path: Path) -> None:
     assert "channels.b.data_schema_file:" in err and "is not JSON" in err, err
     assert "channels.c.data_schema_file: set data_schema or data_schema_file, not both" in err, err
     assert "channels.d.data_schema: not a valid JSON Schema" in err and "$.minLength" in err, err
+
+
+def test_schema_file_that_is_no_plain_small_json_object_fails_config_check(tmp_path: Path) -> None:
+    (tmp_path / "dir").mkdir()
+    os.mkfifo(tmp_path / "fifo")  # reading it would block the load (and a reload) for ever
+    (tmp_path / "big.json").write_text('{"description": "' + "x" * (1 << 20) + '"}')
+    (tmp_path / "latin1.json").write_bytes(b'{"description": "caf\xe9"}')
+    (tmp_path / "list.json").write_text("[1, 2]")
+    channels = "".join(f'[channels.{n}]\ntype = "global"\ndata_schema_file = "{f}"\n' for n, f in (
+        ("a", "dir"), ("b", "fifo"), ("c", "big.json"), ("d", "latin1.json"), ("e", "list.json"),
+        ("f", "/dev/zero")))
+    p = _check(tmp_path, channels)
+    assert p.returncode != 0
+    err = p.stderr
+    assert 'channels.a.data_schema_file: "' in err and 'dir" is not a regular file' in err, err
+    assert 'fifo" is not a regular file' in err and '"/dev/zero" is not a regular file' in err, err
+    assert 'channels.c.data_schema_file: "' in err and "is larger than 1 MiB" in err, err
+    assert "channels.d.data_schema_file: cannot read" in err and "utf-8" in err, err
+    assert "channels.e.data_schema_file: not a valid JSON Schema: a schema is a JSON object, got list" in err, err
 
 
 def test_compiled_schema_names_the_path_and_never_echoes_a_long_value() -> None:

@@ -498,7 +498,7 @@ def publish(
         ),
     ] = None,
     trace: Annotated[
-        bool, typer.Option("--trace", help="Report what happened at each receiver (counts; --json lists them).")
+        bool, typer.Option("--trace", help="Report what happened at each receiver (counts; --json lists up to 1000).")
     ] = False,
 ) -> None:
     """Publish into one channel instance (routing rules apply, history keeps it).

@@ -57,6 +57,9 @@ def clip(text: Any, n: int) -> str:
     return s if len(s) <= n else s[: max(0, n - 1)] + "…"
 
 
+safe = plain  # outside text for a terminal: control and bidi characters shown as escapes
+
+
 def _join(items: Iterable[Any]) -> str:
     out = ",".join(plain(x) for x in items)
     return out or "-"
@@ -634,14 +637,14 @@ def event_line(ev: dict[str, Any]) -> str:
 def render_rules_test(r: dict[str, Any]) -> RenderableType:
     """``wsctl rules test``: the message, the rule walk, and what each target reaches per pool."""
     m = r.get("message") or {}
-    tenant = plain("/".join(str(x) for x in (m.get("company_id"), m.get("user_id")) if x) or "-")
-    head = Text(f"message {plain(m.get('channel') or '-')}  type {plain(m.get('type'))}  priority {plain(m.get('priority'))}  "
-                f"tenant {tenant}")
+    tenant = "/".join(x for x in (m.get("company_id"), m.get("user_id")) if x) or "-"
+    head = Text(safe(f"message {m.get('channel') or '-'}  type {m.get('type')}  priority {m.get('priority')}  "
+                     f"tenant {tenant}"))
     parts: list[RenderableType] = [head]
     schema = r.get("data_schema")
     if isinstance(schema, dict):
-        parts.append(Text(f"data_schema: refused at {plain(schema.get('path'))}: {plain(schema.get('reason'))} "
-                          "(a real publish gets invalid_data)"))
+        parts.append(Text(safe(f"data_schema: refused at {schema.get('path')}: {schema.get('reason')} "
+                               "(a real publish gets invalid_data)")))
     elif schema == "valid":
         parts.append(Text("data_schema: valid"))
     steps = r.get("rules") or []
@@ -654,8 +657,8 @@ def render_rules_test(r: dict[str, Any]) -> RenderableType:
                 why = "stop = true: the walk ends here"
             elif result == "skipped":
                 why = why if why == "disabled" else f"filter.{why} does not match"
-            t.add_row(Text(str(i)), Text(clip(str(s.get("id", "")), 24)), Text(str(s.get("priority", 0))),
-                      Text(plain(result.replace("_", " "))), Text(plain(why)))
+            t.add_row(Text(str(i)), Text(clip(safe(s.get("id", "")), 24)), Text(str(s.get("priority", 0))),
+                      Text(safe(result.replace("_", " "))), Text(safe(why)))
         parts.append(t)
     if not r.get("routed"):
         ch = r.get("channel") or {}
@@ -664,12 +667,13 @@ def render_rules_test(r: dict[str, Any]) -> RenderableType:
                 f"subscriber{'s' if n != 1 else ''} of {plain(ch.get('channel') or '-')}")
         if ch.get("filtered_by_type"):
             line += f" ({ch['filtered_by_type']} more filter this type out)"
-        parts.append(Text(line))
+        parts.append(Text(safe(line)))
         by_pool = ch.get("by_pool") or {}
         if by_pool:
             t = table("POOL", "CONNS", "DATA", right=("CONNS",))
             for pid, v in by_pool.items():
-                t.add_row(Text(plain(pid)), Text(str(v.get("connections", 0))), Text(clip(compact_json(v.get("data")), 60)))
+                t.add_row(Text(safe(pid)), Text(str(v.get("connections", 0))),
+                          Text(clip(safe(compact_json(v.get("data"))), 60)))
             parts.append(t)
         return Group(*parts)
     t = table("RULE", "TARGET", "POOL", "CONNS", "DATA", title="targets", right=("CONNS",))
@@ -679,8 +683,9 @@ def render_rules_test(r: dict[str, Any]) -> RenderableType:
         kind = tg.get("type", "") + (" reliable" if tg.get("reliable") else "")
         rows = list((tg.get("by_pool") or {}).items()) or [("-", {"connections": 0, "data": tg.get("data")})]
         for i, (pid, v) in enumerate(rows):
-            t.add_row(Text(clip(str(tg.get("rule_id", "")), 20) if i == 0 else ""), Text(kind if i == 0 else ""),
-                      Text(plain(pid)), Text(str(v.get("connections", 0))), Text(clip(compact_json(v.get("data")), 50)))
+            t.add_row(Text(clip(safe(tg.get("rule_id", "")), 20) if i == 0 else ""),
+                      Text(safe(kind) if i == 0 else ""), Text(safe(pid)), Text(str(v.get("connections", 0))),
+                      Text(clip(safe(compact_json(v.get("data"))), 50)))
         notes = []
         if tg.get("already_reached"):
             notes.append(f"{tg['already_reached']} already reached by an earlier rule")
@@ -702,14 +707,14 @@ def render_trace(r: dict[str, Any]) -> RenderableType:
     """``wsctl publish --trace``: counts per outcome, then the receivers that were not written at once."""
     tr = r.get("trace") or {}
     n = r.get("delivered") or 0
-    head = Text(f"published to {plain(r.get('channel'))} at offset {r.get('offset')} (epoch {plain(r.get('epoch') or '-')}): "
-                f"delivered to {n} connection{'s' if n != 1 else ''}"
-                + (" (routed by rules)" if tr.get("routed") else ""))
+    head = Text(safe(f"published to {r.get('channel')} at offset {r.get('offset')} "
+                     f"(epoch {r.get('epoch') or '-'}): delivered to {n} connection{'s' if n != 1 else ''}"
+                     + (" (routed by rules)" if tr.get("routed") else "")))
     counts = tr.get("counts") or {}
     t = table("OUTCOME", "CONNS", right=("CONNS",))
     for k in (*TRACE_ORDER, *sorted(set(counts) - set(TRACE_ORDER))):
         if counts.get(k):
-            t.add_row(Text(k.replace("_", " ")), Text(str(counts[k])))
+            t.add_row(Text(safe(k.replace("_", " "))), Text(str(counts[k])))
     parts: list[RenderableType] = [head, t] if counts else [head]
     other = [x for x in tr.get("receivers") or [] if x.get("outcome") not in ("written", "coalesced")]
     if other:
@@ -719,12 +724,16 @@ def render_trace(r: dict[str, Any]) -> RenderableType:
             if "queue_depth" in x:
                 detail = f"queue depth {x['queue_depth']}" + (f", breaker {x['breaker']}" if x.get("breaker") else "") \
                          + (f"; {detail}" if detail else "")
-            d.add_row(Text(short_id(x.get("connection_id"))), Text(clip(str(x.get("user_id", "")), 10)),
-                      Text(clip(str(x.get("pool", "")), 8)), Text(str(x.get("outcome", "")).replace("_", " ")),
-                      Text(clip(detail, 36)))
+            d.add_row(Text(safe(short_id(x.get("connection_id")))), Text(clip(safe(x.get("user_id", "")), 10)),
+                      Text(clip(safe(x.get("pool", "")), 8)), Text(safe(x.get("outcome", "")).replace("_", " ")),
+                      Text(clip(safe(detail), 36)))
         parts.append(d)
         if len(other) > 20:
-            parts.append(Text(f"… {len(other) - 20} more (--json lists every receiver)", style="dim"))
+            parts.append(Text(f"… {len(other) - 20} more (--json lists them)", style="dim"))
+    total = tr.get("receivers_total", 0)
+    if total > len(tr.get("receivers") or []):
+        parts.append(Text(f"{total} receivers in all; the reply lists {len(tr.get('receivers') or [])} "
+                          "(the unusual outcomes first)", style="dim"))
     if not counts:
         parts.append(Text("no connection in scope", style="dim"))
     return Group(*parts)

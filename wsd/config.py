@@ -14,6 +14,7 @@ import os
 import re
 import secrets
 import ssl
+import stat
 import tomllib
 import types
 import typing
@@ -835,6 +836,9 @@ def _check_channels(channels: dict[str, ChannelConfig], errs: _Errors) -> None:
         _check_data_schema(ch, path, errs)
 
 
+MAX_SCHEMA_FILE_BYTES = 1 << 20  # a data_schema_file larger than this is refused
+
+
 def _check_data_schema(ch: ChannelConfig, path: str, errs: _Errors) -> None:
     """Read, check and compile a channel group's data schema once, at load (kept on the struct)."""
     from wsd.core.schema import SchemaError, compile_schema
@@ -846,6 +850,15 @@ def _check_data_schema(ch: ChannelConfig, path: str, errs: _Errors) -> None:
         return
     if ch.data_schema_file:
         where = f"{path}.data_schema_file"
+        try:  # a FIFO or a device (/dev/zero) would block or fill memory at load and at every reload
+            st = os.stat(ch.data_schema_file)
+        except OSError:
+            st = None  # _read_text names the error
+        if st is not None and (not stat.S_ISREG(st.st_mode) or st.st_size > MAX_SCHEMA_FILE_BYTES):
+            what = "not a regular file" if not stat.S_ISREG(st.st_mode) else \
+                f"larger than {MAX_SCHEMA_FILE_BYTES // (1 << 20)} MiB"
+            errs.add(where, f"{json.dumps(ch.data_schema_file)} is {what}")
+            return
         text = _read_text(errs, where, ch.data_schema_file)
         if text is None:
             return

@@ -630,10 +630,20 @@ class ControlServer:
         if d.engine.shared:
             raise ControlError(P.E_FAILED, "tracing needs the memory engine: with a shared engine every node "
                                            "delivers from the bus")
+        for key in ("user", "company"):  # a real publication: its tenant is its channel instance's, always
+            if p.get(key) is not None:
+                raise ControlError(P.E_BAD_REQUEST, f"params.{key}: publish.trace takes the tenant from the "
+                                                    "channel instance (rules.test can try another)")
+        limit = _int(p, "limit", TRACE_LIMIT)
+        if limit < 0:
+            raise ControlError(P.E_BAD_REQUEST, "params.limit must be >= 0")
         pub = self._operator_message(p)
         return await d.hub.publish(channel=pub.channel, group=pub.group, msg_type=pub.type, data=pub.data,
                                    priority=pub.priority, ttl_s=pub.ttl_s, source="control",
-                                   user_id=pub.user_id, company_id=pub.company_id, trace=True)
+                                   user_id=pub.user_id, company_id=pub.company_id, trace=True, trace_limit=limit)
+
+
+TRACE_LIMIT = 1000  # publish.trace lists this many receivers by default (the unusual outcomes first)
 
 
 def _no_pool(pool: str, pools: Any) -> str:

@@ -31,6 +31,7 @@ from wsd.core.frames import unpublishable
 from wsd.core.history import StreamPosition
 from wsd.core.outbox import PRIORITY_NAMES, Outbox, Priority
 from wsd.core.router import Route, RoutedMessage, RuleTable
+from wsd.core.schema import OVER_BUDGET
 from wsd.engine.base import Publication
 from wsd.runtime.conn import (
     BATCH,
@@ -129,8 +130,9 @@ def encode_push(pub: Publication, data: Any = None, seq: int | None = None, hist
 class InvalidData(ChannelError):
     """A publication whose data fails its channel group's ``data_schema``: the reply's code is ``invalid_data``."""
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, costly: bool = False) -> None:
         super().__init__(errors.INVALID_DATA, message)
+        self.costly = costly  # validating it used the whole time budget: a client's frame error
 
 
 class Hub:
@@ -284,7 +286,7 @@ class Hub:
     async def publish(self, *, channel: str, group: str, msg_type: str, data: Any, priority: int,
                       ttl_s: float | None, source: str, user_id: str = "", company_id: str = "",
                       pools: Iterable[str] = (), companies: Iterable[str] = (), broadcast: bool = False,
-                      trace: bool = False) -> dict[str, Any]:
+                      trace: bool = False, trace_limit: int = 1000) -> dict[str, Any]:
         """Publish one message: store it in history, route it, deliver it. Returns what happened.
 
         Raises ChannelError (``bad_request``) for data that could not be sent again (too deep, not
@@ -321,7 +323,7 @@ class Hub:
             await engine.publish(pub, size, ttl)
         if trace:
             report = self.trace_delivery(pub, now, broadcast=broadcast, pools=tuple(pools),
-                                         companies=tuple(companies))
+                                         companies=tuple(companies), limit=trace_limit)
             return {"id": pub.id, "channel": channel, "offset": pub.offset, "epoch": pub.epoch,
                     "delivered": report["delivered"], "trace": report}
         t0 = _perf()
@@ -340,7 +342,8 @@ class Hub:
         self.stats.invalid_data += 1
         self.daemon.audit("invalid_data", source=source, channel=channel, msg_type=msg_type[:100], path=path,
                           reason=reason)
-        raise InvalidData(f"data does not match the schema of {channel.split('/')[0]}: at {path}: {reason}")
+        raise InvalidData(f"data does not match the schema of {channel.split('/')[0]}: at {path}: {reason}",
+                          costly=reason == OVER_BUDGET)
 
     def on_remote(self, pub: Publication, scope: dict[str, Any] | None = None) -> None:
         """A publication from the shared engine's bus (any node, this one included): deliver locally."""
@@ -688,7 +691,8 @@ class Hub:
         return out
 
     def trace_delivery(self, pub: Publication, now: float, *, broadcast: bool = False,
-                       pools: tuple[str, ...] = (), companies: tuple[str, ...] = ()) -> dict[str, Any]:
+                       pools: tuple[str, ...] = (), companies: tuple[str, ...] = (), limit: int = 1000
+                       ) -> dict[str, Any]:
         """Deliver ``pub`` exactly as ``route_and_deliver`` does and report what happened per receiver.
 
         A separate path, so untraced messages pay nothing for tracing. It does not re-decide with
@@ -698,7 +702,8 @@ class Hub:
         breaker state), batched / held (batch and on_demand subscriptions), dropped (overflow, closed),
         filtered (type filter), not reached (a rule's target left it out) or not subscribed. The result
         is as of the moment the publication was handed over; a queued message can still expire (ttl)
-        or be dropped later, which the drop counters and the audit log record.
+        or be dropped later, which the drop counters and the audit log record. ``receivers`` lists at
+        most ``limit`` of them, those not written at once first; ``receivers_total`` counts them all.
         """
         channel = pub.channel
         self.flush_all()  # earlier windows go out first, so their writes are not taken for this message
@@ -731,7 +736,9 @@ class Hub:
                     continue
                 if sub.types is not None and pub.type not in sub.types:
                     outcome = "filtered"
-                    row["reason"] = f"type filter {','.join(sorted(sub.types))} excludes {pub.type}"
+                    types = ",".join(sorted(sub.types))  # the client's own strings: cut, never whole
+                    row["reason"] = f"type filter {types[:80] + '…' if len(types) > 80 else types} excludes " \
+                                    f"{pub.type[:80]}"
                 elif b[5]:
                     outcome = "dropped"
                     row["reason"] = "closed"
@@ -745,7 +752,12 @@ class Hub:
             counts[row["outcome"]] = counts.get(row["outcome"], 0) + 1
         if not_subscribed:
             counts["not_subscribed"] = sum(not_subscribed.values())
+        total = len(rows)
+        if total > limit:  # the unusual outcomes first: those are what a trace is read for
+            rows.sort(key=lambda r: r["outcome"] in ("written", "coalesced"))
+            del rows[limit:]
         return {"delivered": delivered, "routed": bool(routed), "counts": counts, "receivers": rows,
+                "receivers_total": total,
                 "not_subscribed": {"connections": sum(not_subscribed.values()), "by_pool": not_subscribed}}
 
     def _trace_outcome(self, conn: Conn, sub: Subscription | None, pub: Publication,
@@ -756,6 +768,11 @@ class Hub:
         drops_d = conn.drops_overflow - b[2]
         held_d = (len(sub.held) if sub is not None and sub.held is not None else 0) - b[3]
         pending_d = (len(sub.pending) if sub is not None and sub.pending is not None else 0) - b[4]
+        if not b[5] and conn.closing and sub is not None:
+            # Closed by this very delivery (its queue overflowed once too often): what it held, this
+            # message included, was dropped with it.
+            row["reason"] = f"closed: {conn.close_reason or 'closing'}"
+            return "dropped"
         ob = conn.outbox
         # Every Outgoing made for this publication was made after t_start (delivery is synchronous).
         ours_queued = ob is not None and any(item.pub_mono >= t_start for item in ob)
@@ -1083,6 +1100,11 @@ class Hub:
             lim = getattr(self.daemon, name, None)
             if lim is not None:
                 lim.sweep(now)
+
+    def check_health(self, conn: Conn) -> None:
+        """The sweep's error-rate test for one connection, now (after a frame that cost the daemon dearly)."""
+        if not conn.closing and conn.errors >= 5 and conn.errors > self.health_error_rate * conn.msgs_in:
+            self._recover(conn)
 
     def _recover(self, conn: Conn) -> None:
         """The seed's attemptConnectionRecovery: reset the breaker and resync once, then give up with 1011."""

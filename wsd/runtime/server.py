@@ -634,6 +634,11 @@ class Endpoint:
             await self.dispatch(conn, frame)
         except ChannelError as exc:
             self.error(conn, getattr(frame, "id", None), exc.code, exc.message)
+            if getattr(exc, "costly", False):
+                # Data that took the whole validation budget is a bad frame, judged at once: a burst of them
+                # would keep the loop busy before the next sweep (warned at 5, closed with 1011 at 10).
+                conn.errors += 1
+                hub.check_health(conn)
         except Exception:
             self.internal_error(conn, frame)
 
@@ -747,6 +752,8 @@ class Endpoint:
             hub.send_direct(conn, payload, Priority.CRITICAL)
             return None
         if isinstance(f, frames.Publish):
+            if conn.closing:  # sent before the client saw our close: no reply can reach it, nothing is published
+                return None
             group, inst = resolve(f.channel, conn.principal, d.config.channels)
             gcfg = d.config.channels[group]
             if not may_publish(gcfg, conn.principal):

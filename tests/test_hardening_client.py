@@ -80,6 +80,49 @@ async def test_rate_limit_flood_is_decided_once_audited_once_and_closed_4008(wsd
     assert len(lines) == 1, lines[:5]
 
 
+def masked_frames(payload: bytes, count: int) -> bytes:
+    """``count`` masked text frames of ``payload``, as one buffer (the mask is zero: XOR leaves bytes as they are)."""
+    assert len(payload) < 126
+    return (bytes([0x81, 0x80 | len(payload)]) + b"\0\0\0\0" + payload) * count
+
+
+async def test_one_huge_read_of_tiny_frames_is_cut_off_at_the_decision(wsd_factory, tmp_path):
+    """A single 256 KiB write of 20,000 pings: parsed a slice at a time, 4008 once, the rest dropped unparsed;
+    another client is served meanwhile and after."""
+    audit = tmp_path / "audit.jsonl"
+    w = wsd_factory(env={"WSD_LIMITS_MESSAGES_PER_CONNECTION_PER_SECOND": "5", "WSD_LIMITS_MESSAGE_BURST": "5",
+                         "WSD_AUDIT_PATH": str(audit)})
+    raw = await RawWs.open(w.port, f"/ws/api?token={make_token('bulk')}")
+    assert raw.status == 101
+    hello = await raw.read_json()
+    cid = hello["connection_id"]
+    async with w.connect("frontend", make_token("bystander", company="other")) as honest:
+        await welcome(honest)
+        raw.writer.write(masked_frames(b'{"op":"ping","id":1}', 20000))
+        await raw.writer.drain()
+        r = await request(honest, {"op": "ping", "id": 7})
+        assert r["ok"], r
+        replies = 0
+        while True:
+            op, payload = await raw.read_frame(timeout=10)
+            if op == OP_CLOSE:
+                assert close_code(payload) == 4008
+                break
+            replies += op == OP_TEXT
+        assert replies <= 5
+        raw.close()
+        r = await request(honest, {"op": "ping", "id": 8})
+        assert r["ok"], r
+
+    async def gone() -> bool:
+        return not (await w.ctl("connections.list", user="bulk"))["items"]
+
+    await wait_for(gone, timeout=15)
+    assert len([r for r in audit_records(audit, "message_rate_limited") if r["connection_id"] == cid]) == 1
+    received = (await w.ctl("metrics.get"))["manager"]["received"]
+    assert received < 1000, received  # the burst and what one slice held, not 20,000
+
+
 async def test_frames_after_a_kick_are_not_processed(wsd):
     """After an operator kick is decided, a publish the client still sends is not stored or answered."""
     async with wsd.connect("api", make_token("kicked")) as ws:

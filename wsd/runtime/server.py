@@ -44,6 +44,10 @@ log = logging.getLogger("wsd.server")
 _encode = msgspec.json.Encoder().encode
 
 
+#: the most received bytes handed to websockets' parser in one event loop callback
+READ_SLICE = 16 * 1024
+
+
 class WsdServerConnection(ServerConnection):
     """websockets' server connection, telling the hub when its transport fills up and drains."""
 
@@ -61,6 +65,7 @@ class WsdServerConnection(ServerConnection):
         self.wsd_hub = None
         self.wsd_admission = None
         self.wsd_slot = None
+        self.wsd_unread = b""  # received bytes not yet handed to websockets' parser (see data_received)
         # websockets refuses malformed or oversized requests itself (400, 414, 426, 431) in plain text:
         # give those the same JSON body as our own refusals.
         protocol.reject = _json_reject
@@ -77,8 +82,50 @@ class WsdServerConnection(ServerConnection):
         finally:
             self._release_slot()
 
+    def data_received(self, data: bytes) -> None:
+        """Hand received bytes to websockets' parser at most ``READ_SLICE`` at a time.
+
+        One read can bring 256 KiB; parsing that many tiny frames takes websockets ~170 ms in one
+        callback, during which no other connection is served. A larger read is parsed a slice per loop
+        iteration with reading paused, so the connection's handler (and its rate limit) runs between
+        slices and everyone else's callbacks run too. Once the connection is closing for its message rate,
+        what it still sends is dropped unparsed.
+        """
+        if self.wsd_unread:
+            self.wsd_unread += data  # order: behind what is still waiting (reading is paused again)
+            self.transport.pause_reading()
+            return
+        c = self.wsd_conn
+        if c is not None and c.closing and c.close_code == errors.RATE_LIMITED.code:
+            self.transport.pause_reading()  # the close is decided; the transport is aborted after its timeout
+            return
+        if len(data) <= READ_SLICE:
+            super().data_received(data)
+            return
+        super().data_received(data[:READ_SLICE])
+        self.wsd_unread = data[READ_SLICE:]
+        self.transport.pause_reading()
+        self.loop.call_soon(self._feed_unread)
+
+    def _feed_unread(self) -> None:
+        data = self.wsd_unread
+        if not data or self.transport.is_closing():
+            self.wsd_unread = b""
+            return
+        c = self.wsd_conn
+        if c is not None and c.closing and c.close_code == errors.RATE_LIMITED.code:
+            self.wsd_unread = b""
+            return
+        self.wsd_unread = data[READ_SLICE:]
+        super().data_received(data[:READ_SLICE])
+        if self.wsd_unread:
+            self.loop.call_soon(self._feed_unread)
+        elif not self.recv_messages.paused:  # websockets resumes reading itself when its queue drains
+            self.transport.resume_reading()
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._release_slot()
+        self.wsd_unread = b""
         super().connection_lost(exc)
 
     def _release_slot(self) -> None:

@@ -437,9 +437,9 @@ class ControlServer:
                               "source": x.source} for x in res.publications]}
 
     async def m_metrics(self, p: dict[str, Any]) -> Any:
-        from wsd.runtime.metrics import seed_metrics
+        from wsd.runtime.metrics import metrics_snapshot
 
-        return seed_metrics(self.daemon)
+        return metrics_snapshot(self.daemon)
 
     async def m_prometheus(self, p: dict[str, Any]) -> Any:
         return {"text": self.daemon.prometheus_text()}

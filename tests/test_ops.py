@@ -7,8 +7,11 @@ import asyncio
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +19,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.harness import (
+    BASE_CONFIG,
     ControlError,
+    free_port,
     frames_before,
     http_get,
     make_token,
@@ -146,3 +151,128 @@ async def test_new_connection_default_subscription_gets_no_history(wsd):
         await wsd.ctl("publish", channel="system-status", data={"sentinel": "n"})
         msgs = [m for m in await frames_before(ws, "n") if m.get("type") == "message"]
     assert msgs == []
+
+
+# ------------------------------------------------------------------------------------- reload, config
+
+def _port_config(port: int) -> str:
+    return BASE_CONFIG.replace("port = 0", f"port = {port}")
+
+
+async def test_reload_compares_the_file_with_the_running_config(wsd_factory):
+    """A changed port is pending a restart (the daemon still listens on the old one, and `wsctl config`
+    says so); putting the old port back clears it."""
+    port, other = free_port(), free_port()
+    w = wsd_factory(base=_port_config(port), port=port, port_flag=False)
+    w.config_path.write_text(_port_config(other))
+    r = await wsctl(w, "reload")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"reloaded; restart required: server.port (running {port}, file {other})"
+    assert http_get(port, "/readyz")[0] == 200  # still listening where it started
+    cfg = await wsctl(w, "config")
+    assert cfg.returncode == 0, cfg.stderr
+    live = tomllib.loads(cfg.stdout)  # still a valid TOML file: the notes are comments
+    assert live["server"]["port"] == port
+    assert f"#   server.port: running {port}, file {other}" in cfg.stdout
+    js = json.loads((await wsctl(w, "--json", "config")).stdout)
+    assert js["config"]["server"]["port"] == port
+    assert js["pending_restart"] == [{"key": "server.port", "running": port, "file": other}]
+    status = json.loads((await wsctl(w, "--json", "status")).stdout)
+    assert status["listen"]["port"] == port and status["pending_restart"] == js["pending_restart"]
+    # The old port back: nothing is pending any more.
+    w.config_path.write_text(_port_config(port))
+    r = await wsctl(w, "reload")
+    assert r.returncode == 0 and r.stdout.strip() == "reloaded: the new config is live", r.stdout
+    js = json.loads((await wsctl(w, "--json", "config")).stdout)
+    assert js["pending_restart"] == [] and "pending a restart" not in (await wsctl(w, "config")).stdout
+    # Live changes still apply.
+    w.config_path.write_text(_port_config(port).replace("message_burst = 1000", "message_burst = 777"))
+    r = await wsctl(w, "--json", "reload")
+    assert json.loads(r.stdout)["restart_required"] == []
+    js = json.loads((await wsctl(w, "--json", "config")).stdout)
+    assert js["config"]["limits"]["message_burst"] == 777
+
+
+async def test_config_shows_the_command_line_values(wsd):
+    """`wsctl config` shows --port/--socket as running, says they came from the command line, and a
+    file value they override is not a pending restart."""
+    r = await wsctl(wsd, "config")
+    assert r.returncode == 0, r.stderr
+    live = tomllib.loads(r.stdout)
+    assert live["server"]["port"] == wsd.port and live["control"]["socket"] == wsd.socket
+    assert f"# server.port = {wsd.port}: set by --port on the command line" in r.stdout
+    assert f"# control.socket = {json.dumps(wsd.socket)}: set by --socket on the command line" in r.stdout
+    wsd.config_path.write_text(wsd.config_path.read_text().replace("port = 0", "port = 9"))
+    r = await wsctl(wsd, "--json", "reload")
+    assert r.returncode == 0 and json.loads(r.stdout)["restart_required"] == []
+    js = json.loads((await wsctl(wsd, "--json", "config")).stdout)
+    assert js["config"]["server"]["port"] == wsd.port
+    assert {"key": "server.port", "flag": "--port", "value": wsd.port} in js["overrides"]
+
+
+async def test_a_refused_reload_is_logged_once(wsd):
+    wsd.config_path.write_text(wsd.config_path.read_text() + "\n[engine]\nbogus_key = 1\n")
+    r = await wsctl(wsd, "reload")
+    assert r.returncode != 0 and "bogus_key" in r.stderr
+    wsd.signal(signal.SIGHUP)
+    await wait_for(lambda: _true(wsd.log().count("bogus_key") >= 2))
+    log = wsd.log()
+    assert log.count("reload refused") == 2, log  # one line for each of the two refusals
+    assert "reload_failed" not in log
+    assert (await wsd.ctl("status"))["reloads"] == 0
+
+
+async def _true(v: bool) -> bool:
+    return v
+
+
+# ----------------------------------------------------------------------------------------- startup
+
+def test_a_busy_port_is_one_line_with_hints_and_leaves_no_socket(tmp_path):
+    cfg = tmp_path / "wsd.toml"
+    cfg.write_text(BASE_CONFIG)
+    sock = tmp_path / "ctl" / "wsd.sock"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = run("-m", "wsd", "serve", "-c", str(cfg), "--port", str(port), "--socket", str(sock))
+    assert r.returncode == 1
+    err = r.stderr.strip()
+    assert "Traceback" not in r.stderr and len(err.splitlines()) == 1, r.stderr
+    assert err.startswith(f"wsd: error: cannot listen on 127.0.0.1:{port}: the address is already in use")
+    assert "--port" in err and "wsctl status" in err
+    assert not sock.exists()
+
+
+async def test_a_second_daemon_on_the_same_socket_leaves_the_first_ones_socket(wsd, tmp_path):
+    cfg = tmp_path / "other.toml"
+    cfg.write_text(BASE_CONFIG)
+    r = await asyncio.to_thread(run, "-m", "wsd", "serve", "-c", str(cfg), "--port", str(free_port()),
+                                "--socket", wsd.socket)
+    assert r.returncode == 1 and "another wsd is already serving" in r.stderr and "Traceback" not in r.stderr
+    assert os.path.exists(wsd.socket) and (await wsd.ctl("status"))["connections"] == 0
+
+
+# ------------------------------------------------------------------------------------ the test setup
+
+def test_redis_tests_skip_with_how_to_get_redis_server_when_it_is_missing(tmp_path):
+    """Without redis-server on PATH the Redis engine tests skip (not error), saying how to install it."""
+    path = os.pathsep.join(d for d in os.environ.get("PATH", "").split(os.pathsep)
+                           if d and not os.path.exists(os.path.join(d, "redis-server")))
+    r = run("-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "tests/test_redis_engine.py",
+            env={"PATH": path}, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    tail = r.stdout.strip().splitlines()[-1]
+    assert "error" not in tail and "failed" not in tail and int(tail.split(" skipped")[0].split()[-1]) >= 4, tail
+    assert "apt-get install redis-server" in r.stdout, r.stdout
+
+
+def test_a_stopped_daemon_leaves_no_temp_directory(wsd_factory):
+    w = wsd_factory()
+    assert w.sockdir.is_dir() and os.path.exists(w.socket)
+    assert w.stop() == 0
+    assert not w.sockdir.exists()
+    never_started = wsd_factory(start=False)
+    never_started.stop()
+    assert not never_started.sockdir.exists()

@@ -276,3 +276,32 @@ def test_a_stopped_daemon_leaves_no_temp_directory(wsd_factory):
     never_started = wsd_factory(start=False)
     never_started.stop()
     assert not never_started.sockdir.exists()
+
+
+# ----------------------------------------------------------------------------------- websockets range
+
+def test_websockets_version_check():
+    from wsd.runtime.compat import websockets_problem
+
+    assert websockets_problem("16.0") is None and websockets_problem("17.4") is None
+    for old in ("15.0.1", "14.2", "9.1"):
+        msg = websockets_problem(old)
+        assert msg is not None and "\n" not in msg
+        assert "16.0 or newer" in msg and f"found {old}" in msg and "pip install 'websockets>=16,<18'" in msg
+    assert "websockets >=16,<18" in (websockets_problem("unknown") or "")
+
+
+def test_pyproject_pins_the_websockets_range_the_runtime_checks():
+    from wsd.runtime.compat import WEBSOCKETS_RANGE
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert f"websockets{WEBSOCKETS_RANGE}" in deps
+
+
+def test_wsd_serve_with_a_too_old_websockets_is_one_line():
+    """`wsd serve` against websockets 15 stops at import with the version it needs, no traceback."""
+    r = run("-c", "import sys, websockets; websockets.__version__ = '15.0.1'; sys.argv = ['wsd', 'serve']; "
+            "from wsd.cli import main; main()")
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.strip() == ("wsd: error: wsd needs websockets 16.0 or newer, found 15.0.1: "
+                                "pip install 'websockets>=16,<18'")

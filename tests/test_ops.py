@@ -305,3 +305,46 @@ def test_wsd_serve_with_a_too_old_websockets_is_one_line():
     assert r.returncode == 1, r.stderr
     assert r.stderr.strip() == ("wsd: error: wsd needs websockets 16.0 or newer, found 15.0.1: "
                                 "pip install 'websockets>=16,<18'")
+
+
+# -------------------------------------------------------------------------------------------- routing
+
+ALERT_RULE = """
+[[routing.rules]]
+id = "alerts"
+priority = 10
+filter = { message_types = ["system_alert"] }
+target = { type = "channel" }
+transform = { set = { routed = true } }
+"""
+
+
+async def test_unrouted_counts_messages_when_no_rules_are_configured(wsd):
+    for i in range(3):
+        r = await wsctl(wsd, "publish", "system-status", "--data", json.dumps({"i": i}))
+        assert r.returncode == 0, r.stderr
+    r = await wsctl(wsd, "broadcast", "--data", "{}")
+    assert r.returncode == 0, r.stderr
+    routing = json.loads((await wsctl(wsd, "--json", "metrics")).stdout)["routing"]
+    assert routing["messages_unrouted"] == 3 and routing["messages_routed"] == 0  # broadcasts skip the rules
+    fams = scrape(wsd)
+    assert sample(fams, "wsd_messages_unrouted", "wsd_messages_unrouted_total") == 3
+    assert sample(fams, "wsd_messages_routed", "wsd_messages_routed_total") == 0
+
+
+async def test_broadcast_skips_the_rules_and_publish_goes_through_them(wsd_factory):
+    """`wsctl broadcast` is an operator's explicit delivery: a rule matching its type does not touch it."""
+    w = wsd_factory(ALERT_RULE)
+    async with w.connect(token=make_token("alice")) as ws:
+        await welcome(ws)
+        r = await wsctl(w, "publish", "system-status", "--type", "system_alert", "--data", '{"a": 1}')
+        assert r.returncode == 0, r.stderr
+        m = await recv_until(ws, lambda m: m.get("type") == "message")
+        assert m["data"] == {"a": 1, "routed": True}
+        r = await wsctl(w, "broadcast", "--type", "system_alert", "--data", '{"b": 1}')
+        assert r.returncode == 0, r.stderr
+        m = await recv_until(ws, lambda m: m.get("type") == "message")
+        assert m["data"] == {"b": 1} and m["msg_type"] == "system_alert"
+    routing = json.loads((await wsctl(w, "--json", "metrics")).stdout)["routing"]
+    assert routing["rule_hits"] == {"alerts": 1}
+    assert routing["messages_routed"] == 1 and routing["messages_unrouted"] == 0

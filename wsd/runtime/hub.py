@@ -311,7 +311,10 @@ class Hub:
                 n += 1
             return n
         rules = self.rules
-        routes = rules.route(self._routed(pub)) if len(rules) else ()
+        if not len(rules):
+            rules.messages_unrouted += 1  # no rule matched: there are none
+            return self.fanout(pub, now)
+        routes = rules.route(self._routed(pub))
         if not routes:
             return self.fanout(pub, now)
         self.flush_all()

@@ -120,6 +120,12 @@ class _Collector:
         for code, n in mgr["closed_by_code"].items():
             c.add_metric([code], n)
         yield c
+        for key, help_ in (("messages_routed", "Published messages at least one routing rule matched"),
+                           ("messages_unrouted", "Published messages no routing rule matched (delivered to "
+                                                 "their channel's subscribers)")):
+            c = CounterMetricFamily(f"wsd_{key}", help_ + "; broadcasts and sends skip the rules")
+            c.add_metric([], m["routing"].get(key, 0))
+            yield c
         r = CounterMetricFamily("wsd_rule_hits", "Routing rule hits", labels=["rule"])
         for rid, n in m["routing"].get("rule_hits", {}).items():
             r.add_metric([rid], n)

@@ -348,3 +348,15 @@ async def test_broadcast_skips_the_rules_and_publish_goes_through_them(wsd_facto
     routing = json.loads((await wsctl(w, "--json", "metrics")).stdout)["routing"]
     assert routing["rule_hits"] == {"alerts": 1}
     assert routing["messages_routed"] == 1 and routing["messages_unrouted"] == 0
+
+
+# ------------------------------------------------------------------------------------------- packaging
+
+def test_license_and_changelog_ship_with_the_package():
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert meta["license"] == "Apache-2.0" and meta["license-files"] == ["LICENSE"]
+    text = (ROOT / "LICENSE").read_text()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text and "END OF TERMS AND CONDITIONS" in text
+    assert "CHANGELOG.md" in (ROOT / "MANIFEST.in").read_text().split()
+    log = (ROOT / "CHANGELOG.md").read_text()
+    assert "## Unreleased" in log and "## 0.1.0" in log

@@ -106,6 +106,8 @@ async def test_histograms_for_delivery_latency_and_handshake_duration(wsd):
         assert sample(fams, name, name + "_bucket", le="+Inf") >= 1
         buckets = [s for s in fam.samples if s.name == name + "_bucket"]
         assert len(buckets) > 5 and any(s.value > 0 for s in buckets if s.labels["le"] != "+Inf")
+    assert fams["wsd_connections"].type == "gauge" and fams["wsd_connections_opened"].type == "counter"
+    assert sample(fams, "wsd_connections_opened", "wsd_connections_opened_total") >= 1
     # Percentile gauges are not exported: they cannot be aggregated across nodes.
     assert not any(n.endswith(("_p50_seconds", "_p99_seconds")) for n in fams)
     # Every latency-like family is in base units.

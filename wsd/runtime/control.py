@@ -281,7 +281,7 @@ class ControlServer:
         st = hub.stats
         proc = d.process_stats()
         return {
-            "manager_id": d.config.manager.manager_id, "version": wsd.__version__,
+            "manager_id": d.config.manager.manager_id, "version": wsd.__version__, "pid": os.getpid(),
             "uptime_s": round(time.monotonic() - d.started_mono, 1), "started_at": d.started_wall,
             "engine": d.engine.describe(), "nodes": [d.config.manager.manager_id],
             "listen": {"host": d.host_override or d.config.server.host, "port": d.bound_port,

@@ -109,7 +109,9 @@ class _Collector:
             yield c
         for key in ("published", "delivered", "connections_total", "dropped_overflow", "dropped_on_close",
                     "slow_consumers", "reliable_resent", "reliable_given_up", "batches", "subscribes"):
-            c = CounterMetricFamily(f"wsd_{key}", f"Total {key.replace('_', ' ')}")
+            # wsd_connections is the open-connections gauge: the counter of accepted ones is "opened".
+            name = "connections_opened" if key == "connections_total" else key
+            c = CounterMetricFamily(f"wsd_{name}", f"Total {name.replace('_', ' ')}")
             c.add_metric([], mgr[key])
             yield c
         c = CounterMetricFamily("wsd_handshakes_refused", "Refused handshakes by code", labels=["code"])

@@ -171,6 +171,7 @@ async def test_reload_compares_the_file_with_the_running_config(wsd_factory):
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == f"reloaded; restart required: server.port (running {port}, file {other})"
     assert http_get(port, "/readyz")[0] == 200  # still listening where it started
+    assert w.log().count(f"restart required: server.port (running {port}, file {other})") == 1
     cfg = await wsctl(w, "config")
     assert cfg.returncode == 0, cfg.stderr
     live = tomllib.loads(cfg.stdout)  # still a valid TOML file: the notes are comments

@@ -746,8 +746,10 @@ def reload(ctx: typer.Context) -> None:
     def human(r: dict[str, Any]) -> str:
         pending = r.get("pending_restart") or []
         if pending:
+            def v(x: Any) -> str:
+                return json.dumps(x) if isinstance(x, str) else str(x)
             return "reloaded; restart required: " + ", ".join(
-                f"{p['key']} (running {p['running']}, file {p['file']})" for p in pending)
+                f"{p['key']} (running {v(p['running'])}, file {v(p['file'])})" for p in pending)
         return "reloaded: the new config is live"
 
     emit(ctx, res, human)

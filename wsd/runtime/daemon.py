@@ -200,7 +200,9 @@ class Daemon:
 
     @staticmethod
     def pending_text(pending: list[dict[str, Any]]) -> str:
-        return ", ".join(f"{p['key']} (running {p['running']}, file {p['file']})" for p in pending)
+        def v(x: Any) -> str:
+            return json.dumps(x) if isinstance(x, str) else str(x)
+        return ", ".join(f"{p['key']} (running {v(p['running'])}, file {v(p['file'])})" for p in pending)
 
     # -- setup ----------------------------------------------------------------------------------------------
     def _apply(self, cfg: Any) -> None:

@@ -431,7 +431,7 @@ def metrics(
         bool, typer.Option("--prometheus", help="Print the Prometheus exposition text.")
     ] = False,
 ) -> None:
-    """The seed's metrics: manager, pools, routing, subscriptions, queues.
+    """The daemon's metrics: manager, pools, routing, subscriptions, queues.
 
     Examples:
     $ wsctl metrics

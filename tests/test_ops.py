@@ -115,6 +115,27 @@ async def test_histograms_for_delivery_latency_and_handshake_duration(wsd):
     assert timed and all(n.endswith("_seconds") for n in timed), timed
 
 
+def test_delivery_latency_samples_reach_the_histogram_once():
+    """The hot path only fills rings; moving them counts each value once, at most a ring's worth."""
+    from wsd.runtime.stats import RING, Stats
+
+    def count(st: Stats) -> float:
+        return next(s.value for m in st.delivery_hist.collect() for s in m.samples if s.name.endswith("_count"))
+
+    st = Stats()
+    for v in (0.001, 0.002, 0.003):
+        st.observe_fanout(v)
+    st.observe_queue_latency(0.5)
+    assert count(st) == 0
+    st.move_samples()
+    st.move_samples()
+    assert count(st) == 4
+    for _ in range(RING + 500):
+        st.observe_queue_latency(0.004)
+    st.move_samples()
+    assert count(st) == 4 + RING
+
+
 # ------------------------------------------------------------------------------------------- resume
 
 @pytest.mark.parametrize("seen", [0, 3])

@@ -133,6 +133,7 @@ class _Collector:
             r.add_metric([rid], n)
         yield r
         st = self.d.hub.stats
+        st.move_samples()  # what the sweep has not moved yet
         yield from st.delivery_hist.collect()
         yield from st.handshake_hist.collect()
         for name, val, help_ in (("wsd_queued_messages", m["queues"]["queued"], "Messages waiting in outboxes"),

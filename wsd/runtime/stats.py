@@ -3,13 +3,16 @@
 Counters are plain ints bumped on the hot path; rates and percentiles are computed once a
 second by the sweep (``tick``), never per message.
 
-Delivery latency (publish accepted to written) is recorded in two ways:
+Delivery latency (publish accepted to written) is sampled at two points, never per receiver:
 
-- one observation per fan-out (a publication delivered to its direct receivers, or a coalescing
-  window flushed): the time until the fan-out's last direct write;
-- queued writes (a connection that was not writable at fan-out time) append their latency to a
-  bounded ring on the hot path; the sweep moves the ones recorded since its last pass into the
-  histogram once a second, at most ``RING`` a second (beyond that, a sample).
+- once per fan-out (a publication delivered to its direct receivers, or a coalescing window
+  flushed): the time until the fan-out's last direct write;
+- once per queued write (a message that waited in a connection's queue): the time until it was
+  written.
+
+The hot path only appends the value to a bounded ring (and counts it); the sweep (``tick``, once a
+second) and each scrape move the values recorded since the last move into the histogram, at most
+``RING`` per ring and pass (beyond that rate, the histogram holds a sample).
 
 Handshake duration is observed once per admitted connection, from the TCP accept to the open
 WebSocket.
@@ -62,8 +65,10 @@ class Stats:
         self.errors = 0
         self._fanout: deque[float] = deque(maxlen=RING)
         self._queue_lat: deque[float] = deque(maxlen=RING)
-        self._queue_seen = 0       # queued-write latencies appended so far
-        self._queue_moved = 0      # of those, moved into the histogram by ``tick``
+        self._fanout_seen = 0      # values appended to each ring so far ...
+        self._queue_seen = 0
+        self._fanout_moved = 0     # ... and, of those, moved into the histogram
+        self._queue_moved = 0
         # Not registered anywhere: metrics.py exports them from its own registry at scrape time.
         self.delivery_hist = Histogram("wsd_delivery_latency_seconds", "Publish accepted to written",
                                        buckets=LATENCY_BUCKETS, registry=None)
@@ -78,12 +83,12 @@ class Stats:
         self.rate_pub = 0.0
 
     def observe_fanout(self, seconds: float) -> None:
-        """Once per fan-out (not per receiver)."""
+        """Once per fan-out (not per receiver): a ring append; ``move_samples`` feeds the histogram."""
         self._fanout.append(seconds)
-        self.delivery_hist.observe(seconds)
+        self._fanout_seen += 1
 
     def observe_queue_latency(self, seconds: float) -> None:
-        """Once per queued write: a ring append; ``tick`` feeds the histogram."""
+        """Once per queued write: a ring append; ``move_samples`` feeds the histogram."""
         self._queue_lat.append(seconds)
         self._queue_seen += 1
 
@@ -102,14 +107,19 @@ class Stats:
         t["drops"] += conn.drops_overflow + conn.drops_expired
         t["errors"] += conn.errors
 
-    def _move_queue_latency(self) -> None:
+    def move_samples(self) -> None:
+        """Put the delivery latencies recorded since the last call into the histogram."""
+        obs = self.delivery_hist.observe
+        new = min(self._fanout_seen - self._fanout_moved, len(self._fanout))
+        self._fanout_moved = self._fanout_seen
+        if new > 0:
+            for v in list(self._fanout)[-new:]:
+                obs(v)
         new = min(self._queue_seen - self._queue_moved, len(self._queue_lat))
         self._queue_moved = self._queue_seen
-        if new <= 0:
-            return
-        obs = self.delivery_hist.observe
-        for v in list(self._queue_lat)[-new:]:
-            obs(v)
+        if new > 0:
+            for v in list(self._queue_lat)[-new:]:
+                obs(v)
 
     def refuse(self, code: str) -> None:
         self.refused[code] = self.refused.get(code, 0) + 1
@@ -124,7 +134,7 @@ class Stats:
                 "samples": len(vals)}
 
     def tick(self, now: float, hub: Any) -> None:
-        self._move_queue_latency()
+        self.move_samples()
         received = self.received
         delivered = self.delivered
         published = self.published

@@ -150,7 +150,7 @@ async def test_on_demand_holds_until_pull(wsd):
         assert [m["data"]["n"] for m in rest["result"]["messages"]] == [3]
         assert rest["result"]["remaining"] == 0
         empty = await request(ws, {"op": "pull", "id": rid(), "channel": "trading-signals"})
-        assert empty["result"] == {"channel": "trading-signals/acme", "remaining": 0, "messages": []}
+        assert empty["result"] == {"channel": "trading-signals/acme", "remaining": 0, "more": False, "messages": []}
 
 
 async def test_pull_without_on_demand_subscription(wsd):

@@ -481,14 +481,20 @@ def publish(
             help="Drop the message if not delivered within this time (30s, 5m; plain number = seconds).",
         ),
     ] = None,
+    trace: Annotated[
+        bool, typer.Option("--trace", help="Report what happened at each receiver (counts; --json lists them).")
+    ] = False,
 ) -> None:
     """Publish into one channel instance (routing rules apply, history keeps it).
 
     Examples:
     $ wsctl publish trading-signals/acme --type signal --data '{"px": 1.0842}'
     $ echo '{"up": true}' | wsctl publish system-status --data - --ttl 30s
+    $ wsctl publish trading-signals/acme --type signal --data '{"px": 1.08}' --trace
     """
     payload = parse_data(data)
+    if trace:
+        return _publish_traced(ctx, channel, type_, payload, priority.value, ttl)
     res = rpc(ctx, "publish", channel=channel, type=type_, data=payload, priority=priority.value, ttl_s=ttl)
     emit(
         ctx,
@@ -498,6 +504,12 @@ def publish(
             f"(epoch {r.get('epoch') or '-'}): {_delivered(r)}"
         ),
     )
+
+
+def _publish_traced(ctx: typer.Context, channel: str, type_: str, payload: Any, priority: str,
+                    ttl: float | None) -> None:
+    res = rpc(ctx, "publish.trace", channel=channel, type=type_, data=payload, priority=priority, ttl_s=ttl)
+    emit(ctx, res, render.render_trace)
 
 
 @app.command()
@@ -695,6 +707,36 @@ def rules_disable(
     $ wsctl rules disable critical-alerts
     """
     _set_rule(ctx, id, False)
+
+
+@rules_app.command("test")
+def rules_test(
+    ctx: typer.Context,
+    channel: Annotated[
+        str,
+        typer.Option("--channel", metavar="CHANNEL", help="The channel instance, e.g. trading-signals/acme.",
+                     autocompletion=complete_channel),
+    ],
+    type_: Annotated[str, typer.Option("--type", help="The message type (msg_type).")] = "message",
+    priority: Annotated[
+        Priority, typer.Option("--priority", metavar="PRIORITY", help="critical, high, normal or low.")
+    ] = Priority.normal,
+    data: Annotated[str, typer.Option("--data", metavar="JSON", help=DATA_HELP)] = "null",
+    user: Annotated[str | None, typer.Option("--user", help="The publisher's user id (default: the channel's).")]
+    = None,
+    company: Annotated[
+        str | None, typer.Option("--company", help="The publisher's company id (default: the channel's).")
+    ] = None,
+) -> None:
+    """Match a message against the live rules without sending it: the walk, receivers per pool, data.
+
+    Examples:
+    $ wsctl rules test --channel trading-signals/acme --type trading_signal --data '{"price": 1.08}'
+    $ wsctl rules test --channel system-status --type system_alert --priority critical --json
+    """
+    res = rpc(ctx, "rules.test", channel=channel, type=type_, data=parse_data(data), priority=priority.value,
+              user=user, company=company)
+    emit(ctx, res, render.render_rules_test)
 
 
 # ---------------------------------------------------------------------------------------- admin commands

@@ -527,7 +527,26 @@ def render_metrics(r: dict[str, Any]) -> RenderableType:
         ],
         title="queues",
     )
-    return Group(mgr, Text(""), pools, Text(""), routing, Text(""), subs, Text(""), queues)
+    h = r.get("memory") or {}
+    lk = h.get("limiter_keys") or {}
+    held = kv(
+        [
+            (
+                "sessions",
+                f"{fmt_count(h.get('sessions'))} ({fmt_bytes(h.get('session_bytes'))})  "
+                f"evicted {fmt_count(h.get('sessions_evicted'))}  expired {fmt_count(h.get('sessions_expired'))}  "
+                f"too large {fmt_count(h.get('sessions_refused'))}",
+            ),
+            (
+                "channel history",
+                f"{fmt_count(h.get('channels'))} instances  evicted {fmt_count(h.get('channels_evicted'))}  "
+                f"expired {fmt_count(h.get('channels_expired'))}",
+            ),
+            ("limiter keys", f"ip {fmt_count(lk.get('ip'))}  user {fmt_count(lk.get('user'))}"),
+        ],
+        title="held",
+    )
+    return Group(mgr, Text(""), pools, Text(""), routing, Text(""), subs, Text(""), queues, Text(""), held)
 
 
 def _rule_filter(rule: dict[str, Any], with_expression: bool = True) -> str:
@@ -626,3 +645,105 @@ def event_line(ev: dict[str, Any]) -> str:
     """One event as one line: ``TIME KIND key=value ...`` (values with spaces are quoted)."""
     fields = " ".join(f"{k}={_value(v)}" for k, v in ev.items() if k not in ("seq", "ts", "event"))
     return f"{fmt_time(ev.get('ts'))} {ev.get('event', '?'):<14} {fields}".rstrip()
+
+
+# ------------------------------------------------------------------------------- rules test, publish --trace
+
+
+def render_rules_test(r: dict[str, Any]) -> RenderableType:
+    """``wsctl rules test``: the message, the rule walk, and what each target reaches per pool."""
+    m = r.get("message") or {}
+    tenant = "/".join(x for x in (m.get("company_id"), m.get("user_id")) if x) or "-"
+    head = Text(f"message {m.get('channel') or '-'}  type {m.get('type')}  priority {m.get('priority')}  "
+                f"tenant {tenant}")
+    parts: list[RenderableType] = [head]
+    schema = r.get("data_schema")
+    if isinstance(schema, dict):
+        parts.append(Text(f"data_schema: refused at {schema.get('path')}: {schema.get('reason')} "
+                          "(a real publish gets invalid_data)"))
+    elif schema == "valid":
+        parts.append(Text("data_schema: valid"))
+    steps = r.get("rules") or []
+    if steps:
+        t = table("#", "RULE", "PRIO", "RESULT", "WHY", title="rules, in evaluation order", right=("#", "PRIO"))
+        for i, s in enumerate(steps, 1):
+            result = s.get("result", "")
+            why = s.get("why", "")
+            if result == "matched" and s.get("stop"):
+                why = "stop = true: the walk ends here"
+            elif result == "skipped":
+                why = why if why == "disabled" else f"filter.{why} does not match"
+            t.add_row(Text(str(i)), Text(clip(str(s.get("id", "")), 24)), Text(str(s.get("priority", 0))),
+                      Text(result.replace("_", " ")), Text(why))
+        parts.append(t)
+    if not r.get("routed"):
+        ch = r.get("channel") or {}
+        n = ch.get("connections", 0)
+        line = (f"{'no rule matched' if steps else 'no routing rules'}: the message goes to the {n} "
+                f"subscriber{'s' if n != 1 else ''} of {ch.get('channel') or '-'}")
+        if ch.get("filtered_by_type"):
+            line += f" ({ch['filtered_by_type']} more filter this type out)"
+        parts.append(Text(line))
+        by_pool = ch.get("by_pool") or {}
+        if by_pool:
+            t = table("POOL", "CONNS", "DATA", right=("CONNS",))
+            for pid, v in by_pool.items():
+                t.add_row(Text(pid), Text(str(v.get("connections", 0))), Text(clip(compact_json(v.get("data")), 60)))
+            parts.append(t)
+        return Group(*parts)
+    t = table("RULE", "TARGET", "POOL", "CONNS", "DATA", title="targets", right=("CONNS",))
+    total = 0
+    for tg in r.get("targets") or []:
+        total += tg.get("connections", 0)
+        kind = tg.get("type", "") + (" reliable" if tg.get("reliable") else "")
+        rows = list((tg.get("by_pool") or {}).items()) or [("-", {"connections": 0, "data": tg.get("data")})]
+        for i, (pid, v) in enumerate(rows):
+            t.add_row(Text(clip(str(tg.get("rule_id", "")), 20) if i == 0 else ""), Text(kind if i == 0 else ""),
+                      Text(pid), Text(str(v.get("connections", 0))), Text(clip(compact_json(v.get("data")), 50)))
+        notes = []
+        if tg.get("already_reached"):
+            notes.append(f"{tg['already_reached']} already reached by an earlier rule")
+        if tg.get("refused_by_expression"):
+            notes.append(f"{tg['refused_by_expression']} left out by the rule's conn expression")
+        if notes:
+            t.add_row(Text(""), Text(""), Text(""), Text(""), Text("; ".join(notes), style="dim"))
+    parts.append(t)
+    parts.append(Text(f"{len(r.get('targets') or [])} matching rule(s) reach {total} connection(s); "
+                      "nothing was sent", style="dim"))
+    return Group(*parts)
+
+
+TRACE_ORDER = ("written", "coalesced", "queued", "batched", "held", "dropped", "filtered", "not_reached",
+               "not_subscribed")
+
+
+def render_trace(r: dict[str, Any]) -> RenderableType:
+    """``wsctl publish --trace``: counts per outcome, then the receivers that were not written at once."""
+    tr = r.get("trace") or {}
+    n = r.get("delivered") or 0
+    head = Text(f"published to {r.get('channel')} at offset {r.get('offset')} (epoch {r.get('epoch') or '-'}): "
+                f"delivered to {n} connection{'s' if n != 1 else ''}"
+                + (" (routed by rules)" if tr.get("routed") else ""))
+    counts = tr.get("counts") or {}
+    t = table("OUTCOME", "CONNS", right=("CONNS",))
+    for k in (*TRACE_ORDER, *sorted(set(counts) - set(TRACE_ORDER))):
+        if counts.get(k):
+            t.add_row(Text(k.replace("_", " ")), Text(str(counts[k])))
+    parts: list[RenderableType] = [head, t] if counts else [head]
+    other = [x for x in tr.get("receivers") or [] if x.get("outcome") not in ("written", "coalesced")]
+    if other:
+        d = table("CONNECTION", "USER", "POOL", "OUTCOME", "DETAIL")
+        for x in other[:20]:
+            detail = x.get("reason", "")
+            if "queue_depth" in x:
+                detail = f"queue depth {x['queue_depth']}" + (f", breaker {x['breaker']}" if x.get("breaker") else "") \
+                         + (f"; {detail}" if detail else "")
+            d.add_row(Text(short_id(x.get("connection_id"))), Text(clip(str(x.get("user_id", "")), 10)),
+                      Text(clip(str(x.get("pool", "")), 8)), Text(str(x.get("outcome", "")).replace("_", " ")),
+                      Text(clip(detail, 36)))
+        parts.append(d)
+        if len(other) > 20:
+            parts.append(Text(f"… {len(other) - 20} more (--json lists every receiver)", style="dim"))
+    if not counts:
+        parts.append(Text("no connection in scope", style="dim"))
+    return Group(*parts)

@@ -149,6 +149,14 @@ class LimitsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     messages_per_connection_per_second: int = 50
     message_burst: int = 100
     max_subscriptions_per_connection: int = 100
+    max_filter_types: int = 64
+    max_filter_type_length: int = 128
+    max_session_bytes: int = 65536
+    max_sessions_per_user: int = 20
+    max_sessions: int = 100000
+    max_history_channels: int = 10000
+    history_max_messages: int = 500
+    history_max_bytes: int = 524288
 
 
 class BatchingConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -169,12 +177,15 @@ class PoolConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     batching: BatchingConfig = msgspec.field(default_factory=BatchingConfig)
 
 
-class ChannelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+class ChannelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, dict=True):
     type: ChannelType
     name: str = ""
     history_size: int = 100
     history_ttl_s: int = 3600
     publishers: list[str] = []
+    # A JSON Schema that published ``data`` must satisfy: inline, or a JSON file (not both).
+    data_schema: dict[str, Any] | None = None
+    data_schema_file: str = ""
 
 
 class FilterConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -585,6 +596,9 @@ def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str] | No
             from_env = _key(section, key) in errs.env_origin
             root = base if (section, key) in file_keys and not from_env else os.getcwd()
             setattr(obj, key, os.path.normpath(os.path.join(root, value)))
+    for ch in cfg.channels.values():  # [channels.<id>] data_schema_file: relative to the config file too
+        if isinstance(ch, ChannelConfig) and ch.data_schema_file:
+            ch.data_schema_file = os.path.normpath(os.path.join(base, os.path.expanduser(ch.data_schema_file)))
     _validate(cfg, errs, from_file=path is not None, raw=raw)
     if errs.items:
         raise ConfigError(errs.lines())
@@ -812,6 +826,45 @@ def _check_channels(channels: dict[str, ChannelConfig], errs: _Errors) -> None:
         for i, pub in enumerate(ch.publishers):
             if pub == "":
                 errs.add(f"{path}.publishers[{i}]", "must not be empty")
+        _check_data_schema(ch, path, errs)
+
+
+def _check_data_schema(ch: ChannelConfig, path: str, errs: _Errors) -> None:
+    """Read, check and compile a channel group's data schema once, at load (kept on the struct)."""
+    from wsd.core.schema import SchemaError, compile_schema
+
+    ch._data_schema = None  # type: ignore[attr-defined]
+    schema, where = ch.data_schema, f"{path}.data_schema"
+    if schema is not None and ch.data_schema_file:
+        errs.add(f"{path}.data_schema_file", "set data_schema or data_schema_file, not both")
+        return
+    if ch.data_schema_file:
+        where = f"{path}.data_schema_file"
+        text = _read_text(errs, where, ch.data_schema_file)
+        if text is None:
+            return
+        try:
+            schema = json.loads(text)
+        except ValueError as exc:
+            errs.add(where, f"{json.dumps(ch.data_schema_file)} is not JSON: {exc}")
+            return
+    if schema is None:
+        return
+    try:
+        ch._data_schema = compile_schema(schema)  # type: ignore[attr-defined]
+    except SchemaError as exc:
+        at = "" if exc.json_path == "$" else f" (at {exc.json_path})"
+        errs.add(where, f"not a valid JSON Schema: {exc.message}{at}")
+
+
+def data_schema_of(ch: ChannelConfig) -> Any:
+    """The compiled ``DataSchema`` of a channel group, or None; compiled here for a hand-built config."""
+    if "_data_schema" not in ch.__dict__:
+        errs = _Errors()
+        _check_data_schema(ch, "channels", errs)
+        if errs.items:
+            raise ConfigError(errs.lines())
+    return ch.__dict__["_data_schema"]
 
 
 def _check_pools(cfg: Config, errs: _Errors, *, pools_from_file: bool) -> None:
@@ -1109,6 +1162,22 @@ messages_per_connection_per_second = 50
 message_burst = 100
 # Channels one connection may subscribe to.
 max_subscriptions_per_connection = 100
+# A subscribe's filter.types: at most this many types, each at most this many characters
+# (error filter_too_large above; nothing is stored).
+max_filter_types = 64
+max_filter_type_length = 128
+# A disconnected session larger than this (encoded JSON bytes) is not kept: its resume starts afresh.
+max_session_bytes = 65536
+# Disconnected sessions kept per user and in total; beyond either the oldest is evicted (counted).
+max_sessions_per_user = 20
+max_sessions = 100000
+# Channel instances whose history is held; beyond it the least recently used one without
+# subscribers is freed (instances without subscribers are also freed once their history expires).
+max_history_channels = 10000
+# One history or pull reply carries at most this many messages and about this many bytes
+# (at least one message); a cut reply says "more": true and where to continue.
+history_max_messages = 500
+history_max_bytes = 524288
 
 # Pools: one WebSocket endpoint each. A file with no [pools] gets these four.
 # Keys: type (frontend|mt5_client|admin|api), path, max_connections, allow_cidrs ([] = any IP),
@@ -1164,6 +1233,8 @@ default_subscriptions = []
 # Channel groups. A file with no [channels] gets these four.
 # type: user (instance group/company/user), company (group/company), global, admin (admins only).
 # publishers: pool ids or role names whose clients may publish; [] = only the server side.
+# data_schema (an inline JSON Schema) or data_schema_file (a JSON file): publications whose data
+# fails it are refused with invalid_data. Not set: any data. See docs/configuration.md.
 [channels.system-status]
 type = "global"
 name = "System status"

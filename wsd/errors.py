@@ -42,9 +42,11 @@ NOT_FOUND = "not_found"
 UNKNOWN_CHANNEL = "unknown_channel"
 NOT_SUBSCRIBED = "not_subscribed"
 TOO_MANY_SUBSCRIPTIONS = "too_many_subscriptions"
+FILTER_TOO_LARGE = "filter_too_large"     # filter.types beyond limits.max_filter_types / _type_length
 INVALID_TOKEN = "invalid_token"
 RATE_LIMIT = "rate_limited"
 INTERNAL_ERROR = "internal"
+INVALID_DATA = "invalid_data"      # publish: data fails the channel group's data_schema
 
 # Handshake refusal codes (HTTP status, error code).
 H_MISSING_TOKEN = (401, "missing_token")

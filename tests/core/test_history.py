@@ -195,3 +195,77 @@ def test_since_limit_pages_oldest_first():
     assert buf.since(6, "e1", now=0.0, limit=0) == ([], True)
     entries, _ = buf.since(8, "e1", now=0.0, limit=50)
     assert offsets(entries) == [9, 10]
+
+
+# ------------------------------------------------------------------------------ HistoryStore
+from wsd.core.history import HistoryStore  # noqa: E402
+
+
+def test_store_frees_unused_instance_once_its_history_expired():
+    """An instance without subscribers is freed by sweep once its newest message outlived the ttl."""
+    used: set[str] = set()
+    st = HistoryStore("e", max_instances=100, in_use=used.__contains__)
+    st.append("a", "m", size=10, ttl_s=5.0, now=0.0, wall=0.0)
+    st.append("b", "m", size=10, ttl_s=5.0, now=3.0, wall=0.0)
+    used.add("c")
+    st.append("c", "m", size=10, ttl_s=5.0, now=0.0, wall=0.0)
+    assert st.sweep(4.9) == 0 and len(st) == 3
+    assert st.sweep(5.0) == 1  # "a" expired; "c" expired too but has a subscriber
+    assert "a" not in st and "b" in st and "c" in st and st.expired == 1
+    assert st.sweep(8.0) == 1 and "b" not in st and len(st) == 1
+
+
+def test_store_never_frees_an_instance_without_ttl_by_age():
+    """history_ttl_s 0 (no age limit): only the cap can free it."""
+    st = HistoryStore("e", max_instances=10)
+    st.append("a", "m", size=10, ttl_s=0, now=0.0, wall=0.0)
+    assert st.sweep(1e9) == 0 and "a" in st
+
+
+def test_store_cap_evicts_least_recently_used_instance_without_subscribers():
+    """At the cap, creating an instance frees the least recently used one that has no subscriber."""
+    used = {"a"}
+    st = HistoryStore("e", max_instances=3, in_use=used.__contains__)
+    for ch in ("a", "b", "c"):
+        st.append(ch, "m", size=10, ttl_s=100.0, now=0.0, wall=0.0)
+    st.get("b", touch=True)  # b was read: c is now the least recently used without subscribers
+    st.append("d", "m", size=10, ttl_s=100.0, now=1.0, wall=0.0)
+    assert len(st) == 3 and "c" not in st and {"a", "b", "d"} == {n for n, _ in st.items()}
+    assert st.evicted == 1
+
+
+def test_store_exceeds_cap_rather_than_dropping_subscribed_instances():
+    """When every instance has subscribers, none is freed."""
+    st = HistoryStore("e", max_instances=2, in_use=lambda ch: True)
+    for ch in ("a", "b", "c"):
+        st.append(ch, "m", size=10, ttl_s=100.0, now=0.0, wall=0.0)
+    assert len(st) == 3 and st.evicted == 0
+
+
+def test_recreated_instance_never_reuses_offsets_under_the_same_epoch():
+    """After an instance is freed, its re-creation counts from 1 in a new epoch: an old position is not
+    recovered, and never yields a message under an offset the client already had."""
+    st = HistoryStore("e", max_instances=1)
+    buf = st.append("a", "old1", size=10, ttl_s=100.0, now=0.0, wall=0.0)
+    st.append("a", "old2", size=10, ttl_s=100.0, now=0.0, wall=0.0)
+    old = buf.position()
+    assert old == StreamPosition(2, "e")
+    st.append("b", "x", size=10, ttl_s=100.0, now=0.0, wall=0.0)  # cap 1: "a" is freed
+    assert "a" not in st
+    new = st.append("a", "new1", size=10, ttl_s=100.0, now=1.0, wall=0.0)
+    assert new.top_offset == 1 and new.epoch != old.epoch
+    st.append("a", "new2", size=10, ttl_s=100.0, now=1.0, wall=0.0)
+    st.append("a", "new3", size=10, ttl_s=100.0, now=1.0, wall=0.0)
+    entries, recovered = new.since(old.offset, old.epoch, now=1.0)
+    assert recovered is False
+    assert [e.payload for e in entries] == ["new1", "new2", "new3"]  # everything held, flagged as a break
+
+
+def test_store_churn_of_distinct_names_stays_flat():
+    """Ten thousand distinct channel names through a store capped at 100 never hold more than 100."""
+    st = HistoryStore("e", max_instances=100)
+    for i in range(10_000):
+        st.append(f"ch{i}", "m", size=5, ttl_s=10.0, now=i * 0.001, wall=0.0)
+        assert len(st) <= 100
+    assert st.evicted == 9_900
+    assert st.sweep(100.0) == 100 and len(st) == 0

@@ -164,3 +164,12 @@ def test_keyed_limiter_rejects_bad_max_keys():
     """max_keys must be at least 1."""
     with pytest.raises(ValueError):
         KeyedLimiter(1.0, 1, max_keys=0)
+
+
+def test_keyed_limiter_churn_of_distinct_keys_falls_back_after_sweep():
+    """Thousands of distinct addresses each taking one token: sweep forgets them once refilled."""
+    lim = KeyedLimiter(*per_minute(600))
+    for i in range(5000):
+        assert lim.try_take(f"10.0.{i // 256}.{i % 256}", now=i * 0.0001)[0]
+    assert len(lim) == 5000
+    assert lim.sweep(0.6) == 5000 and len(lim) == 0

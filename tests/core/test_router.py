@@ -440,3 +440,25 @@ def test_describe_lists_rules_in_evaluation_order_with_hits() -> None:
     }
     assert described[0]["hits"] == 1 and described[0]["stop"] is True
     assert described[0]["target"]["group_id"] == "desk-1"
+
+
+def test_explain_is_the_walk_route_makes_without_counting() -> None:
+    """explain() names why each rule was skipped, marks rules after a stop as not tried, counts nothing."""
+    table = RuleTable([
+        rule("off", priority=100, enabled=False, types=["trading_signal"]),
+        rule("other-type", priority=90, types=["quote"]),
+        rule("other-company", priority=80, company_ids=["globex"]),
+        rule("big", priority=70, expression="msg.data.px > 10"),
+        rule("first", priority=60, types=["trading_signal"]),
+        rule("stopper", priority=50, channels=["trading-signals"], stop=True),
+        rule("after", priority=10),
+    ])
+    msg = message()
+    steps, routes = table.explain(msg)
+    assert [(s["id"], s["result"], s["why"].split(" ")[0] if s["why"] else "") for s in steps] == [
+        ("off", "skipped", "disabled"), ("other-type", "skipped", "message_types"),
+        ("other-company", "skipped", "company_ids"), ("big", "skipped", "expression"),
+        ("first", "matched", ""), ("stopper", "matched", ""), ("after", "not_tried", "rule")]
+    assert table.hits() == {r: 0 for r in table.hits()} and table.messages_routed == 0
+    assert [r.rule_id for r in routes] == [r.rule_id for r in table.route(msg)] == ["first", "stopper"]
+    assert table.hits()["first"] == 1 and table.messages_routed == 1

@@ -43,6 +43,8 @@ METHODS: dict[str, str] = {
     "rules.list": "routing rules with hit counts",
     "rules.get": "one routing rule",
     "rules.set_enabled": "enable or disable a routing rule at run time",
+    "rules.test": "match a message against the live rules without sending it: the walk, receivers per pool, data",
+    "publish.trace": "publish into one channel instance and report what happened at each receiver",
     "token": "mint a JWT with the daemon's signing key",
     "reload": "re-read the config file; an invalid file is refused and the old config stays",
     "config.get": "the running config, secrets redacted",

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from collections.abc import Callable
 from itertools import islice
 
-__all__ = ["StreamPosition", "HistoryEntry", "HistoryBuffer"]
+__all__ = ["StreamPosition", "HistoryEntry", "HistoryBuffer", "HistoryStore"]
 
 _INF = float("inf")
 
@@ -135,3 +136,97 @@ class HistoryBuffer:
             f"HistoryBuffer(epoch={self.epoch!r}, top_offset={self.top_offset}, len={len(self._entries)}, "
             f"size={self.size}, ttl_s={self.ttl_s})"
         )
+
+
+def _never(channel: str) -> bool:
+    return False
+
+
+class HistoryStore:
+    """The history buffers of every channel instance, bounded in number and freed when nobody needs them.
+
+    - An instance nobody is subscribed to (``in_use`` says False) whose messages have all outlived their ttl
+      is freed by ``sweep``.
+    - At most ``max_instances`` are held: creating one more first frees the least recently used instance
+      nobody is subscribed to (publishing and reading count as use). When every instance is in use the cap
+      is exceeded rather than dropping a subscribed channel's history.
+
+    A freed instance's offsets are forgotten, so a re-created one must never count under the same epoch:
+    every free moves the store to a new epoch (``base``, then ``base.1``, ``base.2``, ...) for instances
+    created from then on. A client holding a position in a freed instance therefore gets ``recovered:
+    false``, never a message it did not ask for under an offset it already saw.
+    """
+
+    __slots__ = ("_buffers", "_gen", "base_epoch", "evicted", "expired", "in_use", "max_instances")
+
+    def __init__(self, epoch: str, max_instances: int, in_use: Callable[[str], bool] = _never) -> None:
+        if max_instances < 1:
+            raise ValueError(f"max_instances must be >= 1, got {max_instances!r}")
+        self.base_epoch = epoch
+        self.max_instances = max_instances
+        self.in_use = in_use
+        self._buffers: dict[str, HistoryBuffer] = {}
+        self._gen = 0
+        self.evicted = 0
+        self.expired = 0
+
+    @property
+    def epoch(self) -> str:
+        """The epoch an instance created now starts in (and an instance without history reports)."""
+        return self.base_epoch if self._gen == 0 else f"{self.base_epoch}.{self._gen}"
+
+    def get(self, channel: str, touch: bool = False) -> HistoryBuffer | None:
+        """The instance's buffer, if held; ``touch`` marks it recently used."""
+        buffers = self._buffers
+        if not touch:
+            return buffers.get(channel)
+        buf = buffers.pop(channel, None)
+        if buf is not None:
+            buffers[channel] = buf
+        return buf
+
+    def append(self, channel: str, payload: object, size: int, ttl_s: float, now: float, wall: float
+               ) -> HistoryBuffer:
+        """Record a message in ``channel`` (creating its buffer, making room first); return the buffer."""
+        buffers = self._buffers
+        buf = buffers.pop(channel, None)
+        if buf is None:
+            self._make_room()
+            buf = HistoryBuffer(size, ttl_s, self.epoch)
+        buffers[channel] = buf  # (re)inserted last: the most recently used
+        buf.append(payload, now, wall)
+        return buf
+
+    def _make_room(self) -> None:
+        buffers = self._buffers
+        passed = 0
+        while len(buffers) >= self.max_instances and passed < len(buffers):
+            name = next(iter(buffers))
+            buf = buffers.pop(name)
+            if self.in_use(name):
+                buffers[name] = buf  # subscribed: counts as used; look at the next oldest
+                passed += 1
+                continue
+            self._gen += 1
+            self.evicted += 1
+
+    def sweep(self, now: float) -> int:
+        """Free every instance nobody is subscribed to whose messages have all expired; return how many."""
+        buffers = self._buffers
+        gone = [name for name, buf in buffers.items() if (buf.trim(now) or True) and not buf
+                and not self.in_use(name)]
+        for name in gone:
+            del buffers[name]
+        if gone:
+            self._gen += 1
+            self.expired += len(gone)
+        return len(gone)
+
+    def items(self) -> list[tuple[str, HistoryBuffer]]:
+        return list(self._buffers.items())
+
+    def __len__(self) -> int:
+        return len(self._buffers)
+
+    def __contains__(self, channel: object) -> bool:
+        return channel in self._buffers

@@ -16,7 +16,9 @@ with no per-message tuple and half the memory of ``(item, expires_at)`` pairs.
 from __future__ import annotations
 
 import enum
+import itertools
 from collections import deque
+from collections.abc import Iterator
 
 __all__ = ["PRIORITY_NAMES", "Outbox", "Priority"]
 
@@ -185,6 +187,11 @@ class Outbox:
         self._size = 0
         self._next_exp = _INF
         return out
+
+    def __iter__(self) -> Iterator[object]:
+        """The queued items in delivery order (expired ones included until a pop drops them)."""
+        for lane in self._q:
+            yield from itertools.islice(lane, 0, None, 2)
 
     def depth_by_priority(self) -> tuple[int, int, int, int]:
         """Queued item count per priority: (critical, high, normal, low)."""

@@ -287,6 +287,28 @@ class _Rule:
             conn_predicate,
         )
 
+    def miss(self, msg: RoutedMessage, mapping: dict[str, Any] | None) -> str | None:
+        """Why this rule does not match ``msg`` (the filter field that failed), or None when it matches.
+
+        The one definition of a match: ``RuleTable.route`` (delivery) and ``RuleTable.explain``
+        (``wsctl rules test``) both call it. ``mapping`` is ``msg.as_mapping()`` when some rule's
+        expression reads ``msg`` (built once per message by the caller), else None.
+        """
+        if not self.enabled:
+            return "disabled"
+        if self.types is not None and msg.type not in self.types:
+            return "message_types"
+        channels = self.channels
+        if channels is not None and msg.channel not in channels and msg.group not in channels:
+            return "channels"
+        if self.user_ids is not None and msg.user_id not in self.user_ids:
+            return "user_ids"
+        if self.company_ids is not None and msg.company_id not in self.company_ids:
+            return "company_ids"
+        if self.msg_predicate is not None and not self.msg_predicate(mapping, None):
+            return "expression"
+        return None
+
     def describe(self) -> dict[str, Any]:
         flt = getattr(self.config, "filter", None)
         target = self.config.target
@@ -325,7 +347,7 @@ class RuleTable:
     caller then delivers to the channel's subscribers) and per-rule hits (``hits()``).
     """
 
-    __slots__ = ("_by_id", "_rules", "messages_routed", "messages_unrouted")
+    __slots__ = ("_by_id", "_reads_msg", "_rules", "messages_routed", "messages_unrouted")
 
     def __init__(self, rules: Iterable[RuleConfig] = ()) -> None:
         compiled = [_Rule(config) for config in rules]
@@ -337,6 +359,7 @@ class RuleTable:
         # sorted() is stable: equal priorities keep their config order
         self._rules: tuple[_Rule, ...] = tuple(sorted(compiled, key=lambda r: -r.priority))
         self._by_id = by_id
+        self._reads_msg = any(rule.msg_predicate_reads_msg for rule in compiled)
         self.messages_routed = 0
         self.messages_unrouted = 0
 
@@ -346,24 +369,10 @@ class RuleTable:
     def route(self, msg: RoutedMessage) -> list[Route]:
         """The routes of every matching enabled rule, highest priority first; [] if none matched."""
         routes: list[Route] = []
-        mapping: dict[str, Any] | None = None
+        mapping = msg.as_mapping() if self._reads_msg else None
         for rule in self._rules:
-            if not rule.enabled:
+            if rule.miss(msg, mapping) is not None:
                 continue
-            if rule.types is not None and msg.type not in rule.types:
-                continue
-            channels = rule.channels
-            if channels is not None and msg.channel not in channels and msg.group not in channels:
-                continue
-            if rule.user_ids is not None and msg.user_id not in rule.user_ids:
-                continue
-            if rule.company_ids is not None and msg.company_id not in rule.company_ids:
-                continue
-            if rule.msg_predicate is not None:
-                if rule.msg_predicate_reads_msg and mapping is None:
-                    mapping = msg.as_mapping()
-                if not rule.msg_predicate(mapping, None):
-                    continue
             rule.hits += 1
             routes.append(rule.route)
             if rule.stop:
@@ -373,6 +382,34 @@ class RuleTable:
         else:
             self.messages_unrouted += 1
         return routes
+
+    def explain(self, msg: RoutedMessage) -> tuple[list[dict[str, Any]], list[Route]]:
+        """The walk ``route()`` would make for ``msg``, without counting it: a dry run.
+
+        Returns one step per rule in evaluation order — ``{"id", "priority", "stop", "result", "why"}``
+        where ``result`` is ``matched``, ``skipped`` (``why`` names the filter field that failed, or
+        ``disabled``) or ``not_tried`` (a ``stop`` rule above matched) — and the routes ``route()``
+        would return. Built on ``_Rule.miss``, the same test ``route()`` uses.
+        """
+        steps: list[dict[str, Any]] = []
+        routes: list[Route] = []
+        mapping = msg.as_mapping() if self._reads_msg else None
+        stopped_by = ""
+        for rule in self._rules:
+            step = {"id": rule.id, "priority": rule.priority, "stop": rule.stop, "result": "not_tried",
+                    "why": f"rule {stopped_by!r} matched with stop = true" if stopped_by else ""}
+            steps.append(step)
+            if stopped_by:
+                continue
+            why = rule.miss(msg, mapping)
+            if why is not None:
+                step["result"], step["why"] = "skipped", why
+                continue
+            step["result"] = "matched"
+            routes.append(rule.route)
+            if rule.stop:
+                stopped_by = rule.id
+        return steps, routes
 
     def set_enabled(self, rule_id: str, enabled: bool) -> None:
         """Enable or disable a rule at run time; KeyError for an unknown id."""

@@ -9,17 +9,34 @@ epochs always come from the engine, and remote publications arrive through ``on_
 from __future__ import annotations
 
 import abc
+import logging
 from collections.abc import Callable
 from typing import Any
 
 from wsd.core.history import StreamPosition
 
+log = logging.getLogger("wsd.engine")
+
+
+def session_owner(state: dict[str, Any]) -> str:
+    """The key a session counts against for ``limits.max_sessions_per_user``: its tenant and user."""
+    return f"{state.get('company_id') or ''}/{state.get('user_id') or ''}"
+
+
+def log_refused(size: int, limit: int) -> None:
+    log.warning("a disconnected session was not kept: %d bytes encoded, limits.max_session_bytes is %d "
+                "(the client's resume gets a new session)", size, limit)
+
+
+def _never(channel: str) -> bool:
+    return False
+
 
 class Publication:
     """One published message, as stored in history and delivered to connections."""
 
-    __slots__ = ("channel", "company_id", "data", "epoch", "expires_at", "group", "id", "offset", "priority",
-                 "source", "ts", "ttl_s", "type", "user_id")
+    __slots__ = ("channel", "company_id", "data", "epoch", "expires_at", "group", "id", "offset", "payload",
+                 "priority", "source", "ts", "ttl_s", "type", "user_id")
 
     def __init__(self, *, id: str, channel: str, group: str, type: str, priority: int, data: Any, ts: float,
                  ttl_s: float | None = None, source: str = "", user_id: str = "", company_id: str = "",
@@ -38,9 +55,12 @@ class Publication:
         self.offset = offset
         self.epoch = epoch
         self.expires_at = expires_at
+        #: the encoded ``message`` push (JSON bytes), set once when it is first encoded (fan-out or a read
+        #: of history) so history is served without encoding each stored message again
+        self.payload: bytes | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__slots__}
+        return {k: getattr(self, k) for k in self.__slots__ if k != "payload"}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Publication:
@@ -62,6 +82,30 @@ class Engine(abc.ABC):
     name: str = "abstract"
     #: True when publications travel through the engine to every node (the publisher included)
     shared: bool = False
+    # The bounds of what the engine keeps (``[limits]``; set_limits applies the configured values).
+    max_channels: int = 10000
+    max_sessions: int = 100000
+    max_sessions_per_user: int = 20
+    max_session_bytes: int = 65536
+
+    def __init__(self) -> None:
+        #: whether a channel instance has subscribers on this node (the hub sets it): instances in use
+        #: are never freed
+        self.in_use: Callable[[str], bool] = _never
+
+    def set_limits(self, limits: Any) -> None:
+        """The ``[limits]`` section, at start and after each reload."""
+        self.max_channels = limits.max_history_channels
+        self.max_sessions = limits.max_sessions
+        self.max_sessions_per_user = limits.max_sessions_per_user
+        self.max_session_bytes = limits.max_session_bytes
+
+    def sweep(self) -> None:
+        """Called by the hub's once-a-second sweep: free expired sessions and unused channel instances."""
+
+    def memory_stats(self) -> dict[str, Any]:
+        """What the engine holds and has freed: sessions and channel instances (for metrics)."""
+        return {}
 
     @abc.abstractmethod
     async def start(self, on_remote: Callable[[Publication], None]) -> None:
@@ -96,7 +140,10 @@ class Engine(abc.ABC):
         """Channel instances with history: instance -> {depth, offset, epoch}."""
 
     @abc.abstractmethod
-    async def save_session(self, session_id: str, state: dict[str, Any], ttl_s: float) -> None: ...
+    async def save_session(self, session_id: str, state: dict[str, Any], ttl_s: float) -> bool:
+        """Keep a disconnected session for ``ttl_s``; False when it is larger than ``max_session_bytes``
+        (nothing is kept, and an older session under that id is dropped). The owner's and the store's
+        oldest sessions are evicted beyond ``max_sessions_per_user`` / ``max_sessions``."""
 
     @abc.abstractmethod
     async def load_session(self, session_id: str) -> dict[str, Any] | None: ...

@@ -2,6 +2,7 @@
 
 A restart loses every buffer, so each start picks a new epoch: a client that resumes
 from an offset of the old epoch is told ``recovered: false`` instead of getting a silent gap.
+Both maps are bounded (``core/history.HistoryStore``, ``core/sessions.SessionStore``) and swept.
 """
 
 from __future__ import annotations
@@ -11,41 +12,56 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from wsd.core.history import HistoryBuffer, StreamPosition
-from wsd.engine.base import Engine, HistoryResult, Publication
+import msgspec
+
+from wsd.core.history import HistoryStore, StreamPosition
+from wsd.core.sessions import SessionStore, SessionTooLarge
+from wsd.engine.base import Engine, HistoryResult, Publication, log_refused, session_owner
+
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder().decode
 
 
 class MemoryEngine(Engine):
     name = "memory"
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
         self.epoch = secrets.token_hex(4)
         self._clock = clock
-        self._buffers: dict[str, HistoryBuffer] = {}
-        self._sessions: dict[str, tuple[float, dict[str, Any]]] = {}
+        self._store = HistoryStore(self.epoch, self.max_channels, self._in_use)
+        self._sessions = SessionStore(self.max_sessions, self.max_sessions_per_user, self.max_session_bytes)
+
+    def _in_use(self, channel: str) -> bool:
+        return self.in_use(channel)
+
+    def set_limits(self, limits: Any) -> None:
+        super().set_limits(limits)
+        self._store.max_instances = self.max_channels
+        s = self._sessions
+        s.max_total, s.max_per_owner, s.max_bytes = (self.max_sessions, self.max_sessions_per_user,
+                                                     self.max_session_bytes)
 
     async def start(self, on_remote: Callable[[Publication], None]) -> None:
         return None
 
     async def stop(self) -> None:
-        self._buffers.clear()
+        self._store = HistoryStore(self.epoch, self.max_channels, self._in_use)
 
     async def publish(self, pub: Publication, history_size: int, history_ttl_s: float,
                       scope: dict[str, Any] | None = None) -> None:
         if history_size <= 0:
             return
-        buf = self._buffers.get(pub.channel)
-        if buf is None:
-            buf = self._buffers[pub.channel] = HistoryBuffer(history_size, history_ttl_s, self.epoch)
-        pub.epoch = self.epoch
-        pub.offset = buf.append(pub, self._clock(), pub.ts)
+        buf = self._store.append(pub.channel, pub, history_size, history_ttl_s, self._clock(), pub.ts)
+        pub.epoch = buf.epoch
+        pub.offset = buf.top_offset
 
     async def history(self, channel: str, *, limit: int | None = None, since: StreamPosition | None = None
                       ) -> HistoryResult:
-        buf = self._buffers.get(channel)
+        buf = self._store.get(channel, touch=True)
         now = self._clock()
         if buf is None:
-            pos = StreamPosition(0, self.epoch)
+            pos = StreamPosition(0, self._store.epoch)
             recovered = since is None or since.offset == 0  # nothing was ever published after 0
             return HistoryResult([], pos, recovered)
         if since is not None:
@@ -56,38 +72,44 @@ class MemoryEngine(Engine):
         return HistoryResult([e.payload for e in entries], buf.position(), recovered)
 
     def position(self, channel: str) -> StreamPosition:
-        buf = self._buffers.get(channel)
-        return buf.position() if buf is not None else StreamPosition(0, self.epoch)
+        buf = self._store.get(channel)
+        return buf.position() if buf is not None else StreamPosition(0, self._store.epoch)
 
     def channels(self) -> dict[str, dict[str, Any]]:
         now = self._clock()
         out = {}
-        for name, buf in self._buffers.items():
+        for name, buf in self._store.items():
             buf.trim(now)
             out[name] = {"depth": len(buf), "offset": buf.top_offset, "epoch": buf.epoch}
         return out
 
-    async def save_session(self, session_id: str, state: dict[str, Any], ttl_s: float) -> None:
-        now = self._clock()
-        self._sessions[session_id] = (now + ttl_s, state)
-        if len(self._sessions) > 1024 and len(self._sessions) % 256 == 0:
-            for sid, (exp, _) in list(self._sessions.items()):
-                if exp <= now:
-                    del self._sessions[sid]
+    async def save_session(self, session_id: str, state: dict[str, Any], ttl_s: float) -> bool:
+        blob = _encode(state)
+        try:
+            self._sessions.save(session_id, session_owner(state), blob, self._clock() + ttl_s)
+        except SessionTooLarge as exc:
+            log_refused(len(blob), exc.limit)
+            return False
+        return True
 
     async def load_session(self, session_id: str) -> dict[str, Any] | None:
-        item = self._sessions.get(session_id)
-        if item is None:
-            return None
-        exp, state = item
-        if exp <= self._clock():
-            del self._sessions[session_id]
-            return None
-        return state
+        blob = self._sessions.load(session_id, self._clock())
+        return _decode(blob) if blob is not None else None
 
     async def drop_session(self, session_id: str) -> None:
-        self._sessions.pop(session_id, None)
+        self._sessions.drop(session_id)
+
+    def sweep(self) -> None:
+        now = self._clock()
+        self._sessions.sweep(now)
+        self._store.sweep(now)
+
+    def memory_stats(self) -> dict[str, Any]:
+        s, h = self._sessions, self._store
+        return {"sessions": len(s), "session_bytes": s.bytes, "sessions_evicted": s.evicted,
+                "sessions_expired": s.expired, "sessions_refused": s.refused, "channels": len(h),
+                "channels_evicted": h.evicted, "channels_expired": h.expired}
 
     def describe(self) -> dict[str, Any]:
-        return {"engine": self.name, "epoch": self.epoch, "channels": len(self._buffers),
+        return {"engine": self.name, "epoch": self.epoch, "channels": len(self._store),
                 "sessions": len(self._sessions)}

@@ -25,7 +25,7 @@ from typing import Any
 import msgspec
 
 from wsd.core.history import StreamPosition
-from wsd.engine.base import Engine, HistoryResult, Publication
+from wsd.engine.base import Engine, HistoryResult, Publication, log_refused, session_owner
 
 log = logging.getLogger("wsd.engine.redis")
 
@@ -53,6 +53,43 @@ redis.call('PUBLISH', KEYS[3], off .. ':' .. epoch .. ':' .. ARGV[6])
 return {off, epoch}
 """
 
+# Keep a session: drop expired entries from the session indexes (scores are expiry times), drop index
+# entries whose session key is gone, evict the owner's then the store's oldest beyond the limits, store.
+# KEYS: session key, owner index, all-sessions index. ARGV: blob, ttl, now, max per owner, max total,
+# session key prefix, session id. Returns {evicted, expired}.
+_SAVE_SESSION = """
+local now = tonumber(ARGV[3])
+local ttl = tonumber(ARGV[2])
+local sid = ARGV[7]
+local pre = ARGV[6]
+local expired = redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+redis.call('ZREM', KEYS[2], sid)
+redis.call('ZREM', KEYS[3], sid)
+for _, m in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+  if redis.call('EXISTS', pre .. m) == 0 then redis.call('ZREM', KEYS[2], m) end
+end
+local evicted = 0
+while redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[4]) do
+  local old = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
+  redis.call('ZREM', KEYS[2], old)
+  redis.call('ZREM', KEYS[3], old)
+  redis.call('DEL', pre .. old)
+  evicted = evicted + 1
+end
+while redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[5]) do
+  local old = redis.call('ZRANGE', KEYS[3], 0, 0)[1]
+  redis.call('ZREM', KEYS[3], old)
+  redis.call('DEL', pre .. old)
+  evicted = evicted + 1
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ttl)
+redis.call('ZADD', KEYS[2], now + ttl, sid)
+redis.call('EXPIRE', KEYS[2], ttl + 1)
+redis.call('ZADD', KEYS[3], now + ttl, sid)
+return {evicted, expired}
+"""
+
 _encode = msgspec.json.Encoder().encode
 
 
@@ -78,6 +115,15 @@ class _Wire(msgspec.Struct, array_like=True):
 _decode = msgspec.json.Decoder(_Wire).decode
 
 
+class _StoredWire(_Wire, array_like=True):
+    """A stored publication read back for history: ``data`` stays the encoded bytes it was stored as."""
+
+    data: msgspec.Raw
+
+
+_decode_stored = msgspec.json.Decoder(_StoredWire).decode
+
+
 def _to_pub(w: _Wire, offset: int, epoch: str, now: float) -> Publication:
     expires = None
     if w.ttl_s:
@@ -94,6 +140,8 @@ class RedisEngine(Engine):
     def __init__(self, url: str, prefix: str = "wsd") -> None:
         import redis.asyncio as aioredis
 
+        super().__init__()
+
         self.url = url
         self.prefix = prefix
         self.node_id = secrets.token_hex(4)
@@ -102,8 +150,14 @@ class RedisEngine(Engine):
         self._script = self.redis.register_script(_PUBLISH)
         self._listener: asyncio.Task[None] | None = None
         self._on_remote: Callable[..., None] | None = None
+        self._save_session = self.redis.register_script(_SAVE_SESSION)
+        # Positions of channel instances this node published to (position(), channels()): bounded by
+        # max_channels (least recently published first) and forgotten once their history would have expired.
         self._known: dict[str, dict[str, Any]] = {}
         self.received = 0
+        self._stats = {"sessions": 0, "sessions_evicted": 0, "sessions_expired": 0, "sessions_refused": 0,
+                       "channels_evicted": 0, "channels_expired": 0}
+        self._counting: asyncio.Task[None] | None = None
 
     def _meta(self, channel: str) -> str:
         return f"{self.prefix}:ch:{{{channel}}}:meta"
@@ -145,6 +199,8 @@ class RedisEngine(Engine):
                 log.exception("bad publication on the redis bus")
 
     async def stop(self) -> None:
+        if self._counting is not None:
+            self._counting.cancel()
         if self._listener is not None:
             self._listener.cancel()
             with contextlib.suppress(BaseException):
@@ -170,7 +226,23 @@ class RedisEngine(Engine):
         pub.offset = int(off)
         pub.epoch = epoch.decode() if isinstance(epoch, bytes) else str(epoch)
         if pub.channel and size:
-            self._known[pub.channel] = {"offset": pub.offset, "epoch": pub.epoch}
+            known = self._known
+            known.pop(pub.channel, None)
+            if len(known) >= self.max_channels:
+                self._forget_oldest()
+            known[pub.channel] = {"offset": pub.offset, "epoch": pub.epoch,
+                                  "until": time.monotonic() + (history_ttl_s if history_ttl_s > 0 else float("inf"))}
+
+    def _forget_oldest(self) -> None:
+        known = self._known
+        for _ in range(len(known)):
+            name = next(iter(known))
+            v = known.pop(name)
+            if self.in_use(name):
+                known[name] = v
+                continue
+            self._stats["channels_evicted"] += 1
+            return
 
     async def _read(self, channel: str) -> tuple[list[tuple[int, float, bytes]], int, str]:
         async with self.redis.pipeline(transaction=True) as p:
@@ -214,7 +286,8 @@ class RedisEngine(Engine):
                     recovered = bool(chosen) and chosen[0][0] == since.offset + 1
             if limit is not None:
                 chosen = chosen[:limit]
-        pubs = [_to_pub(_decode(body), off, epoch, loop_now) for off, _, body in chosen]
+        # data stays encoded (msgspec.Raw): the push is built around its bytes, never decoded/re-encoded
+        pubs = [_to_pub(_decode_stored(body), off, epoch, loop_now) for off, _, body in chosen]
         return HistoryResult(pubs, pos, recovered)
 
     def position(self, channel: str) -> StreamPosition:
@@ -222,17 +295,59 @@ class RedisEngine(Engine):
         return StreamPosition(k["offset"], k["epoch"]) if k else StreamPosition(0, "")
 
     def channels(self) -> dict[str, dict[str, Any]]:
-        return {ch: {"depth": None, **v} for ch, v in self._known.items()}
+        return {ch: {"depth": None, "offset": v["offset"], "epoch": v["epoch"]} for ch, v in self._known.items()}
 
-    async def save_session(self, session_id: str, state: dict[str, Any], ttl_s: float) -> None:
-        await self.redis.set(f"{self.prefix}:session:{session_id}", _encode(state), ex=max(1, int(ttl_s)))
+    async def save_session(self, session_id: str, state: dict[str, Any], ttl_s: float) -> bool:
+        blob = _encode(state)
+        key = f"{self.prefix}:session:{session_id}"
+        if len(blob) > self.max_session_bytes:
+            self._stats["sessions_refused"] += 1
+            log_refused(len(blob), self.max_session_bytes)
+            await self.drop_session(session_id)
+            return False
+        evicted, expired = await self._save_session(
+            keys=[key, f"{self.prefix}:sessions:user:{session_owner(state)}", f"{self.prefix}:sessions"],
+            args=[blob, max(1, int(ttl_s)), repr(time.time()), self.max_sessions_per_user, self.max_sessions,
+                  f"{self.prefix}:session:", session_id])
+        self._stats["sessions_evicted"] += int(evicted)
+        self._stats["sessions_expired"] += int(expired)
+        return True
 
     async def load_session(self, session_id: str) -> dict[str, Any] | None:
         raw = await self.redis.get(f"{self.prefix}:session:{session_id}")
         return msgspec.json.decode(raw) if raw else None
 
     async def drop_session(self, session_id: str) -> None:
-        await self.redis.delete(f"{self.prefix}:session:{session_id}")
+        async with self.redis.pipeline(transaction=True) as p:
+            p.delete(f"{self.prefix}:session:{session_id}")
+            p.zrem(f"{self.prefix}:sessions", session_id)
+            await p.execute()
+
+    def sweep(self) -> None:
+        """Forget positions of unused instances whose history has expired; count the stored sessions
+        (their keys expire in Redis by themselves; the index is trimmed here) in the background."""
+        now = time.monotonic()
+        known = self._known
+        stale = [ch for ch, v in known.items() if v["until"] <= now and not self.in_use(ch)]
+        for ch in stale:
+            del known[ch]
+        self._stats["channels_expired"] += len(stale)
+        if self._counting is None or self._counting.done():
+            self._counting = asyncio.get_running_loop().create_task(self._count_sessions())
+
+    async def _count_sessions(self) -> None:
+        try:
+            async with self.redis.pipeline(transaction=True) as p:
+                p.zremrangebyscore(f"{self.prefix}:sessions", "-inf", repr(time.time()))
+                p.zcard(f"{self.prefix}:sessions")
+                expired, count = await p.execute()
+            self._stats["sessions_expired"] += int(expired)
+            self._stats["sessions"] = int(count)
+        except Exception:
+            log.warning("counting sessions in redis failed", exc_info=True)
+
+    def memory_stats(self) -> dict[str, Any]:
+        return {**self._stats, "channels": len(self._known)}
 
     def describe(self) -> dict[str, Any]:
         return {"engine": self.name, "node_id": self.node_id, "url": _redact_url(self.url),

@@ -130,6 +130,7 @@ class ControlServer:
             "rules.set_enabled": self.m_rule_enable, "token": self.m_token, "reload": self.m_reload,
             "config.get": self.m_config, "events.recent": self.m_events_recent,
         }
+        self.methods.update({"rules.test": self.m_rules_test, "publish.trace": self.m_publish_trace})
         missing = set(P.METHODS) - set(self.methods) - {"events.subscribe"}
         assert not missing, f"control methods without a handler: {missing}"
 
@@ -551,6 +552,42 @@ class ControlServer:
     async def m_events_recent(self, p: dict[str, Any]) -> Any:
         n = _int(p, "limit", 100)
         return {"events": list(self.daemon.events)[-n:] if n else []}
+
+    # -- where does a message go: rules.test (dry run) and publish.trace ------------------------------
+    def _operator_message(self, p: dict[str, Any]) -> Any:
+        """The Publication an operator's publish params describe (not stored, not numbered)."""
+        from wsd.engine.base import Publication
+
+        d = self.daemon
+        group, inst = resolve_for_operator(_str(p, "channel"), d.config.channels)
+        _, company, user = instance_parts(inst)
+        user, company = _str(p, "user") or user, _str(p, "company") or company
+        return Publication(id="", channel=inst, group=group, type=_str(p, "type", "message") or "message",
+                           data=p.get("data"), priority=_priority(p), ts=round(time.time(), 6), ttl_s=_ttl(p),
+                           source=_str(p, "source", "control") or "control", user_id=user, company_id=company)
+
+    async def m_rules_test(self, p: dict[str, Any]) -> Any:
+        hub = self.daemon.hub
+        pub = self._operator_message(p)
+        result = hub.explain_routing(pub)
+        schema = hub.schemas.get(pub.group)
+        problem = schema.problem(pub.data) if schema is not None else None
+        result["message"] = {"channel": pub.channel, "group": pub.group, "type": pub.type,
+                             "priority": PRIORITY_NAMES[pub.priority], "user_id": pub.user_id,
+                             "company_id": pub.company_id, "source": pub.source, "data": pub.data}
+        result["data_schema"] = ("none" if schema is None else "valid" if problem is None
+                                 else {"path": problem[0], "reason": problem[1]})
+        return result
+
+    async def m_publish_trace(self, p: dict[str, Any]) -> Any:
+        d = self.daemon
+        if d.engine.shared:
+            raise ControlError(P.E_FAILED, "tracing needs the memory engine: with a shared engine every node "
+                                           "delivers from the bus")
+        pub = self._operator_message(p)
+        return await d.hub.publish(channel=pub.channel, group=pub.group, msg_type=pub.type, data=pub.data,
+                                   priority=pub.priority, ttl_s=pub.ttl_s, source="control",
+                                   user_id=pub.user_id, company_id=pub.company_id, trace=True)
 
 
 def _router_metrics(r: Any) -> dict[str, Any]:

@@ -24,10 +24,12 @@ from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 
 from wsd import errors
+from wsd.config import data_schema_of
 from wsd.core.breaker import BreakerState, CircuitBreaker
+from wsd.core.channels import ChannelError
 from wsd.core.history import StreamPosition
 from wsd.core.outbox import PRIORITY_NAMES, Outbox, Priority
-from wsd.core.router import RoutedMessage, RuleTable
+from wsd.core.router import Route, RoutedMessage, RuleTable
 from wsd.engine.base import Publication
 from wsd.runtime.conn import (
     BATCH,
@@ -101,6 +103,17 @@ class Outgoing:
         return f
 
 
+_HISTORY_TAIL = b',"history":true}'
+
+
+def history_payload(pub: Publication) -> bytes:
+    """The publication's push marked ``"history": true``, spliced from its stored encoding (no re-encode)."""
+    payload = pub.payload
+    if payload is None:
+        payload = pub.payload = encode_push(pub)
+    return payload[:-1] + _HISTORY_TAIL
+
+
 def encode_push(pub: Publication, data: Any = None, seq: int | None = None, history: bool = False) -> bytes:
     msg: dict[str, Any] = {"type": "message", "channel": pub.channel, "offset": pub.offset, "epoch": pub.epoch,
                            "msg_type": pub.type, "priority": PRIORITY_NAMES[pub.priority], "ts": pub.ts,
@@ -110,6 +123,13 @@ def encode_push(pub: Publication, data: Any = None, seq: int | None = None, hist
     if history:
         msg["history"] = True
     return _json_encode(msg)
+
+
+class InvalidData(ChannelError):
+    """A publication whose data fails its channel group's ``data_schema``: the reply's code is ``invalid_data``."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errors.INVALID_DATA, message)
 
 
 class Hub:
@@ -132,6 +152,7 @@ class Hub:
         self._win: dict[str, list[Outgoing]] = {}
         self._win_timer: dict[str, asyncio.TimerHandle] = {}
         self._last_fanout: dict[str, float] = {}
+        self._memory_swept = 0.0
         self.configure()
 
     # -- configuration -------------------------------------------------------------------------------
@@ -153,9 +174,13 @@ class Hub:
         self.coalesce_max = m.coalesce_max_messages
         self.groups = cfg.channels
         self.rules = RuleTable(cfg.routing.rules)
+        self.schemas = {gid: schema for gid, ch in cfg.channels.items()
+                        if (schema := data_schema_of(ch)) is not None}
         engine = getattr(self.daemon, "engine", None)
         if engine is not None:
             engine.configure(cfg.channels)
+            engine.set_limits(cfg.limits)
+            engine.in_use = self.by_channel.__contains__  # instances with subscribers here are never freed
 
     def start(self) -> None:
         self._sweeper = self.loop.create_task(self._sweep_loop())
@@ -258,9 +283,17 @@ class Hub:
     # -- publishing ---------------------------------------------------------------------------------------
     async def publish(self, *, channel: str, group: str, msg_type: str, data: Any, priority: int,
                       ttl_s: float | None, source: str, user_id: str = "", company_id: str = "",
-                      pools: Iterable[str] = (), companies: Iterable[str] = (), broadcast: bool = False
-                      ) -> dict[str, Any]:
-        """Publish one message: store it in history, route it, deliver it. Returns what happened."""
+                      pools: Iterable[str] = (), companies: Iterable[str] = (), broadcast: bool = False,
+                      trace: bool = False) -> dict[str, Any]:
+        """Publish one message: store it in history, route it, deliver it. Returns what happened.
+
+        Data that fails the channel group's ``data_schema`` raises ``InvalidData`` before anything
+        is stored or delivered. ``trace=True`` delivers through ``trace_delivery`` and adds its report.
+        """
+        if channel and self.schemas:
+            schema = self.schemas.get(group)
+            if schema is not None:
+                self._check_data(schema, channel, msg_type, data, source)
         now = self.loop.time()
         wall = time.time()
         pub = Publication(id=secrets.token_hex(8), channel=channel, group=group, type=msg_type,
@@ -281,12 +314,28 @@ class Hub:
                     "delivered": None, "shared": True}
         if gcfg is not None:
             await engine.publish(pub, size, ttl)
+        if trace:
+            report = self.trace_delivery(pub, now, broadcast=broadcast, pools=tuple(pools),
+                                         companies=tuple(companies))
+            return {"id": pub.id, "channel": channel, "offset": pub.offset, "epoch": pub.epoch,
+                    "delivered": report["delivered"], "trace": report}
         t0 = _perf()
         delivered = self.route_and_deliver(pub, now, broadcast=broadcast, pools=tuple(pools),
                                            companies=tuple(companies))
         self.stats.observe_fanout(_perf() - t0)
         return {"id": pub.id, "channel": channel, "offset": pub.offset, "epoch": pub.epoch,
                 "delivered": delivered}
+
+    def _check_data(self, schema: Any, channel: str, msg_type: str, data: Any, source: str) -> None:
+        """Refuse data that fails the channel group's schema: counted, audited once, never echoed."""
+        problem = schema.problem(data)
+        if problem is None:
+            return
+        path, reason = problem
+        self.stats.invalid_data += 1
+        self.daemon.audit("invalid_data", source=source, channel=channel, msg_type=msg_type[:100], path=path,
+                          reason=reason)
+        raise InvalidData(f"data does not match the schema of {channel.split('/')[0]}: at {path}: {reason}")
 
     def on_remote(self, pub: Publication, scope: dict[str, Any] | None = None) -> None:
         """A publication from the shared engine's bus (any node, this one included): deliver locally."""
@@ -326,8 +375,14 @@ class Hub:
                              company_id=pub.company_id, ttl_s=pub.ttl_s, source=pub.source, id=pub.id)
 
     def _outgoing(self, pub: Publication, now: float, data: Any = None) -> Outgoing:
-        out = Outgoing(encode_push(pub, data), pub.priority, pub.expires_at, pub.channel, pub.offset, pub.type,
-                       _perf())
+        if data is None:
+            # Encoded once per publication and kept on it: history is served from the same bytes.
+            payload = pub.payload
+            if payload is None:
+                payload = pub.payload = encode_push(pub)
+        else:
+            payload = encode_push(pub, data)
+        out = Outgoing(payload, pub.priority, pub.expires_at, pub.channel, pub.offset, pub.type, _perf())
         out.epoch = pub.epoch
         return out
 
@@ -384,6 +439,8 @@ class Hub:
         offset = out.offset
         epoch = out.epoch
         n = 0
+        # The conditions below are written out inline, not called: a call per receiver would cost more
+        # than the write. Tracing (trace_delivery) does not copy them: it observes what this code did.
         for sub in list(subs.values()) if len(subs) < 64 else tuple(subs.values()):
             conn = sub.conn
             if sub.mode is REALTIME and sub.types is None and sub.pending is None:
@@ -518,17 +575,7 @@ class Hub:
         plain: Outgoing | None = None
         cache: dict[tuple[int, str], Outgoing] = {}
         for route in routes:
-            target = route.target
-            ttype = target.type
-            if ttype == "channel":
-                conns = [s.conn for s in self.by_channel.get(pub.channel, {}).values()
-                         if s.types is None or pub.type in s.types]
-            elif ttype == "individual":
-                conns = [c for c in (self.conns.get(i) for i in target.connection_ids) if c is not None]
-            elif ttype == "group":
-                conns = [s.conn for s in self.by_channel.get(self._group_instance(target.group_id, pub), {}).values()]
-            else:  # broadcast, or filtered (the rule's conn predicate below does the filtering)
-                conns = self._narrow(self.conns.values(), tuple(target.pools), tuple(target.company_ids))
+            conns = self.route_conns(route, pub)
             pred = route.conn_predicate
             msg_map = None
             for conn in conns:
@@ -559,6 +606,20 @@ class Hub:
         self.stats.delivered += n
         return n
 
+    def route_conns(self, route: Route, pub: Publication) -> list[Conn]:
+        """The connections a route's target names for ``pub``, before its conn predicate and de-duplication."""
+        target = route.target
+        ttype = target.type
+        if ttype == "channel":
+            return [s.conn for s in self.by_channel.get(pub.channel, {}).values()
+                    if s.types is None or pub.type in s.types]
+        if ttype == "individual":
+            return [c for c in (self.conns.get(i) for i in target.connection_ids) if c is not None]
+        if ttype == "group":
+            return [s.conn for s in self.by_channel.get(self._group_instance(target.group_id, pub), {}).values()]
+        # broadcast, or filtered (the rule's conn predicate does the filtering)
+        return self._narrow(self.conns.values(), tuple(target.pools), tuple(target.company_ids))
+
     def _group_instance(self, group_id: str, pub: Publication) -> str:
         """The instance of a group that belongs to the message's own tenant: never another tenant's."""
         g = self.groups.get(group_id)
@@ -569,6 +630,179 @@ class Hub:
         if g.type == "company":
             return f"{group_id}/{pub.company_id}" if pub.company_id else ""
         return f"{group_id}/{pub.company_id}/{pub.user_id}" if pub.company_id and pub.user_id else ""
+
+    # -- explaining and tracing (wsctl rules test, wsctl publish --trace) ------------------------------
+    def explain_routing(self, pub: Publication) -> dict[str, Any]:
+        """What ``route_and_deliver`` would do with ``pub``, without delivering it or counting hits.
+
+        The rule walk is ``RuleTable.explain`` (the same match test as ``route``); each target's
+        receivers come from ``route_conns`` with the same conn predicate and "first rule wins"
+        de-duplication as ``_deliver_routes``; the data per pool is ``Route.apply``.
+        """
+        steps, routes = self.rules.explain(self._routed(pub))
+        out: dict[str, Any] = {"rules": steps, "routed": bool(routes), "targets": []}
+        if not routes:
+            by_pool: dict[str, int] = {}
+            filtered = 0
+            for sub in self.by_channel.get(pub.channel, {}).values():
+                if sub.types is not None and pub.type not in sub.types:
+                    filtered += 1
+                    continue
+                by_pool[sub.conn.pool.id] = by_pool.get(sub.conn.pool.id, 0) + 1
+            out["channel"] = {"channel": pub.channel, "connections": sum(by_pool.values()),
+                              "filtered_by_type": filtered,
+                              "by_pool": {pid: {"connections": n, "data": pub.data}
+                                          for pid, n in sorted(by_pool.items())}}
+            return out
+        seen: set[str] = set()
+        msg_map: dict[str, Any] | None = None
+        for route in routes:
+            reached: dict[str, int] = {}
+            already = refused = 0
+            pred = route.conn_predicate
+            for conn in self.route_conns(route, pub):
+                if conn.id in seen:
+                    already += 1
+                    continue
+                if pred is not None:
+                    if msg_map is None:
+                        msg_map = self._routed(pub).as_mapping()
+                    if not pred(msg_map, conn.as_conn_mapping()):
+                        refused += 1
+                        continue
+                seen.add(conn.id)
+                reached[conn.pool.id] = reached.get(conn.pool.id, 0) + 1
+            target = route.target
+            named = set(getattr(target, "pools", None) or ()) | set(route.pool_transforms)
+            pools = sorted(set(reached) | named)
+            out["targets"].append({
+                "rule_id": route.rule_id, "type": target.type, "reliable": route.reliable,
+                "connections": sum(reached.values()), "already_reached": already,
+                "refused_by_expression": refused,
+                "by_pool": {pid: {"connections": reached.get(pid, 0), "data": route.apply(pub.data, pid)}
+                            for pid in pools},
+                "data": route.apply(pub.data, ""),
+            })
+        return out
+
+    def trace_delivery(self, pub: Publication, now: float, *, broadcast: bool = False,
+                       pools: tuple[str, ...] = (), companies: tuple[str, ...] = ()) -> dict[str, Any]:
+        """Deliver ``pub`` exactly as ``route_and_deliver`` does and report what happened per receiver.
+
+        A separate path, so untraced messages pay nothing for tracing. It does not re-decide with
+        copies of the fast path's conditions (which could drift): it snapshots each connection's
+        counters, delivers through ``route_and_deliver`` itself, and classifies every connection by
+        what changed: written, coalesced (held in the channel's burst window), queued (with depth and
+        breaker state), batched / held (batch and on_demand subscriptions), dropped (overflow, closed),
+        filtered (type filter), not reached (a rule's target left it out) or not subscribed. The result
+        is as of the moment the publication was handed over; a queued message can still expire (ttl)
+        or be dropped later, which the drop counters and the audit log record.
+        """
+        channel = pub.channel
+        self.flush_all()  # earlier windows go out first, so their writes are not taken for this message
+        before: dict[str, tuple[int, int, int, int, int, bool]] = {}
+        for conn in self.conns.values():
+            sub = conn.subs.get(channel) if channel else None
+            before[conn.id] = (conn.msgs_out, conn.queue_depth(), conn.drops_overflow,
+                               len(sub.held) if sub is not None and sub.held is not None else 0,
+                               len(sub.pending) if sub is not None and sub.pending is not None else 0,
+                               conn.closing or conn.proto.state is not OPEN)
+        routed = not broadcast and len(self.rules) > 0 and bool(self.rules.explain(self._routed(pub))[1])
+        t_start = _perf()
+        delivered = self.route_and_deliver(pub, now, broadcast=broadcast, pools=pools, companies=companies)
+        self.stats.observe_fanout(_perf() - t_start)
+        coalesced = bool(channel) and channel in self._win  # the window was empty before: it is ours
+        scope = self._tenant_scope(pub) if channel and not broadcast else None
+        rows: list[dict[str, Any]] = []
+        not_subscribed: dict[str, int] = {}
+        for conn in list(self.conns.values()):
+            b = before.get(conn.id)
+            if b is None:
+                continue
+            sub = conn.subs.get(channel) if channel else None
+            row = {"connection_id": conn.id, "user_id": conn.user_id, "pool": conn.pool.id}
+            outcome = self._trace_outcome(conn, sub, pub, b, t_start, coalesced, row)
+            if outcome is None:
+                if sub is None or sub.mode is HISTORICAL:
+                    if scope is not None and scope(conn):
+                        not_subscribed[conn.pool.id] = not_subscribed.get(conn.pool.id, 0) + 1
+                    continue
+                if sub.types is not None and pub.type not in sub.types:
+                    outcome = "filtered"
+                    row["reason"] = f"type filter {','.join(sorted(sub.types))} excludes {pub.type}"
+                elif b[5]:
+                    outcome = "dropped"
+                    row["reason"] = "closed"
+                else:
+                    outcome = "not_reached"
+                    row["reason"] = "no matching rule's target includes it" if routed else "not delivered"
+            row["outcome"] = outcome
+            rows.append(row)
+        counts: dict[str, int] = {}
+        for row in rows:
+            counts[row["outcome"]] = counts.get(row["outcome"], 0) + 1
+        if not_subscribed:
+            counts["not_subscribed"] = sum(not_subscribed.values())
+        return {"delivered": delivered, "routed": bool(routed), "counts": counts, "receivers": rows,
+                "not_subscribed": {"connections": sum(not_subscribed.values()), "by_pool": not_subscribed}}
+
+    def _trace_outcome(self, conn: Conn, sub: Subscription | None, pub: Publication,
+                       b: tuple[int, int, int, int, int, bool], t_start: float, coalesced: bool,
+                       row: dict[str, Any]) -> str | None:
+        """What happened to the traced message at ``conn`` (see ``trace_delivery``); None if nothing did."""
+        out_d = conn.msgs_out - b[0]
+        drops_d = conn.drops_overflow - b[2]
+        held_d = (len(sub.held) if sub is not None and sub.held is not None else 0) - b[3]
+        pending_d = (len(sub.pending) if sub is not None and sub.pending is not None else 0) - b[4]
+        ob = conn.outbox
+        # Every Outgoing made for this publication was made after t_start (delivery is synchronous).
+        ours_queued = ob is not None and any(item.pub_mono >= t_start for item in ob)
+        if ours_queued:
+            row["queue_depth"] = len(ob)  # type: ignore[arg-type]
+            row["breaker"] = conn.breaker_state()
+            if drops_d > 0:
+                row["reason"] = "queue full: an older, less urgent message was dropped for it"
+            return "queued"
+        if pending_d > 0:
+            row["reason"] = "held until the history replay of a resumed subscription is sent"
+            return "queued"
+        mode = sub.mode if sub is not None else None
+        if mode is ON_DEMAND and (held_d > 0 or drops_d > 0):
+            row["reason"] = "on_demand subscription: kept until the client pulls"
+            if drops_d > 0:
+                row["reason"] += " (the oldest held message was dropped for it)"
+            return "held"
+        if mode is BATCH and (held_d > 0 or out_d > 0) and pub.priority != Priority.CRITICAL:
+            held = len(sub.held) if sub is not None and sub.held is not None else 0
+            row["reason"] = (f"batch subscription: {held} held for its next frame" if held
+                             else "batch subscription: its batch frame was written now")
+            return "batched"
+        if drops_d > 0:
+            row["reason"] = "overflow: the queue is full of more urgent messages"
+            row["queue_depth"] = conn.queue_depth()
+            return "dropped"
+        if out_d > 0:
+            return "written"
+        if coalesced and sub is not None and sub.active and sub.mode is not HISTORICAL \
+                and (sub.types is None or pub.type in sub.types):
+            row["reason"] = f"in the channel's burst window, written within {self.coalesce_s * 1000:g} ms"
+            return "coalesced"
+        if not b[5] and (conn.closing or conn.proto.state is not OPEN) and sub is not None:
+            row["reason"] = "closed"
+            return "dropped"
+        return None
+
+    def _tenant_scope(self, pub: Publication) -> Any:
+        """Which connections could subscribe to ``pub``'s channel instance (its tenant), as a predicate."""
+        g = self.groups.get(pub.group)
+        kind = g.type if g is not None else "global"
+        if kind == "company":
+            return lambda c: c.company_id == pub.company_id
+        if kind == "user":
+            return lambda c: c.company_id == pub.company_id and c.user_id == pub.user_id
+        if kind == "admin":
+            return lambda c: c.pool.type == "admin"
+        return lambda c: True
 
     # -- delivery to one connection ------------------------------------------------------------------
     def deliver(self, conn: Conn, out: Outgoing, count: int = 1) -> None:
@@ -798,6 +1032,9 @@ class Hub:
     def sweep(self, now: float, wall: float) -> None:
         """One pass over every connection: cheap checks first, so 10,000 idle connections cost little."""
         self.stats.tick(now, self)
+        if now - self._memory_swept >= 1.0:  # at most once a second, however short the heartbeat
+            self._memory_swept = now
+            self.sweep_memory(now)
         idle_before = now - self.idle_s
         slow_before = now - self.slow_s
         rate = self.health_error_rate
@@ -826,6 +1063,21 @@ class Hub:
                 self._resend_due(conn, now)
             if conn.errors >= 5 and conn.errors > rate * conn.msgs_in:
                 self._recover(conn)
+
+    def sweep_memory(self, now: float) -> None:
+        """Free what nobody needs any more: expired sessions and unused channel instances (engine),
+        fan-out timestamps of channels quiet for longer than the coalescing window, refilled limiter buckets."""
+        self.daemon.engine.sweep()
+        last = self._last_fanout
+        if last:
+            cutoff = _perf() - self.coalesce_s
+            stale = [ch for ch, t in last.items() if t <= cutoff]
+            for ch in stale:
+                del last[ch]
+        for name in ("ip_limiter", "user_limiter"):
+            lim = getattr(self.daemon, name, None)
+            if lim is not None:
+                lim.sweep(now)
 
     def _recover(self, conn: Conn) -> None:
         """The seed's attemptConnectionRecovery: reset the breaker and resync once, then give up with 1011."""

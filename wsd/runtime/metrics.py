@@ -55,6 +55,18 @@ def pool_totals(d: Daemon) -> dict[str, dict[str, Any]]:
     return pools
 
 
+def memory_metrics(d: Daemon) -> dict[str, Any]:
+    """What clients can make the daemon keep, and what the sweep freed: sessions, channel instances
+    (the engine's), fan-out timestamps and limiter keys (the hub's)."""
+    eng = {"sessions": 0, "session_bytes": 0, "sessions_evicted": 0, "sessions_expired": 0, "sessions_refused": 0,
+           "channels": 0, "channels_evicted": 0, "channels_expired": 0}
+    eng.update(d.engine.memory_stats())
+    ip = getattr(d, "ip_limiter", None)
+    user = getattr(d, "user_limiter", None)
+    return {**eng, "fanout_channels": len(d.hub._last_fanout),
+            "limiter_keys": {"ip": len(ip) if ip is not None else 0, "user": len(user) if user is not None else 0}}
+
+
 def metrics_snapshot(d: Daemon) -> dict[str, Any]:
     hub = d.hub
     st = hub.stats
@@ -77,6 +89,7 @@ def metrics_snapshot(d: Daemon) -> dict[str, Any]:
         "subscriptions": {"total": sum(subs_by_mode.values()), "by_mode": subs_by_mode,
                           "channels": len(hub.by_channel), "subscribes": st.subscribes,
                           "unsubscribes": st.unsubscribes},
+        "memory": memory_metrics(d),
         "queues": {"queued": sum(c.queue_depth() for c in hub.conns.values()),
                    "congested": sum(1 for c in hub.conns.values() if c.congested_since is not None),
                    "dropped_overflow": st.dropped_overflow,
@@ -114,6 +127,9 @@ class _Collector:
             c = CounterMetricFamily(f"wsd_{name}", f"Total {name.replace('_', ' ')}")
             c.add_metric([], mgr[key])
             yield c
+        c = CounterMetricFamily("wsd_publish_invalid_data", "Publications refused: data failed the channel's schema")
+        c.add_metric([], mgr["invalid_data"])
+        yield c
         c = CounterMetricFamily("wsd_handshakes_refused", "Refused handshakes by code", labels=["code"])
         for code, n in mgr["refused"].items():
             c.add_metric([code], n)
@@ -132,6 +148,28 @@ class _Collector:
         for rid, n in m["routing"].get("rule_hits", {}).items():
             r.add_metric([rid], n)
         yield r
+        mem = m["memory"]
+        for name, key, help_ in (("wsd_sessions_evicted", "sessions_evicted", "Disconnected sessions evicted by "
+                                  "limits.max_sessions_per_user / max_sessions"),
+                                 ("wsd_sessions_expired", "sessions_expired", "Disconnected sessions freed at expiry"),
+                                 ("wsd_sessions_refused", "sessions_refused", "Disconnected sessions not kept: "
+                                  "larger than limits.max_session_bytes"),
+                                 ("wsd_history_channels_evicted", "channels_evicted", "Channel instances freed by "
+                                  "limits.max_history_channels"),
+                                 ("wsd_history_channels_expired", "channels_expired", "Unused channel instances "
+                                  "freed after their history expired")):
+            c = CounterMetricFamily(name, help_)
+            c.add_metric([], mem[key])
+            yield c
+        for name, val, help_ in (("wsd_sessions", mem["sessions"], "Disconnected sessions kept for resume"),
+                                 ("wsd_history_channels", mem["channels"], "Channel instances whose history is held")):
+            gg = GaugeMetricFamily(name, help_)
+            gg.add_metric([], val)
+            yield gg
+        gg = GaugeMetricFamily("wsd_limiter_keys", "Keys held by the handshake rate limiters", labels=["limiter"])
+        for lname, n in mem["limiter_keys"].items():
+            gg.add_metric([lname], n)
+        yield gg
         st = self.d.hub.stats
         st.move_samples()  # what the sweep has not moved yet
         yield from st.delivery_hist.collect()

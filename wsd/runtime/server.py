@@ -30,7 +30,7 @@ from wsd.core.history import StreamPosition
 from wsd.core.outbox import Priority
 from wsd.core.ratelimit import TokenBucket
 from wsd.runtime.conn import BATCH, HISTORICAL, MODES, ON_DEMAND, Conn, ReliableState
-from wsd.runtime.hub import encode_push
+from wsd.runtime.hub import history_payload
 
 from wsd.runtime.daemon import ip_in
 
@@ -132,6 +132,22 @@ def request_target(path: str) -> tuple[str, str]:
         return parts.path or "/", parts.query
     p, _, q = path.partition("?")
     return p, q
+
+
+def _capped(pubs: list[Any], max_messages: int, max_bytes: int) -> tuple[list[bytes], bool]:
+    """The history payloads of the leading publications that fit one reply of ``max_messages`` /
+    ``max_bytes`` (at least one message), and whether any were cut."""
+    out: list[bytes] = []
+    size = 0
+    for pub in pubs:
+        if len(out) >= max_messages:
+            return out, True
+        p = history_payload(pub)
+        if out and size + len(p) > max_bytes:
+            return out, True
+        size += len(p) + 1
+        out.append(p)
+    return out, False
 
 
 class Endpoint:
@@ -404,7 +420,7 @@ class Endpoint:
                     hub.stats.dropped_overflow += 1
                 sub.held.append(hub._outgoing(pub, hub.loop.time()))
             else:
-                hub.send_direct(conn, encode_push(pub, history=True), Priority.CRITICAL)
+                hub.send_direct(conn, history_payload(pub), Priority.CRITICAL)
             last = pub.offset
         if not hold:
             top = res.position.offset if res.recovered or since is None else last
@@ -484,6 +500,14 @@ class Endpoint:
                                   f"at most {d.config.limits.max_subscriptions_per_connection} subscriptions")
             if f.history is not None and f.history.limit is not None and f.history.limit < 0:
                 return self.error(conn, f.id, errors.BAD_REQUEST, "history.limit must be >= 0")
+            if f.filter is not None and f.filter.types:
+                lim = d.config.limits
+                if len(f.filter.types) > lim.max_filter_types:
+                    return self.error(conn, f.id, errors.FILTER_TOO_LARGE,
+                                      f"filter.types has {len(f.filter.types)} types; at most {lim.max_filter_types}")
+                if max(map(len, f.filter.types)) > lim.max_filter_type_length:
+                    return self.error(conn, f.id, errors.FILTER_TOO_LARGE,
+                                      f"a filter.types entry is longer than {lim.max_filter_type_length} characters")
             types = frozenset(f.filter.types) if f.filter is not None and f.filter.types else None
             sub = hub.add_subscription(conn, inst, group, f.mode, types)
             result: dict[str, Any] = {"channel": inst, "group": group, "mode": f.mode, "subscription_id": sub.id}
@@ -507,29 +531,53 @@ class Endpoint:
         if isinstance(f, frames.History):
             _, inst = resolve(f.channel, conn.principal, d.config.channels)
             sp = StreamPosition(f.since.offset, f.since.epoch) if f.since is not None else None
+            if f.limit is not None and f.limit <= 0:
+                return self.error(conn, f.id, errors.BAD_REQUEST, "limit must be >= 1")
             res = await hub.history(inst, f.limit, sp)
-            msgs = [msgspec.json.decode(encode_push(p, history=True)) for p in res.publications]
-            return self.reply(conn, f.id, {"channel": inst, "messages": msgs, "recovered": res.recovered,
-                                           "position": {"offset": res.position.offset,
-                                                        "epoch": res.position.epoch}})
+            # Each message is the bytes stored at publish, spliced in: no decode/encode per message.
+            lim = d.config.limits
+            msgs, more = _capped(res.publications, lim.history_max_messages, lim.history_max_bytes)
+            result: dict[str, Any] = {"channel": inst, "recovered": res.recovered,
+                                      "position": {"offset": res.position.offset, "epoch": res.position.epoch},
+                                      "more": more}
+            if more:
+                last = res.publications[len(msgs) - 1]
+                result["next"] = {"offset": last.offset, "epoch": last.epoch}
+            head = _encode({"id": f.id, "ok": True, "result": result})
+            payload = head[:-2] + b',"messages":[' + b",".join(msgs) + b"]}}"
+            hub.send_direct(conn, payload, Priority.CRITICAL)
+            return None
         if isinstance(f, frames.Pull):
             _, inst = resolve(f.channel, conn.principal, d.config.channels)
             hub.flush_channel(inst)  # a pull sees everything published before it, coalesced or not
             sub = conn.subs.get(inst)
             if sub is None or sub.mode != ON_DEMAND:
                 return self.error(conn, f.id, errors.NOT_SUBSCRIBED, f"no on_demand subscription to {inst}")
+            if f.limit is not None and f.limit <= 0:
+                return self.error(conn, f.id, errors.BAD_REQUEST, "limit must be >= 1")
             held = sub.held
-            n = len(held) if held else 0
+            lim = d.config.limits
+            n = min(len(held) if held else 0, lim.history_max_messages)
             if f.limit is not None:
-                n = min(n, max(0, f.limit))
+                n = min(n, f.limit)
             now = d.loop.time()
-            items = [held.popleft() for _ in range(n)] if held else []
-            items = [o for o in items if o.expires_at is None or o.expires_at > now]
+            items = []
+            size = 0
+            while held and len(items) < n:
+                o = held[0]
+                if items and size + len(o.payload) > lim.history_max_bytes:
+                    break  # the byte cap: what is left stays held for the next pull
+                held.popleft()
+                if o.expires_at is None or o.expires_at > now:
+                    items.append(o)
+                    size += len(o.payload) + 1
             if items:
                 sub.offset = max(sub.offset, items[-1].offset)
             conn.msgs_out += len(items)
+            remaining = len(held) if held else 0
             payload = (b'{"id":' + _encode(f.id) + b',"ok":true,"result":{"channel":' + _encode(inst)
-                       + b',"remaining":' + str(len(held) if held else 0).encode()
+                       + b',"remaining":' + str(remaining).encode()
+                       + b',"more":' + (b"true" if remaining else b"false")
                        + b',"messages":[' + b",".join(o.payload for o in items) + b"]}}")
             hub.send_direct(conn, payload, Priority.CRITICAL)
             return None

@@ -1,0 +1,424 @@
+"""What an ordinary client can make the daemon keep, and how much work one request can cost.
+
+Real daemons, real clients: filter sizes, sessions (size, per user, in total, expiry), channel instances,
+fan-out timestamps and limiter keys under a churn of distinct names, and history/pull replies capped
+and paged with ``since``. The counts are read from the control socket's ``metrics.get`` and /metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import re
+import secrets
+from typing import Any
+
+from tests.harness import ControlError, http_get, make_token, recv_until, request, wait_for, welcome
+from tests.test_redis_engine import engine_toml, redis_url  # noqa: F401  (the redis-server fixture)
+from tests.test_wsctl import awsctl
+
+_ids = itertools.count(1)
+
+
+def rid() -> int:
+    return next(_ids)
+
+
+def channels_toml(history_size: int = 100, history_ttl_s: int = 3600) -> str:
+    return f"""
+[channels.system-status]
+type = "global"
+publishers = ["admin"]
+
+[channels.trading-signals]
+type = "company"
+history_size = {history_size}
+history_ttl_s = {history_ttl_s}
+publishers = ["api", "admin"]
+
+[channels.notifications]
+type = "user"
+publishers = ["api", "admin"]
+"""
+
+
+def env(**keys: Any) -> dict[str, str]:
+    """``section_key=value`` as WSD_* overrides (the base config already has [manager] and [limits] tables)."""
+    return {f"WSD_{k.upper()}": str(v) for k, v in keys.items()}
+
+
+async def memory(wsd: Any) -> dict[str, Any]:
+    return (await wsd.ctl("metrics.get"))["memory"]
+
+
+async def gone(wsd: Any, conn_id: str) -> None:
+    """Wait until the daemon has finished with a connection (its session is saved by then)."""
+    async def check() -> bool:
+        try:
+            await wsd.ctl("connections.get", id=conn_id)
+        except ControlError as exc:
+            return exc.code == "not_found"
+        return False
+    await wait_for(check)
+
+
+async def drop(wsd: Any, ws: Any, conn_id: str) -> None:
+    """A dropped network: the daemon keeps the session."""
+    ws.transport.abort()
+    await gone(wsd, conn_id)
+
+
+# ------------------------------------------------------------------------------------------- filters
+
+async def test_subscribe_filter_beyond_the_bounds_is_refused_and_nothing_is_stored(wsd_factory):
+    """Too many filter types, or one too long: error filter_too_large, no subscription, no session."""
+    wsd = wsd_factory(env=env(limits_max_filter_types=8, limits_max_filter_type_length=16))
+    async with wsd.connect(token=make_token("alice", "acme")) as ws:
+        w = await welcome(ws)
+        many = await request(ws, {"op": "subscribe", "id": rid(), "channel": "trading-signals",
+                                  "filter": {"types": [f"t{i}" for i in range(9)]}})
+        assert many["ok"] is False and many["error"]["code"] == "filter_too_large"
+        assert "at most 8" in many["error"]["message"]
+        long = await request(ws, {"op": "subscribe", "id": rid(), "channel": "trading-signals",
+                                  "filter": {"types": ["ok", "x" * 17]}})
+        assert long["ok"] is False and long["error"]["code"] == "filter_too_large"
+        info = await wsd.ctl("connections.get", id=w["connection_id"])
+        assert "trading-signals/acme" not in json.dumps(info.get("subscriptions", []))
+        assert (await wsd.ctl("metrics.get"))["subscriptions"]["total"] == 1  # system-status only
+        fits = await request(ws, {"op": "subscribe", "id": rid(), "channel": "trading-signals",
+                                  "filter": {"types": [f"t{i}" for i in range(7)] + ["x" * 16]}})
+        assert fits["ok"] is True
+
+
+# ------------------------------------------------------------------------------------------ sessions
+
+async def test_sessions_are_bounded_per_user_and_in_total_oldest_evicted_and_counted(wsd_factory):
+    """Each user keeps at most max_sessions_per_user, the daemon at most max_sessions: the oldest goes,
+    its resume starts afresh, and the evictions are counted in metrics and Prometheus."""
+    wsd = wsd_factory(env=env(limits_max_sessions_per_user=2, limits_max_sessions=3))
+    sids = []
+    for _ in range(3):
+        async with wsd.connect(token=make_token("alice", "acme")) as ws:
+            w = await welcome(ws)
+            sids.append(w["session_id"])
+            await drop(wsd, ws, w["connection_id"])
+    m = await memory(wsd)
+    assert m["sessions"] == 2 and m["sessions_evicted"] == 1
+    for user in ("bob", "carol"):
+        async with wsd.connect(token=make_token(user, "acme")) as ws:
+            w = await welcome(ws)
+            await drop(wsd, ws, w["connection_id"])
+    m = await memory(wsd)
+    assert m["sessions"] == 3 and m["sessions_evicted"] == 2  # carol's took the oldest overall: alice's
+    for evicted in sids[:2]:
+        async with wsd.connect(token=make_token("alice", "acme"), query={"session": evicted}) as ws:
+            assert (await welcome(ws))["resumed"] is False
+            await ws.close(1000)
+    async with wsd.connect(token=make_token("alice", "acme"), query={"session": sids[2]}) as ws:
+        assert (await welcome(ws))["resumed"] is True
+        await ws.close(1000)
+    status, body = http_get(wsd.port, "/metrics")
+    text = body.decode()
+    assert status == 200 and "wsd_sessions_evicted_total 2.0" in text and "\nwsd_sessions " in text
+
+
+async def test_expired_sessions_are_freed_on_the_sweep(wsd_factory):
+    """Sessions nobody resumes are freed once session_ttl_s has passed, and counted as expired."""
+    wsd = wsd_factory(env=env(manager_session_ttl_s=1))
+    for i in range(20):
+        async with wsd.connect(token=make_token(f"u{i}", "acme")) as ws:
+            w = await welcome(ws)
+            await drop(wsd, ws, w["connection_id"])
+    assert (await memory(wsd))["sessions"] == 20
+    shown = await awsctl(wsd, "metrics")
+    assert shown.rc == 0 and re.search(r"sessions\s+20 ", shown.out), shown.out
+
+    async def freed() -> bool:
+        m = await memory(wsd)
+        return m["sessions"] == 0 and m["sessions_expired"] == 20 and m["session_bytes"] == 0
+    await wait_for(freed, timeout=5, step=0.1)
+
+
+async def test_a_session_larger_than_the_bound_is_not_kept(wsd_factory):
+    """Over max_session_bytes: not stored, counted as refused, logged; the resume gets a new session."""
+    wsd = wsd_factory(env=env(limits_max_session_bytes=400))
+    async with wsd.connect(token=make_token("alice", "acme")) as ws:
+        w = await welcome(ws)
+        for ch in ("trading-signals", "notifications"):
+            r = await request(ws, {"op": "subscribe", "id": rid(), "channel": ch,
+                                   "filter": {"types": [f"type-{i:04d}-{'x' * 20}" for i in range(10)]}})
+            assert r["ok"]
+        await drop(wsd, ws, w["connection_id"])
+    m = await memory(wsd)
+    assert m["sessions"] == 0 and m["sessions_refused"] == 1
+    assert "limits.max_session_bytes is 400" in wsd.log()
+    async with wsd.connect(token=make_token("alice", "acme"), query={"session": w["session_id"]}) as ws:
+        w2 = await welcome(ws)
+        assert w2["resumed"] is False and w2["session_id"] != w["session_id"]
+
+
+# ------------------------------------------------------------------------------- churn of distinct names
+
+async def test_churn_of_distinct_names_falls_back_after_the_ttl(wsd_factory):
+    """Hundreds of channel instances, sessions, limiter keys and fan-out timestamps from distinct names:
+    once unused and past their ttl, every count the daemon reports falls back to zero."""
+    wsd = wsd_factory(channels_toml(history_ttl_s=1),
+                      env=env(manager_session_ttl_s=1, limits_connections_per_user_per_minute=60))
+    for i in range(300):
+        await wsd.ctl("publish", channel=f"trading-signals/co{i}", data={"i": i})
+    for i in range(30):
+        async with wsd.connect(token=make_token(f"churn{i}", f"co{i}")) as ws:
+            w = await welcome(ws)
+            r = await request(ws, {"op": "subscribe", "id": rid(), "channel": "trading-signals"})
+            assert r["ok"]
+            await wsd.ctl("publish", channel=f"trading-signals/co{i}", data={"live": i})
+            await recv_until(ws, lambda m: m.get("type") == "message")
+            await drop(wsd, ws, w["connection_id"])
+    m = await memory(wsd)
+    assert m["channels"] >= 300 and m["sessions"] == 30 and m["limiter_keys"]["user"] >= 1
+
+    async def flat() -> bool:
+        m = await memory(wsd)
+        return (m["channels"], m["sessions"], m["limiter_keys"]["user"], m["limiter_keys"]["ip"],
+                m["fanout_channels"]) == (0, 0, 0, 0, 0)
+    await wait_for(flat, timeout=8, step=0.2)
+    m = await memory(wsd)
+    assert m["channels_expired"] >= 300 and m["sessions_expired"] == 30
+    status, body = http_get(wsd.port, "/metrics")
+    assert status == 200 and "\nwsd_history_channels 0.0" in body.decode()
+    assert 'wsd_limiter_keys{limiter="user"} 0.0' in body.decode()
+
+
+async def test_an_instance_in_use_is_kept_while_unused_ones_expire(wsd_factory):
+    """A subscribed instance keeps its history (and offsets) past the ttl; unsubscribed ones are freed."""
+    wsd = wsd_factory(channels_toml(history_ttl_s=1))
+    async with wsd.connect(token=make_token("alice", "acme")) as ws:
+        await welcome(ws)
+        assert (await request(ws, {"op": "subscribe", "id": rid(), "channel": "trading-signals"}))["ok"]
+        first = await wsd.ctl("publish", channel="trading-signals/acme", data={"n": 1})
+        await wsd.ctl("publish", channel="trading-signals/other", data={"n": 1})
+
+        async def other_freed() -> bool:
+            chans = (await wsd.ctl("metrics.get"))["memory"]
+            return chans["channels"] == 1 and chans["channels_expired"] == 1
+        await wait_for(other_freed, timeout=6, step=0.2)
+        second = await wsd.ctl("publish", channel="trading-signals/acme", data={"n": 2})
+        assert second["offset"] == first["offset"] + 1 and second["epoch"] == first["epoch"]
+
+
+async def test_a_position_in_an_evicted_instance_is_not_recovered(wsd_factory):
+    """Past max_history_channels the least recently used unsubscribed instance is freed; a client resuming
+    or asking `since` a position of it gets recovered:false and only the new instance's messages, under a
+    new epoch (offsets are never reused under one epoch)."""
+    wsd = wsd_factory(channels_toml(), env=env(limits_max_history_channels=2))
+    token = make_token("alice", "acme")
+    async with wsd.connect(token=token) as ws:
+        w = await welcome(ws)
+        assert (await request(ws, {"op": "subscribe", "id": rid(), "channel": "trading-signals"}))["ok"]
+        for n in (1, 2):
+            await wsd.ctl("publish", channel="trading-signals/acme", data={"old": n})
+        got = [await recv_until(ws, lambda m: m.get("type") == "message") for _ in range(2)]
+        old = {"offset": got[-1]["offset"], "epoch": got[-1]["epoch"]}
+        await drop(wsd, ws, w["connection_id"])
+    for co in ("b", "c"):  # two other instances: acme's (no subscriber now) is the least recently used
+        await wsd.ctl("publish", channel=f"trading-signals/{co}", data={})
+    m = await memory(wsd)
+    assert m["channels"] == 2 and m["channels_evicted"] == 1
+    new = await wsd.ctl("publish", channel="trading-signals/acme", data={"new": 1})
+    assert new["offset"] == 1 and new["epoch"] != old["epoch"]
+    async with wsd.connect(token=token, query={"session": w["session_id"]}) as ws:
+        assert (await welcome(ws))["resumed"] is True
+        rec = await recv_until(ws, lambda m: m.get("type") in ("recovery", "message"))
+        assert rec["type"] == "recovery" and rec["recovered"] is False
+        msg = await recv_until(ws, lambda m: m.get("type") == "message")
+        assert msg["data"] == {"new": 1} and msg["epoch"] == new["epoch"]
+        h = await request(ws, {"op": "history", "id": rid(), "channel": "trading-signals", "since": old})
+        assert h["ok"] and h["result"]["recovered"] is False
+        assert [x["data"] for x in h["result"]["messages"]] == [{"new": 1}]
+
+
+# ------------------------------------------------------------------------- history and pull replies
+
+async def fill(wsd: Any, n: int, size: int, channel: str = "trading-signals/acme") -> None:
+    pad = "x" * size
+    for start in range(0, n, 20):
+        await asyncio.gather(*(wsd.ctl("publish", channel=channel, data={"i": i, "pad": pad})
+                               for i in range(start, min(n, start + 20))))
+
+
+async def page_all(ws: Any, first: dict[str, Any], max_bytes: int) -> list[dict[str, Any]]:
+    """Send ``first``, then page on with ``since`` = the reply's ``next`` until ``more`` is false; every
+    reply's raw frame must stay within ``max_bytes`` plus the envelope."""
+    out: list[dict[str, Any]] = []
+    frame = first
+    for _ in range(100):
+        await ws.send(json.dumps(frame))
+        while True:
+            raw = await asyncio.wait_for(ws.recv(), 10)
+            reply = json.loads(raw)
+            if reply.get("id") == frame["id"]:
+                break
+        assert reply["ok"], reply
+        assert len(raw) <= max_bytes + 512, len(raw)
+        res = reply["result"]
+        out.extend(res["messages"])
+        if not res["more"]:
+            assert "next" not in res
+            return out
+        assert res["next"]["offset"] == res["messages"][-1]["offset"]
+        frame = {"op": "history", "id": rid(), "channel": first["channel"], "since": res["next"]}
+    raise AssertionError("paging did not end")
+
+
+async def test_history_of_a_full_buffer_is_capped_and_pages_every_message_once(wsd_factory):
+    """1,000 messages of 5 KB: each history reply stays under history_max_bytes with more/next, and paging
+    with `since` returns every message exactly once, in order."""
+    wsd = wsd_factory(channels_toml(history_size=1000))
+    await fill(wsd, 1000, 5000)
+    cap = 524288
+    async with wsd.connect(token=make_token("alice", "acme"), max_size=4 * cap) as ws:
+        await welcome(ws)
+        msgs = await page_all(ws, {"op": "history", "id": rid(), "channel": "trading-signals"}, cap)
+        assert [m["offset"] for m in msgs] == list(range(1, 1001))
+        assert sorted(m["data"]["i"] for m in msgs) == list(range(1000))
+        assert all(m["history"] is True and m["type"] == "message" and len(m["data"]["pad"]) == 5000
+                   for m in msgs)
+        # "the newest N" is cut from its oldest end too, and pages on to the newest
+        newest = await page_all(ws, {"op": "history", "id": rid(), "channel": "trading-signals", "limit": 300},
+                                cap)
+        assert [m["offset"] for m in newest] == list(range(701, 1001))
+
+
+async def test_history_message_cap_is_configurable(wsd_factory):
+    """history_max_messages cuts a reply by count."""
+    wsd = wsd_factory(channels_toml(), env=env(limits_history_max_messages=7))
+    await fill(wsd, 20, 10)
+    async with wsd.connect(token=make_token("alice", "acme")) as ws:
+        await welcome(ws)
+        r = await request(ws, {"op": "history", "id": rid(), "channel": "trading-signals"})
+        res = r["result"]
+        assert len(res["messages"]) == 7 and res["more"] is True and res["next"]["offset"] == 7
+        assert res["position"]["offset"] == 20 and res["recovered"] is True
+        msgs = await page_all(ws, {"op": "history", "id": rid(), "channel": "trading-signals"}, 524288)
+        assert [m["offset"] for m in msgs] == list(range(1, 21))
+
+
+async def test_pull_is_capped_and_pages_every_message_once(wsd_factory):
+    """A pull returns at most history_max_messages / history_max_bytes, says more, and the rest stays held."""
+    wsd = wsd_factory(channels_toml(), env=env(limits_history_max_messages=10, limits_history_max_bytes=20000))
+    async with wsd.connect(token=make_token("alice", "acme")) as ws:
+        await welcome(ws)
+        assert (await request(ws, {"op": "subscribe", "id": rid(), "channel": "trading-signals",
+                                   "mode": "on_demand"}))["ok"]
+        for i in range(25):
+            await wsd.ctl("publish", channel="trading-signals/acme", data={"i": i, "pad": "y" * 3000})
+        seen: list[int] = []
+        sizes = []
+        for _ in range(20):
+            r = await request(ws, {"op": "pull", "id": rid(), "channel": "trading-signals"})
+            res = r["result"]
+            sizes.append(len(res["messages"]))
+            seen.extend(m["data"]["i"] for m in res["messages"])
+            assert res["more"] is (res["remaining"] > 0)
+            if not res["more"]:
+                break
+        assert seen == list(range(25))
+        assert max(sizes) <= 6  # 20,000 bytes of ~3 KB messages
+        r = await request(ws, {"op": "pull", "id": rid(), "channel": "trading-signals", "limit": 3})
+        assert r["result"]["messages"] == [] and r["result"]["more"] is False
+
+
+async def test_history_and_pull_refuse_a_limit_below_one(wsd):
+    """A negative or zero limit is bad_request, for history and pull alike."""
+    async with wsd.connect(token=make_token("alice", "acme")) as ws:
+        await welcome(ws)
+        assert (await request(ws, {"op": "subscribe", "id": rid(), "channel": "trading-signals",
+                                   "mode": "on_demand"}))["ok"]
+        for op in ("history", "pull"):
+            for limit in (-1, 0):
+                r = await request(ws, {"op": op, "id": rid(), "channel": "trading-signals", "limit": limit})
+                assert r["ok"] is False and r["error"]["code"] == "bad_request", (op, limit, r)
+                assert "limit" in r["error"]["message"]
+        ok = await request(ws, {"op": "history", "id": rid(), "channel": "trading-signals", "limit": 1})
+        assert ok["ok"] is True and ok["result"]["more"] is False
+
+
+# ------------------------------------------------------------------------------------ Redis engine
+
+async def test_redis_history_is_capped_and_pages_every_message_once(wsd_factory, redis_url):  # noqa: F811
+    """The same caps and paging with history kept in Redis."""
+    prefix = "t" + secrets.token_hex(3)
+    wsd = wsd_factory(engine_toml(redis_url, prefix) + channels_toml(history_size=1000))
+    await fill(wsd, 1000, 5000)
+    cap = 524288
+    async with wsd.connect(token=make_token("alice", "acme"), max_size=4 * cap) as ws:
+        await welcome(ws)
+        msgs = await page_all(ws, {"op": "history", "id": rid(), "channel": "trading-signals"}, cap)
+        assert [m["offset"] for m in msgs] == list(range(1, 1001))
+        assert sorted(m["data"]["i"] for m in msgs) == list(range(1000))
+        assert all(m["history"] is True and len(m["data"]["pad"]) == 5000 for m in msgs)
+        r = await request(ws, {"op": "history", "id": rid(), "channel": "trading-signals", "limit": -1})
+        assert r["ok"] is False and r["error"]["code"] == "bad_request"
+
+
+async def test_redis_sessions_are_bounded_and_counted(wsd_factory, redis_url):  # noqa: F811
+    """Per-user and total session bounds, refusal by size and the stored count hold with Redis too."""
+    prefix = "t" + secrets.token_hex(3)
+    wsd = wsd_factory(engine_toml(redis_url, prefix), env=env(limits_max_sessions_per_user=2, limits_max_sessions=3,
+                                                              limits_max_session_bytes=1000))
+    sids = []
+    for user in ("alice", "alice", "alice", "bob", "carol"):
+        async with wsd.connect(token=make_token(user, "acme")) as ws:
+            w = await welcome(ws)
+            sids.append(w["session_id"])
+            await drop(wsd, ws, w["connection_id"])
+
+    async def counted() -> bool:
+        m = await memory(wsd)
+        return m["sessions"] == 3 and m["sessions_evicted"] == 2
+    await wait_for(counted, timeout=5, step=0.1)
+    import redis.asyncio as aioredis
+
+    r = aioredis.Redis.from_url(redis_url)
+    try:
+        assert 0 < await r.ttl(f"{prefix}:session:{sids[2]}") <= 300  # Redis frees it by itself at expiry
+        assert await r.exists(f"{prefix}:session:{sids[0]}") == 0  # evicted: deleted, not just unindexed
+    finally:
+        await r.aclose()
+    for sid, resumed in zip(sids[:3], (False, False, True)):
+        async with wsd.connect(token=make_token("alice", "acme"), query={"session": sid}) as ws:
+            assert (await welcome(ws))["resumed"] is resumed, sid
+            await ws.close(1000)
+    async with wsd.connect(token=make_token("dave", "acme")) as ws:
+        w = await welcome(ws)
+        r = await request(ws, {"op": "subscribe", "id": rid(), "channel": "trading-signals",
+                               "filter": {"types": [f"type-{i:03d}-{'z' * 60}" for i in range(20)]}})
+        assert r["ok"]
+        await drop(wsd, ws, w["connection_id"])
+    assert (await memory(wsd))["sessions_refused"] == 1
+    async with wsd.connect(token=make_token("dave", "acme"), query={"session": w["session_id"]}) as ws:
+        assert (await welcome(ws))["resumed"] is False
+
+
+async def test_redis_node_forgets_positions_of_unused_expired_instances(wsd_factory, redis_url):  # noqa: F811
+    """A Redis node's local map of channel positions stays flat under a churn of names: unused instances
+    are forgotten once their history has expired (Redis expires their keys by itself)."""
+    prefix = "t" + secrets.token_hex(3)
+    wsd = wsd_factory(engine_toml(redis_url, prefix) + channels_toml(history_ttl_s=1))
+    for i in range(100):
+        await wsd.ctl("publish", channel=f"trading-signals/co{i}", data={"i": i})
+    assert (await memory(wsd))["channels"] == 100
+
+    async def flat() -> bool:
+        m = await memory(wsd)
+        return m["channels"] == 0 and m["channels_expired"] == 100
+    await wait_for(flat, timeout=6, step=0.2)
+    import redis.asyncio as aioredis
+
+    r = aioredis.Redis.from_url(redis_url)
+    try:
+        assert await r.exists(f"{prefix}:ch:{{trading-signals/co1}}:hist") == 0  # expired in Redis
+        assert await r.ttl(f"{prefix}:ch:{{trading-signals/co1}}:meta") > 0  # offsets kept, but not forever
+    finally:
+        await r.aclose()

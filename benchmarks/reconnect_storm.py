@@ -17,7 +17,8 @@ client is welcomed again (and the percentiles of the per-client welcome time), f
 status of a refused upgrade, or the exception), how many resumed clients got ``resumed: true``, the
 daemon's RSS and its ``status`` connection count once the storm settled.
 
-A storm from one IP needs ``limits.connections_per_ip_per_minute`` far above the default 600 (and
+A storm from one IP needs ``limits.connections_per_ip_per_minute`` far above the default 600,
+``limits.handshakes_in_progress_per_ip`` above the default 128 (and
 per-connection user ids, or ``connections_per_user_per_minute`` above 60): with the defaults, wsd
 refuses all but 600 of the reconnects with HTTP 429, which is what it is for. The bench config sets
 every connection limit to 1,000,000. Everything runs on 127.0.0.1; every process is stopped at the end.

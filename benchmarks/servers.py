@@ -180,6 +180,8 @@ message_buffer_size = 1000
 [limits]
 connections_per_user_per_minute = 1000000
 connections_per_ip_per_minute = 1000000
+handshakes_in_progress_per_ip = 1000000
+handshakes_in_progress = 1000000
 max_connections_per_user = 1000000
 {extra}
 [log]

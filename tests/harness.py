@@ -41,6 +41,7 @@ secret = "{SECRET}"
 [limits]
 connections_per_user_per_minute = 10000
 connections_per_ip_per_minute = 100000
+handshakes_in_progress_per_ip = 100000
 max_connections_per_user = 1000
 messages_per_connection_per_second = 1000
 message_burst = 1000

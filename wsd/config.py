@@ -157,6 +157,9 @@ class LimitsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_history_channels: int = 10000
     history_max_messages: int = 500
     history_max_bytes: int = 524288
+    max_json_depth: int = 32
+    handshakes_in_progress_per_ip: int = 128
+    handshakes_in_progress: int = 2048
 
 
 class BatchingConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -248,6 +251,7 @@ class HttpConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class LogConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["text", "json"] = "text"
+    repeat_summary_interval_s: int = 10
 
 
 def default_pools() -> dict[str, PoolConfig]:
@@ -303,9 +307,9 @@ _HS_MIN_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
 _ASYMMETRIC = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES256K", "ES384", "ES512",
                "EdDSA")
 _RESERVED_PATHS = ("/healthz", "/readyz", "/metrics")
-_POOL_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_CHANNEL_ID = re.compile(r"^[A-Za-z0-9_.:@+=-]{1,128}$")  # one channel-instance segment, no "/"
-_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+_POOL_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # fullmatch only
+_CHANNEL_ID = re.compile(r"[A-Za-z0-9_.:@+=-]{1,128}")  # one channel-instance segment, no "/"; fullmatch only
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")  # fullmatch only
 
 
 # ------------------------------------------------------------------------------------ error collection
@@ -362,7 +366,7 @@ def _under(path: str, prefix: str) -> bool:
 
 
 def _key(path: str, key: str) -> str:
-    part = key if _BARE_KEY.match(key) else json.dumps(key)
+    part = key if _BARE_KEY.fullmatch(key) else json.dumps(key)
     return f"{path}.{part}" if path else part
 
 
@@ -614,6 +618,8 @@ def _validate(cfg: Config, errs: _Errors, *, from_file: bool, raw: dict[str, Any
     _check_auth(cfg.auth, errs, from_file=from_file)
     for key in msgspec.structs.fields(LimitsConfig):
         _at_least(errs, f"limits.{key.name}", getattr(cfg.limits, key.name), 1)
+    _between(errs, "limits.max_json_depth", cfg.limits.max_json_depth, 2, 512)
+    _at_least(errs, "log.repeat_summary_interval_s", cfg.log.repeat_summary_interval_s, 1)
     _check_channels(cfg.channels, errs)
     _check_pools(cfg, errs, pools_from_file="pools" in raw)
     _check_routing(cfg, errs)
@@ -819,7 +825,7 @@ def _check_auth(a: AuthConfig, errs: _Errors, *, from_file: bool) -> None:
 def _check_channels(channels: dict[str, ChannelConfig], errs: _Errors) -> None:
     for cid, ch in channels.items():
         path = _key("channels", cid)
-        if not _CHANNEL_ID.match(cid):
+        if not _CHANNEL_ID.fullmatch(cid):
             errs.add(path, "a channel group id is 1-128 of A-Z a-z 0-9 _ . : @ + = - (no /)")
         _at_least(errs, f"{path}.history_size", ch.history_size, 0)
         _at_least(errs, f"{path}.history_ttl_s", ch.history_ttl_s, 0)
@@ -872,7 +878,7 @@ def _check_pools(cfg: Config, errs: _Errors, *, pools_from_file: bool) -> None:
     channels_ok = errs.intact("channels")
     for pid, pool in cfg.pools.items():
         path = _key("pools", pid)
-        if not _POOL_ID.match(pid):
+        if not _POOL_ID.fullmatch(pid):
             errs.add(path, "a pool id is 1-64 of A-Z a-z 0-9 _ -")
         p = pool.path
         if not p.startswith("/"):
@@ -961,7 +967,7 @@ def _check_engine(e: EngineConfig, errs: _Errors) -> None:
             errs.add("engine.url", "must be a redis://, rediss:// or unix:// URL")
     elif e.url:
         errs.add("engine.url", f'set, but engine.type is "{e.type}"; set engine.type = "redis" or remove it')
-    if not re.match(r"^[A-Za-z0-9_.:-]+$", e.prefix):
+    if not re.fullmatch(r"[A-Za-z0-9_.:-]+", e.prefix):
         errs.add("engine.prefix", "must be 1 or more of A-Z a-z 0-9 _ . : -")
 
 
@@ -1178,6 +1184,12 @@ max_history_channels = 10000
 # (at least one message); a cut reply says "more": true and where to continue.
 history_max_messages = 500
 history_max_bytes = 524288
+# Deepest nesting of arrays/objects in a client frame (the frame is level 1); deeper gets bad_request.
+max_json_depth = 32
+# TCP connections still in their WebSocket handshake, per client IP and in total: a connection
+# over either bound is closed at once (counted as refused code handshakes_in_progress).
+handshakes_in_progress_per_ip = 128
+handshakes_in_progress = 2048
 
 # Pools: one WebSocket endpoint each. A file with no [pools] gets these four.
 # Keys: type (frontend|mt5_client|admin|api), path, max_connections, allow_cidrs ([] = any IP),
@@ -1296,4 +1308,7 @@ metrics_allow = ["127.0.0.1/32", "::1/128"]
 level = "info"
 # text | json
 format = "text"
+# Repeated records (one refusal kind from one address, descriptor exhaustion): the first is
+# written in full, the rest are counted into one summary per this many seconds.
+repeat_summary_interval_s = 10
 '''

@@ -18,11 +18,14 @@ class Close:
 
 NORMAL = Close(1000, "normal closure", False)
 SHUTDOWN = Close(1001, "server shutdown", True)
+PROTOCOL_ERROR = Close(1002, "protocol error", False)  # sent by websockets: a malformed WebSocket frame
+INVALID_DATA = Close(1007, "invalid data", True)  # sent by websockets: a text frame that is not UTF-8
 POLICY = Close(1008, "policy violation", False)
 TOO_BIG = Close(1009, "message too big", True)
 INTERNAL = Close(1011, "internal error", True)
 KICKED = Close(4000, "kicked", False)
 TOKEN_EXPIRED = Close(4001, "token expired", True)
+NOT_ADMITTED = Close(4003, "the refreshed token is not admitted in this pool", False)
 RATE_LIMITED = Close(4008, "message rate limit exceeded", True)
 SLOW_CONSUMER = Close(4009, "slow consumer", True)
 IDLE_TIMEOUT = Close(4010, "idle timeout", True)
@@ -30,7 +33,7 @@ HEARTBEAT_TIMEOUT = Close(1011, "heartbeat timeout", True)
 
 CLOSE_CODES: dict[int, Close] = {
     c.code: c
-    for c in (NORMAL, SHUTDOWN, POLICY, TOO_BIG, INTERNAL, KICKED, TOKEN_EXPIRED, RATE_LIMITED,
+    for c in (NORMAL, SHUTDOWN, PROTOCOL_ERROR, INVALID_DATA, POLICY, TOO_BIG, INTERNAL, KICKED, TOKEN_EXPIRED, NOT_ADMITTED, RATE_LIMITED,
               SLOW_CONSUMER, IDLE_TIMEOUT)
 }
 
@@ -49,6 +52,7 @@ INTERNAL_ERROR = "internal"
 INVALID_DATA = "invalid_data"      # publish: data fails the channel group's data_schema
 
 # Handshake refusal codes (HTTP status, error code).
+H_BAD_REQUEST = (400, "bad_request")
 H_MISSING_TOKEN = (401, "missing_token")
 H_INVALID_TOKEN = (401, "invalid_token")
 H_EXPIRED_TOKEN = (401, "token_expired")

@@ -12,7 +12,7 @@ from typing import Any
 
 import jwt
 
-from wsd.core.channels import valid_segment
+from wsd.core.channels import ID_RULE, valid_segment
 
 
 class AuthError(Exception):
@@ -117,12 +117,12 @@ class TokenVerifier:
     def _claims(self, payload: dict[str, Any]) -> Claims:
         user = payload.get(self.user_claim)
         if not isinstance(user, str) or not valid_segment(user):
-            raise AuthError("invalid_token", f"claim {self.user_claim!r} must be a plain string id")
+            raise AuthError("invalid_token", f"claim {self.user_claim!r} must be a plain id: {ID_RULE}")
         company = payload.get(self.company_claim, "")
         if company is None:
             company = ""
         if not isinstance(company, str) or (company and not valid_segment(company)):
-            raise AuthError("invalid_token", f"claim {self.company_claim!r} must be a plain string id")
+            raise AuthError("invalid_token", f"claim {self.company_claim!r} must be a plain id: {ID_RULE}")
         roles = payload.get(self.roles_claim, [])
         if isinstance(roles, str):
             roles = [roles]

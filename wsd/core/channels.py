@@ -18,11 +18,13 @@ GROUP_TYPES = ("user", "company", "global", "admin")
 # The seed's GroupType enum, by config name.
 SEED_GROUP_TYPE = {"user": "USER_SPECIFIC", "company": "COMPANY_WIDE", "global": "GLOBAL", "admin": "ADMIN_ONLY"}
 
-_SEGMENT = re.compile(r"^[A-Za-z0-9_.:@+=-]{1,128}$")
+# Matched with fullmatch: "$" would also accept a trailing newline ("alice\n").
+_SEGMENT = re.compile(r"[A-Za-z0-9_.:@+=-]{1,128}")
+ID_RULE = "1 to 128 of A-Z a-z 0-9 _ . : @ + = - (nothing else, no whitespace)"
 
 
 class ChannelError(Exception):
-    """A channel name that cannot be used: ``code`` is ``forbidden``, ``unknown_channel`` or ``bad_request``."""
+    """A request that cannot be served: ``code`` is ``forbidden``, ``unknown_channel`` or ``bad_request``."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
@@ -47,7 +49,7 @@ class Principal:
 
 def valid_segment(value: str) -> bool:
     """True when ``value`` may appear as one segment of a channel instance name."""
-    return bool(_SEGMENT.match(value))
+    return _SEGMENT.fullmatch(value) is not None
 
 
 def instance_parts(instance: str) -> tuple[str, str, str]:

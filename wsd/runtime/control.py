@@ -1,4 +1,4 @@
-"""The control socket: a Unix stream socket (0600 in a 0700 directory) serving the control protocol.
+"""The control socket: a Unix stream socket (0600; its directory is created 0700) serving the control protocol.
 
 Peers whose uid (SO_PEERCRED) is neither the daemon's nor root are refused. Requests are
 bounded in size; a malformed request gets an error reply and never hurts the daemon. Each
@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import struct
 import time
 from collections.abc import Awaitable, Callable
@@ -49,6 +50,27 @@ def peer_uid(sock: socket.socket) -> int | None:
         return None
     _pid, uid, _gid = struct.unpack("3i", creds)
     return uid
+
+
+def prepare_socket_dir(directory: str, uid: int) -> None:
+    """Create the socket's directory 0700, or check that an existing one is safe (its mode is kept)."""
+    try:
+        os.makedirs(os.path.dirname(directory) or "/", exist_ok=True)
+        os.mkdir(directory, 0o700)
+    except FileExistsError:
+        pass
+    else:
+        os.chmod(directory, 0o700)  # the umask may have taken bits away, never added any: be exact
+        return
+    st = os.stat(directory)
+    if not stat.S_ISDIR(st.st_mode):
+        raise RuntimeError(f"control socket directory {directory} is not a directory")
+    if st.st_uid not in (uid, 0):
+        raise RuntimeError(f"control socket directory {directory} is owned by uid {st.st_uid}, not by this user "
+                           f"(uid {uid}) or root: refusing to use it")
+    if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
+        raise RuntimeError(f"control socket directory {directory} is writable by everyone without the sticky bit "
+                           f"(mode {stat.S_IMODE(st.st_mode):04o}): refusing to use it")
 
 
 def peer_allowed(uid: int | None, own_uid: int) -> bool:
@@ -120,6 +142,7 @@ class ControlServer:
         self.server: asyncio.AbstractServer | None = None
         self.clients: set[asyncio.Task[None]] = set()
         self.uid = os.getuid()
+        self._inode = -1
         self.methods: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {
             "hello": self.m_hello, "help": self.m_help, "status": self.m_status, "pools.list": self.m_pools,
             "connections.list": self.m_connections, "connections.get": self.m_connection,
@@ -135,21 +158,33 @@ class ControlServer:
         assert not missing, f"control methods without a handler: {missing}"
 
     async def start(self) -> None:
-        d = os.path.dirname(self.path) or "."
-        os.makedirs(d, mode=0o700, exist_ok=True)
-        st = os.stat(d)
-        if st.st_uid == self.uid and (st.st_mode & 0o077):
-            os.chmod(d, 0o700)
-        if os.path.exists(self.path):
+        """Listen on the socket path, removing only a stale socket there, in a directory that is safe.
+
+        A directory the daemon creates is made 0700; an existing one keeps its mode, and is refused when
+        another user owns it or anyone may write to it without the sticky bit. Anything at the path that
+        is not a socket (a regular file, a symlink, a directory) is never removed.
+        """
+        path = self.path
+        directory = os.path.dirname(os.path.abspath(path))
+        prepare_socket_dir(directory, self.uid)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            st = None
+        if st is not None:
+            if not stat.S_ISSOCK(st.st_mode):
+                raise RuntimeError(f"control socket path {path} exists and is not a socket: refusing to "
+                                   "replace it (remove it or choose another --socket)")
             if await self._alive():
-                raise RuntimeError(f"another wsd is already serving the control socket {self.path}")
-            os.unlink(self.path)  # a stale socket from a crashed daemon
+                raise RuntimeError(f"another wsd is already serving the control socket {path}")
+            os.unlink(path)  # a stale socket from a crashed daemon: nobody listens on it
         old = os.umask(0o177)
         try:
-            self.server = await asyncio.start_unix_server(self._client, self.path, limit=P.MAX_REQUEST_BYTES)
+            self.server = await asyncio.start_unix_server(self._client, path, limit=P.MAX_REQUEST_BYTES)
         finally:
             os.umask(old)
-        os.chmod(self.path, 0o600)
+        os.chmod(path, 0o600)
+        self._inode = os.lstat(path).st_ino
 
     async def _alive(self) -> bool:
         try:
@@ -168,7 +203,10 @@ class ControlServer:
             with contextlib.suppress(BaseException):
                 await t
         with contextlib.suppress(OSError):
-            os.unlink(self.path)
+            # Only the socket this daemon created: never a file that replaced it meanwhile.
+            st = os.lstat(self.path)
+            if stat.S_ISSOCK(st.st_mode) and st.st_ino == self._inode:
+                os.unlink(self.path)
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -524,11 +562,12 @@ class ControlServer:
         ttl = p.get("ttl_s")
         if ttl is not None and (not isinstance(ttl, (int, float)) or ttl <= 0):
             raise ControlError(P.E_BAD_REQUEST, "params.ttl_s: expected a positive number")
-        from wsd.core.channels import valid_segment
+        from wsd.core.channels import ID_RULE, valid_segment
 
         company = _str(p, "company")
-        if not valid_segment(user) or (company and not valid_segment(company)):
-            raise ControlError(P.E_BAD_REQUEST, "user and company ids are letters, digits and _.:@+=-")
+        for key, value in (("user", user), ("company", company)):
+            if value and not valid_segment(value):
+                raise ControlError(P.E_BAD_REQUEST, f"params.{key}: {value!r} is not a plain id: {ID_RULE}")
         token, exp = d.signer.sign(user, company, _list(p, "roles"), pool, ttl)
         d.audit("token_minted", user_id=user, company_id=company, roles=_list(p, "roles"), pool=pool, exp=exp)
         return {"token": token, "exp": exp, "user": user, "company": company, "roles": _list(p, "roles"),

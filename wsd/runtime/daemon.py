@@ -15,6 +15,7 @@ import json
 import logging
 import logging.handlers
 import os
+import resource
 import secrets
 import signal
 import socket
@@ -83,6 +84,30 @@ class PoolRuntime:
                              "max_messages": self.batching.max_messages}}
 
 
+# The deadline for a TCP connection to complete its WebSocket handshake (websockets' open_timeout):
+# a connection that has not sent a whole upgrade request by then is closed.
+HANDSHAKE_TIMEOUT_S = 10.0
+
+
+def raise_fd_limit() -> tuple[int, int]:
+    """Raise the soft descriptor limit to the hard limit: (limit before, limit now)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:
+        try:
+            with open("/proc/sys/fs/nr_open") as f:
+                target = int(f.read())
+        except (OSError, ValueError):
+            target = 1048576
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            return soft, soft
+        return soft, target
+    return soft, soft
+
+
 def make_engine(cfg: Any) -> Engine:
     if cfg.engine.type == "redis":
         try:
@@ -145,6 +170,10 @@ class Daemon:
         self.config = config
         self.pending_restart: list[dict[str, Any]] = []
         self.bound_port = 0
+        # Descriptors: the soft limit, and the descriptor number at which accepted sockets are closed
+        # at once (a reserve is kept for the control socket, logs and files).
+        self.fd_limit = 1024
+        self.fd_alarm = 1024
 
     # -- running values -----------------------------------------------------------------------------------
     def overrides(self) -> dict[str, tuple[str, Any]]:
@@ -274,7 +303,8 @@ class Daemon:
                 continue  # a follower that does not read loses events, never slows the daemon
             q.put_nowait(ev)
         level = logging.INFO if kind not in ("refused", "rate_limited", "slow_consumer", "heartbeat_timeout",
-                                             "reload_failed") else logging.WARNING
+                                             "reload_failed", "handshake_limit", "descriptors_exhausted"
+                                             ) else logging.WARNING
         if kind in ("connect", "disconnect"):
             level = logging.DEBUG
         if log_line and log.isEnabledFor(level):
@@ -305,8 +335,37 @@ class Daemon:
     def socket_path(self) -> str:
         return self.started_config.control.socket or default_socket_path()
 
+    def _limit_descriptors(self) -> None:
+        before, now = raise_fd_limit()
+        self.fd_limit = now
+        self.fd_alarm = now - min(1024, max(16, now // 32))
+        if now > before:
+            log.info("descriptor limit raised from %d to %d (the hard limit)", before, now)
+        else:
+            log.info("descriptor limit %d (already the hard limit)", now)
+
+    def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """Descriptor exhaustion at accept, as the event loop reports it: counted and logged, rate limited.
+
+        asyncio reports EMFILE/ENFILE from accept() here ("socket.accept() out of system resource") and
+        retries a second later. uvloop (libuv) accepts and closes pending connections itself while it
+        holds a spare descriptor, reporting nothing; only when that fails does it report here, and it
+        closes the listener.
+        """
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE) and hasattr(self, "endpoint"):
+            message = str(context.get("message", ""))
+            self.endpoint.descriptors_exhausted(f"{message}: {exc.strerror}")
+            if message.startswith("Fatal error on server"):
+                log.error("the event loop closed the WebSocket listener after descriptor exhaustion: restart wsd "
+                          "(and raise its descriptor limit)")
+            return
+        loop.default_exception_handler(context)
+
     async def run(self) -> int:
         self.loop = asyncio.get_running_loop()
+        self._limit_descriptors()
+        self.loop.set_exception_handler(self._loop_exception)
         self._apply(self.config)
         if self.ephemeral_secret:
             log.warning("no auth secret configured: using an ephemeral HS256 secret generated at start "
@@ -372,7 +431,7 @@ class Daemon:
                 compression=None,
                 extensions=self.deflate,
                 server_header=None,
-                open_timeout=10,
+                open_timeout=HANDSHAKE_TIMEOUT_S,
                 ping_interval=None,          # heartbeats are ours: one sweep, 3 missed pongs
                 ping_timeout=None,
                 close_timeout=max(0.5, m.drain_timeout_ms / 1000.0),
@@ -415,6 +474,7 @@ class Daemon:
         if self.control is not None:
             await self.control.stop()
         await self.engine.stop()
+        self.endpoint.flush_repeats()  # the counts of repeated records not yet summarised
         log.info("stopped")
 
     # -- reload --------------------------------------------------------------------------------------------

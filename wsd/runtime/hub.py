@@ -27,6 +27,7 @@ from wsd import errors
 from wsd.config import data_schema_of
 from wsd.core.breaker import BreakerState, CircuitBreaker
 from wsd.core.channels import ChannelError
+from wsd.core.frames import unpublishable
 from wsd.core.history import StreamPosition
 from wsd.core.outbox import PRIORITY_NAMES, Outbox, Priority
 from wsd.core.router import Route, RoutedMessage, RuleTable
@@ -287,9 +288,14 @@ class Hub:
                       trace: bool = False) -> dict[str, Any]:
         """Publish one message: store it in history, route it, deliver it. Returns what happened.
 
-        Data that fails the channel group's ``data_schema`` raises ``InvalidData`` before anything
-        is stored or delivered. ``trace=True`` delivers through ``trace_delivery`` and adds its report.
+        Raises ChannelError (``bad_request``) for data that could not be sent again (too deep, not
+        encodable): nothing is stored that would break every later reader of the history. Data that
+        fails the channel group's ``data_schema`` raises ``InvalidData`` before anything is stored or
+        delivered. ``trace=True`` delivers through ``trace_delivery`` and adds its report.
         """
+        problem = unpublishable(msg_type, data, self.daemon.config.limits.max_json_depth)
+        if problem is not None:
+            raise ChannelError(errors.BAD_REQUEST, problem)
         if channel and self.schemas:
             schema = self.schemas.get(group)
             if schema is not None:
@@ -987,8 +993,12 @@ class Hub:
         self._dirty.discard(conn)
         self.loop.create_task(self._close(conn, code, reason))
 
+    def close_timeout(self) -> float:
+        """How long a close handshake may take before the transport is aborted (seconds)."""
+        return max(0.5, self.daemon.config.manager.drain_timeout_ms / 1000.0)
+
     async def _close(self, conn: Conn, code: int, reason: str) -> None:
-        timeout = max(0.5, self.daemon.config.manager.drain_timeout_ms / 1000.0)
+        timeout = self.close_timeout()
         try:
             # A close reason is at most 123 bytes of UTF-8: cut by bytes, not characters.
             await asyncio.wait_for(conn.ws.close(code, reason.encode()[:123].decode("utf-8", "ignore")), timeout)

@@ -7,16 +7,24 @@ the formatted message so that no line ever holds a token.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
 import sys
 import time
+from typing import Any
+
+from websockets.frames import Frame
 
 REDACTED = "[redacted]"
 _PATTERNS = [
-    # JWT-shaped strings: three base64url parts, the first two starting with eyJ ('{"').
-    re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*"),
+    # JWT-shaped strings: base64url parts starting with eyJ ('{"'), also cut short (one or two parts).
+    re.compile(r"eyJ[A-Za-z0-9_-]*(?:\.[A-Za-z0-9_-]*){0,2}"),
+    # The value of a "token" field in JSON text, also when the text was cut before its closing quote.
+    re.compile(r"(\"token\"\s*:\s*\")[^\"]*"),
+    # The tail of a token after an elision ("..."): payload tail and signature, or a long signature tail.
+    re.compile(r"(\.\.\.)(?:[A-Za-z0-9_-]*\.[A-Za-z0-9_-]{8,}|[A-Za-z0-9_-]{16,})"),
     re.compile(r"(?i)(token=)[^&\s'\"]+"),
     re.compile(r"(?i)(bearer[ .])[^\s,'\"]+"),
     re.compile(r"(?i)(authorization: )[^\r\n'\"]+"),
@@ -34,10 +42,45 @@ def redact(text: str) -> str:
     return text
 
 
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def _escape_char(m: re.Match[str]) -> str:
+    return repr(m.group())[1:-1]  # none of these is printable: repr spells each as \\n, \\x1b or \\u202e
+
+
+def escape(text: str) -> str:
+    """``text`` on one line with control characters escaped (``\\n``, ``\\x1b``, bidi controls as ``\\u202e``).
+
+    What a client sent (a path, a user agent, an origin, a reason, an id) can then neither start a
+    fake log line nor send terminal escape sequences to whoever reads the log.
+    """
+    return _CONTROL.sub(_escape_char, text)
+
+
+def _redacted_frame(frame: Any) -> Any:
+    """A copy of a websockets data frame with any token in its payload redacted.
+
+    websockets logs frames at debug level cut to their start and end: redacting the whole payload
+    before that cut leaves no tail of a token behind.
+    """
+    try:
+        text = bytes(frame.data).decode("utf-8", "surrogateescape")
+    except Exception:
+        return frame
+    clean = redact(text)
+    if clean == text:
+        return frame
+    return dataclasses.replace(frame, data=clean.encode("utf-8", "surrogateescape"))
+
+
 class RedactingFilter(logging.Filter):
     """Formats the record's message once and stores the redacted text back."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and args and any(isinstance(a, Frame) for a in args):
+            record.args = tuple(_redacted_frame(a) if isinstance(a, Frame) else a for a in args)
         try:
             msg = record.getMessage()
         except Exception:  # a bad format string must not kill logging
@@ -72,11 +115,18 @@ class TextFormatter(logging.Formatter):
         super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
         self.converter = time.gmtime
 
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        # One record, one line: the message is escaped; a traceback (appended after) stays multi-line.
+        record.message = escape(record.message)
+        return super().formatMessage(record)
+
     def format(self, record: logging.LogRecord) -> str:
         base = super().format(record)
         extra = getattr(record, "fields", None)
         if extra:
-            base += " " + " ".join(f"{k}={v}" for k, v in extra.items())
+            fields = " " + " ".join(f"{k}={v}" for k, v in extra.items())
+            head, nl, tail = base.partition("\n")
+            base = head + escape(fields) + nl + tail
         return base
 
 

@@ -6,6 +6,7 @@ also logged and emitted as an event (browsers only ever see 1006 for a refused h
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
 import logging
@@ -18,7 +19,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import msgspec
 from websockets.asyncio.server import ServerConnection
-from websockets.datastructures import Headers
+from websockets.datastructures import Headers, MultipleValuesError
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
@@ -30,7 +31,9 @@ from wsd.core.history import StreamPosition
 from wsd.core.outbox import Priority
 from wsd.core.ratelimit import TokenBucket
 from wsd.runtime.conn import BATCH, HISTORICAL, MODES, ON_DEMAND, Conn, ReliableState
-from wsd.runtime.hub import history_payload
+from wsd.runtime.hub import encode_push, history_payload
+from wsd.runtime.gate import InProgress, Repeats
+from wsd.runtime.logs import redact
 
 from wsd.runtime.daemon import ip_in
 
@@ -47,6 +50,8 @@ class WsdServerConnection(ServerConnection):
     wsd_conn: Conn | None = None
     wsd_hub: Any = None
     wsd_admission: Admission | None = None
+    wsd_slot: str | None = None  # the address holding a handshake-in-progress slot, until the handshake ends
+    wsd_endpoint: Endpoint | None = None  # class-wide: set by the daemon's Endpoint
     wsd_accepted: float = 0.0
 
     def __init__(self, protocol: Any, *args: Any, **kwargs: Any) -> None:
@@ -56,10 +61,35 @@ class WsdServerConnection(ServerConnection):
         self.wsd_conn = None
         self.wsd_hub = None
         self.wsd_admission = None
+        self.wsd_slot = None
         self.wsd_accepted = time.perf_counter()  # the handshake duration histogram's start
         # websockets refuses malformed or oversized requests itself (400, 414, 426, 431) in plain text:
         # give those the same JSON body as our own refusals.
         protocol.reject = _json_reject
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        ep = WsdServerConnection.wsd_endpoint
+        if ep is not None:
+            ep.on_accept(self, transport)
+
+    async def handshake(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            await super().handshake(*args, **kwargs)
+        finally:
+            self._release_slot()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._release_slot()
+        super().connection_lost(exc)
+
+    def _release_slot(self) -> None:
+        ip = self.wsd_slot
+        if ip is not None:
+            self.wsd_slot = None
+            ep = WsdServerConnection.wsd_endpoint
+            if ep is not None:
+                ep.inflight.leave(ip)
 
     def acknowledge_pings(self, data: bytes) -> None:
         c = self.wsd_conn
@@ -148,6 +178,23 @@ def _capped(pubs: list[Any], max_messages: int, max_bytes: int) -> tuple[list[by
         size += len(p) + 1
         out.append(p)
     return out, False
+# Headers a handshake carries at most once; a duplicate is refused with 400 rather than guessed at.
+SINGLE_HEADERS = ("Host", "Origin", "Authorization", "Cookie", "User-Agent", "Sec-WebSocket-Key",
+                  "Sec-WebSocket-Version")
+
+
+def duplicated_header(headers: Headers) -> str | None:
+    """The first of ``SINGLE_HEADERS`` sent more than once, or None."""
+    for name in SINGLE_HEADERS:
+        if len(headers.get_all(name)) > 1:
+            return name
+    return None
+
+
+def shown_path(path: str) -> str:
+    """A request path as it may be recorded: tokens redacted, at most 200 characters."""
+    p = redact(path)
+    return p if len(p) <= 200 else p[:200] + "..."
 
 
 class Endpoint:
@@ -155,23 +202,103 @@ class Endpoint:
 
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
+        lim = daemon.config.limits
+        self.inflight = InProgress(lim.handshakes_in_progress_per_ip, lim.handshakes_in_progress)
+        self.repeats = Repeats()
+        self._flush_handle: Any = None
+        WsdServerConnection.wsd_endpoint = self
+
+    # -- the edge: accepted sockets, repeated records -------------------------------------------------------
+    def on_accept(self, conn: WsdServerConnection, transport: Any) -> None:
+        """A TCP connection was accepted: hold a handshake slot for it, or close it at once."""
+        d = self.daemon
+        peer = transport.get_extra_info("peername")
+        ip = peer[0] if peer else ""
+        sock = transport.get_extra_info("socket")
+        fd = sock.fileno() if sock is not None else -1
+        # Descriptors are handed out lowest first: a new one this high means nearly all are in use.
+        # Close it while a reserve is left for the control socket, the log and the audit file.
+        if fd >= d.fd_alarm:
+            self.descriptors_exhausted(f"descriptor {fd} of {d.fd_limit} in use at accept", remote=ip)
+            transport.abort()
+            return
+        lim = d.config.limits
+        inflight = self.inflight
+        inflight.per_ip = lim.handshakes_in_progress_per_ip
+        inflight.total = lim.handshakes_in_progress
+        full = inflight.try_enter(ip)
+        if full:
+            d.hub.stats.refuse("handshakes_in_progress")
+            limit = inflight.per_ip if full == "per_ip" else inflight.total
+            self.record((ip, "handshakes_in_progress"), "handshake_limit", {
+                "remote": ip, "bound": "handshakes_in_progress_per_ip" if full == "per_ip"
+                else "handshakes_in_progress", "limit": limit}, None, overflow=("*", "handshakes_in_progress"))
+            transport.abort()
+            return
+        conn.wsd_slot = ip
+
+    def descriptors_exhausted(self, detail: str, remote: str = "") -> None:
+        """Count descriptor exhaustion and log it (the first in full, then one summary per interval)."""
+        d = self.daemon
+        d.hub.stats.refuse("descriptors_exhausted")
+        self.record(("descriptors",), "descriptors_exhausted", {"detail": detail, "remote": remote,
+                                                                "limit": d.fd_limit}, "descriptors_exhausted")
+
+    def record(self, key: Any, kind: str, fields: dict[str, Any], audit_kind: str | None,
+               overflow: Any = None) -> None:
+        """An event (and audit record): written in full the first time per key and interval, else counted."""
+        d = self.daemon
+        rep = self.repeats
+        if overflow is not None and key not in rep.entries and len(rep) >= rep.max_keys:
+            key, fields = overflow, {**fields, "remote": "*"}  # too many addresses at once: one record for all
+        if not rep.hit(key, d.loop.time(), (kind, fields, audit_kind)):
+            self._schedule_flush()
+            return
+        d.emit(kind, **fields)
+        if audit_kind is not None:
+            d.audit(audit_kind, **fields)
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if self._flush_handle is None:
+            d = self.daemon
+            self._flush_handle = d.loop.call_later(d.config.log.repeat_summary_interval_s, self.flush_repeats)
+
+    def flush_repeats(self) -> None:
+        """One summary per key that repeated: the first record's fields, with ``repeated`` and ``interval_s``."""
+        d = self.daemon
+        self._flush_handle = None
+        for _key, n, span, (kind, fields, audit_kind) in self.repeats.flush(d.loop.time()):
+            summary = {**fields, "repeated": n, "interval_s": round(span, 1)}
+            d.emit(kind, **summary)
+            if audit_kind is not None:
+                d.audit(audit_kind, **summary)
+        if len(self.repeats):
+            self._schedule_flush()
 
     # -- handshake ----------------------------------------------------------------------------------------
     def refuse(self, conn: ServerConnection, spec: tuple[int, str], message: str, remote: str, pool: str = "",
                retry_after: float | None = None, user_id: str = "") -> Response:
         status, code = spec
         self.daemon.hub.stats.refuse(code)
-        self.daemon.emit("refused", status=status, code=code, reason=message, remote=remote, pool=pool,
-                         user_id=user_id)
-        if status in (401, 403, 429):
-            self.daemon.audit("handshake_refused", status=status, code=code, reason=message, remote=remote,
-                              pool=pool, user_id=user_id)
+        # A flood of one refusal from one address is one record, then one summary with the count per interval.
+        self.record((remote, code), "refused", {"status": status, "code": code, "reason": message, "remote": remote,
+                                                "pool": pool, "user_id": user_id},
+                    "handshake_refused" if status in (401, 403, 429) else None, overflow=("*", code))
         headers = {}
         if retry_after is not None:
             headers["Retry-After"] = str(max(1, int(min(retry_after, 3600.0) + 0.999)))
         return json_response(status, {"error": code, "message": message}, headers)
 
     async def process_request(self, conn: ServerConnection, request: Request) -> Response | None:
+        try:
+            return await self._admit(conn, request)
+        except MultipleValuesError as exc:
+            # A header read as single that came more than once: a client error, never a 500.
+            remote = conn.remote_address[0] if conn.remote_address else ""
+            return self.refuse(conn, errors.H_BAD_REQUEST, f"duplicated header {exc}: send it once", remote)
+
+    async def _admit(self, conn: ServerConnection, request: Request) -> Response | None:
         d = self.daemon
         path, query_s = request_target(request.path)
         if path == "/healthz":
@@ -186,25 +313,32 @@ class Endpoint:
                 return json_response(403, {"error": "forbidden", "message": "metrics not allowed from here"})
             return text_response(200, d.prometheus_text(), "text/plain; version=0.0.4; charset=utf-8")
         pool = d.pools_by_path.get(path)
+        pool_id = pool.id if pool is not None else ""
+        # Every attempt counts against its address, whatever comes of it: a flood of bad requests from
+        # one address meets 429 after the budget, not an endless stream of 403/404 (and their records).
+        now = d.loop.time()
+        ok, retry = d.ip_limiter.try_take(remote, now)
+        if not ok:
+            return self.refuse(conn, errors.H_RATE_LIMITED, "too many connection attempts from this address",
+                               remote, pool_id, retry_after=retry)
+        headers = request.headers
+        dup = duplicated_header(headers)
+        if dup is not None:
+            return self.refuse(conn, errors.H_BAD_REQUEST, f"duplicated header {dup}: send it once", remote, pool_id)
         if pool is None:
-            return self.refuse(conn, errors.H_NO_POOL, f"no pool at {path}", remote)
+            return self.refuse(conn, errors.H_NO_POOL, f"no pool at {shown_path(path)}", remote)
         if d.draining or not d.ready:
             return self.refuse(conn, errors.H_DRAINING, "server is draining", remote, pool.id)
         if pool.networks and not ip_in(remote, pool.networks):
             return self.refuse(conn, errors.H_IP_FORBIDDEN, f"address {remote} not allowed in pool {pool.id}",
                                remote, pool.id)
-        origin = request.headers.get("Origin")
+        origin = headers.get("Origin")
         if pool.origins and origin is not None and origin not in pool.origins:
-            return self.refuse(conn, errors.H_ORIGIN_FORBIDDEN, f"origin {origin} not allowed in pool {pool.id}",
-                               remote, pool.id)
-        now = d.loop.time()
-        ok, retry = d.ip_limiter.try_take(remote, now)
-        if not ok:
-            return self.refuse(conn, errors.H_RATE_LIMITED, "too many connection attempts from this address",
-                               remote, pool.id, retry_after=retry)
+            return self.refuse(conn, errors.H_ORIGIN_FORBIDDEN,
+                               f"origin {shown_path(origin)} not allowed in pool {pool.id}", remote, pool.id)
         query = parse_qs(query_s)
-        offered = [p.strip() for h in request.headers.get_all("Sec-WebSocket-Protocol") for p in h.split(",")]
-        token, source = extract_token(request.headers, query, offered)
+        offered = [p.strip() for h in headers.get_all("Sec-WebSocket-Protocol") for p in h.split(",")]
+        token, source = extract_token(headers, query, offered)
         if token is None:
             return self.refuse(conn, errors.H_MISSING_TOKEN, "no token: send Authorization: Bearer, ?token= or "
                                "the bearer.<jwt> subprotocol", remote, pool.id)
@@ -236,17 +370,18 @@ class Endpoint:
         session_id = None
         want = query.get("session", [""])[0]
         if want:
+            # Only read here: the session is taken (deleted) by the handler once the handshake is accepted,
+            # so a refusal after this point (by websockets, or a full manager) leaves it to a later resume.
             state = await d.engine.load_session(want)
             # A session is only ever resumed by the same user and tenant that left it.
             if state is not None and state.get("user_id") == user and state.get("company_id") == claims.company_id:
                 session, session_id = state, want
-                await d.engine.drop_session(want)
         is_admin = d.config.auth.admin_role in claims.roles
         principal = Principal(user, claims.company_id, frozenset(claims.roles), pool.id, pool.type, is_admin)
         adm = Admission(claims=claims, pool=pool, principal=principal, remote=remote, session=session,
                         session_id=session_id or secrets.token_urlsafe(18),
                         subprotocol=SUBPROTOCOL if SUBPROTOCOL in offered else "",
-                        token_source=source, user_agent=request.headers.get("User-Agent", ""))
+                        token_source=source, user_agent=headers.get("User-Agent", ""))
         conn.wsd_admission = adm  # type: ignore[attr-defined]
         sndbuf = d.config.manager.socket_send_buffer_bytes
         if sndbuf:
@@ -298,17 +433,24 @@ class Endpoint:
         d.emit("connect", connection_id=conn.id, pool=conn.pool.id, user_id=conn.user_id,
                company_id=conn.company_id, remote=conn.remote_address, resumed=conn.resumed)
         try:
+            if session is not None:
+                # Taken only now that the handshake is accepted: a refused resume leaves it for the next try.
+                await d.engine.drop_session(conn.session_id)
             await self._start(conn, session)
             async for message in ws:
                 await self.on_frame(conn, message)
         except ConnectionClosed:
             pass
         except Exception:
-            log.exception("connection handler failed")
+            log.exception("connection %s: handler failed", conn.id)
             conn.state = "error"
             hub.stats.errors += 1
             if not conn.closing:
                 hub.close(conn, errors.INTERNAL.code, errors.INTERNAL.reason)
+            # Let that close go out first: returning now would have websockets close with 1000 ("session
+            # over"), and an internal error is 1011, with the session kept for resume.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(ws.wait_closed(), hub.close_timeout() + 1.0)
         finally:
             code = ws.close_code if ws.close_code is not None else 1006
             if code == 1006 and conn.close_code:
@@ -449,6 +591,10 @@ class Endpoint:
                                     Priority.CRITICAL)
 
     async def on_frame(self, conn: Conn, message: str | bytes) -> None:
+        if conn.closing:
+            # A close is decided (rate limit, kick, expiry, ...): what the peer still sends is not
+            # processed, answered, counted, audited or logged. One decision, one record.
+            return
         d = self.daemon
         hub = d.hub
         now = d.loop.time()
@@ -471,6 +617,13 @@ class Endpoint:
             return
         try:
             frame = frames.decoder.decode(message)
+        except RecursionError:
+            # Nested far beyond limits.max_json_depth: the decoder gave up before any limit check.
+            conn.errors += 1
+            rid, _ = frames.salvage_id(message)
+            self.error(conn, rid, errors.BAD_REQUEST,
+                       f"JSON nested deeper than {d.config.limits.max_json_depth} levels (limits.max_json_depth)")
+            return
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             conn.errors += 1
             rid, op = frames.salvage_id(message)
@@ -478,7 +631,8 @@ class Endpoint:
             code = errors.BAD_REQUEST
             if "`$.op`" in text or (op is not None and op not in frames.OPS):
                 code = errors.UNKNOWN_OP
-                text = f"unknown op {op!r}; expected one of {', '.join(frames.OPS)}"
+                what = repr(op) if op is not None else f"({text})"  # op unreadable: the decoder's words
+                text = f"unknown op {what}; expected one of {', '.join(frames.OPS)}"
             elif op is None and "Object missing required field `op`" in text:
                 text = "missing 'op'"
             self.error(conn, rid, code, text)
@@ -487,6 +641,24 @@ class Endpoint:
             await self.dispatch(conn, frame)
         except ChannelError as exc:
             self.error(conn, getattr(frame, "id", None), exc.code, exc.message)
+        except Exception:
+            self.internal_error(conn, frame)
+
+    def internal_error(self, conn: Conn, frame: Any) -> None:
+        """A bug or a failed backend while serving a frame: logged once, answered ``internal``, closed 1011.
+
+        1011 (not 1000) tells the client to reconnect, and keeps its session for resume; frames that
+        follow are ignored (the close is decided), so this is logged once per connection.
+        """
+        hub = self.daemon.hub
+        op = frame.__class__.__name__.lower()
+        log.exception("connection %s: internal error serving %s", conn.id, op)
+        hub.stats.errors += 1
+        conn.errors += 1
+        self.daemon.emit("internal_error", connection_id=conn.id, user_id=conn.user_id, op=op)
+        self.error(conn, getattr(frame, "id", None), errors.INTERNAL_ERROR,
+                   "internal error: the connection is closed with 1011; resume and retry")
+        hub.close(conn, errors.INTERNAL.code, errors.INTERNAL.reason)
 
     async def dispatch(self, conn: Conn, f: Any) -> None:
         d = self.daemon
@@ -609,26 +781,61 @@ class Endpoint:
             _, inst = resolve(f.channel, conn.principal, d.config.channels)
             return self.reply(conn, f.id, hub.presence(inst))
         if isinstance(f, frames.Refresh):
-            try:
-                claims = d.verifier.verify(f.token)
-            except AuthError as exc:
-                return self.error(conn, f.id, errors.INVALID_TOKEN, exc.message)
-            if claims.user_id != conn.user_id or claims.company_id != conn.company_id:
-                d.audit("refresh_refused", connection_id=conn.id, user_id=conn.user_id)
-                return self.error(conn, f.id, errors.FORBIDDEN, "a refresh token must be for the same user and company")
-            # The new token must pass this pool's admission too: its pool claim and the pool's roles.
-            pool = conn.pool
-            if (claims.pool and claims.pool != pool.id) or (
-                    pool.roles and not pool.roles.intersection(claims.roles)):
-                d.audit("refresh_refused", connection_id=conn.id, user_id=conn.user_id)
-                return self.error(conn, f.id, errors.FORBIDDEN,
-                                  f"the refresh token is not allowed in pool {pool.id}")
-            if frozenset(claims.roles) != conn.principal.roles:
-                conn.principal = Principal(conn.user_id, conn.company_id, frozenset(claims.roles), pool.id,
-                                           pool.type, d.config.auth.admin_role in claims.roles)
-            conn.claims = claims
-            conn.exp = claims.exp
-            d.emit("token_refreshed", connection_id=conn.id, user_id=conn.user_id, exp=claims.exp)
-            return self.reply(conn, f.id, {"exp": claims.exp})
+            return self.refresh(conn, f)
         return self.error(conn, getattr(f, "id", None), errors.UNKNOWN_OP, "unknown op")
 
+    def refresh(self, conn: Conn, f: frames.Refresh) -> None:
+        """Take a new token: same user and company; the pool must still admit it; rights are checked again.
+
+        Every subscription the new claims no longer allow is dropped, each announced with an
+        ``unsubscribed`` push before the reply; a token the pool no longer admits closes with 4003.
+        """
+        d = self.daemon
+        hub = d.hub
+        try:
+            claims = d.verifier.verify(f.token)
+        except AuthError as exc:
+            return self.error(conn, f.id, errors.INVALID_TOKEN, exc.message)
+        if claims.user_id != conn.user_id or claims.company_id != conn.company_id:
+            d.audit("refresh_refused", connection_id=conn.id, user_id=conn.user_id, reason="another user or company")
+            return self.error(conn, f.id, errors.FORBIDDEN, "a refresh token must be for the same user and company")
+        pool = conn.pool
+        why = ""
+        if claims.pool and claims.pool != pool.id:
+            why = f"the token is for pool {claims.pool!r}"
+        elif pool.roles and not pool.roles.intersection(claims.roles):
+            why = f"pool {pool.id} needs one of the roles {sorted(pool.roles)}"
+        if why:
+            # The connection was admitted on rights this token no longer carries: end it (one decision,
+            # one record), after telling the client why in the reply.
+            d.audit("refresh_refused", connection_id=conn.id, user_id=conn.user_id, reason=why)
+            d.emit("refresh_refused", connection_id=conn.id, user_id=conn.user_id, pool=pool.id, reason=why)
+            self.error(conn, f.id, errors.FORBIDDEN, f"{why}: closing with {errors.NOT_ADMITTED.code}")
+            hub.close(conn, errors.NOT_ADMITTED.code, f"{errors.NOT_ADMITTED.reason}: {why}")
+            return None
+        principal = Principal(conn.user_id, conn.company_id, frozenset(claims.roles), pool.id, pool.type,
+                              d.config.auth.admin_role in claims.roles)
+        conn.principal = principal
+        conn.claims = claims
+        conn.exp = claims.exp
+        # Rights that came with the old token end with it: every subscription is resolved again, as a
+        # new subscribe with this token would be, and kept only if it names the same instance.
+        dropped: list[str] = []
+        for inst in list(conn.subs):
+            try:
+                _, again = resolve(inst, principal, d.config.channels)
+            except ChannelError as exc:
+                code, message = exc.code, exc.message
+            else:
+                if again == inst:
+                    continue
+                code, message = errors.FORBIDDEN, f"not allowed to use {inst!r}"
+            hub.remove_subscription(conn, inst)
+            dropped.append(inst)
+            hub.send_direct(conn, _encode({"type": "unsubscribed", "channel": inst, "reason": code,
+                                           "message": f"after refresh: {message}"}), Priority.CRITICAL)
+        if dropped:
+            d.audit("subscriptions_revoked", connection_id=conn.id, user_id=conn.user_id, channels=dropped)
+        d.emit("token_refreshed", connection_id=conn.id, user_id=conn.user_id, exp=claims.exp,
+               unsubscribed=len(dropped))
+        return self.reply(conn, f.id, {"exp": claims.exp})

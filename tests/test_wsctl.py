@@ -23,7 +23,8 @@ from typing import Any
 import pytest
 
 from tests.harness import Wsd, closed_with, make_token, recv_until, request, welcome
-from wsctl import render
+from wsctl import fmt, render
+from wsctl.tui import render as tui_render
 from wsctl.cli import hoist_globals, parse_duration
 from wsctl.client import Client, RequestFailed, discover_socket
 from wsd.runtime.control import peer_allowed
@@ -129,9 +130,12 @@ async def next_message(ws: Any, within: float = 5.0) -> dict[str, Any]:
 
 
 def test_units_are_human():
-    """Rates, sizes and durations read like 1.2k msg/s, 34 MiB and 3m12s."""
+    """Rates, sizes and durations read like 1.2k msg/s, 34.0 MiB and 3m12s, the same in every view."""
     assert render.fmt_rate(1234.5) == "1.2k msg/s"
-    assert render.fmt_bytes(34 * 2**20) == "34 MiB"
+    assert render.fmt_bytes(34 * 2**20) == "34.0 MiB"
+    assert render.fmt_bytes(54 * 2**20) == tui_render.size(54 * 2**20) == "54.0 MiB"
+    assert render.fmt_duration(192) == tui_render.duration(192)
+    assert render.fmt_count(123456) == tui_render.count(123456) == "123k"
     assert render.fmt_bytes(1536) == "1.5 KiB"
     assert render.fmt_duration(192) == "3m12s"
     assert render.fmt_duration(7500) == "2h05m"

@@ -25,6 +25,7 @@ from rich.console import Console, RenderableType
 import wsd
 from wsctl import render
 from wsctl.client import Client, RequestFailed, UsageFailure, WsctlError, discover_socket
+from wsctl.helptext import bad_value, readable_help
 from wsd.control import protocol as P
 
 try:  # typer >= 0.22 vendors its own click
@@ -33,6 +34,7 @@ except ImportError:  # pragma: no cover - older typer on the real click
     from click import exceptions as click_exc  # type: ignore[no-redef]
 
 PROG = "wsctl"
+readable_help()  # --help shows TEXT, N, PATH, not <str>, <int>, <bool>
 
 app = typer.Typer(
     name=PROG,
@@ -321,6 +323,8 @@ def connections(
     key = SORT_KEYS.get(key, key)
     if key not in SORT_KEYS.values():
         raise UsageFailure("usage", f"--sort: one of {', '.join(SORT_KEYS)} (prefix - for descending)")
+    if state is not None and state not in P.CONNECTION_STATES:
+        raise UsageFailure("usage", f"--state: one of {', '.join(P.CONNECTION_STATES)}")
     res = rpc(
         ctx,
         "connections.list",
@@ -368,12 +372,21 @@ def channels(ctx: typer.Context) -> None:
 @app.command()
 def subscriptions(
     ctx: typer.Context,
+    id: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="ID",
+            help="Only this connection's subscriptions (its id or a unique prefix).",
+            autocompletion=complete_connection,
+            show_default=False,
+        ),
+    ] = None,
     connection: Annotated[
         str | None,
         typer.Option(
             "--connection",
             metavar="ID",
-            help="Only this connection's subscriptions.",
+            help="The same as the ID argument.",
             autocompletion=complete_connection,
         ),
     ] = None,
@@ -391,9 +404,12 @@ def subscriptions(
     """Subscriptions: of one connection, of one channel instance, or all of them.
 
     Examples:
+    $ wsctl subscriptions d272b4ad
     $ wsctl subscriptions --channel trading-signals/acme
-    $ wsctl subscriptions --connection d272b4ad
     """
+    if id and connection and id != connection:
+        raise UsageFailure("usage", "name the connection once: ID or --connection ID")
+    connection = id or connection
     if connection and channel:
         raise UsageFailure("usage", "--connection and --channel cannot be combined")
     emit(
@@ -431,7 +447,7 @@ def metrics(
         bool, typer.Option("--prometheus", help="Print the Prometheus exposition text.")
     ] = False,
 ) -> None:
-    """The daemon's metrics: manager, pools, routing, subscriptions, queues.
+    """Daemon metrics: manager, pools, routing, subscriptions, queues.
 
     Examples:
     $ wsctl metrics
@@ -575,14 +591,31 @@ def send(
     priority: Annotated[
         Priority, typer.Option("--priority", metavar="PRIORITY", help="critical, high, normal or low.")
     ] = Priority.normal,
+    ttl: Annotated[
+        float | None,
+        typer.Option(
+            "--ttl",
+            metavar="DURATION",
+            parser=duration_param,
+            help="Drop the message if not delivered within this time.",
+        ),
+    ] = None,
 ) -> None:
     """Send a message to one connection (no channel, no history).
 
     Example:
-    $ wsctl send d272b4ad --type notice --data '{"text": "hello"}'
+    $ wsctl send d272b4ad --type notice --ttl 30s --data '{"text": "hello"}'
     """
     payload = parse_data(data)
-    res = rpc(ctx, "send", connection_id=connection_id, data=payload, type=type_, priority=priority.value)
+    res = rpc(
+        ctx,
+        "send",
+        connection_id=connection_id,
+        data=payload,
+        type=type_,
+        priority=priority.value,
+        ttl_s=ttl,
+    )
     emit(ctx, res, lambda r: f"sent to connection {r.get('connection_id')}")
 
 
@@ -813,8 +846,8 @@ def events(
         list[str] | None,
         typer.Option(
             "--kind",
-            help="Only this kind: connect, disconnect, kick, refused, rate_limited, slow_consumer, "
-            "reload, ... (repeatable).",
+            help="Only this kind (repeatable): connect, disconnect, kick, refused, rate_limited, "
+            "slow_consumer, reload, ...; the full list is in man wsctl.",
         ),
     ] = None,
 ) -> None:
@@ -826,6 +859,11 @@ def events(
     """
     as_json = _opts(ctx).json
     kinds = set(kind or [])
+    unknown = sorted(kinds - set(P.EVENT_KINDS))
+    if unknown:
+        raise UsageFailure(
+            "usage", f"--kind {render.plain(unknown[0])}: one of {', '.join(sorted(P.EVENT_KINDS))}"
+        )
 
     def show(ev: dict[str, Any]) -> None:
         if kinds and ev.get("event") not in kinds:
@@ -877,6 +915,55 @@ def _config_toml(r: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+MAN_PAGES = {"wsctl": "man1/wsctl.1", "wsd": "man8/wsd.8"}
+
+
+def man_page_path(page: str) -> str | None:
+    """Where a manual page is: ``<prefix>/share/man/`` (installed from a wheel) or the checkout's man/."""
+    import os
+    import sysconfig
+
+    rel = MAN_PAGES[page]
+    candidates = [
+        os.path.join(sysconfig.get_path("data"), "share", "man", rel),
+        os.path.join(sys.prefix, "share", "man", rel),
+        os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "man", rel.split("/")[1]),
+    ]
+    return next((c for c in candidates if os.path.isfile(c)), None)
+
+
+@app.command("man")
+def man_cmd(
+    ctx: typer.Context,
+    page: Annotated[str, typer.Argument(metavar="PAGE", help="wsctl (the default) or wsd.")] = "wsctl",
+    path: Annotated[
+        bool, typer.Option("--path", help="Print the page's file name instead of showing it.")
+    ] = False,
+) -> None:
+    """Show the manual page of wsctl or wsd, wherever it was installed (also from a source checkout).
+
+    Examples:
+    $ wsctl man wsd
+    $ man -l "$(wsctl man --path)"
+    """
+    if page not in MAN_PAGES:
+        raise UsageFailure("usage", f"PAGE: one of {', '.join(MAN_PAGES)}")
+    where = man_page_path(page)
+    if where is None:
+        raise RequestFailed("not_found", f"the {page} manual page is not installed with this wsctl")
+    if path or _opts(ctx).json:
+        emit(ctx, {"page": page, "path": where}, lambda r: r["path"])
+        return
+    import os
+    import shutil
+
+    if shutil.which("man") is None:
+        with open(where, encoding="utf-8") as f:
+            sys.stdout.write(f.read())
+        return
+    os.execvp("man", ["man", "-l", where])
+
+
 def top(
     ctx: typer.Context,
     refresh: Annotated[
@@ -893,6 +980,10 @@ def top(
     path = _opts(ctx).path()
     with Client(path) as c:
         c.call("hello")  # exit 3 with the usual message before starting a full-screen app
+    if hasattr(signal, "SIGPIPE"):
+        # The dashboard outlives the daemon: a write to its dead control socket must be an error the
+        # dashboard handles ("cannot reach wsd ... retrying"), not a signal that kills it mid-screen.
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     try:
         from wsctl.tui import app as tui_app  # lazy: importing wsctl.cli never imports textual
     except ImportError as exc:
@@ -949,9 +1040,9 @@ def _fail(err: WsctlError, as_json: bool) -> NoReturn:
         sys.stderr.write(json.dumps({"error": err.as_dict()}, ensure_ascii=False) + "\n")
     else:
         prefix = "wsctl: " if err.code == "unreachable" else "wsctl: error: "
-        sys.stderr.write(prefix + err.message + "\n")
+        sys.stderr.write(prefix + render.plain(err.message) + "\n")  # may quote what a client sent
         for line in err.details:
-            sys.stderr.write(f"  {line}\n")
+            sys.stderr.write(f"  {render.plain(line)}\n")
     sys.stderr.flush()
     raise SystemExit(err.exit_code)
 
@@ -959,7 +1050,8 @@ def _fail(err: WsctlError, as_json: bool) -> NoReturn:
 def main(argv: list[str] | None = None) -> None:
     """Run wsctl: parse, call, print; every failure becomes one stderr line and a fixed exit code."""
     if hasattr(signal, "SIGPIPE"):
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `wsctl events -f | head` ends quietly
+        # `wsctl events -f | head` ends quietly; `top` sets it back to ignored (it writes to sockets)
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     args = hoist_globals(list(sys.argv[1:] if argv is None else argv))
     head = args[: args.index("--")] if "--" in args else args
     as_json = "--json" in head
@@ -975,7 +1067,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     except click_exc.UsageError as exc:
         where = exc.ctx.command_path if exc.ctx is not None else PROG
-        msg = exc.format_message().rstrip(".")
+        worded = bad_value(exc) if isinstance(exc, click_exc.BadParameter) else None
+        msg = worded or exc.format_message().rstrip(".")
         _fail(UsageFailure("usage", f"{msg} (see '{where} --help')"), as_json)
     except click_exc.ClickException as exc:
         _fail(WsctlError("error", exc.format_message()), as_json)

@@ -2,13 +2,14 @@
 
 Pure functions of the data: each ``render_*`` takes a method's ``result`` and returns a rich
 renderable (or a string), so views can be tested without a daemon and reused by the TUI.
-Units: ``1.2k msg/s``, ``34 MiB``, ``3m12s``; connection ids are shown as their first 8 characters
-(every command that takes an id accepts such a prefix).
+Units come from ``wsctl.fmt`` (shared with ``wsctl top``): ``1.2k msg/s``, ``54.0 MiB``, ``3m12s``.
+Every cell is a ``rich.text.Text`` made with ``fmt.plain``: text that came from clients (types, ids,
+claims, reasons) is drawn literally with control characters escaped, never as markup. Connection ids
+are shown as their first 8 characters (every command that takes an id accepts such a prefix).
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 from collections.abc import Iterable
 from typing import Any
@@ -18,115 +19,64 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from wsctl import fmt
+
 ID_WIDTH = 8
+
+#: subscription modes as words (the daemon's counts may use the upper-case names)
+MODE_WORDS = {
+    "REAL_TIME": "realtime",
+    "BATCH": "batch",
+    "ON_DEMAND": "on demand",
+    "HISTORICAL": "historical",
+    "on_demand": "on demand",
+}
 
 
 # ------------------------------------------------------------------------------------------------ units
+# one set of formatters for every view and the dashboard (wsctl.fmt)
 
-
-def fmt_count(n: float | int | None) -> str:
-    """1234 -> 1.2k, 1234567 -> 1.2M; small numbers as they are."""
-    if n is None:
-        return "-"
-    v = float(n)
-    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(v) >= div:
-            x = v / div
-            text = f"{x:.1f}" if abs(x) < 100 else f"{x:.0f}"
-            return text.removesuffix(".0") + suffix
-    if v == int(v):
-        return str(int(v))
-    return f"{v:.1f}" if abs(v) >= 1 else f"{v:.2f}"
-
-
-def fmt_rate(per_s: float | None, unit: str = "msg/s") -> str:
-    """1234.5 -> '1.2k msg/s'."""
-    if per_s is None:
-        return "-"
-    return f"{fmt_count(per_s)} {unit}" if unit else fmt_count(per_s)
-
-
-def fmt_bytes(n: float | int | None) -> str:
-    """35651584 -> '34 MiB', 1536 -> '1.5 KiB', 512 -> '512 B'."""
-    if n is None:
-        return "-"
-    v = float(n)
-    if abs(v) < 1024:
-        return f"{int(v)} B"
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        v /= 1024
-        if abs(v) < 1024 or unit == "TiB":
-            return f"{v:.1f} {unit}" if abs(v) < 10 else f"{v:.0f} {unit}"
-    return f"{v:.0f} TiB"  # pragma: no cover - unreachable
-
-
-def fmt_duration(s: float | int | None) -> str:
-    """192 -> '3m12s', 7500 -> '2h05m', 266400 -> '3d02h', 4.2 -> '4.2s'."""
-    if s is None:
-        return "-"
-    s = max(0.0, float(s))
-    if s < 10:
-        return f"{s:.1f}s" if s != int(s) else f"{int(s)}s"
-    n = int(s)
-    if n < 60:
-        return f"{n}s"
-    if n < 3600:
-        return f"{n // 60}m{n % 60:02d}s"
-    if n < 86400:
-        return f"{n // 3600}h{n % 3600 // 60:02d}m"
-    return f"{n // 86400}d{n % 86400 // 3600:02d}h"
-
-
-def fmt_ms(ms: float | None) -> str:
-    if ms is None:
-        return "-"
-    if ms >= 1000:
-        return f"{ms / 1000:.2f} s"
-    if ms >= 10:
-        return f"{ms:.0f} ms"
-    return f"{ms:.1f} ms"
-
-
-def fmt_pct(x: float | None) -> str:
-    """An error rate (0..1) as a percentage."""
-    if x is None:
-        return "-"
-    return f"{x * 100:.1f}%"
-
-
-def fmt_time(ts: float | None, with_date: bool = True) -> str:
-    """A Unix time in local time, to the millisecond."""
-    if not ts:
-        return "-"
-    t = _dt.datetime.fromtimestamp(float(ts))
-    s = t.strftime("%Y-%m-%d %H:%M:%S" if with_date else "%H:%M:%S")
-    return f"{s}.{t.microsecond // 1000:03d}"
+fmt_count = fmt.count
+fmt_rate = fmt.rate
+fmt_bytes = fmt.size
+fmt_duration = fmt.duration
+fmt_ms = fmt.ms
+fmt_pct = fmt.percent
+fmt_time = fmt.local_time
+compact_json = fmt.compact_json
+plain = fmt.plain
 
 
 def short_id(cid: str | None, n: int = ID_WIDTH) -> str:
-    return (cid or "")[:n]
+    return plain((cid or "")[:n])
 
 
-def clip(text: str, n: int) -> str:
-    return text if len(text) <= n else text[: max(0, n - 1)] + "…"
-
-
-def compact_json(v: Any) -> str:
-    return json.dumps(v, separators=(",", ":"), ensure_ascii=False, default=str)
+def clip(text: Any, n: int) -> str:
+    """Outside text made inert (``fmt.plain``) and cut to ``n`` characters with an ellipsis."""
+    s = plain(text if text is not None else "")
+    return s if len(s) <= n else s[: max(0, n - 1)] + "…"
 
 
 def _join(items: Iterable[Any]) -> str:
-    out = ",".join(str(x) for x in items)
+    out = ",".join(plain(x) for x in items)
     return out or "-"
 
 
 # ------------------------------------------------------------------------------------------------ tables
 
 
+class PlainTable(Table):
+    """A table whose string cells are drawn as literal text (``fmt.plain``), never parsed as markup."""
+
+    def add_row(self, *renderables: RenderableType | None, **kw: Any) -> None:
+        cells = [fmt.text(c) if isinstance(c, str) else c for c in renderables]
+        super().add_row(*cells, **kw)
+
+
 def table(*columns: str, title: str | None = None, right: Iterable[str] = ()) -> Table:
     """A borderless table whose rows never wrap: long cells end in an ellipsis instead."""
     # two spaces between columns (one box divider + one padding): widths below are budgeted for 80 columns
-    t = Table(
+    t = PlainTable(
         box=box.SIMPLE_HEAD,
         title=title,
         title_justify="left",
@@ -144,7 +94,7 @@ def table(*columns: str, title: str | None = None, right: Iterable[str] = ()) ->
 
 def kv(rows: Iterable[tuple[str, Any]], title: str | None = None) -> Table:
     """Two columns: a label and a value."""
-    t = Table.grid(padding=(0, 2))
+    t = PlainTable.grid(padding=(0, 2))
     t.add_column(style="bold", no_wrap=True)
     t.add_column(overflow="fold")
     if title:
@@ -152,12 +102,13 @@ def kv(rows: Iterable[tuple[str, Any]], title: str | None = None) -> Table:
         t.title_justify = "left"
         t.title_style = "bold underline"
     for k, v in rows:
-        t.add_row(k, v if isinstance(v, Text) else Text(str(v)))
+        cell = v if isinstance(v, Text) else fmt.text(v if isinstance(v, str) else fmt.words(v))
+        t.add_row(Text(k), cell)
     return t
 
 
 def _by(d: dict[str, Any]) -> str:
-    return "  ".join(f"{k} {v}" for k, v in d.items()) or "-"
+    return "  ".join(f"{plain(k)} {fmt.words(v)}" for k, v in d.items()) or "-"
 
 
 # ------------------------------------------------------------------------------------------------ views
@@ -186,7 +137,11 @@ def render_status(r: dict[str, Any]) -> RenderableType:
             f"published {fmt_rate(r.get('rate_publish'))}",
         ),
         ("latency", f"p50 {fmt_ms(lat.get('p50_ms'))}  p99 {fmt_ms(lat.get('p99_ms'))}"),
-        ("process", f"RSS {fmt_bytes(r.get('rss_bytes'))}  CPU {r.get('cpu_percent', 0):.1f}%"),
+        (
+            "process",
+            (f"pid {r['pid']}  " if r.get("pid") else "")
+            + f"RSS {fmt_bytes(r.get('rss_bytes'))}  CPU {fmt.cpu(r.get('cpu_percent'))}",
+        ),
         ("config", (r.get("config_path") or "built-in defaults") + f"  (reloads: {r.get('reloads', 0)})"),
         ("socket", r.get("socket", "")),
     ]
@@ -242,7 +197,7 @@ def render_connections(r: dict[str, Any], filtered: bool = False) -> RenderableT
             fmt_duration(c.get("age_s")),
             fmt_count(c.get("msgs_in")),
             fmt_count(c.get("msgs_out")),
-            fmt_count(c.get("queue")),
+            fmt_count(_depth(c.get("queue"))),
         )
     total = r.get("total", len(items))
     if not total:
@@ -252,6 +207,25 @@ def render_connections(r: dict[str, Any], filtered: bool = False) -> RenderableT
     if shown < total:
         foot = f"showing {shown} of {total} connections (use --limit)"
     return Group(t, Text(foot, style="dim"))
+
+
+def _depth(q: Any) -> Any:
+    """A row's queue depth: ``queue`` is ``{"depth", ...}`` (older daemons sent the number)."""
+    return q.get("depth") if isinstance(q, dict) else q
+
+
+_TIME_CLAIMS = ("iat", "nbf", "auth_time")
+
+
+def _other_claims(claims: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The token's other claims, one row each (times as local times); its text is the client's, escaped."""
+    if not claims:
+        return [("other claims", "-")]
+    rows: list[tuple[str, Any]] = []
+    for k, v in sorted(claims.items()):
+        is_time = k in _TIME_CLAIMS and isinstance(v, (int, float)) and not isinstance(v, bool)
+        rows.append((clip(k, 12), fmt_time(v) if is_time else fmt.words(v)))
+    return rows
 
 
 def render_connection(r: dict[str, Any]) -> RenderableType:
@@ -282,7 +256,7 @@ def render_connection(r: dict[str, Any]) -> RenderableType:
             ("roles", _join(auth.get("roles") or [])),
             ("pool claim", auth.get("pool") or "-"),
             ("expires", fmt_time(auth.get("exp") or r.get("exp"))),
-            ("other claims", compact_json(auth.get("claims") or {})),
+            *_other_claims(auth.get("claims") or {}),
         ],
         title="auth claims",
     )
@@ -346,7 +320,7 @@ def render_subscription_rows(
         row = [short_id(s.get("connection_id")), clip(s.get("user_id", ""), 10)] if with_conn else []
         row += [
             clip(s.get("channel", ""), 25 if with_conn else 40),
-            s.get("mode", ""),
+            MODE_WORDS.get(s.get("mode", ""), s.get("mode", "")),
             clip(_join(s.get("types") or []) if s.get("types") else "all", 10),
             str(pos.get("offset", "-")),
         ]
@@ -359,7 +333,7 @@ def render_subscriptions(r: dict[str, Any]) -> RenderableType:
     total = r.get("total", len(items))
     if not total:
         return Text("no subscriptions", style="dim")
-    by = r.get("by_type") or {}
+    by = {MODE_WORDS.get(k, k): v for k, v in (r.get("by_mode") or r.get("by_type") or {}).items()}
     foot = f"{total} subscription{'s' if total != 1 else ''}" + (f"  ({_by(by)})" if by else "")
     if len(items) < total:
         foot += f"; showing {len(items)}"
@@ -455,7 +429,7 @@ def render_metrics(r: dict[str, Any]) -> RenderableType:
                 "memory",
                 f"RSS {fmt_bytes(m.get('rss_bytes'))}  "
                 f"({fmt_bytes(m.get('rss_per_connection_bytes'))}/connection)  "
-                f"CPU {m.get('cpu_percent', 0)}%",
+                f"CPU {fmt.cpu(m.get('cpu_percent'))}",
             ),
             ("refused", _by(m.get("refused") or {})),
             ("closed by code", _by(m.get("closed_by_code") or {})),
@@ -633,19 +607,26 @@ def render_rule(rule: dict[str, Any]) -> RenderableType:
 
 def _value(v: Any) -> str:
     if isinstance(v, str):
+        v = plain(v)
         return v if v and not any(ch.isspace() for ch in v) else json.dumps(v, ensure_ascii=False)
+    if isinstance(v, bool):
+        return "yes" if v else "no"
     if isinstance(v, (list, tuple)):
-        return ",".join(str(x) for x in v) or "[]"
+        return ",".join(plain(x) for x in v) or "none"
     if isinstance(v, dict):
-        return compact_json(v)
-    return str(v)
+        return plain(compact_json(v))
+    if v is None:
+        return "-"
+    return plain(v)
 
 
 def event_line(ev: dict[str, Any]) -> str:
-    """One event as one line: ``TIME KIND key=value ...`` (values with spaces are quoted)."""
-    fields = " ".join(f"{k}={_value(v)}" for k, v in ev.items() if k not in ("seq", "ts", "event"))
-    return f"{fmt_time(ev.get('ts'))} {ev.get('event', '?'):<14} {fields}".rstrip()
+    """One event as one line: ``TIME KIND key=value ...`` (values with spaces are quoted).
 
+    Every key and value is inert text (``fmt.plain``): what a client sent cannot reach the terminal raw.
+    """
+    fields = " ".join(f"{plain(k)}={_value(v)}" for k, v in ev.items() if k not in ("seq", "ts", "event"))
+    return f"{fmt_time(ev.get('ts'))} {plain(ev.get('event', '?')):<14} {fields}".rstrip()
 
 # ------------------------------------------------------------------------------- rules test, publish --trace
 
@@ -653,13 +634,13 @@ def event_line(ev: dict[str, Any]) -> str:
 def render_rules_test(r: dict[str, Any]) -> RenderableType:
     """``wsctl rules test``: the message, the rule walk, and what each target reaches per pool."""
     m = r.get("message") or {}
-    tenant = "/".join(x for x in (m.get("company_id"), m.get("user_id")) if x) or "-"
-    head = Text(f"message {m.get('channel') or '-'}  type {m.get('type')}  priority {m.get('priority')}  "
+    tenant = plain("/".join(str(x) for x in (m.get("company_id"), m.get("user_id")) if x) or "-")
+    head = Text(f"message {plain(m.get('channel') or '-')}  type {plain(m.get('type'))}  priority {plain(m.get('priority'))}  "
                 f"tenant {tenant}")
     parts: list[RenderableType] = [head]
     schema = r.get("data_schema")
     if isinstance(schema, dict):
-        parts.append(Text(f"data_schema: refused at {schema.get('path')}: {schema.get('reason')} "
+        parts.append(Text(f"data_schema: refused at {plain(schema.get('path'))}: {plain(schema.get('reason'))} "
                           "(a real publish gets invalid_data)"))
     elif schema == "valid":
         parts.append(Text("data_schema: valid"))
@@ -674,13 +655,13 @@ def render_rules_test(r: dict[str, Any]) -> RenderableType:
             elif result == "skipped":
                 why = why if why == "disabled" else f"filter.{why} does not match"
             t.add_row(Text(str(i)), Text(clip(str(s.get("id", "")), 24)), Text(str(s.get("priority", 0))),
-                      Text(result.replace("_", " ")), Text(why))
+                      Text(plain(result.replace("_", " "))), Text(plain(why)))
         parts.append(t)
     if not r.get("routed"):
         ch = r.get("channel") or {}
         n = ch.get("connections", 0)
         line = (f"{'no rule matched' if steps else 'no routing rules'}: the message goes to the {n} "
-                f"subscriber{'s' if n != 1 else ''} of {ch.get('channel') or '-'}")
+                f"subscriber{'s' if n != 1 else ''} of {plain(ch.get('channel') or '-')}")
         if ch.get("filtered_by_type"):
             line += f" ({ch['filtered_by_type']} more filter this type out)"
         parts.append(Text(line))
@@ -688,7 +669,7 @@ def render_rules_test(r: dict[str, Any]) -> RenderableType:
         if by_pool:
             t = table("POOL", "CONNS", "DATA", right=("CONNS",))
             for pid, v in by_pool.items():
-                t.add_row(Text(pid), Text(str(v.get("connections", 0))), Text(clip(compact_json(v.get("data")), 60)))
+                t.add_row(Text(plain(pid)), Text(str(v.get("connections", 0))), Text(clip(compact_json(v.get("data")), 60)))
             parts.append(t)
         return Group(*parts)
     t = table("RULE", "TARGET", "POOL", "CONNS", "DATA", title="targets", right=("CONNS",))
@@ -699,7 +680,7 @@ def render_rules_test(r: dict[str, Any]) -> RenderableType:
         rows = list((tg.get("by_pool") or {}).items()) or [("-", {"connections": 0, "data": tg.get("data")})]
         for i, (pid, v) in enumerate(rows):
             t.add_row(Text(clip(str(tg.get("rule_id", "")), 20) if i == 0 else ""), Text(kind if i == 0 else ""),
-                      Text(pid), Text(str(v.get("connections", 0))), Text(clip(compact_json(v.get("data")), 50)))
+                      Text(plain(pid)), Text(str(v.get("connections", 0))), Text(clip(compact_json(v.get("data")), 50)))
         notes = []
         if tg.get("already_reached"):
             notes.append(f"{tg['already_reached']} already reached by an earlier rule")
@@ -721,7 +702,7 @@ def render_trace(r: dict[str, Any]) -> RenderableType:
     """``wsctl publish --trace``: counts per outcome, then the receivers that were not written at once."""
     tr = r.get("trace") or {}
     n = r.get("delivered") or 0
-    head = Text(f"published to {r.get('channel')} at offset {r.get('offset')} (epoch {r.get('epoch') or '-'}): "
+    head = Text(f"published to {plain(r.get('channel'))} at offset {r.get('offset')} (epoch {plain(r.get('epoch') or '-')}): "
                 f"delivered to {n} connection{'s' if n != 1 else ''}"
                 + (" (routed by rules)" if tr.get("routed") else ""))
     counts = tr.get("counts") or {}

@@ -1,4 +1,4 @@
-"""The `wsd` command line: serve, config, version."""
+"""The `wsd` command line: serve, config, version (and --version, shell completion)."""
 
 from __future__ import annotations
 
@@ -8,26 +8,64 @@ import sys
 from typing import Annotated, Optional
 
 import typer
+import typer.main
 
 import wsd
+from wsctl.helptext import bad_value, readable_help
 from wsd.cli_config import config_app
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-                  help="wsd: the WebSocket gateway daemon. Start with `wsd serve` (no config needed).")
+readable_help()  # --help shows TEXT, N, PATH, not <str>, <int>, <bool>
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    help="wsd: the WebSocket gateway daemon. Start it with `wsd serve` (no config needed), then operate "
+    "it with wsctl.",
+    epilog="Exit status: 0 ok, 1 error (config invalid, port in use, ...), 2 usage error. "
+    "See man wsd (or wsctl man wsd for the path of the page).",
+)
 app.add_typer(config_app, name="config")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"wsd {wsd.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True,
+                     help="Print the wsd version and exit (`wsd version` adds Python, websockets, engines)."),
+    ] = False,
+) -> None:
+    """wsd: the WebSocket gateway daemon."""
 
 
 @app.command()
 def serve(
-    config: Annotated[Optional[str], typer.Option("-c", "--config", help="TOML config file (default: embedded)")] = None,
-    host: Annotated[Optional[str], typer.Option("--host", help="listen address (overrides server.host)")] = None,
-    port: Annotated[Optional[int], typer.Option("--port", help="listen port (overrides server.port; 0 = any)")] = None,
-    socket: Annotated[Optional[str], typer.Option("--socket", help="control socket path (overrides control.socket)")] = None,
-    log_level: Annotated[Optional[str], typer.Option("--log-level", help="debug|info|warning|error")] = None,
-    log_format: Annotated[Optional[str], typer.Option("--log-format", help="text|json")] = None,
+    config: Annotated[Optional[str], typer.Option(
+        "-c", "--config", metavar="FILE", help="TOML config file (default: the built-in one).")] = None,
+    host: Annotated[Optional[str], typer.Option(
+        "--host", metavar="ADDRESS", help="Listen address (overrides server.host).")] = None,
+    port: Annotated[Optional[int], typer.Option(
+        "--port", metavar="PORT", help="Listen port (overrides server.port; 0 = any free port).")] = None,
+    socket: Annotated[Optional[str], typer.Option(
+        "--socket", metavar="PATH", help="Control socket path (overrides control.socket).")] = None,
+    log_level: Annotated[Optional[str], typer.Option(
+        "--log-level", metavar="LEVEL", help="debug, info, warning or error (overrides log.level).")] = None,
+    log_format: Annotated[Optional[str], typer.Option(
+        "--log-format", metavar="FORMAT", help="text or json (overrides log.format).")] = None,
 ) -> None:
-    """Run the manager. With no -c it runs on built-in defaults: 127.0.0.1:8765, memory engine,
-    an ephemeral HS256 secret, four pools (frontend, mt5, admin, api).
+    """Run the daemon in the foreground (no config needed: built-in defaults).
+
+    With no -c it runs on built-in defaults: 127.0.0.1:8765, memory engine, an ephemeral HS256
+    secret, four pools (frontend, mt5, admin, api). SIGHUP (or `wsctl reload`) re-reads the config;
+    SIGTERM drains and stops.
 
     Example: wsd serve   then, in another terminal: wsctl token --user alice
     """
@@ -88,5 +126,28 @@ def version() -> None:
     print(f"engines {', '.join(engines)}")
 
 
-def main() -> None:
-    app(prog_name="wsd")
+def main(argv: list[str] | None = None) -> None:
+    """Run wsd; a usage error is one line on stderr (``wsd: error: --port: a whole number``), exit 2."""
+    try:  # typer >= 0.22 vendors its own click
+        from typer._click import exceptions as click_exc
+    except ImportError:  # pragma: no cover - older typer on the real click
+        from click import exceptions as click_exc  # type: ignore[no-redef]
+
+    command = typer.main.get_command(app)
+    try:
+        rv = command.main(args=argv, prog_name="wsd", standalone_mode=False)
+    except click_exc.NoArgsIsHelpError as exc:
+        exc.show()
+        raise SystemExit(2) from None
+    except click_exc.UsageError as exc:
+        where = exc.ctx.command_path if exc.ctx is not None else "wsd"
+        worded = bad_value(exc) if isinstance(exc, click_exc.BadParameter) else None
+        msg = worded or exc.format_message().rstrip(".")
+        print(f"wsd: error: {msg} (see '{where} --help')", file=sys.stderr)
+        raise SystemExit(2) from None
+    except click_exc.ClickException as exc:
+        print(f"wsd: error: {exc.format_message()}", file=sys.stderr)
+        raise SystemExit(exc.exit_code) from None
+    except typer.Abort:
+        raise SystemExit(130) from None
+    raise SystemExit(rv if isinstance(rv, int) else 0)

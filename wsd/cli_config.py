@@ -14,6 +14,7 @@ import typer
 from wsd.config import ConfigError, default_config_toml, dump_config, load_config
 
 config_app = typer.Typer(no_args_is_help=True, add_completion=False,
+                         context_settings={"help_option_names": ["-h", "--help"]},
                          help="Write, validate and show the wsd configuration.")
 
 
@@ -25,7 +26,7 @@ def _fail(lines: list[str]) -> NoReturn:
 
 @config_app.command("init")
 def init(
-    file: Annotated[Path, typer.Argument(help="Where to write the config.")] = Path("wsd.toml"),
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="Where to write the config.")] = Path("wsd.toml"),
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
 ) -> None:
     """Write a complete, commented default config with a fresh random secret (mode 0600)."""
@@ -45,7 +46,7 @@ def init(
 
 
 @config_app.command("check")
-def check(file: Annotated[Path, typer.Argument(help="The config file to validate.")]) -> None:
+def check(file: Annotated[Path, typer.Argument(metavar="FILE", help="The config file to validate.")]) -> None:
     """Validate FILE (with WSD_* overrides); print every error with its key path."""
     try:
         load_config(file)
@@ -56,12 +57,19 @@ def check(file: Annotated[Path, typer.Argument(help="The config file to validate
 
 @config_app.command("show")
 def show(
-    config: Annotated[Path | None,
-                      typer.Option("-c", "--config", help="Config file; default: the built-in one.")] = None,
+    file: Annotated[Path | None, typer.Argument(
+        metavar="FILE", show_default=False, help="The config file; default: the built-in one.")] = None,
+    config: Annotated[Path | None, typer.Option(
+        "-c", "--config", metavar="FILE", help="The same as the FILE argument.")] = None,
 ) -> None:
-    """Print the effective config (defaults + file + WSD_* overrides) as TOML, secrets redacted."""
+    """Print the effective config (defaults + FILE + WSD_* overrides) as TOML, secrets redacted.
+
+    Example: wsd config show wsd.toml
+    """
+    if file is not None and config is not None and file != config:
+        _fail(["name the config file once: FILE or -c FILE"])
     try:
-        cfg = load_config(config)
+        cfg = load_config(file or config)
     except ConfigError as exc:
         _fail(exc.errors)
     typer.echo(dump_config(cfg, redact=True), nl=False)

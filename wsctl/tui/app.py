@@ -157,7 +157,7 @@ class MainScreen(Screen[None]):
             return
         except RequestFailed as exc:
             app.set_reachable()
-            self.notify(str(exc), severity="error", timeout=4)
+            self.notify(str(exc), severity="error", timeout=4, markup=False)
             return
         app.set_reachable()
         try:
@@ -370,7 +370,7 @@ class MainScreen(Screen[None]):
     def action_kick(self) -> None:
         row = self.selected_row()
         if row is None:
-            self.notify("no connection selected", severity="warning")
+            self.notify("no connection selected", severity="warning", markup=False)
             return
         self.top().confirm_kick(row)
 
@@ -443,9 +443,9 @@ class WsdTop(App[None]):
         try:
             res = await self.source.call("kick", ids=[conn_id], reason=reason)
         except (RequestFailed, Unavailable) as exc:
-            self.notify(f"kick failed: {exc}", severity="error")
+            self.notify(f"kick failed: {exc}", severity="error", markup=False)
             return
-        self.notify(f"kicked {res.get('closed', 0)} connection(s): {conn_id} ({reason})")
+        self.notify(f"kicked {res.get('closed', 0)} connection(s): {conn_id} ({reason})", markup=False)
         if then_back and isinstance(self.screen, ConnectionScreen):
             self.pop_screen()
         self.main.poll()
@@ -457,7 +457,7 @@ class WsdTop(App[None]):
             r = res.get("result") or {}
             where = res["params"].get("channel") or "everyone"
             self.notify(f"{res['method']} to {where}: delivered {r.get('delivered', 0)}"
-                        + (f", queued {r['queued']}" if r.get("queued") else ""))
+                        + (f", queued {r['queued']}" if r.get("queued") else ""), markup=False)
 
         self.push_screen(BroadcastDialog(), done)
 

@@ -6,12 +6,15 @@ import json
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from rich.markup import escape
+from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Grid, Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Select, Static
+
+from wsctl.fmt import plain
 
 from wsctl.tui.source import RequestFailed, Unavailable
 
@@ -33,9 +36,9 @@ class KickDialog(ModalScreen[str | None]):
     def compose(self) -> ComposeResult:
         r = self.row
         with Vertical(classes="dialog -danger", id="kick-dialog"):
-            who = escape(f"user {r.get('user_id') or '-'} · company {r.get('company_id') or '-'} · "
-                         f"pool {r.get('pool')}")
-            yield Label(f"[b]Kick connection {escape(str(r.get('id')))}?[/b]\n{who}\n"
+            who = escape(plain(f"user {r.get('user_id') or '-'} · company {r.get('company_id') or '-'} · "
+                               f"pool {r.get('pool')}"))
+            yield Label(f"[b]Kick connection {escape(plain(r.get('id')))}?[/b]\n{who}\n"
                         "The client is closed with code 4000 and this reason:")
             with Grid(classes="form"):
                 yield Label("reason")
@@ -127,7 +130,7 @@ class BroadcastDialog(ModalScreen[dict[str, Any] | None]):
         try:
             method, params = build_send(val("channel"), val("type"), str(prio), val("data"), val("pool"))
         except ValueError as exc:
-            self.query_one("#error", Static).update(str(exc))
+            self.query_one("#error", Static).update(Text(plain(exc)))
             return
         self.query_one("#error", Static).update("sending…")
         self.send(method, params)
@@ -138,7 +141,7 @@ class BroadcastDialog(ModalScreen[dict[str, Any] | None]):
         try:
             res = await app.source.call(method, **params)
         except (RequestFailed, Unavailable) as exc:
-            self.query_one("#error", Static).update(f"{method} failed: {exc}")
+            self.query_one("#error", Static).update(Text(plain(f"{method} failed: {exc}")))
             return
         self.dismiss({"method": method, "params": params, "result": res})
 

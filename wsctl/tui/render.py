@@ -2,7 +2,9 @@
 
 Every function takes the data (and, where a time is shown, the timezone) and returns text or a
 Rich renderable, so the same inputs always draw the same screen — which is what makes snapshot
-tests from a committed recording deterministic.
+tests from a committed recording deterministic. Numbers use ``wsctl.fmt`` (the units of every wsctl
+view); text that came from outside the daemon goes through ``fmt.plain`` into ``rich.text.Text``, so
+control characters are shown escaped and markup is shown literally.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from wsctl import fmt
+
 #: keys that could carry a credential; never drawn even if a daemon sent one
 SECRET_KEYS = frozenset({"token", "jwt", "bearer", "access_token", "authorization", "secret", "password"})
 
@@ -26,75 +30,18 @@ WARN_EVENTS = frozenset({"refused", "rate_limited", "slow_consumer", "heartbeat_
 
 
 # -- numbers ---------------------------------------------------------------------------------------------
-def count(n: Any) -> str:
-    """1234 -> "1,234"; 1_234_567 -> "1.23M" (keeps table columns narrow)."""
-    try:
-        v = int(n)
-    except (TypeError, ValueError):
-        return "-"
-    if abs(v) >= 10_000_000:
-        return f"{v / 1_000_000:.1f}M"
-    if abs(v) >= 1_000_000:
-        return f"{v / 1_000_000:.2f}M"
-    return f"{v:,}"
+# the same units as every other wsctl view (wsctl.fmt): `wsctl status` and this dashboard agree
+count = fmt.count
+ms = fmt.ms
+size = fmt.size
+duration = fmt.duration
+percent = fmt.percent
+plain = fmt.plain
 
 
 def rate(x: Any) -> str:
-    if x is None:
-        return "-"
-    v = float(x)
-    if v >= 10_000:
-        return f"{v / 1000:.1f}k/s"
-    if v >= 100:
-        return f"{v:.0f}/s"
-    return f"{v:.1f}/s"
-
-
-def ms(x: Any) -> str:
-    if x is None:
-        return "-"
-    v = float(x)
-    if v >= 1000:
-        return f"{v / 1000:.2f}s"
-    if v >= 100:
-        return f"{v:.0f}ms"
-    if v >= 10:
-        return f"{v:.1f}ms"
-    return f"{v:.2f}ms"
-
-
-def size(n: Any) -> str:
-    try:
-        v = float(n)
-    except (TypeError, ValueError):
-        return "-"
-    for unit in ("B", "KB", "MB", "GB"):
-        if v < 1024 or unit == "GB":
-            return f"{v:.0f} {unit}" if unit == "B" else f"{v:.1f} {unit}"
-        v /= 1024
-    return f"{v:.1f} TB"  # pragma: no cover
-
-
-def duration(s: Any) -> str:
-    """Seconds as the two largest units: 45s, 3m12s, 2h03m, 4d05h."""
-    try:
-        t = int(float(s))
-    except (TypeError, ValueError):
-        return "-"
-    if t < 60:
-        return f"{t}s"
-    if t < 3600:
-        return f"{t // 60}m{t % 60:02d}s"
-    if t < 86400:
-        return f"{t // 3600}h{t % 3600 // 60:02d}m"
-    return f"{t // 86400}d{t % 86400 // 3600:02d}h"
-
-
-def percent(x: Any) -> str:
-    try:
-        return f"{float(x) * 100:.1f}%"
-    except (TypeError, ValueError):
-        return "-"
+    """Messages per second, narrow: 1234.5 -> '1.2k/s'."""
+    return "-" if x is None else f"{fmt.count(x)}/s"
 
 
 def bar(frac: float, width: int) -> Text:
@@ -129,13 +76,13 @@ def header(status: dict[str, Any], *, narrow: bool = False) -> Text:
     frac = conns / cap if cap else 0.0
     sep = (" " if narrow else "  ", "")
     ident: list[tuple[str, str]] = [
-        ("wsd ", "bold cyan"), (str(status.get("manager_id", "?")), "bold"), sep,
+        ("wsd ", "bold cyan"), (plain(status.get("manager_id", "?")), "bold"), sep,
         (f"v{status.get('version', '?')}", "dim"), sep,
         ("up ", "dim"), (duration(status.get("uptime_s")), ""), sep,
-        ("engine ", "dim"), (engine, ""), sep, ("nodes ", "dim"), (str(len(nodes)), ""),
+        ("engine ", "dim"), (plain(engine), ""), sep, ("nodes ", "dim"), (str(len(nodes)), ""),
     ]
     proc: list[tuple[str, str]] = [
-        ("cpu ", "dim"), (f"{float(status.get('cpu_percent') or 0):.1f}%", ""), sep,
+        ("cpu ", "dim"), (fmt.cpu(status.get("cpu_percent")), ""), sep,
         ("rss ", "dim"), (size(status.get("rss_bytes")), ""),
     ]
     flags: list[tuple[str, str]] = []
@@ -184,13 +131,13 @@ def pools_table(pools: Sequence[dict[str, Any]], rates: dict[str, float | None],
         drops = int(p.get("drops") or 0)
         err = float(p.get("error_rate") or 0)
         row: list[RenderableType] = [
-            Text(str(p.get("id", "?")), style="bold"),
-            f"{count(n)}/{count(cap)}" if not narrow else count(n),
+            fmt.text(p.get("id", "?"), style="bold"),
+            Text(f"{count(n)}/{count(cap)}" if not narrow else count(n)),
             bar(n / cap if cap else 0.0, 6 if narrow else 12),
-            rate(rates.get(str(p.get("id")))),
+            Text(rate(rates.get(str(p.get("id"))))),
         ]
         if not narrow:
-            row += [count(p.get("msgs_in")), count(p.get("msgs_out")), count(p.get("queued"))]
+            row += [Text(count(p.get(k))) for k in ("msgs_in", "msgs_out", "queued")]
         row += [Text(count(drops), style="yellow" if drops else ""),
                 Text(percent(err), style="red" if err >= 0.01 else "")]
         t.add_row(*row)
@@ -240,6 +187,12 @@ def column_label(col: Col, sort: str) -> Text:
     return Text.assemble((col.label, "bold"), (arrow, "bold cyan"), justify="right" if col.right else "left")
 
 
+def sort_label(sort: str) -> str:
+    """The column label for a sort key (``-age_s`` -> ``age``): field names never reach the screen."""
+    key = sort.lstrip("-")
+    return next((c.label for c in WIDE_COLUMNS if c.key == key), fmt.label(key))
+
+
 def fit(s: str, width: int) -> str:
     return s if len(s) <= width else s[: max(1, width - 1)] + "…"
 
@@ -252,22 +205,24 @@ def conn_cell(col: Col, row: dict[str, Any]) -> Text:
     elif col.key in ("msgs_in", "msgs_out"):
         s = count(v)
     elif col.key == "queue":
+        v = v.get("depth") if isinstance(v, dict) else v
         s = count(v)
         style = "yellow" if v else "dim"
     elif col.key == "latency_ms":
         s = ms(v)
         style = "yellow" if (v or 0) >= 20 else ""
     elif col.key == "breaker":
-        s = str(v or "-")
+        v = v.get("state") if isinstance(v, dict) else v
+        s = plain(v or "-")
         style = {"open": "bold red", "half_open": "yellow"}.get(s, "dim")
     elif col.key == "state":
-        s = str(v or "-")
+        s = plain(v or "-")
         style = "" if s == "connected" else "yellow"
     elif col.key == "id":
-        s = str(v or "")[: col.width]
+        s = plain(v or "")[: col.width]
         style = "cyan"
     else:
-        s = fit(str(v or "-"), col.width)
+        s = fit(plain(v or "-"), col.width)
     return Text(s, style=style, justify="right" if col.right else "left", no_wrap=True, overflow="ellipsis")
 
 
@@ -281,9 +236,9 @@ def page_caption(total: int, offset: int, shown: int, sort: str, filt: str, page
     page = offset // page_size + 1
     parts: list[tuple[str, str]] = [("connections ", "bold"), (span, ""), ("  page ", "dim"),
                                     (f"{page}/{pages}", ""), ("  sort ", "dim"),
-                                    (sort.lstrip("-") + (" ▼" if sort.startswith("-") else " ▲"), "")]
+                                    (sort_label(sort) + (" ▼" if sort.startswith("-") else " ▲"), "")]
     if filt:
-        parts += [("  filter ", "dim"), (filt, "bold yellow")]
+        parts += [("  filter ", "dim"), (plain(filt), "bold yellow")]
     if paused:
         parts += [("  PAUSED", "bold magenta")]
     return Text.assemble(*parts, no_wrap=True, overflow="ellipsis")
@@ -291,10 +246,10 @@ def page_caption(total: int, offset: int, shown: int, sort: str, filt: str, page
 
 # -- events ----------------------------------------------------------------------------------------------
 def event_line(ev: dict[str, Any], tz: dt.tzinfo | None) -> Text:
-    kind = str(ev.get("event", "?"))
+    kind = plain(ev.get("event", "?"))
     style = "yellow" if kind in WARN_EVENTS else "green" if kind == "connect" else (
         "dim" if kind == "disconnect" else "cyan")
-    fields = " ".join(f"{k}={_short(v)}" for k, v in ev.items()
+    fields = " ".join(f"{plain(k)}={_short(v)}" for k, v in ev.items()
                       if k not in ("seq", "ts", "event") and k.lower() not in SECRET_KEYS
                       and v not in ("", None))
     return Text.assemble((clock(ev.get("ts"), tz), "dim"), " ", (f"{kind:<13}", style), " ", fields,
@@ -302,8 +257,12 @@ def event_line(ev: dict[str, Any], tz: dt.tzinfo | None) -> Text:
 
 
 def _short(v: Any) -> str:
-    s = v if isinstance(v, str) else json.dumps(v, separators=(",", ":"), default=str)
-    return fit(s, 40)
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, (list, tuple)):
+        return fit(",".join(plain(x) for x in v) or "none", 40)
+    s = v if isinstance(v, str) else json.dumps(v, separators=(",", ":"), ensure_ascii=False, default=str)
+    return fit(plain(s), 40)
 
 
 # -- drill-down ------------------------------------------------------------------------------------------
@@ -312,26 +271,27 @@ def kv_table(rows: Iterable[tuple[str, Any]]) -> Table:
     t.add_column(style="dim", no_wrap=True, min_width=12)
     t.add_column(overflow="fold")
     for k, v in rows:
-        t.add_row(k, v if isinstance(v, Text) else Text(_plain(v)))
+        t.add_row(fmt.text(k), v if isinstance(v, Text) else Text(_plain(v)))
     return t
 
 
 def _plain(v: Any) -> str:
+    """A value as inert text a person reads (lists joined, yes/no, ``-`` for nothing)."""
     if isinstance(v, (list, tuple)):
-        return ", ".join(str(x) for x in v) if v else "-"
+        return ", ".join(plain(x) for x in v) if v else "-"
     if isinstance(v, dict):
-        return json.dumps(v, separators=(", ", ": "), default=str) if v else "-"
+        return plain(json.dumps(v, separators=(", ", ": "), ensure_ascii=False, default=str)) if v else "-"
     if v is None or v == "":
         return "-"
     if isinstance(v, bool):
         return "yes" if v else "no"
-    return str(v)
+    return plain(v)
 
 
 def conn_info(c: dict[str, Any], tz: dt.tzinfo | None) -> Table:
     info = c.get("info") or {}
     return kv_table([
-        ("id", Text(str(c.get("id", "")), style="bold cyan")),
+        ("id", fmt.text(c.get("id", ""), style="bold cyan")),
         ("pool", f"{c.get('pool')} ({c.get('pool_type')})"), ("state", c.get("state")),
         ("remote", c.get("remote_address")), ("user agent", info.get("user_agent")),
         ("subprotocol", info.get("subprotocol")), ("extensions", info.get("extensions")),
@@ -346,7 +306,7 @@ def claims(c: dict[str, Any], tz: dt.tzinfo | None) -> Table:
     auth = dict(c.get("auth") or {})
     extra = {k: v for k, v in dict(auth.pop("claims", None) or {}).items() if k.lower() not in SECRET_KEYS}
     rows: list[tuple[str, Any]] = [
-        ("user (sub)", Text(str(auth.pop("user_id", "") or "-"), style="bold")),
+        ("user (sub)", fmt.text(auth.pop("user_id", "") or "-", style="bold")),
         ("company", auth.pop("company_id", "")), ("roles", auth.pop("roles", [])),
         ("pool claim", auth.pop("pool", "") or "any"),
     ]
@@ -402,8 +362,9 @@ def subscriptions(c: dict[str, Any]) -> RenderableType:
         t.add_column(name, no_wrap=name != "types", overflow="ellipsis")
     for s in subs:
         pos = s.get("position") or {}
-        t.add_row(Text(str(s.get("channel")), style="bold"), str(s.get("mode", "-")), _plain(s.get("types")),
-                  f"{pos.get('offset', 0)}@{pos.get('epoch') or '-'}", count(s.get("held")))
+        t.add_row(fmt.text(s.get("channel"), style="bold"), fmt.text(s.get("mode", "-")),
+                  Text(_plain(s.get("types"))), fmt.text(f"{pos.get('offset', 0)}@{pos.get('epoch') or '-'}"),
+                  Text(count(s.get("held"))))
     return t
 
 
@@ -414,21 +375,25 @@ def recent_events(evs: Sequence[dict[str, Any]], tz: dt.tzinfo | None) -> Render
 
 
 # -- channels and rules ----------------------------------------------------------------------------------
-def group_row(g: dict[str, Any]) -> tuple[str, ...]:
-    return (str(g.get("group_id")), str(g.get("type")), count(g.get("instances")),
-            count(g.get("subscribers")),
-            f"{count(g.get('history_size'))}/{duration(g.get('history_ttl_s'))}",
-            ", ".join(g.get("publishers") or []) or "-", str(g.get("name", "")))
+def group_row(g: dict[str, Any]) -> tuple[Text, ...]:
+    return _texts(g.get("group_id"), g.get("type"), count(g.get("instances")), count(g.get("subscribers")),
+                  f"{count(g.get('history_size'))}/{duration(g.get('history_ttl_s'))}",
+                  _plain(g.get("publishers") or []), g.get("name", ""))
 
 
-def instance_row(i: dict[str, Any]) -> tuple[str, ...]:
-    return (str(i.get("channel")), str(i.get("group")), count(i.get("subscribers")), count(i.get("users")),
-            count(i.get("history_depth")), f"{i.get('offset', 0)}@{i.get('epoch') or '-'}")
+def instance_row(i: dict[str, Any]) -> tuple[Text, ...]:
+    return _texts(i.get("channel"), i.get("group"), count(i.get("subscribers")), count(i.get("users")),
+                  count(i.get("history_depth")), f"{i.get('offset', 0)}@{i.get('epoch') or '-'}")
+
+
+def _texts(*cells: Any) -> tuple[Text, ...]:
+    """Table cells as inert text (a DataTable would parse a plain string as markup)."""
+    return tuple(c if isinstance(c, Text) else fmt.text(c) for c in cells)
 
 
 def rule_filter(r: dict[str, Any]) -> str:
     f = r.get("filter") or {}
-    parts = [f"{k}={','.join(v)}" for k, v in f.items() if isinstance(v, list) and v]
+    parts = [f"{k}={','.join(str(x) for x in v)}" for k, v in f.items() if isinstance(v, list) and v]
     if f.get("expression"):
         parts.append(f"expr: {f['expression']}")
     return "; ".join(parts) or "any"
@@ -438,6 +403,7 @@ def rule_row(r: dict[str, Any]) -> tuple[Text | str, ...]:
     tgt = r.get("target") or {}
     target = str(tgt.get("type", "?")) + (" reliable" if tgt.get("reliable_delivery") else "")
     on = bool(r.get("enabled"))
-    return (str(r.get("id")), str(r.get("priority")),
-            Text("enabled" if on else "disabled", style="green" if on else "red"),
-            "stop" if r.get("stop") else "", count(r.get("hits")), target, fit(rule_filter(r), 80))
+    return _texts(r.get("id"), r.get("priority"),
+                  Text("enabled" if on else "disabled", style="green" if on else "red"),
+                  "stop" if r.get("stop") else "", count(r.get("hits")), target,
+                  fit(plain(rule_filter(r)), 80))

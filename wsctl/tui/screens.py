@@ -62,7 +62,7 @@ class Polling(Screen[None]):
         raise NotImplementedError
 
     def failed(self, exc: RequestFailed) -> None:
-        self.notify(str(exc), severity="error")
+        self.notify(str(exc), severity="error", markup=False)
 
 
 class ConnectionScreen(Polling):
@@ -119,9 +119,9 @@ class ConnectionScreen(Polling):
         tz = self.top().tz
         subs = c.get("subscriptions") or []
         self.query_one("#detail-title", Static).update(Text.assemble(
-            ("connection ", "bold"), (str(c.get("id")), "bold cyan"), "  ",
-            (f"{c.get('user_id') or '-'}@{c.get('company_id') or '-'}", "bold"),
-            ("  pool ", "dim"), str(c.get("pool")), ("  state ", "dim"), str(c.get("state")),
+            ("connection ", "bold"), (render.plain(c.get("id")), "bold cyan"), "  ",
+            (render.plain(f"{c.get('user_id') or '-'}@{c.get('company_id') or '-'}"), "bold"),
+            ("  pool ", "dim"), render.plain(c.get("pool")), ("  state ", "dim"), render.plain(c.get("state")),
             ("  subscriptions ", "dim"), str(len(subs))))
         self.query_one("#info", Static).update(render.conn_info(c, tz))
         self.query_one("#claims", Static).update(render.claims(c, tz))
@@ -132,7 +132,7 @@ class ConnectionScreen(Polling):
 
     def action_kick(self) -> None:
         if self.conn is None or self.gone:
-            self.notify("this connection is not connected", severity="warning")
+            self.notify("this connection is not connected", severity="warning", markup=False)
             return
         self.top().confirm_kick(self.conn, then_back=True)
 
@@ -225,9 +225,9 @@ class RulesScreen(Polling):
         try:
             await self.top().source.call("rules.set_enabled", id=rid, enabled=enabled)
         except (RequestFailed, Unavailable) as exc:
-            self.notify(f"rule {rid}: {exc}", severity="error")
+            self.notify(f"rule {rid}: {exc}", severity="error", markup=False)
             return
-        self.notify(f"rule {rid} {'enabled' if enabled else 'disabled'}")
+        self.notify(f"rule {rid} {'enabled' if enabled else 'disabled'}", markup=False)
         self.load()
 
 

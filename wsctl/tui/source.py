@@ -294,10 +294,17 @@ def _page(items: list[dict[str, Any]], params: dict[str, Any]) -> dict[str, Any]
             rows = [r for r in rows if r.get(k) == params[k]]
     sort = str(params.get("sort") or "age_s")
     key = sort.lstrip("-")
-    rows.sort(key=lambda r: (r.get(key) is None, r.get(key)), reverse=sort.startswith("-"))
+    rows.sort(key=lambda r: (r.get(key) is None, _scalar(r.get(key))), reverse=sort.startswith("-"))
     offset, limit = int(params.get("offset") or 0), int(params.get("limit") or 100)
     page = copy.deepcopy(rows[offset:offset + limit])
     return {"total": len(rows), "offset": offset, "limit": limit, "items": page}
+
+
+def _scalar(v: Any) -> Any:
+    """What a row is sorted on: the queue's depth, the breaker's state."""
+    if isinstance(v, dict):
+        return v.get("depth", v.get("state"))
+    return v
 
 
 RECORD_METHODS: tuple[tuple[str, dict[str, Any]], ...] = (

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from rich.text import Text
 from textual.widgets import Static
+
+from wsctl.fmt import plain
 
 
 class Banner(Static):
@@ -13,5 +16,5 @@ class Banner(Static):
         self.show(msg)
 
     def show(self, message: str) -> None:
-        self.update(message)
+        self.update(Text(plain(message)))
         self.set_class(bool(message), "-shown")

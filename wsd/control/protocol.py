@@ -19,8 +19,19 @@ E_PARSE = "parse_error"
 E_BAD_REQUEST = "bad_request"
 E_UNKNOWN_METHOD = "unknown_method"
 E_NOT_FOUND = "not_found"
+E_AMBIGUOUS = "ambiguous"  # an id prefix that matches more than one connection
 E_FAILED = "failed"
 E_FORBIDDEN = "forbidden"
+
+# the values of a connection's `state` (connections.list filters on them)
+CONNECTION_STATES = ("connecting", "connected", "disconnecting")
+
+# the kinds of event the daemon emits (events.recent / events.subscribe, `wsctl events --kind`)
+EVENT_KINDS = (
+    "started", "connect", "disconnect", "kick", "refused", "rate_limited", "slow_consumer",
+    "heartbeat_timeout", "idle_timeout", "token_expired", "token_refreshed", "unhealthy", "recovery",
+    "reload", "reload_failed", "rule_changed", "draining", "control_refused",
+)
 
 # method -> one-line help (the daemon's table of handlers must match these names exactly)
 METHODS: dict[str, str] = {
@@ -34,7 +45,7 @@ METHODS: dict[str, str] = {
     "subscriptions.list": "subscriptions of one connection or one channel",
     "presence.get": "who is subscribed to a channel instance",
     "history.get": "the history buffer of a channel instance",
-    "metrics.get": "the seed's metrics: manager, pools, routing, subscriptions, queues",
+    "metrics.get": "daemon metrics: manager, pools, routing, subscriptions, queues",
     "metrics.prometheus": "the Prometheus exposition text",
     "publish": "publish into one channel instance",
     "broadcast": "send to every connection, optionally narrowed by pool, company",

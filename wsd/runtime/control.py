@@ -320,7 +320,7 @@ class ControlServer:
         st = hub.stats
         proc = d.process_stats()
         return {
-            "manager_id": d.config.manager.manager_id, "version": wsd.__version__, "pid": os.getpid(),
+            "manager_id": d.config.manager.manager_id, "version": wsd.__version__,
             "uptime_s": round(time.monotonic() - d.started_mono, 1), "started_at": d.started_wall,
             "engine": d.engine.describe(), "nodes": [d.config.manager.manager_id],
             "listen": {"host": d.host_override or d.config.server.host, "port": d.bound_port,
@@ -329,7 +329,7 @@ class ControlServer:
             "by_pool": by_pool, "by_state": by_state, "draining": d.draining,
             "rate_in": round(st.rate_in, 2), "rate_out": round(st.rate_out, 2),
             "rate_publish": round(st.rate_pub, 2), "latency": st.latency(),
-            "rss_bytes": proc["rss_bytes"], "cpu_percent": proc["cpu_percent"],
+            "pid": proc["pid"], "rss_bytes": proc["rss_bytes"], "cpu_percent": proc["cpu_percent"],
             "ephemeral_secret": d.ephemeral_secret, "config_path": d.config_path or "",
             "reloads": d.reloads, "socket": d.socket_path, "pending_restart": d.pending_restart,
             "samples": list(st.samples)[-_int(p, "samples", 0):] if _int(p, "samples", 0) else [],
@@ -363,6 +363,10 @@ class ControlServer:
         offset = _int(p, "offset", 0)
         if limit < 0 or offset < 0:
             raise ControlError(P.E_BAD_REQUEST, "params.limit/offset must be >= 0")
+        if state and state not in P.CONNECTION_STATES:
+            raise ControlError(P.E_BAD_REQUEST, f"params.state: one of {', '.join(P.CONNECTION_STATES)}")
+        if pool and pool not in d.pools:
+            raise ControlError(P.E_NOT_FOUND, _no_pool(pool, d.pools))
         now, wall = d.loop.time(), time.time()
         # Filter and sort on the Conn objects and build rows for one page only: a dashboard paging
         # 10,000 connections every second must not stall delivery building 10,000 dicts.
@@ -376,7 +380,8 @@ class ControlServer:
                 continue
             conns.append(c)
         conns.sort(key=SORTERS[key], reverse=desc)
-        page = [c.summary(now, wall) for c in conns[offset:offset + limit]]
+        cap = d.config.manager.message_buffer_size
+        page = [_row(c.summary(now, wall), cap) for c in conns[offset:offset + limit]]
         return {"total": len(conns), "offset": offset, "limit": limit, "items": page}
 
     def _conn(self, p: dict[str, Any]) -> Any:
@@ -386,6 +391,9 @@ class ControlServer:
             matches = [c for k, c in self.daemon.hub.conns.items() if cid and k.startswith(cid)]
             if len(matches) == 1:
                 return matches[0]
+            if matches:
+                raise ControlError(P.E_AMBIGUOUS, f"connection id prefix {cid!r} is ambiguous: {len(matches)} "
+                                                  "connections match; give more characters")
             raise ControlError(P.E_NOT_FOUND, f"no connection {cid!r}")
         return conn
 
@@ -497,7 +505,7 @@ class ControlServer:
         companies = _list(p, "companies") or ([_str(p, "company")] if _str(p, "company") else [])
         for pl in pools:
             if pl not in d.pools:
-                raise ControlError(P.E_NOT_FOUND, f"no pool {pl!r}")
+                raise ControlError(P.E_NOT_FOUND, _no_pool(pl, d.pools))
         return await d.hub.publish(channel="", group="", msg_type=_str(p, "type", "broadcast") or "broadcast",
                                    data=p.get("data"), priority=_priority(p), ttl_s=_ttl(p), source="control",
                                    pools=pools, companies=companies, broadcast=True)
@@ -506,12 +514,15 @@ class ControlServer:
         d = self.daemon
         conn = self._conn({"id": _str(p, "connection_id") or _str(p, "id")})
         from wsd.engine.base import Publication
-        from wsd.runtime.hub import encode_push
+        from wsd.runtime.hub import Outgoing, encode_push
 
+        ttl = _ttl(p)
         pub = Publication(id="", channel="", group="", type=_str(p, "type", "direct") or "direct",
-                          priority=_priority(p), data=p.get("data"), ts=round(time.time(), 6), source="control")
+                          priority=_priority(p), data=p.get("data"), ts=round(time.time(), 6), source="control",
+                          ttl_s=ttl, expires_at=(d.loop.time() + ttl) if ttl else None)
         d.hub.flush_all()  # a send never overtakes channel messages published before it
-        d.hub.send_direct(conn, encode_push(pub), pub.priority)
+        d.hub.deliver(conn, Outgoing(encode_push(pub), pub.priority, pub.expires_at, "", 0, pub.type,
+                                     time.perf_counter()))
         d.hub.stats.delivered += 1
         return {"delivered": 1, "connection_id": conn.id}
 
@@ -627,6 +638,17 @@ class ControlServer:
         return await d.hub.publish(channel=pub.channel, group=pub.group, msg_type=pub.type, data=pub.data,
                                    priority=pub.priority, ttl_s=pub.ttl_s, source="control",
                                    user_id=pub.user_id, company_id=pub.company_id, trace=True)
+
+
+def _no_pool(pool: str, pools: Any) -> str:
+    return f"no pool {pool!r} (pools: {', '.join(pools)})"
+
+
+def _row(row: dict[str, Any], capacity: int) -> dict[str, Any]:
+    """A connection row with ``queue`` and ``breaker`` as objects, the shape ``connections.get`` gives."""
+    row["queue"] = {"depth": row["queue"], "capacity": capacity}
+    row["breaker"] = {"state": row["breaker"]}
+    return row
 
 
 def _router_metrics(r: Any) -> dict[str, Any]:

@@ -184,6 +184,8 @@ def test_socket_discovery_order(tmp_path):
     assert discover_socket(None, None, dict(env, WSD_CONFIG=str(cfg))).path == str(
         tmp_path / "run" / "ctl.sock"
     )
+    (xdg / "wsd").mkdir()
+    (xdg / "wsd" / "wsd.sock").touch()  # found first, whatever this machine has in /tmp/wsd-$UID
     assert discover_socket(None, None, env).path == str(xdg / "wsd" / "wsd.sock")
     assert discover_socket(None, None, {}).path == f"/tmp/wsd-{os.getuid()}/wsd.sock"
 

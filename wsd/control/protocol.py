@@ -30,7 +30,8 @@ CONNECTION_STATES = ("connecting", "connected", "disconnecting")
 EVENT_KINDS = (
     "started", "connect", "disconnect", "kick", "refused", "rate_limited", "slow_consumer",
     "heartbeat_timeout", "idle_timeout", "token_expired", "token_refreshed", "unhealthy", "recovery",
-    "reload", "reload_failed", "rule_changed", "draining", "control_refused",
+    "reload", "reload_failed", "rule_changed", "draining", "control_refused", "refresh_refused",
+    "internal_error", "handshake_limit", "descriptors_exhausted",
 )
 
 # method -> one-line help (the daemon's table of handlers must match these names exactly)

@@ -10,14 +10,15 @@ from tests.harness import BASE_CONFIG, Wsd
 
 @pytest.fixture
 def wsd_factory(tmp_path: Path) -> Iterator[Callable[..., Wsd]]:
-    """Start real daemons: ``wsd_factory(extra_toml="", env=None, args=None)``; all stopped at the end."""
+    """Start real daemons: ``wsd_factory(extra_toml="", env=None, args=None, port=None, port_flag=True)``;
+    all stopped at the end, and their socket directories removed."""
     started: list[Wsd] = []
 
     def make(extra_toml: str = "", *, env: dict[str, str] | None = None, args: list[str] | None = None,
-             base: str = BASE_CONFIG, start: bool = True) -> Wsd:
+             base: str = BASE_CONFIG, start: bool = True, port: int | None = None, port_flag: bool = True) -> Wsd:
         d = tmp_path / f"wsd{len(started)}"
         d.mkdir()
-        w = Wsd(d, base + "\n" + extra_toml, env=env, args=args)
+        w = Wsd(d, base + "\n" + extra_toml, env=env, args=args, port=port, port_flag=port_flag)
         started.append(w)
         return w.start() if start else w
 

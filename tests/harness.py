@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -50,6 +51,11 @@ level = "info"
 """
 
 
+#: Why the Redis engine tests skip on a machine without redis-server, and how to get it.
+REDIS_MISSING = ("redis-server is not on PATH: install it (apt-get install redis-server, or brew install redis) "
+                 "to run the Redis engine tests")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -79,7 +85,9 @@ class Wsd:
     """One running `wsd serve` child process."""
 
     def __init__(self, workdir: Path, config_text: str, env: dict[str, str] | None = None,
-                 args: list[str] | None = None) -> None:
+                 args: list[str] | None = None, port: int | None = None, port_flag: bool = True) -> None:
+        """``port``: the port to listen on (a free one by default), passed as ``--port`` unless
+        ``port_flag`` is false (then the config file must name it)."""
         self.workdir = workdir
         self.config_path = workdir / "wsd.toml"
         self.config_path.write_text(config_text)
@@ -87,7 +95,8 @@ class Wsd:
         self.sockdir = Path(tempfile.mkdtemp(prefix="wsdt-"))
         self.socket = str(self.sockdir / "ctl" / "wsd.sock")
         self.log_path = workdir / "wsd.log"
-        self.port = free_port()
+        self.port = port if port is not None else free_port()
+        self.port_flag = port_flag
         self.env = dict(os.environ, **(env or {}))
         self.env.pop("WSD_SOCKET", None)
         self.args = args or []
@@ -95,7 +104,8 @@ class Wsd:
 
     def start(self, timeout: float = 15.0) -> Wsd:
         self._log = open(self.log_path, "ab")
-        cmd = [sys.executable, "-m", "wsd", "serve", "-c", str(self.config_path), "--port", str(self.port),
+        port = ["--port", str(self.port)] if self.port_flag else []
+        cmd = [sys.executable, "-m", "wsd", "serve", "-c", str(self.config_path), *port,
                "--socket", self.socket, *self.args]
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
         self.wait_ready(timeout)
@@ -153,17 +163,21 @@ class Wsd:
         self.proc.send_signal(sig)
 
     def stop(self, timeout: float = 10.0) -> int:
-        if self.proc is None:
-            return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self._log.close()
-        return int(self.proc.returncode)
+        """Stop the daemon (SIGTERM, then SIGKILL after ``timeout``) and remove its socket directory."""
+        try:
+            if self.proc is None:
+                return 0
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait(5)
+            self._log.close()
+            return int(self.proc.returncode)
+        finally:
+            shutil.rmtree(self.sockdir, ignore_errors=True)
 
 
 def http_get(port: int, path: str, headers: dict[str, str] | None = None, timeout: float = 5.0

@@ -819,9 +819,12 @@ def reload(ctx: typer.Context) -> None:
     res = rpc(ctx, "reload")
 
     def human(r: dict[str, Any]) -> str:
-        restart = r.get("restart_required") or []
-        if restart:
-            return "reloaded; these changes need a restart to apply: " + ", ".join(restart)
+        pending = r.get("pending_restart") or []
+        if pending:
+            def v(x: Any) -> str:
+                return json.dumps(x) if isinstance(x, str) else str(x)
+            return "reloaded; restart required: " + ", ".join(
+                f"{p['key']} (running {v(p['running'])}, file {v(p['file'])})" for p in pending)
         return "reloaded: the new config is live"
 
     emit(ctx, res, human)
@@ -883,16 +886,33 @@ def events(
 
 @app.command("config")
 def config_cmd(ctx: typer.Context) -> None:
-    """The running daemon's effective config as TOML, secrets redacted (--json: as an object).
+    """The running daemon's live config as TOML, secrets redacted (--json: as an object).
+
+    Values set on wsd's command line (--host, --port, --socket) are shown as running; file values
+    that wait for a restart are listed as comments at the end.
 
     Example:
     $ wsctl config > running.toml
     """
     res = rpc(ctx, "config.get")
     if _opts(ctx).json:
-        print_json({"path": res.get("path", ""), "config": res.get("config")})
+        print_json({"path": res.get("path", ""), "config": res.get("config"),
+                    "overrides": res.get("overrides", []), "pending_restart": res.get("pending_restart", [])})
     else:
-        emit(ctx, res, lambda r: r.get("toml", ""))
+        emit(ctx, res, _config_toml)
+
+
+def _config_toml(r: dict[str, Any]) -> str:
+    """The running config's TOML, then (as TOML comments, so the output stays a valid file) what the
+    command line set and what the file changed that waits for a restart."""
+    lines = [r.get("toml", "").rstrip("\n")]
+    for o in r.get("overrides") or []:
+        lines.append(f"# {o['key']} = {json.dumps(o['value'])}: set by {o['flag']} on the command line")
+    pending = r.get("pending_restart") or []
+    if pending:
+        lines.append("# pending a restart (the file says otherwise; the running value is above):")
+        lines += [f"#   {p['key']}: running {json.dumps(p['running'])}, file {json.dumps(p['file'])}" for p in pending]
+    return "\n".join(lines) + "\n"
 
 
 MAN_PAGES = {"wsctl": "man1/wsctl.1", "wsd": "man8/wsd.8"}

@@ -70,8 +70,12 @@ def serve(
     Example: wsd serve   then, in another terminal: wsctl token --user alice
     """
     from wsd import config as wconfig
-    from wsd.runtime import logs
 
+    try:
+        from wsd.runtime import logs
+    except ImportError as exc:  # a websockets release the runtime does not work with
+        print(f"wsd: error: {exc}", file=sys.stderr)
+        raise typer.Exit(1) from None
     try:
         cfg = wconfig.load_config(config)
     except wconfig.ConfigError as exc:

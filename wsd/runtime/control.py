@@ -331,7 +331,7 @@ class ControlServer:
             "rate_publish": round(st.rate_pub, 2), "latency": st.latency(),
             "pid": proc["pid"], "rss_bytes": proc["rss_bytes"], "cpu_percent": proc["cpu_percent"],
             "ephemeral_secret": d.ephemeral_secret, "config_path": d.config_path or "",
-            "reloads": d.reloads, "socket": d.socket_path,
+            "reloads": d.reloads, "socket": d.socket_path, "pending_restart": d.pending_restart,
             "samples": list(st.samples)[-_int(p, "samples", 0):] if _int(p, "samples", 0) else [],
         }
 
@@ -484,9 +484,9 @@ class ControlServer:
                               "source": x.source} for x in res.publications]}
 
     async def m_metrics(self, p: dict[str, Any]) -> Any:
-        from wsd.runtime.metrics import seed_metrics
+        from wsd.runtime.metrics import metrics_snapshot
 
-        return seed_metrics(self.daemon)
+        return metrics_snapshot(self.daemon)
 
     async def m_prometheus(self, p: dict[str, Any]) -> Any:
         return {"text": self.daemon.prometheus_text()}
@@ -591,9 +591,13 @@ class ControlServer:
         return res
 
     async def m_config(self, p: dict[str, Any]) -> Any:
+        """The running config (the command line's overrides in it), what the command line set, and the
+        file's values that wait for a restart."""
         d = self.daemon
+        overrides = [{"key": k, "flag": flag, "value": v} for k, (flag, v) in d.overrides().items()]
         return {"path": d.config_path or "", "toml": wconfig.dump_config(d.config, redact=True),
-                "config": wconfig.config_to_dict(d.config, redact=True)}
+                "config": wconfig.config_to_dict(d.config, redact=True), "overrides": overrides,
+                "pending_restart": d.pending_restart, "listen_port": d.bound_port}
 
     async def m_events_recent(self, p: dict[str, Any]) -> Any:
         n = _int(p, "limit", 100)

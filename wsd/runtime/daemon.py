@@ -8,6 +8,7 @@ client closed with 1001, exit 0 within a bounded time).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import ipaddress
 import json
@@ -23,6 +24,7 @@ import time
 from collections import deque
 from typing import Any
 
+import msgspec
 import psutil
 from websockets.asyncio.server import Server, serve
 from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
@@ -118,6 +120,26 @@ def make_engine(cfg: Any) -> Engine:
     return MemoryEngine()
 
 
+#: Settings read once at start: a reload that changes them in the file reports them as pending a restart
+#: and keeps running on the values it started with.
+RESTART_KEYS = (("server", "host"), ("server", "port"), ("server", "tls_cert"), ("server", "tls_key"),
+                ("server", "max_message_bytes"), ("server", "backlog"), ("engine", "type"), ("engine", "url"),
+                ("engine", "prefix"), ("control", "socket"))
+
+
+def listen_error(host: str, port: int, exc: OSError) -> str:
+    """One line for a listener that could not bind, with what to do about it."""
+    addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if exc.errno == errno.EADDRINUSE:
+        return (f"cannot listen on {addr}: the address is already in use; choose another port with --port "
+                f"(or server.port), or run `wsctl status` to see whether a wsd is running there")
+    if exc.errno == errno.EACCES:
+        return f"cannot listen on {addr}: permission denied (ports below 1024 need privileges); use --port"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"cannot listen on {addr}: no such local address; check --host (or server.host)"
+    return f"cannot listen on {addr}: {exc.strerror or exc}"
+
+
 class Daemon:
     def __init__(self, config: Any, *, config_path: str | None = None, host: str | None = None,
                  port: int | None = None, socket_path: str | None = None) -> None:
@@ -141,10 +163,75 @@ class Daemon:
         self._audit: logging.Logger | None = None
         self.server: Server | None = None
         self.control: Any = None
+        # ``config`` is what runs: the file's values, the command line's overrides, and the settings
+        # read once at start (RESTART_KEYS) as they were then. ``file_config`` is the file as last read.
+        self.file_config = config
+        self.started_config = config = self._with_overrides(config)
+        self.config = config
+        self.pending_restart: list[dict[str, Any]] = []
+        self.bound_port = 0
         # Descriptors: the soft limit, and the descriptor number at which accepted sockets are closed
         # at once (a reserve is kept for the control socket, logs and files).
         self.fd_limit = 1024
         self.fd_alarm = 1024
+
+    # -- running values -----------------------------------------------------------------------------------
+    def overrides(self) -> dict[str, tuple[str, Any]]:
+        """Settings the command line set: key -> (flag, value)."""
+        o: dict[str, tuple[str, Any]] = {}
+        if self.host_override:
+            o["server.host"] = ("--host", self.host_override)
+        if self.port_override is not None:
+            o["server.port"] = ("--port", self.port_override)
+        if self.socket_override:
+            o["control.socket"] = ("--socket", self.socket_override)
+        return o
+
+    def _with_overrides(self, cfg: Any) -> Any:
+        ov = self.overrides()
+        server = msgspec.structs.replace(cfg.server, host=ov.get("server.host", (0, cfg.server.host))[1],
+                                         port=ov.get("server.port", (0, cfg.server.port))[1])
+        control = msgspec.structs.replace(cfg.control, socket=ov.get("control.socket", (0, cfg.control.socket))[1])
+        return msgspec.structs.replace(cfg, server=server, control=control)
+
+    def _running(self, cfg: Any) -> Any:
+        """``cfg`` (a file just read) with the restart-only settings at the values this process runs on."""
+        started = self.started_config
+        sections = {}
+        for sec in ("server", "engine", "control"):
+            keys = {k: getattr(getattr(started, sec), k) for s_, k in RESTART_KEYS if s_ == sec}
+            sections[sec] = msgspec.structs.replace(getattr(cfg, sec), **keys)
+        return msgspec.structs.replace(cfg, **sections)
+
+    def _shown(self, key: str, value: Any) -> Any:
+        if key == "engine.url":
+            return wconfig.config_to_dict(msgspec.structs.replace(
+                self.started_config, engine=msgspec.structs.replace(self.started_config.engine, url=value)),
+                redact=True)["engine"]["url"]
+        if key == "server.port" and value == 0 and self.bound_port:
+            return self.bound_port  # "any free port": the one it got
+        return value
+
+    def _pending(self, file_cfg: Any) -> list[dict[str, Any]]:
+        """Restart-only settings whose value in the file differs from the running one (the command
+        line's overrides excepted: they win at the next start too)."""
+        ov = self.overrides()
+        out = []
+        for sec, k in RESTART_KEYS:
+            key = f"{sec}.{k}"
+            if key in ov:
+                continue
+            running = getattr(getattr(self.started_config, sec), k)
+            new = getattr(getattr(file_cfg, sec), k)
+            if running != new:
+                out.append({"key": key, "running": self._shown(key, running), "file": self._shown(key, new)})
+        return out
+
+    @staticmethod
+    def pending_text(pending: list[dict[str, Any]]) -> str:
+        def v(x: Any) -> str:
+            return json.dumps(x) if isinstance(x, str) else str(x)
+        return ", ".join(f"{p['key']} (running {v(p['running'])}, file {v(p['file'])})" for p in pending)
 
     # -- setup ----------------------------------------------------------------------------------------------
     def _apply(self, cfg: Any) -> None:
@@ -205,8 +292,9 @@ class Daemon:
         self._audit = lg
 
     # -- events and audit --------------------------------------------------------------------------------
-    def emit(self, kind: str, **fields: Any) -> None:
-        """A lifecycle or security event: kept for `wsctl events`, streamed to followers, logged."""
+    def emit(self, kind: str, *, log_line: bool = True, **fields: Any) -> None:
+        """A lifecycle or security event: kept for `wsctl events`, streamed to followers, logged
+        (unless the caller logs it itself: ``log_line=False``)."""
         self.event_seq += 1
         ev = {"seq": self.event_seq, "ts": round(time.time(), 3), "event": kind, **fields}
         self.events.append(ev)
@@ -219,7 +307,7 @@ class Daemon:
                                              ) else logging.WARNING
         if kind in ("connect", "disconnect"):
             level = logging.DEBUG
-        if log.isEnabledFor(level):
+        if log_line and log.isEnabledFor(level):
             log.log(level, "%s %s", kind, " ".join(f"{k}={v}" for k, v in fields.items()))
 
     def audit(self, kind: str, **fields: Any) -> None:
@@ -245,7 +333,7 @@ class Daemon:
     # -- run ---------------------------------------------------------------------------------------------------
     @property
     def socket_path(self) -> str:
-        return self.socket_override or self.config.control.socket or default_socket_path()
+        return self.started_config.control.socket or default_socket_path()
 
     def _limit_descriptors(self) -> None:
         before, now = raise_fd_limit()
@@ -293,35 +381,27 @@ class Daemon:
         from wsd.runtime.server import Endpoint, WsdServerConnection
 
         self.endpoint = Endpoint(self)
-        srv = self.config.server
-        host = self.host_override or srv.host
-        port = self.port_override if self.port_override is not None else srv.port
+        srv = self.config.server  # the command line's overrides are in it
+        host = srv.host
+        port = srv.port
         ssl_ctx = None
         if srv.tls_cert:
             ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             ssl_ctx.load_cert_chain(srv.tls_cert, srv.tls_key)
-        self.control = ControlServer(self, self.socket_path)
-        await self.control.start()
-        m = self.config.manager
-        self.server = await serve(
-            self.endpoint.handler, host, port,
-            process_request=self.endpoint.process_request,
-            select_subprotocol=self.endpoint.select_subprotocol,
-            compression=None,
-            extensions=self.deflate,
-            server_header=None,
-            open_timeout=HANDSHAKE_TIMEOUT_S,
-            ping_interval=None,          # heartbeats are ours: one sweep, 3 missed pongs
-            ping_timeout=None,
-            close_timeout=max(0.5, m.drain_timeout_ms / 1000.0),
-            max_size=srv.max_message_bytes,
-            max_queue=16,
-            write_limit=m.write_high_water_bytes,
-            ssl=ssl_ctx,
-            backlog=srv.backlog,
-            create_connection=WsdServerConnection,
-            logger=logging.getLogger("websockets.server"),
-        )
+        try:
+            # The control socket first: a second wsd on the same socket stops here, before binding.
+            control = ControlServer(self, self.socket_path)
+            await control.start()
+            self.control = control  # only a socket this process created is removed again
+            self.server = await self._listen(host, port, ssl_ctx, WsdServerConnection)
+        except BaseException:
+            # A failed start leaves nothing behind: no control socket file, no engine connection.
+            if self.control is not None:
+                await self.control.stop()
+                self.control = None
+            with contextlib.suppress(Exception):
+                await self.engine.stop()
+            raise
         bound = [s.getsockname() for s in self.server.sockets]
         self.bound_port = bound[0][1] if bound else port
         self.hub.start()
@@ -338,6 +418,33 @@ class Daemon:
         await self._stop.wait()
         await self.shutdown()
         return 0
+
+    async def _listen(self, host: str, port: int, ssl_ctx: Any, connection_class: Any) -> Server:
+        """Bind the WebSocket listener; a bind failure becomes one line naming the address."""
+        m = self.config.manager
+        srv = self.config.server
+        try:
+            return await serve(
+                self.endpoint.handler, host, port,
+                process_request=self.endpoint.process_request,
+                select_subprotocol=self.endpoint.select_subprotocol,
+                compression=None,
+                extensions=self.deflate,
+                server_header=None,
+                open_timeout=HANDSHAKE_TIMEOUT_S,
+                ping_interval=None,          # heartbeats are ours: one sweep, 3 missed pongs
+                ping_timeout=None,
+                close_timeout=max(0.5, m.drain_timeout_ms / 1000.0),
+                max_size=srv.max_message_bytes,
+                max_queue=16,
+                write_limit=m.write_high_water_bytes,
+                ssl=ssl_ctx,
+                backlog=srv.backlog,
+                create_connection=connection_class,
+                logger=logging.getLogger("websockets.server"),
+            )
+        except OSError as exc:
+            raise RuntimeError(listen_error(host, port, exc)) from None
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -378,21 +485,23 @@ class Daemon:
         try:
             cfg = wconfig.load_config(self.config_path)
         except wconfig.ConfigError as exc:
-            self.emit("reload_failed", errors=exc.errors)
+            self.emit("reload_failed", log_line=False, errors=exc.errors)
             log.error("reload refused, keeping the running config:\n%s", "\n".join(exc.errors))
             return {"ok": False, "errors": exc.errors}
-        old = self.config
-        restart = [k for k in ("host", "port", "tls_cert", "tls_key", "max_message_bytes", "backlog")
-                   if getattr(old.server, k) != getattr(cfg.server, k)]
-        if old.engine != cfg.engine:
-            restart.append("engine")
-        if old.control.socket != cfg.control.socket:
-            restart.append("control.socket")
-        self._apply(cfg)
+        # Compared with what runs, not with the file read last time: putting a value back clears it.
+        pending = self._pending(cfg)
+        self.file_config = cfg
+        self.pending_restart = pending
+        self._apply(self._running(cfg))
         self.hub.configure()
         self.reloads += 1
-        self.emit("reload", restart_required=restart)
-        return {"ok": True, "errors": [], "restart_required": restart}
+        restart = [p["key"] for p in pending]
+        self.emit("reload", log_line=False, restart_required=restart)
+        if pending:
+            log.warning("reload: applied; restart required: %s", self.pending_text(pending))
+        else:
+            log.info("reload: the new config is live")
+        return {"ok": True, "errors": [], "restart_required": restart, "pending_restart": pending}
 
     async def reload_async(self) -> None:
         self.reload()

@@ -226,6 +226,7 @@ class Hub:
         if conn.outbox is not None:
             conn.drops_expired = max(conn.drops_expired, conn.outbox.dropped_expired)
         self.stats.dropped_expired += conn.drops_expired
+        self.stats.retire(conn)  # its pool keeps its counts: per-pool counters never go down
         lost = conn.queue_depth()
         if lost:
             conn.outbox.drain_all()  # type: ignore[union-attr]
@@ -368,7 +369,10 @@ class Hub:
                 n += 1
             return n
         rules = self.rules
-        routes = rules.route(self._routed(pub)) if len(rules) else ()
+        if not len(rules):
+            rules.messages_unrouted += 1  # no rule matched: there are none
+            return self.fanout(pub, now)
+        routes = rules.route(self._routed(pub))
         if not routes:
             return self.fanout(pub, now)
         self.flush_all()
@@ -953,6 +957,7 @@ class Hub:
             sub = conn.subs.get(out.channel)
             if sub is not None and out.offset > sub.offset:
                 sub.offset = out.offset
+                sub.epoch = out.epoch  # a resume continues from here (a position without epoch replays all)
 
     # -- reliable delivery ----------------------------------------------------------------------------
     def deliver_reliable(self, conn: Conn, pub: Publication, data: Any, max_retries: int, ack_timeout_s: float,

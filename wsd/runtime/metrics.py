@@ -1,7 +1,8 @@
-"""The seed's metrics (manager, pools, routing, subscriptions, queues) and their Prometheus exposition.
+"""The daemon's metrics (manager, pools, routing, subscriptions, queues) and their Prometheus exposition.
 
 Collected at scrape time from the counters the hot path already keeps: exposing metrics costs
-the fan-out nothing.
+the fan-out nothing. Per-pool counters are the pool's closed connections' totals (kept when a
+connection closes, ``Stats.retire``) plus its open connections': they never go down.
 """
 
 from __future__ import annotations
@@ -17,18 +18,26 @@ if TYPE_CHECKING:
 
 
 def pool_totals(d: Daemon) -> dict[str, dict[str, Any]]:
-    """Per pool (the seed's PoolMetrics), summed over open connections in one pass."""
+    """Per pool: open connections summed in one pass, plus the totals the pool's closed connections left."""
     def empty(pool_type: str, max_connections: int) -> dict[str, Any]:
         return {"type": pool_type, "connections": 0, "max_connections": max_connections, "messages_sent": 0,
                 "messages_received": 0, "bytes_sent": 0, "bytes_received": 0, "drops": 0, "errors": 0,
                 "queued": 0, "breakers_open": 0, "avg_latency_ms": 0.0}
 
     pools = {pid: empty(pool.type, pool.max_connections) for pid, pool in d.pools.items()}
+    for pid, retired in d.hub.stats.retired.items():
+        p = pools.get(pid)
+        if p is None:  # a pool removed by a reload: its counts stay exported
+            p = pools[pid] = empty("removed", 0)
+        for k, v in retired.items():
+            p[k] += v
     lat_sum: dict[str, float] = {}
     for c in d.hub.conns.values():
         p = pools.get(c.pool.id)
         if p is None:  # a pool removed by a reload still has connections
             p = pools[c.pool.id] = empty(c.pool.type, 0)
+        elif p["type"] == "removed":
+            p["type"] = c.pool.type
         p["connections"] += 1
         p["messages_sent"] += c.msgs_out
         p["messages_received"] += c.msgs_in
@@ -58,7 +67,7 @@ def memory_metrics(d: Daemon) -> dict[str, Any]:
             "limiter_keys": {"ip": len(ip) if ip is not None else 0, "user": len(user) if user is not None else 0}}
 
 
-def seed_metrics(d: Daemon) -> dict[str, Any]:
+def metrics_snapshot(d: Daemon) -> dict[str, Any]:
     hub = d.hub
     st = hub.stats
     now = d.loop.time()
@@ -96,7 +105,7 @@ class _Collector:
         self.d = d
 
     def collect(self) -> Any:
-        m = seed_metrics(self.d)
+        m = metrics_snapshot(self.d)
         mgr = m["manager"]
         g = GaugeMetricFamily("wsd_connections", "Open connections by pool", labels=["pool"])
         for pid, p in m["pools"].items():
@@ -107,13 +116,15 @@ class _Collector:
                                  ("wsd_bytes_sent", "bytes_sent", "Bytes written to clients"),
                                  ("wsd_bytes_received", "bytes_received", "Bytes received from clients"),
                                  ("wsd_dropped", "drops", "Messages dropped (overflow, expiry)")):
-            c = CounterMetricFamily(name, help_ + " by pool (open connections)", labels=["pool"])
+            c = CounterMetricFamily(name, help_ + " by pool (open and closed connections)", labels=["pool"])
             for pid, p in m["pools"].items():
                 c.add_metric([pid], p[key])
             yield c
         for key in ("published", "delivered", "connections_total", "dropped_overflow", "dropped_on_close",
                     "slow_consumers", "reliable_resent", "reliable_given_up", "batches", "subscribes"):
-            c = CounterMetricFamily(f"wsd_{key}", f"Total {key.replace('_', ' ')}")
+            # wsd_connections is the open-connections gauge: the counter of accepted ones is "opened".
+            name = "connections_opened" if key == "connections_total" else key
+            c = CounterMetricFamily(f"wsd_{name}", f"Total {name.replace('_', ' ')}")
             c.add_metric([], mgr[key])
             yield c
         c = CounterMetricFamily("wsd_publish_invalid_data", "Publications refused: data failed the channel's schema")
@@ -127,6 +138,12 @@ class _Collector:
         for code, n in mgr["closed_by_code"].items():
             c.add_metric([code], n)
         yield c
+        for key, help_ in (("messages_routed", "Published messages at least one routing rule matched"),
+                           ("messages_unrouted", "Published messages no routing rule matched (delivered to "
+                                                 "their channel's subscribers)")):
+            c = CounterMetricFamily(f"wsd_{key}", help_ + "; broadcasts and sends skip the rules")
+            c.add_metric([], m["routing"].get(key, 0))
+            yield c
         r = CounterMetricFamily("wsd_rule_hits", "Routing rule hits", labels=["rule"])
         for rid, n in m["routing"].get("rule_hits", {}).items():
             r.add_metric([rid], n)
@@ -153,9 +170,11 @@ class _Collector:
         for lname, n in mem["limiter_keys"].items():
             gg.add_metric([lname], n)
         yield gg
-        for name, val, help_ in (("wsd_delivery_latency_p50_seconds", mgr["latency"]["p50_ms"] / 1000, "p50 delivery"),
-                                 ("wsd_delivery_latency_p99_seconds", mgr["latency"]["p99_ms"] / 1000, "p99 delivery"),
-                                 ("wsd_queued_messages", m["queues"]["queued"], "Messages waiting in outboxes"),
+        st = self.d.hub.stats
+        st.move_samples()  # what the sweep has not moved yet
+        yield from st.delivery_hist.collect()
+        yield from st.handshake_hist.collect()
+        for name, val, help_ in (("wsd_queued_messages", m["queues"]["queued"], "Messages waiting in outboxes"),
                                  ("wsd_subscriptions", m["subscriptions"]["total"], "Active subscriptions"),
                                  ("wsd_process_rss_bytes", mgr["rss_bytes"], "Daemon RSS"),
                                  ("wsd_process_cpu_percent", mgr["cpu_percent"], "Daemon CPU percent")):

@@ -56,6 +56,7 @@ class WsdServerConnection(ServerConnection):
     wsd_admission: Admission | None = None
     wsd_slot: str | None = None  # the address holding a handshake-in-progress slot, until the handshake ends
     wsd_endpoint: Endpoint | None = None  # class-wide: set by the daemon's Endpoint
+    wsd_accepted: float = 0.0
 
     def __init__(self, protocol: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(protocol, *args, **kwargs)
@@ -66,6 +67,7 @@ class WsdServerConnection(ServerConnection):
         self.wsd_admission = None
         self.wsd_slot = None
         self.wsd_unread = b""  # received bytes not yet handed to websockets' parser (see data_received)
+        self.wsd_accepted = time.perf_counter()  # the handshake duration histogram's start
         # websockets refuses malformed or oversized requests itself (400, 414, 426, 431) in plain text:
         # give those the same JSON body as our own refusals.
         protocol.reject = _json_reject
@@ -451,6 +453,7 @@ class Endpoint:
             await ws.close(errors.INTERNAL.code, "no admission")
             return
         ws.wsd_admission = None  # type: ignore[attr-defined]
+        hub.stats.observe_handshake(time.perf_counter() - ws.wsd_accepted)  # type: ignore[attr-defined]
         now = d.loop.time()
         conn = Conn(hub.new_id(), ws, adm.pool, adm.claims, adm.principal, adm.session_id, now, time.time())
         conn.remote_address = adm.remote
@@ -551,14 +554,18 @@ class Endpoint:
                     data = payload.encode()
                     rs.unacked[int(seq)] = [data, int(prio), now + timeout, int(retries), float(timeout)]
                     hub.send_direct(conn, data, Priority.CRITICAL)  # ahead of the (critical) replay
-        # The seed's initializeDefaultSubscriptions.
+        # The pool's default subscriptions (new sessions only: a resumed session restores its own).
         for w in wanted:
             try:
                 group, inst = resolve(w["channel"], conn.principal, d.config.channels)
             except ChannelError:
                 continue
-            hub.add_subscription(conn, inst, group, "realtime", None)
-        # The seed's Message Replay and State Synchronization: subscriptions back, then what was missed.
+            sub = hub.add_subscription(conn, inst, group, "realtime", None)
+            # Start at the channel's live position, no history: a later resume then replays only
+            # what this session missed, like an explicit subscription.
+            sub.pending = []
+            await self._replay(conn, sub, None, 0)
+        # A resumed session: its subscriptions back, each from its saved position, then what was missed.
         for s in restored:
             group = s.get("group") or instance_parts(s["channel"])[0]
             if group not in d.config.channels:

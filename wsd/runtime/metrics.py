@@ -130,6 +130,10 @@ class _Collector:
         c = CounterMetricFamily("wsd_publish_invalid_data", "Publications refused: data failed the channel's schema")
         c.add_metric([], mgr["invalid_data"])
         yield c
+        c = CounterMetricFamily("wsd_input_discarded_bytes",
+                                "Bytes received from connections closing for their message rate, dropped unparsed")
+        c.add_metric([], mgr["input_discarded_bytes"])
+        yield c
         c = CounterMetricFamily("wsd_handshakes_refused", "Refused handshakes by code", labels=["code"])
         for code, n in mgr["refused"].items():
             c.add_metric([code], n)

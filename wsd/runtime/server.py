@@ -100,6 +100,7 @@ class WsdServerConnection(ServerConnection):
         c = self.wsd_conn
         if c is not None and c.closing and c.close_code == errors.RATE_LIMITED.code:
             self.transport.pause_reading()  # the close is decided; the transport is aborted after its timeout
+            self.wsd_hub.stats.input_discarded_bytes += len(data)
             return
         if len(data) <= READ_SLICE:
             super().data_received(data)
@@ -117,6 +118,7 @@ class WsdServerConnection(ServerConnection):
         c = self.wsd_conn
         if c is not None and c.closing and c.close_code == errors.RATE_LIMITED.code:
             self.wsd_unread = b""
+            self.wsd_hub.stats.input_discarded_bytes += len(data)
             return
         self.wsd_unread = data[READ_SLICE:]
         super().data_received(data[:READ_SLICE])

@@ -61,6 +61,7 @@ class Stats:
         self.reliable_resent = 0
         self.reliable_given_up = 0
         self.invalid_data = 0  # publications refused: data failed the channel group's data_schema
+        self.input_discarded_bytes = 0  # received after a close for the message rate, dropped unparsed
         self.refused: dict[str, int] = {}
         self.closed_by_code: dict[int, int] = {}
         self.errors = 0
@@ -160,7 +161,7 @@ class Stats:
             "dropped_overflow": self.dropped_overflow, "dropped_expired": self.dropped_expired,
             "dropped_on_close": self.dropped_on_close, "slow_consumers": self.slow_consumers,
             "reliable_resent": self.reliable_resent, "reliable_given_up": self.reliable_given_up,
-            "invalid_data": self.invalid_data,
+            "invalid_data": self.invalid_data, "input_discarded_bytes": self.input_discarded_bytes,
             "refused": dict(self.refused), "closed_by_code": {str(k): v for k, v in self.closed_by_code.items()},
             "rate_in": round(self.rate_in, 2), "rate_out": round(self.rate_out, 2),
             "rate_publish": round(self.rate_pub, 2), "latency": self.latency(),

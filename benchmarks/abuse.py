@@ -470,7 +470,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--attack-s", type=float, default=60.0)
     ap.add_argument("--session-ttl-s", type=int, default=20, help="the daemon's manager.session_ttl_s")
-    ap.add_argument("--settle-s", type=float, default=5.0, help="wait past the ttl before the last RSS reading")
+    ap.add_argument("--settle-s", type=float, default=35.0,
+                    help="wait past the ttl before the last RSS reading (the sweep returns freed heap every 30 s)")
     ap.add_argument("--only", default="", help=f"comma-separated attackers to run (default all: {','.join(ATTACKERS)})")
     ap.add_argument("--idle", type=int, default=1100, help="idle TCP connections to open")
     ap.add_argument("--nofile", type=int, default=1024, help="the daemon's descriptor limit (0: inherit)")

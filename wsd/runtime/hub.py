@@ -45,6 +45,7 @@ from wsd.runtime.conn import (
     ReliableState,
     Subscription,
 )
+from wsd.runtime.heap import HeapTrimmer
 from wsd.runtime.stats import Stats
 
 if TYPE_CHECKING:
@@ -155,6 +156,7 @@ class Hub:
         self._win: dict[str, list[Outgoing]] = {}
         self._win_timer: dict[str, asyncio.TimerHandle] = {}
         self._last_fanout: dict[str, float] = {}
+        self.heap = HeapTrimmer()
         self._memory_swept = 0.0
         self.configure()
 
@@ -1105,6 +1107,7 @@ class Hub:
             lim = getattr(self.daemon, name, None)
             if lim is not None:
                 lim.sweep(now)
+        self.heap.maybe_trim(now)  # what was just freed goes back to the system (at most every 30 s)
 
     def check_health(self, conn: Conn) -> None:
         """The sweep's error-rate test for one connection, now (after a frame that cost the daemon dearly)."""

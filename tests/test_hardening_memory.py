@@ -14,7 +14,8 @@ import re
 import secrets
 from typing import Any
 
-from tests.harness import ControlError, http_get, make_token, recv_until, request, wait_for, welcome
+from tests.harness import (ControlError, http_get, make_token, recv_json, recv_until, request, wait_for,
+                           welcome)
 from tests.test_redis_engine import engine_toml, redis_url  # noqa: F401  (the redis-server fixture)
 from tests.test_wsctl import awsctl
 
@@ -422,3 +423,104 @@ async def test_redis_node_forgets_positions_of_unused_expired_instances(wsd_fact
         assert await r.ttl(f"{prefix}:ch:{{trading-signals/co1}}:meta") > 0  # offsets kept, but not forever
     finally:
         await r.aclose()
+
+
+# ------------------------------------------------------------------- positions across a new epoch
+
+async def resumed_frames(wsd: Any, token: str, session_id: str, channel: str, marker: str, msg_type: str = "message"
+                         ) -> list[dict[str, Any]]:
+    """Resume ``session_id`` and return every message (batches unpacked) and recovery frame before a fresh
+    sentinel message in ``channel``."""
+    seen: list[dict[str, Any]] = []
+    async with wsd.connect(token=token, query={"session": session_id}) as ws:
+        assert (await welcome(ws))["resumed"] is True
+        await wsd.ctl("publish", channel=channel, type=msg_type, data={"sentinel": marker})
+        while True:
+            m = await recv_json(ws)
+            for x in m["messages"] if m.get("type") == "batch" else [m]:
+                if x.get("data") == {"sentinel": marker}:
+                    return seen
+                if x.get("type") in ("message", "recovery"):
+                    seen.append(x)
+
+
+async def test_a_filtered_subscription_resumes_in_the_epoch_it_was_delivered(wsd_factory):
+    """A subscription whose messages go through the slow path (a type filter here) keeps the epoch of what it
+    was sent: subscribed before its instance existed, other instances freed meanwhile (a new epoch), it
+    resumes with recovered:true and no message twice."""
+    wsd = wsd_factory(channels_toml(), env=env(limits_max_history_channels=2))
+    token = make_token("alice", "acme")
+    async with wsd.connect(token=token) as ws:
+        w = await welcome(ws)
+        r = await request(ws, {"op": "subscribe", "id": rid(), "channel": "trading-signals",
+                               "filter": {"types": ["sig"]}})
+        assert r["ok"] and r["result"]["position"]["offset"] == 0
+        for co in ("b", "c", "d"):  # the third evicts "b": a new epoch for instances created from now on
+            await wsd.ctl("publish", channel=f"trading-signals/{co}", data={})
+        assert (await memory(wsd))["channels_evicted"] >= 1
+        sent = await wsd.ctl("publish", channel="trading-signals/acme", type="sig", data={"n": 1})
+        assert sent["epoch"] != r["result"]["position"]["epoch"]
+        got = await recv_until(ws, lambda m: m.get("type") == "message")
+        assert got["offset"] == 1 and got["epoch"] == sent["epoch"]
+        await drop(wsd, ws, w["connection_id"])
+    assert await resumed_frames(wsd, token, w["session_id"], "trading-signals/acme", "s1", "sig") == []
+
+
+async def test_a_batch_subscription_resumes_in_the_epoch_it_was_delivered(wsd_factory):
+    """The same for a batch subscription: its batch frames move its position, epoch included."""
+    wsd = wsd_factory(channels_toml(), env=env(limits_max_history_channels=2))
+    token = make_token("alice", "acme")
+    async with wsd.connect(token=token) as ws:
+        w = await welcome(ws)
+        r = await request(ws, {"op": "subscribe", "id": rid(), "channel": "trading-signals", "mode": "batch"})
+        assert r["ok"]
+        for co in ("b", "c", "d"):
+            await wsd.ctl("publish", channel=f"trading-signals/{co}", data={})
+        sent = await wsd.ctl("publish", channel="trading-signals/acme", data={"n": 1})
+        assert sent["epoch"] != r["result"]["position"]["epoch"]
+        await recv_until(ws, lambda m: m.get("type") == "batch")
+        await drop(wsd, ws, w["connection_id"])
+    assert await resumed_frames(wsd, token, w["session_id"], "trading-signals/acme", "s2") == []
+
+
+async def test_a_pulled_on_demand_subscription_resumes_in_the_epoch_it_pulled(wsd_factory):
+    """The same for on_demand: what was pulled is not held again after a resume, and nothing is unrecovered."""
+    wsd = wsd_factory(channels_toml(), env=env(limits_max_history_channels=2))
+    token = make_token("alice", "acme")
+    async with wsd.connect(token=token) as ws:
+        w = await welcome(ws)
+        r = await request(ws, {"op": "subscribe", "id": rid(), "channel": "trading-signals", "mode": "on_demand"})
+        assert r["ok"]
+        for co in ("b", "c", "d"):
+            await wsd.ctl("publish", channel=f"trading-signals/{co}", data={})
+        sent = await wsd.ctl("publish", channel="trading-signals/acme", data={"n": 1})
+        assert sent["epoch"] != r["result"]["position"]["epoch"]
+        p = await request(ws, {"op": "pull", "id": rid(), "channel": "trading-signals"})
+        assert [m["data"] for m in p["result"]["messages"]] == [{"n": 1}]
+        await drop(wsd, ws, w["connection_id"])
+    async with wsd.connect(token=token, query={"session": w["session_id"]}) as ws:
+        assert (await welcome(ws))["resumed"] is True
+        p = await request(ws, {"op": "pull", "id": rid(), "channel": "trading-signals"})
+        assert p["result"]["messages"] == [], p
+        await wsd.ctl("publish", channel="trading-signals/acme", data={"sentinel": "s3"})
+        p = await request(ws, {"op": "pull", "id": rid(), "channel": "trading-signals"})
+        assert [m["data"] for m in p["result"]["messages"]] == [{"sentinel": "s3"}]
+
+
+async def test_redis_filtered_subscription_to_a_new_channel_resumes_without_replaying(wsd_factory, redis_url):  # noqa: F811
+    """With Redis, a channel nobody has published to has no epoch yet: a filtered subscription to it learns
+    the epoch from what it is sent, so its resume replays nothing it already had."""
+    prefix = "t" + secrets.token_hex(3)
+    wsd = wsd_factory(engine_toml(redis_url, prefix) + channels_toml())
+    token = make_token("alice", "acme")
+    async with wsd.connect(token=token) as ws:
+        w = await welcome(ws)
+        r = await request(ws, {"op": "subscribe", "id": rid(), "channel": "trading-signals",
+                               "filter": {"types": ["sig"]}})
+        assert r["ok"] and r["result"]["position"]["offset"] == 0
+        for n in (1, 2):
+            await wsd.ctl("publish", channel="trading-signals/acme", type="sig", data={"n": n})
+        for n in (1, 2):
+            assert (await recv_until(ws, lambda m: m.get("type") == "message"))["data"] == {"n": n}
+        await drop(wsd, ws, w["connection_id"])
+    assert await resumed_frames(wsd, token, w["session_id"], "trading-signals/acme", "s4", "sig") == []

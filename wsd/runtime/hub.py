@@ -114,6 +114,17 @@ def history_payload(pub: Publication) -> bytes:
     return payload[:-1] + _HISTORY_TAIL
 
 
+def note_position(sub: Subscription, offset: int, epoch: str) -> None:
+    """Move a subscription's position to a message it was sent. A message of another epoch (its instance
+    was freed and created again, or a shared engine lost it) restarts the position in that epoch: an
+    offset of the old epoch means nothing in the new one."""
+    if epoch and epoch != sub.epoch:
+        sub.offset = offset
+        sub.epoch = epoch
+    elif offset > sub.offset:
+        sub.offset = offset
+
+
 def encode_push(pub: Publication, data: Any = None, seq: int | None = None, history: bool = False) -> bytes:
     msg: dict[str, Any] = {"type": "message", "channel": pub.channel, "offset": pub.offset, "epoch": pub.epoch,
                            "msg_type": pub.type, "priority": PRIORITY_NAMES[pub.priority], "ts": pub.ts,
@@ -556,6 +567,7 @@ class Hub:
         last = items[-1]
         batch = Outgoing(payload, min(o.priority for o in items), None, sub.channel, last.offset, "batch",
                          items[0].pub_mono)
+        batch.epoch = last.epoch
         self.deliver(sub.conn, batch, count=len(items))
 
     def _narrow(self, conns: Iterable[Conn], pools: tuple[str, ...], companies: tuple[str, ...]
@@ -811,8 +823,10 @@ class Hub:
             conn.bytes_out += len(frame)
             if out.offset and out.channel:
                 sub = conn.subs.get(out.channel)
-                if sub is not None:
+                if sub is not None:  # written in order: this is the position now, epoch included
                     sub.offset = out.offset
+                    if out.epoch:
+                        sub.epoch = out.epoch
             return
         self._enqueue(conn, out)
 
@@ -928,8 +942,8 @@ class Hub:
     def _note_written(self, conn: Conn, out: Outgoing) -> None:
         if out.offset and out.channel:
             sub = conn.subs.get(out.channel)
-            if sub is not None and out.offset > sub.offset:
-                sub.offset = out.offset
+            if sub is not None:
+                note_position(sub, out.offset, out.epoch)
 
     # -- reliable delivery ----------------------------------------------------------------------------
     def deliver_reliable(self, conn: Conn, pub: Publication, data: Any, max_retries: int, ack_timeout_s: float,

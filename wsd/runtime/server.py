@@ -30,7 +30,7 @@ from wsd.core.history import StreamPosition
 from wsd.core.outbox import Priority
 from wsd.core.ratelimit import TokenBucket
 from wsd.runtime.conn import BATCH, HISTORICAL, MODES, ON_DEMAND, Conn, ReliableState
-from wsd.runtime.hub import history_payload
+from wsd.runtime.hub import history_payload, note_position
 
 from wsd.runtime.daemon import ip_in
 
@@ -565,7 +565,7 @@ class Endpoint:
                     items.append(o)
                     size += len(o.payload) + 1
             if items:
-                sub.offset = max(sub.offset, items[-1].offset)
+                note_position(sub, items[-1].offset, items[-1].epoch)
             conn.msgs_out += len(items)
             remaining = len(held) if held else 0
             payload = (b'{"id":' + _encode(f.id) + b',"ok":true,"result":{"channel":' + _encode(inst)

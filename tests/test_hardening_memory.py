@@ -524,3 +524,84 @@ async def test_redis_filtered_subscription_to_a_new_channel_resumes_without_repl
             assert (await recv_until(ws, lambda m: m.get("type") == "message"))["data"] == {"n": n}
         await drop(wsd, ws, w["connection_id"])
     assert await resumed_frames(wsd, token, w["session_id"], "trading-signals/acme", "s4", "sig") == []
+
+
+# ------------------------------------------------------------------- history served from the stored push
+
+async def live_and_history(wsd: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Three publications as pushed live, as read with `history`, and as replayed by `subscribe` with history."""
+    sent = [("trading_signal", {"symbol": "EURUSD", "price": 1.0832, "tags": ["a", "é\u2028"], "n": None}, "high"),
+            ("note", [1, 2.5, {"deep": {"x": True}}], "critical"),
+            ("message", "plain text \"quoted\" </script>", "low")]
+    async with wsd.connect(token=make_token("alice", "acme")) as ws:
+        await welcome(ws)
+        assert (await request(ws, {"op": "subscribe", "id": rid(), "channel": "trading-signals"}))["ok"]
+        for t, data, prio in sent:
+            await wsd.ctl("publish", channel="trading-signals/acme", type=t, data=data, priority=prio)
+        live = [await recv_until(ws, lambda m: m.get("type") == "message") for _ in sent]
+        h = await request(ws, {"op": "history", "id": rid(), "channel": "trading-signals"})
+        hist = h["result"]["messages"]
+        assert (await request(ws, {"op": "unsubscribe", "id": rid(), "channel": "trading-signals"}))["ok"]
+        assert (await request(ws, {"op": "subscribe", "id": rid(), "channel": "trading-signals",
+                                   "history": {"limit": 3}}))["ok"]
+        replay = [await recv_until(ws, lambda m: m.get("type") == "message") for _ in sent]
+    assert [m["data"] for m in live] == [d for _, d, _ in sent]
+    return live, hist, replay
+
+
+def assert_same_as_live(live: list[dict[str, Any]], other: list[dict[str, Any]]) -> None:
+    assert len(other) == len(live)
+    for a, b in zip(live, other):
+        assert b.pop("history") is True and "history" not in a
+        assert list(b) == list(a) and b == a  # every field, in the same order
+
+
+async def test_history_and_replay_are_the_live_push_field_by_field(wsd_factory):
+    """`history` and a subscribe replay carry exactly the live push's fields and values, plus history:true."""
+    live, hist, replay = await live_and_history(wsd_factory(channels_toml()))
+    assert_same_as_live(live, hist)
+    assert_same_as_live(live, replay)
+
+
+async def test_redis_history_and_replay_are_the_live_push_field_by_field(wsd_factory, redis_url):  # noqa: F811
+    prefix = "t" + secrets.token_hex(3)
+    live, hist, replay = await live_and_history(wsd_factory(engine_toml(redis_url, prefix) + channels_toml()))
+    assert_same_as_live(live, hist)
+    assert_same_as_live(live, replay)
+
+
+async def test_a_message_kept_in_history_still_shows_its_data_to_the_operator(wsd_factory):
+    """History holds each message as its encoded push only; `wsctl history` still shows its data."""
+    wsd = wsd_factory(channels_toml())
+    data = {"symbol": "EURUSD", "levels": [1, 2, {"x": "y"}]}
+    await wsd.ctl("publish", channel="trading-signals/acme", type="sig", data=data)
+    got = await wsd.ctl("history.get", channel="trading-signals/acme")
+    assert [m["data"] for m in got["messages"]] == [data] and got["messages"][0]["type"] == "sig"
+    shown = await awsctl(wsd, "history", "trading-signals/acme")
+    assert shown.rc == 0 and "EURUSD" in shown.out, shown.out
+
+
+def test_a_message_kept_in_history_is_held_once_as_its_encoded_push():
+    """The memory engine keeps a published message as the bytes it is pushed as, not also as decoded data."""
+    import gc
+
+    import msgspec
+
+    from wsd.engine.base import Publication
+    from wsd.engine.memory import MemoryEngine
+    from wsd.runtime.hub import Hub, encode_push
+
+    engine = MemoryEngine(clock=lambda: 0.0)
+    data = msgspec.json.decode(b'{"symbol": "EURUSD", "price": 1.0832, "levels": [1, 2, 3]}')
+    pub = Publication(id="p1", channel="trading-signals/acme", group="trading-signals", type="sig", priority=2,
+                      data=data, ts=1764150000.5)
+    asyncio.run(engine.publish(pub, 100, 3600))
+    Hub._keep_encoded(pub)
+    stored = asyncio.run(engine.history("trading-signals/acme")).publications[0]
+    assert stored.payload == encode_push(stored) and msgspec.json.decode(stored.payload)["offset"] == 1
+    assert not any(r is data for r in gc.get_referents(stored))  # the decoded data is not held
+    assert stored.data == data  # read back from the payload when asked
+    # a message that is not kept (no history) keeps its data for delivery
+    loose = Publication(id="p2", channel="", group="", type="direct", priority=2, data=data, ts=1.0)
+    Hub._keep_encoded(loose)
+    assert loose.data is data and loose.payload is None

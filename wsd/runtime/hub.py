@@ -327,14 +327,25 @@ class Hub:
         if trace:
             report = self.trace_delivery(pub, now, broadcast=broadcast, pools=tuple(pools),
                                          companies=tuple(companies))
+            self._keep_encoded(pub)
             return {"id": pub.id, "channel": channel, "offset": pub.offset, "epoch": pub.epoch,
                     "delivered": report["delivered"], "trace": report}
         t0 = _perf()
         delivered = self.route_and_deliver(pub, now, broadcast=broadcast, pools=tuple(pools),
                                            companies=tuple(companies))
         self.stats.observe_fanout(_perf() - t0)
+        self._keep_encoded(pub)
         return {"id": pub.id, "channel": channel, "offset": pub.offset, "epoch": pub.epoch,
                 "delivered": delivered}
+
+    @staticmethod
+    def _keep_encoded(pub: Publication) -> None:
+        """A publication this process keeps in history (it has an offset) is held as its encoded push only:
+        delivery is done with ``data``, and history is served from the payload."""
+        if pub.offset:
+            if pub.payload is None:
+                pub.payload = encode_push(pub)
+            pub.keep_payload_only()
 
     def _check_data(self, schema: Any, channel: str, msg_type: str, data: Any, source: str) -> None:
         """Refuse data that fails the channel group's schema: counted, audited once, never echoed."""

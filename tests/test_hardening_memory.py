@@ -605,3 +605,89 @@ def test_a_message_kept_in_history_is_held_once_as_its_encoded_push():
     loose = Publication(id="p2", channel="", group="", type="direct", priority=2, data=data, ts=1.0)
     Hub._keep_encoded(loose)
     assert loose.data is data and loose.payload is None
+
+
+# ------------------------------------------------------ history shaped by the routing rules, as live
+
+SHAPING_RULES = """
+[[routing.rules]]
+id = "strip"
+filter = { channels = ["trading-signals"], message_types = ["sig"] }
+target = { type = "channel" }
+transform = { exclude_fields = ["internal"] }
+pool_transforms = { mt5 = { exclude_fields = ["chart"] } }
+
+[[routing.rules]]
+id = "mt5-only"
+filter = { channels = ["trading-signals"], message_types = ["mt5_note"] }
+target = { type = "broadcast", pools = ["mt5"] }
+"""
+
+
+async def test_history_and_resume_apply_the_routing_transforms_of_live_delivery(wsd_factory):
+    """What a rule's transform (and a pool's) removes live is removed from `history`, a subscribe replay and a
+    resume too; a message no rule sends to a connection is not in its history either."""
+    wsd = wsd_factory(channels_toml() + SHAPING_RULES)
+    full = {"px": 1, "internal": "secret", "chart": [1, 2]}
+    shaped = {"frontend": {"px": 1, "chart": [1, 2]}, "mt5": {"px": 1}}
+    for pool, co in (("frontend", "acme"), ("mt5", "globex")):
+        token = make_token("alice", co, pool=pool)
+        inst = f"trading-signals/{co}"
+        async with wsd.connect(pool=pool, token=token) as ws:
+            w = await welcome(ws)
+            assert (await request(ws, {"op": "subscribe", "id": rid(), "channel": "trading-signals"}))["ok"]
+            await wsd.ctl("publish", channel=inst, type="sig", data=full)
+            await wsd.ctl("publish", channel=inst, type="mt5_note", data={"for": "mt5"})
+            await wsd.ctl("publish", channel=inst, type="plain", data={"n": 1})
+            live = [m for m in await frames_before_plain(ws) if m.get("type") == "message"]
+            h = (await request(ws, {"op": "history", "id": rid(), "channel": "trading-signals"}))["result"]
+            await drop(wsd, ws, w["connection_id"])
+        want = [shaped[pool]] + ([{"for": "mt5"}] if pool == "mt5" else [])
+        assert [m["data"] for m in live] == want, pool
+        assert [m["data"] for m in h["messages"]] == want + [{"n": 1}], pool
+        assert h["more"] is False
+        await wsd.ctl("publish", channel=inst, type="sig", data=full)
+        async with wsd.connect(pool=pool, token=token, query={"session": w["session_id"]}) as ws:
+            assert (await welcome(ws))["resumed"] is True
+            got = await recv_until(ws, lambda m: m.get("type") == "message")
+            assert got["data"] == shaped[pool] and got["history"] is True, pool
+            assert (await request(ws, {"op": "subscribe", "id": rid(), "channel": "trading-signals",
+                                       "history": {"limit": 10}}))["ok"]
+            replay = [await recv_until(ws, lambda m: m.get("type") == "message") for _ in want + [1, 2]]
+            assert [m["data"] for m in replay] == want + [{"n": 1}, shaped[pool]], pool
+            await ws.close(1000)
+
+
+async def frames_before_plain(ws: Any) -> list[dict[str, Any]]:
+    """Frames up to and including the first message of type "plain" (the last one published)."""
+    out = []
+    while True:
+        m = await recv_json(ws)
+        if m.get("type") == "message" and m.get("msg_type") == "plain":
+            return out
+        out.append(m)
+
+
+async def test_history_paging_skips_what_no_rule_sends_without_losing_its_place(wsd_factory):
+    """Paging goes on past messages a connection may not see: `next` is the last position looked at."""
+    wsd = wsd_factory(channels_toml() + SHAPING_RULES, env=env(limits_history_max_messages=2))
+    for i in range(6):
+        await wsd.ctl("publish", channel="trading-signals/acme", type="mt5_note" if i % 2 else "plain",
+                      data={"i": i})
+    async with wsd.connect(token=make_token("alice", "acme")) as ws:
+        await welcome(ws)
+        msgs = await page_all(ws, {"op": "history", "id": rid(), "channel": "trading-signals"}, 524288)
+    assert [m["data"]["i"] for m in msgs] == [0, 2, 4]
+
+
+async def test_redis_history_applies_the_routing_transforms_of_live_delivery(wsd_factory, redis_url):  # noqa: F811
+    """With Redis (history read back still encoded) the rules shape history as they shape live delivery."""
+    prefix = "t" + secrets.token_hex(3)
+    wsd = wsd_factory(engine_toml(redis_url, prefix) + channels_toml() + SHAPING_RULES)
+    await wsd.ctl("publish", channel="trading-signals/globex", type="sig", data={"px": 1, "internal": "x", "chart": 1})
+    await wsd.ctl("publish", channel="trading-signals/globex", type="mt5_note", data={"for": "mt5"})
+    for pool, want in (("mt5", [{"px": 1}, {"for": "mt5"}]), ("frontend", [{"px": 1, "chart": 1}])):
+        async with wsd.connect(pool=pool, token=make_token("alice", "globex", pool=pool)) as ws:
+            await welcome(ws)
+            h = await request(ws, {"op": "history", "id": rid(), "channel": "trading-signals"})
+            assert [m["data"] for m in h["result"]["messages"]] == want, pool

@@ -103,15 +103,20 @@ class Outgoing:
         return f
 
 
-_HISTORY_TAIL = b',"history":true}'
+HISTORY_TAIL = b',"history":true}'
+
+
+def stored_push(pub: Publication) -> bytes:
+    """The publication's channel push, encoded once and kept on it."""
+    payload = pub.payload
+    if payload is None:
+        payload = pub.payload = encode_push(pub)
+    return payload
 
 
 def history_payload(pub: Publication) -> bytes:
     """The publication's push marked ``"history": true``, spliced from its stored encoding (no re-encode)."""
-    payload = pub.payload
-    if payload is None:
-        payload = pub.payload = encode_push(pub)
-    return payload[:-1] + _HISTORY_TAIL
+    return stored_push(pub)[:-1] + HISTORY_TAIL
 
 
 def note_position(sub: Subscription, offset: int, epoch: str) -> None:
@@ -649,6 +654,50 @@ class Hub:
         if g.type == "company":
             return f"{group_id}/{pub.company_id}" if pub.company_id else ""
         return f"{group_id}/{pub.company_id}/{pub.user_id}" if pub.company_id and pub.user_id else ""
+
+    # -- stored messages read back (history, replays) -------------------------------------------------
+    def push_for(self, conn: Conn, pub: Publication) -> bytes | None:
+        """A stored message's push as ``conn`` would have got it live: the routing rules decide.
+
+        With no rule matching, the channel's push (the stored bytes). Otherwise the first matching rule whose
+        target reaches ``conn`` shapes it (its transform and ``conn``'s pool transform), as in
+        ``_deliver_routes``; None when no matching rule reaches ``conn`` (live delivery never sent it
+        there, so history does not either). A channel target counts as reaching whoever may read the
+        channel. Only with rules configured does this look at ``data``.
+        """
+        if not len(self.rules):
+            return stored_push(pub)
+        if isinstance(pub._data, msgspec.Raw):  # read back from a shared engine still encoded: rules see data
+            pub.data = msgspec.json.decode(pub._data)
+        routes = self.rules.matching(self._routed(pub))
+        if not routes:
+            return stored_push(pub)
+        msg_map = None
+        for route in routes:
+            target = route.target
+            ttype = target.type
+            if ttype == "individual":
+                if conn.id not in target.connection_ids:
+                    continue
+            elif ttype == "group":
+                if self._group_instance(target.group_id, pub) not in conn.subs:
+                    continue
+            elif ttype != "channel" and not self._narrow((conn,), tuple(target.pools), tuple(target.company_ids)):
+                continue
+            if route.conn_predicate is not None:
+                if msg_map is None:
+                    msg_map = self._routed(pub).as_mapping()
+                if not route.conn_predicate(msg_map, conn.as_conn_mapping()):
+                    continue
+            if route.transform is None and not route.pool_transforms:
+                return stored_push(pub)
+            return encode_push(pub, route.apply(pub.data, conn.pool.id))
+        return None
+
+    def history_push_for(self, conn: Conn, pub: Publication) -> bytes | None:
+        """``push_for`` marked ``"history": true``."""
+        p = self.push_for(conn, pub)
+        return None if p is None else p[:-1] + HISTORY_TAIL
 
     # -- explaining and tracing (wsctl rules test, wsctl publish --trace) ------------------------------
     def explain_routing(self, pub: Publication) -> dict[str, Any]:

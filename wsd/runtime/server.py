@@ -12,6 +12,7 @@ import logging
 import secrets
 import socket
 import time
+from collections.abc import Callable
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
@@ -30,7 +31,7 @@ from wsd.core.history import StreamPosition
 from wsd.core.outbox import Priority
 from wsd.core.ratelimit import TokenBucket
 from wsd.runtime.conn import BATCH, HISTORICAL, MODES, ON_DEMAND, Conn, ReliableState
-from wsd.runtime.hub import history_payload, note_position
+from wsd.runtime.hub import HISTORY_TAIL, Outgoing, note_position
 
 from wsd.runtime.daemon import ip_in
 
@@ -132,20 +133,25 @@ def request_target(path: str) -> tuple[str, str]:
     return p, q
 
 
-def _capped(pubs: list[Any], max_messages: int, max_bytes: int) -> tuple[list[bytes], bool]:
-    """The history payloads of the leading publications that fit one reply of ``max_messages`` /
-    ``max_bytes`` (at least one message), and whether any were cut."""
+def _capped(pubs: list[Any], max_messages: int, max_bytes: int, push: Callable[[Any], bytes | None]
+            ) -> tuple[list[bytes], Any]:
+    """The history pushes (``push(pub)``; None leaves a publication out) of the leading publications that fit
+    one reply of ``max_messages`` / ``max_bytes`` (at least one message), and the last publication looked at
+    when the reply was cut (None when it was not)."""
     out: list[bytes] = []
     size = 0
+    last = None
     for pub in pubs:
         if len(out) >= max_messages:
-            return out, True
-        p = history_payload(pub)
-        if out and size + len(p) > max_bytes:
-            return out, True
-        size += len(p) + 1
-        out.append(p)
-    return out, False
+            return out, last
+        p = push(pub)
+        if p is not None:
+            if out and size + len(p) > max_bytes:
+                return out, last
+            size += len(p) + 1
+            out.append(p)
+        last = pub
+    return out, None
 
 
 class Endpoint:
@@ -407,14 +413,20 @@ class Endpoint:
         for pub in res.publications:
             if sub.types is not None and pub.type not in sub.types:
                 continue
+            last = pub.offset
+            push = hub.push_for(conn, pub)  # shaped by the routing rules as live delivery would
+            if push is None:
+                continue  # no rule sends it to this connection
             if hold:
                 if len(sub.held) == sub.held.maxlen:
                     conn.drops_overflow += 1
                     hub.stats.dropped_overflow += 1
-                sub.held.append(hub._outgoing(pub, hub.loop.time()))
+                out = Outgoing(push, pub.priority, pub.expires_at, pub.channel, pub.offset, pub.type,
+                               time.perf_counter())
+                out.epoch = pub.epoch
+                sub.held.append(out)
             else:
-                hub.send_direct(conn, history_payload(pub), Priority.CRITICAL)
-            last = pub.offset
+                hub.send_direct(conn, push[:-1] + HISTORY_TAIL, Priority.CRITICAL)
         if not hold:
             top = res.position.offset if res.recovered or since is None else last
             sub.offset = max(sub.offset, last, top)
@@ -529,12 +541,12 @@ class Endpoint:
             res = await hub.history(inst, f.limit, sp)
             # Each message is the bytes stored at publish, spliced in: no decode/encode per message.
             lim = d.config.limits
-            msgs, more = _capped(res.publications, lim.history_max_messages, lim.history_max_bytes)
+            msgs, last = _capped(res.publications, lim.history_max_messages, lim.history_max_bytes,
+                                 lambda pub: hub.history_push_for(conn, pub))
             result: dict[str, Any] = {"channel": inst, "recovered": res.recovered,
                                       "position": {"offset": res.position.offset, "epoch": res.position.epoch},
-                                      "more": more}
-            if more:
-                last = res.publications[len(msgs) - 1]
+                                      "more": last is not None}
+            if last is not None:
                 result["next"] = {"offset": last.offset, "epoch": last.epoch}
             head = _encode({"id": f.id, "ok": True, "result": result})
             payload = head[:-2] + b',"messages":[' + b",".join(msgs) + b"]}}"

@@ -691,3 +691,25 @@ async def test_redis_history_applies_the_routing_transforms_of_live_delivery(wsd
             await welcome(ws)
             h = await request(ws, {"op": "history", "id": rid(), "channel": "trading-signals"})
             assert [m["data"] for m in h["result"]["messages"]] == want, pool
+
+
+async def test_sessions_together_stay_within_max_sessions_bytes(wsd_factory):
+    """Disconnected sessions of many users together never exceed max_sessions_bytes: the oldest is evicted
+    (counted) and its resume starts afresh; the newest resumes."""
+    wsd = wsd_factory(env=env(limits_max_sessions_bytes=1200))
+    sids = []
+    for i in range(8):
+        async with wsd.connect(token=make_token(f"user{i}", "acme")) as ws:
+            w = await welcome(ws)
+            sids.append(w["session_id"])
+            await drop(wsd, ws, w["connection_id"])
+        m = await memory(wsd)
+        assert 0 < m["session_bytes"] <= 1200, m
+    m = await memory(wsd)
+    assert m["sessions_evicted"] >= 1 and m["sessions"] + m["sessions_evicted"] == 8, m
+    async with wsd.connect(token=make_token("user0", "acme"), query={"session": sids[0]}) as ws:
+        assert (await welcome(ws))["resumed"] is False
+        await ws.close(1000)
+    async with wsd.connect(token=make_token("user7", "acme"), query={"session": sids[7]}) as ws:
+        assert (await welcome(ws))["resumed"] is True
+        await ws.close(1000)

@@ -108,6 +108,7 @@ class Engine(abc.ABC):
     max_sessions: int = 100000
     max_sessions_per_user: int = 20
     max_session_bytes: int = 65536
+    max_sessions_bytes: int = 268435456
 
     def __init__(self) -> None:
         #: whether a channel instance has subscribers on this node (the hub sets it): instances in use
@@ -120,6 +121,7 @@ class Engine(abc.ABC):
         self.max_sessions = limits.max_sessions
         self.max_sessions_per_user = limits.max_sessions_per_user
         self.max_session_bytes = limits.max_session_bytes
+        self.max_sessions_bytes = limits.max_sessions_bytes
 
     def sweep(self) -> None:
         """Called by the hub's once-a-second sweep: free expired sessions and unused channel instances."""

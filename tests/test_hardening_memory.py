@@ -713,3 +713,36 @@ async def test_sessions_together_stay_within_max_sessions_bytes(wsd_factory):
     async with wsd.connect(token=make_token("user7", "acme"), query={"session": sids[7]}) as ws:
         assert (await welcome(ws))["resumed"] is True
         await ws.close(1000)
+
+
+async def test_redis_session_bounds_hold_under_concurrent_saves_from_two_nodes(wsd_factory, redis_url):  # noqa: F811
+    """Two nodes saving one user's sessions at once: Redis keeps at most max_sessions_per_user of them, every
+    index entry names a stored session, and only stored sessions resume."""
+    prefix = "t" + secrets.token_hex(3)
+    limits = env(limits_max_sessions_per_user=2)
+    nodes = [wsd_factory(engine_toml(redis_url, prefix), env=limits) for _ in range(2)]
+    token = make_token("alice", "acme")
+    conns = []
+    for i in range(8):
+        node = nodes[i % 2]
+        ws = await node.connect(token=token).__aenter__()
+        conns.append((node, ws, await welcome(ws)))
+    for _, ws, _ in conns:
+        ws.transport.abort()
+    await asyncio.gather(*(gone(node, w["connection_id"]) for node, _, w in conns))
+    import redis.asyncio as aioredis
+
+    r = aioredis.Redis.from_url(redis_url)
+    try:
+        keys = [k async for k in r.scan_iter(f"{prefix}:session:*")]
+        assert len(keys) == 2, keys
+        stored = {k.decode().rsplit(":", 1)[1] for k in keys}
+        owner = {m.decode() for m in await r.zrange(f"{prefix}:sessions:user:acme/alice", 0, -1)}
+        total = {m.decode() for m in await r.zrange(f"{prefix}:sessions", 0, -1)}
+        assert owner == stored and total == stored
+    finally:
+        await r.aclose()
+    for node, _, w in conns:
+        async with node.connect(token=token, query={"session": w["session_id"]}) as ws:
+            assert (await welcome(ws))["resumed"] is (w["session_id"] in stored)
+            await ws.close(1000)

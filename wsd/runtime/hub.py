@@ -114,11 +114,6 @@ def stored_push(pub: Publication) -> bytes:
     return payload
 
 
-def history_payload(pub: Publication) -> bytes:
-    """The publication's push marked ``"history": true``, spliced from its stored encoding (no re-encode)."""
-    return stored_push(pub)[:-1] + HISTORY_TAIL
-
-
 def note_position(sub: Subscription, offset: int, epoch: str) -> None:
     """Move a subscription's position to a message it was sent. A message of another epoch (its instance
     was freed and created again, or a shared engine lost it) restarts the position in that epoch: an
@@ -1015,8 +1010,9 @@ class Hub:
         rs.next_seq += 1
         payload = encode_push(pub, data, seq=seq)
         rs.unacked[seq] = [payload, pub.priority, now + ack_timeout_s, max_retries, ack_timeout_s]
-        self.deliver(conn, Outgoing(payload, pub.priority, pub.expires_at, pub.channel, pub.offset, pub.type,
-                                     _perf()))
+        out = Outgoing(payload, pub.priority, pub.expires_at, pub.channel, pub.offset, pub.type, _perf())
+        out.epoch = pub.epoch
+        self.deliver(conn, out)
         return seq
 
     def ack(self, conn: Conn, seq: int) -> bool:

@@ -746,3 +746,32 @@ async def test_redis_session_bounds_hold_under_concurrent_saves_from_two_nodes(w
         async with node.connect(token=token, query={"session": w["session_id"]}) as ws:
             assert (await welcome(ws))["resumed"] is (w["session_id"] in stored)
             await ws.close(1000)
+
+
+async def test_redis_position_cache_stays_bounded_when_every_channel_is_subscribed(redis_url):  # noqa: F811
+    """A node's map of channel positions never exceeds max_history_channels, even when every channel in it
+    has subscribers here (it is only this node's view; Redis keeps the positions), and a new channel
+    costs a bounded look, not a walk of the whole map."""
+    from wsd.engine.base import Publication
+    from wsd.engine.redis import RedisEngine
+
+    engine = RedisEngine(redis_url, prefix="t" + secrets.token_hex(3))
+    engine.max_channels = 50
+    looked = 0
+
+    def in_use(ch: str) -> bool:
+        nonlocal looked
+        looked += 1
+        return True
+
+    engine.in_use = in_use
+    await engine.start(lambda *a: None)
+    try:
+        for i in range(200):
+            pub = Publication(id=str(i), channel=f"trading-signals/co{i}", group="trading-signals", type="m",
+                              priority=2, data={}, ts=1.0)
+            await engine.publish(pub, 10, 60)
+        assert engine.memory_stats()["channels"] == 50 and engine.memory_stats()["channels_evicted"] == 150
+        assert looked <= 150 * 64
+    finally:
+        await engine.stop()

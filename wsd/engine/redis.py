@@ -20,6 +20,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
+from itertools import islice
 from typing import Any
 
 import msgspec
@@ -234,15 +235,17 @@ class RedisEngine(Engine):
                                   "until": time.monotonic() + (history_ttl_s if history_ttl_s > 0 else float("inf"))}
 
     def _forget_oldest(self) -> None:
+        """Forget one position: the least recently published among the 64 oldest that has no subscriber here,
+        else the oldest. A bounded look, so a node with more subscribed channels than the cap does not walk
+        them all for each new channel (the map is only this node's view; Redis keeps the positions)."""
         known = self._known
-        for _ in range(len(known)):
-            name = next(iter(known))
-            v = known.pop(name)
-            if self.in_use(name):
-                known[name] = v
-                continue
-            self._stats["channels_evicted"] += 1
-            return
+        victim = None
+        for name in islice(known, 64):
+            if not self.in_use(name):
+                victim = name
+                break
+        del known[victim if victim is not None else next(iter(known))]
+        self._stats["channels_evicted"] += 1
 
     async def _read(self, channel: str) -> tuple[list[tuple[int, float, bytes]], int, str]:
         async with self.redis.pipeline(transaction=True) as p:

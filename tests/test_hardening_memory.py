@@ -14,8 +14,8 @@ import re
 import secrets
 from typing import Any
 
-from tests.harness import (ControlError, http_get, make_token, recv_json, recv_until, request, wait_for,
-                           welcome)
+from tests.harness import (ControlError, frames_before, http_get, make_token, recv_json, recv_until, request,
+                           wait_for, welcome)
 from tests.test_redis_engine import engine_toml, redis_url  # noqa: F401  (the redis-server fixture)
 from tests.test_wsctl import awsctl
 
@@ -775,3 +775,40 @@ async def test_redis_position_cache_stays_bounded_when_every_channel_is_subscrib
         assert looked <= 150 * 64
     finally:
         await engine.stop()
+
+
+async def test_subscribe_replays_and_resumes_are_capped_like_history_replies(wsd_factory):
+    """A subscribe with history, or a resume, sends at most one history reply's worth (the newest messages);
+    a replay `since` a position that had to be cut says recovered:false, and live messages follow with no gap."""
+    wsd = wsd_factory(channels_toml(), env=env(limits_history_max_messages=5, limits_history_max_bytes=4000))
+    token = make_token("alice", "acme")
+    for i in range(20):
+        await wsd.ctl("publish", channel="trading-signals/acme", data={"i": i, "pad": "p" * 10})
+    async with wsd.connect(token=token) as ws:
+        w = await welcome(ws)
+        r = await request(ws, {"op": "subscribe", "id": rid(), "channel": "trading-signals",
+                               "history": {"limit": 20}})
+        assert r["result"]["history"] == 5 and r["result"]["recovered"] is True
+        got = [await recv_until(ws, lambda m: m.get("type") == "message") for _ in range(5)]
+        assert [m["offset"] for m in got] == [16, 17, 18, 19, 20]
+        epoch = got[0]["epoch"]
+        r = await request(ws, {"op": "subscribe", "id": rid(), "channel": "trading-signals",
+                               "history": {"since": {"offset": 3, "epoch": epoch}}})
+        assert r["result"]["history"] == 5 and r["result"]["recovered"] is False
+        got = [await recv_until(ws, lambda m: m.get("type") == "message") for _ in range(5)]
+        assert [m["offset"] for m in got] == [16, 17, 18, 19, 20]
+        r = await request(ws, {"op": "subscribe", "id": rid(), "channel": "trading-signals",
+                               "history": {"since": {"offset": 17, "epoch": epoch}}})
+        assert r["result"]["history"] == 3 and r["result"]["recovered"] is True  # within the caps: whole
+        await drop(wsd, ws, w["connection_id"])
+    big = "b" * 1500  # three of these do not fit in 4,000 bytes
+    for i in range(20, 30):
+        await wsd.ctl("publish", channel="trading-signals/acme", data={"i": i, "pad": big})
+    async with wsd.connect(token=token, query={"session": w["session_id"]}) as ws:
+        assert (await welcome(ws))["resumed"] is True
+        rec = await recv_until(ws, lambda m: m.get("type") in ("recovery", "message"))
+        assert rec["type"] == "recovery" and rec["recovered"] is False
+        await wsd.ctl("publish", channel="trading-signals/acme", data={"sentinel": "s9"})
+        seen = [m for m in await frames_before(ws, "s9") if m.get("type") == "message"]
+        assert [m["offset"] for m in seen] == [29, 30]
+        assert all(m["history"] is True for m in seen)

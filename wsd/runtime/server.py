@@ -154,6 +154,22 @@ def _capped(pubs: list[Any], max_messages: int, max_bytes: int, push: Callable[[
     return out, None
 
 
+def _newest_within(chosen: list[tuple[Any, bytes]], max_messages: int, max_bytes: int
+                   ) -> tuple[list[tuple[Any, bytes]], bool]:
+    """The newest of ``(publication, push)`` pairs that fit ``max_messages`` / ``max_bytes`` (at least one),
+    oldest first, and whether older ones were left out."""
+    n = len(chosen)
+    size = 0
+    k = 0
+    while k < n:
+        p = chosen[n - 1 - k][1]
+        if k >= max_messages or (k and size + len(p) > max_bytes):
+            return chosen[n - k:], True
+        size += len(p) + 1
+        k += 1
+    return chosen, False
+
+
 class Endpoint:
     """Handshake admission and the connection handler for one daemon."""
 
@@ -396,27 +412,37 @@ class Endpoint:
         """Send history (after ``since`` or the last ``limit``), then the live messages held meanwhile."""
         hub = self.daemon.hub
         res = await hub.history(sub.channel, limit, since)
-        last = 0
-        if reply is not None:
-            rid, result = reply
-            result["position"] = {"offset": res.position.offset, "epoch": res.position.epoch}
-            result["recovered"] = res.recovered
-            result["history"] = len(res.publications)
-            self.reply(conn, rid, result)
-        elif notify and not res.recovered:
-            hub.send_direct(conn, _encode({"type": "recovery", "channel": sub.channel, "recovered": False,
-                                           "position": {"offset": res.position.offset,
-                                                        "epoch": res.position.epoch}}), Priority.CRITICAL)
         # On resume, what an on_demand subscription missed is held for `pull`, not pushed; its offset
         # stays at the last pulled message until the client pulls.
         hold = notify and sub.mode == ON_DEMAND and sub.held is not None
+        last = 0
+        chosen: list[tuple[Any, bytes]] = []
         for pub in res.publications:
             if sub.types is not None and pub.type not in sub.types:
                 continue
             last = pub.offset
             push = hub.push_for(conn, pub)  # shaped by the routing rules as live delivery would
-            if push is None:
-                continue  # no rule sends it to this connection
+            if push is not None:  # None: no rule sends it to this connection
+                chosen.append((pub, push))
+        recovered = res.recovered
+        if not hold:
+            # At most one history reply's worth, the newest: a replay `since` a position that had to be cut
+            # is not a recovery (the client pages the rest with `history`).
+            lim = self.daemon.config.limits
+            chosen, cut = _newest_within(chosen, lim.history_max_messages, lim.history_max_bytes)
+            if cut and since is not None:
+                recovered = False
+        if reply is not None:
+            rid, result = reply
+            result["position"] = {"offset": res.position.offset, "epoch": res.position.epoch}
+            result["recovered"] = recovered
+            result["history"] = len(chosen)
+            self.reply(conn, rid, result)
+        elif notify and not recovered:
+            hub.send_direct(conn, _encode({"type": "recovery", "channel": sub.channel, "recovered": False,
+                                           "position": {"offset": res.position.offset,
+                                                        "epoch": res.position.epoch}}), Priority.CRITICAL)
+        for pub, push in chosen:
             if hold:
                 if len(sub.held) == sub.held.maxlen:
                     conn.drops_overflow += 1

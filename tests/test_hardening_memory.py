@@ -14,8 +14,17 @@ import re
 import secrets
 from typing import Any
 
-from tests.harness import (ControlError, frames_before, http_get, make_token, recv_json, recv_until, request,
-                           wait_for, welcome)
+from tests.harness import (
+    ControlError,
+    frames_before,
+    http_get,
+    make_token,
+    recv_json,
+    recv_until,
+    request,
+    wait_for,
+    welcome,
+)
 from tests.test_redis_engine import engine_toml, redis_url  # noqa: F401  (the redis-server fixture)
 from tests.test_wsctl import awsctl
 

@@ -821,3 +821,34 @@ async def test_subscribe_replays_and_resumes_are_capped_like_history_replies(wsd
         seen = [m for m in await frames_before(ws, "s9") if m.get("type") == "message"]
         assert [m["offset"] for m in seen] == [29, 30]
         assert all(m["history"] is True for m in seen)
+
+
+async def test_redis_subscribe_without_history_does_not_read_the_channel_history(wsd_factory, redis_url):  # noqa: F811
+    """A subscribe that asks for no history (or for the last few) reads only what it needs from Redis, not
+    the whole stored history of the channel each time."""
+    import redis.asyncio as aioredis
+
+    prefix = "t" + secrets.token_hex(3)
+    wsd = wsd_factory(engine_toml(redis_url, prefix) + channels_toml(history_size=100))
+    await fill(wsd, 100, 30000)  # about 3 MB of history
+    r = aioredis.Redis.from_url(redis_url)
+
+    async def sent_by_redis() -> int:
+        return int((await r.info("stats"))["total_net_output_bytes"])
+
+    try:
+        async with wsd.connect(token=make_token("alice", "acme")) as ws:
+            await welcome(ws)
+            before = await sent_by_redis()
+            for _ in range(5):
+                res = await request(ws, {"op": "subscribe", "id": rid(), "channel": "trading-signals"})
+                assert res["ok"] and res["result"]["position"]["offset"] == 100
+            res = await request(ws, {"op": "subscribe", "id": rid(), "channel": "trading-signals",
+                                     "history": {"limit": 2}})
+            assert res["result"]["history"] == 2
+            got = [await recv_until(ws, lambda m: m.get("type") == "message") for _ in range(2)]
+            assert [m["offset"] for m in got] == [99, 100]
+            spent = await sent_by_redis() - before
+        assert spent < 200_000, spent  # two 30 KB messages, not 6 x 3 MB
+    finally:
+        await r.aclose()

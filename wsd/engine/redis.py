@@ -247,11 +247,14 @@ class RedisEngine(Engine):
         del known[victim if victim is not None else next(iter(known))]
         self._stats["channels_evicted"] += 1
 
-    async def _read(self, channel: str) -> tuple[list[tuple[int, float, bytes]], int, str]:
+    async def _read(self, channel: str, newest: int | None = None) -> tuple[list[tuple[int, float, bytes]], int, str]:
+        """The channel's stored entries (only the ``newest`` N when given; none for 0) and position."""
         async with self.redis.pipeline(transaction=True) as p:
             p.hmget(self._meta(channel), "epoch", "offset")
-            p.lrange(self._hist(channel), 0, -1)
-            (epoch_b, off_b), items = await p.execute()
+            if newest is None or newest > 0:
+                p.lrange(self._hist(channel), -newest if newest else 0, -1)
+            (epoch_b, off_b), *rest = await p.execute()
+        items = rest[0] if rest else []
         epoch = epoch_b.decode() if epoch_b else ""
         top = int(off_b) if off_b else 0
         entries = []
@@ -262,7 +265,8 @@ class RedisEngine(Engine):
 
     async def history(self, channel: str, *, limit: int | None = None, since: StreamPosition | None = None,
                       ttl_s: float | None = None) -> HistoryResult:
-        entries, top, epoch = await self._read(channel)
+        # Without `since`, only the newest `limit` entries are read (none for a subscribe without history).
+        entries, top, epoch = await self._read(channel, limit if since is None else None)
         loop_now = asyncio.get_running_loop().time()
         if ttl_s is None:
             g = getattr(self, "groups", {}).get(channel.split("/", 1)[0])

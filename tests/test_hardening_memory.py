@@ -276,7 +276,8 @@ async def page_all(ws: Any, first: dict[str, Any], max_bytes: int) -> list[dict[
         if not res["more"]:
             assert "next" not in res
             return out
-        assert res["next"]["offset"] == res["messages"][-1]["offset"]
+        # the last position looked at: the last message, or past it when what follows was left out
+        assert not res["messages"] or res["next"]["offset"] >= res["messages"][-1]["offset"]
         frame = {"op": "history", "id": rid(), "channel": first["channel"], "since": res["next"]}
     raise AssertionError("paging did not end")
 
@@ -850,5 +851,43 @@ async def test_redis_subscribe_without_history_does_not_read_the_channel_history
             assert [m["offset"] for m in got] == [99, 100]
             spent = await sent_by_redis() - before
         assert spent < 200_000, spent  # two 30 KB messages, not 6 x 3 MB
+    finally:
+        await r.aclose()
+
+
+async def test_redis_history_since_reads_one_page_not_the_whole_history(wsd_factory, redis_url):  # noqa: F811
+    """`history` with `since` reads from Redis only the page it answers (and pages every message once)."""
+    import redis.asyncio as aioredis
+
+    prefix = "t" + secrets.token_hex(3)
+    wsd = wsd_factory(engine_toml(redis_url, prefix) + channels_toml(history_size=100),
+                      env=env(limits_history_max_messages=10))
+    await fill(wsd, 100, 30000)  # about 3 MB of history
+    r = aioredis.Redis.from_url(redis_url)
+    try:
+        async with wsd.connect(token=make_token("alice", "acme"), max_size=2**22) as ws:
+            await welcome(ws)
+            first = await request(ws, {"op": "history", "id": rid(), "channel": "trading-signals", "limit": 1})
+            epoch = first["result"]["position"]["epoch"]
+            before = int((await r.info("stats"))["total_net_output_bytes"])
+            h = await request(ws, {"op": "history", "id": rid(), "channel": "trading-signals",
+                                   "since": {"offset": 50, "epoch": epoch}})
+            spent = int((await r.info("stats"))["total_net_output_bytes"]) - before
+            res = h["result"]
+            assert [m["offset"] for m in res["messages"]] == list(range(51, 61)) and res["recovered"] is True
+            assert res["more"] is True and res["next"]["offset"] == 60
+            assert spent < 11 * 31000 + 20000, spent  # 11 entries, not 50
+            msgs = await page_all(ws, {"op": "history", "id": rid(), "channel": "trading-signals",
+                                       "since": {"offset": 0, "epoch": epoch}}, 2**22)
+            assert [m["offset"] for m in msgs] == list(range(1, 101))
+            gap = await request(ws, {"op": "history", "id": rid(), "channel": "trading-signals",
+                                     "since": {"offset": 5, "epoch": "other"}})
+            assert gap["result"]["recovered"] is False and gap["result"]["messages"][0]["offset"] == 1
+            top = await request(ws, {"op": "history", "id": rid(), "channel": "trading-signals",
+                                     "since": {"offset": 100, "epoch": epoch}})
+            assert top["result"]["recovered"] is True and top["result"]["messages"] == []
+            beyond = await request(ws, {"op": "history", "id": rid(), "channel": "trading-signals",
+                                        "since": {"offset": 150, "epoch": epoch}})
+            assert beyond["result"]["recovered"] is False and beyond["result"]["messages"] == []
     finally:
         await r.aclose()

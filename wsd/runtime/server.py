@@ -564,11 +564,17 @@ class Endpoint:
             sp = StreamPosition(f.since.offset, f.since.epoch) if f.since is not None else None
             if f.limit is not None and f.limit <= 0:
                 return self.error(conn, f.id, errors.BAD_REQUEST, "limit must be >= 1")
-            res = await hub.history(inst, f.limit, sp)
-            # Each message is the bytes stored at publish, spliced in: no decode/encode per message.
             lim = d.config.limits
+            want = f.limit
+            if sp is not None:  # read one page (and one more to know whether there is more), not everything
+                page = lim.history_max_messages + 1
+                want = page if f.limit is None else min(f.limit, page)
+            res = await hub.history(inst, want, sp)
+            # Each message is the bytes stored at publish, spliced in: no decode/encode per message.
             msgs, last = _capped(res.publications, lim.history_max_messages, lim.history_max_bytes,
                                  lambda pub: hub.history_push_for(conn, pub))
+            if last is None and want != f.limit and res.publications and len(res.publications) == want:
+                last = res.publications[-1]  # the page was read in full, some left out: there may be more
             result: dict[str, Any] = {"channel": inst, "recovered": res.recovered,
                                       "position": {"offset": res.position.offset, "epoch": res.position.epoch},
                                       "more": last is not None}

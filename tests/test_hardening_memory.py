@@ -889,5 +889,11 @@ async def test_redis_history_since_reads_one_page_not_the_whole_history(wsd_fact
             beyond = await request(ws, {"op": "history", "id": rid(), "channel": "trading-signals",
                                         "since": {"offset": 150, "epoch": epoch}})
             assert beyond["result"]["recovered"] is False and beyond["result"]["messages"] == []
+        async with wsd.connect(token=make_token("bob", "nobody")) as ws:  # a channel nobody published to
+            await welcome(ws)
+            for offset, recovered in ((0, True), (3, False)):
+                h = await request(ws, {"op": "history", "id": rid(), "channel": "trading-signals",
+                                       "since": {"offset": offset, "epoch": epoch}})
+                assert h["result"]["recovered"] is recovered and h["result"]["messages"] == []
     finally:
         await r.aclose()

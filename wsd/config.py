@@ -155,6 +155,7 @@ class LimitsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_session_bytes: int = 65536
     max_sessions_per_user: int = 20
     max_sessions: int = 100000
+    max_sessions_bytes: int = 268435456
     max_history_channels: int = 10000
     history_max_messages: int = 500
     history_max_bytes: int = 524288
@@ -1190,6 +1191,8 @@ max_session_bytes = 65536
 # Disconnected sessions kept per user and in total; beyond either the oldest is evicted (counted).
 max_sessions_per_user = 20
 max_sessions = 100000
+# Encoded bytes of all disconnected sessions together (memory engine); beyond it the oldest is evicted.
+max_sessions_bytes = 268435456
 # Channel instances whose history is held; beyond it the least recently used one without
 # subscribers is freed (instances without subscribers are also freed once their history expires).
 max_history_channels = 10000

@@ -68,3 +68,20 @@ def test_churn_of_distinct_owners_stays_flat():
         assert len(s) <= 50
     assert s.evicted == 4950 and s.owners() == 50
     assert s.sweep(1e9) == 50 and len(s) == 0 and s.owners() == 0 and s.bytes == 0
+
+
+def test_total_bytes_limit_evicts_the_oldest_until_the_new_one_fits():
+    """The sessions together stay within max_total_bytes: the oldest go first, as many as needed."""
+    s = SessionStore(max_total=100, max_per_owner=100, max_bytes=100, max_total_bytes=100)
+    for i in range(4):
+        s.save(f"s{i}", f"acme/u{i}", b"x" * 25, 100.0)
+    assert s.bytes == 100 and s.evicted == 0
+    assert s.save("big", "acme/v", b"y" * 60, 100.0) == 3  # s0, s1, s2 make room for 60
+    assert [k for k in ("s0", "s1", "s2", "s3", "big") if k in s] == ["s3", "big"]
+    assert s.bytes == 85 and s.evicted == 3
+    for i in range(200):
+        s.save(f"t{i}", f"acme/w{i}", b"z" * 30, 100.0)
+        assert s.bytes <= 100
+    with pytest.raises(SessionTooLarge):  # larger than the whole budget: refused, nothing evicted for it
+        s.save("huge", "acme/h", b"h" * 101, 100.0)
+    assert s.refused == 1 and s.bytes == 90

@@ -151,13 +151,17 @@ class HistoryStore:
       nobody is subscribed to (publishing and reading count as use). When every instance is in use the cap
       is exceeded rather than dropping a subscribed channel's history.
 
+    Instances found in use while making room are set aside (``_pinned``) until the next ``sweep`` finds them
+    unused again, so a store holding more subscribed instances than the cap does not look at each of them
+    again for every instance it creates.
+
     A freed instance's offsets are forgotten, so a re-created one must never count under the same epoch:
     every free moves the store to a new epoch (``base``, then ``base.1``, ``base.2``, ...) for instances
     created from then on. A client holding a position in a freed instance therefore gets ``recovered:
     false``, never a message it did not ask for under an offset it already saw.
     """
 
-    __slots__ = ("_buffers", "_gen", "base_epoch", "evicted", "expired", "in_use", "max_instances")
+    __slots__ = ("_buffers", "_gen", "_pinned", "base_epoch", "evicted", "expired", "in_use", "max_instances")
 
     def __init__(self, epoch: str, max_instances: int, in_use: Callable[[str], bool] = _never) -> None:
         if max_instances < 1:
@@ -165,7 +169,8 @@ class HistoryStore:
         self.base_epoch = epoch
         self.max_instances = max_instances
         self.in_use = in_use
-        self._buffers: dict[str, HistoryBuffer] = {}
+        self._buffers: dict[str, HistoryBuffer] = {}  # candidates for eviction, least recently used first
+        self._pinned: dict[str, HistoryBuffer] = {}  # found in use while making room: not candidates
         self._gen = 0
         self.evicted = 0
         self.expired = 0
@@ -179,11 +184,13 @@ class HistoryStore:
         """The instance's buffer, if held; ``touch`` marks it recently used."""
         buffers = self._buffers
         if not touch:
-            return buffers.get(channel)
+            buf = buffers.get(channel)
+            return buf if buf is not None else self._pinned.get(channel)
         buf = buffers.pop(channel, None)
         if buf is not None:
             buffers[channel] = buf
-        return buf
+            return buf
+        return self._pinned.get(channel)
 
     def append(self, channel: str, payload: object, size: int, ttl_s: float, now: float, wall: float
                ) -> HistoryBuffer:
@@ -191,6 +198,10 @@ class HistoryStore:
         buffers = self._buffers
         buf = buffers.pop(channel, None)
         if buf is None:
+            buf = self._pinned.get(channel)
+            if buf is not None:
+                buf.append(payload, now, wall)
+                return buf
             self._make_room()
             buf = HistoryBuffer(size, ttl_s, self.epoch)
         buffers[channel] = buf  # (re)inserted last: the most recently used
@@ -199,34 +210,40 @@ class HistoryStore:
 
     def _make_room(self) -> None:
         buffers = self._buffers
-        passed = 0
-        while len(buffers) >= self.max_instances and passed < len(buffers):
+        pinned = self._pinned
+        while buffers and len(buffers) + len(pinned) >= self.max_instances:
             name = next(iter(buffers))
             buf = buffers.pop(name)
             if self.in_use(name):
-                buffers[name] = buf  # subscribed: counts as used; look at the next oldest
-                passed += 1
+                pinned[name] = buf  # subscribed: set aside until a sweep finds it unused
                 continue
             self._gen += 1
             self.evicted += 1
 
     def sweep(self, now: float) -> int:
-        """Free every instance nobody is subscribed to whose messages have all expired; return how many."""
+        """Free every instance nobody is subscribed to whose messages have all expired; return how many.
+        Set-aside instances nobody uses any more become candidates for eviction again (as recently used)."""
         buffers = self._buffers
+        pinned = self._pinned
+        if pinned:
+            for name in [n for n in pinned if not self.in_use(n)]:
+                buffers[name] = pinned.pop(name)
         gone = [name for name, buf in buffers.items() if (buf.trim(now) or True) and not buf
                 and not self.in_use(name)]
         for name in gone:
             del buffers[name]
+        for buf in pinned.values():
+            buf.trim(now)
         if gone:
             self._gen += 1
             self.expired += len(gone)
         return len(gone)
 
     def items(self) -> list[tuple[str, HistoryBuffer]]:
-        return list(self._buffers.items())
+        return [*self._buffers.items(), *self._pinned.items()]
 
     def __len__(self) -> int:
-        return len(self._buffers)
+        return len(self._buffers) + len(self._pinned)
 
     def __contains__(self, channel: object) -> bool:
-        return channel in self._buffers
+        return channel in self._buffers or channel in self._pinned

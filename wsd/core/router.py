@@ -383,6 +383,18 @@ class RuleTable:
             self.messages_unrouted += 1
         return routes
 
+    def matching(self, msg: RoutedMessage) -> list[Route]:
+        """The routes ``route()`` would return for ``msg``, without counting anything (history reads)."""
+        routes: list[Route] = []
+        mapping = msg.as_mapping() if self._reads_msg else None
+        for rule in self._rules:
+            if rule.miss(msg, mapping) is not None:
+                continue
+            routes.append(rule.route)
+            if rule.stop:
+                break
+        return routes
+
     def explain(self, msg: RoutedMessage) -> tuple[list[dict[str, Any]], list[Route]]:
         """The walk ``route()`` would make for ``msg``, without counting it: a dry run.
 

@@ -34,18 +34,21 @@ class SessionStore:
     """Encoded sessions by id, each owned by a user (any hashable key), oldest first.
 
     ``max_total`` / ``max_per_owner`` bound the count (a save beyond either evicts the owner's, then the
-    store's, oldest session); ``max_bytes`` bounds one session's encoded size (a larger one raises
+    store's, oldest session) and ``max_total_bytes`` the encoded bytes of all sessions together (a save
+    beyond it evicts the oldest sessions until the new one fits); ``max_bytes`` bounds one session's encoded size (a larger one raises
     :class:`SessionTooLarge` and nothing is stored, and an older session under that id is dropped, since
     it no longer describes the client). Saving an id again replaces it and makes it the newest.
     """
 
     __slots__ = ("_by_owner", "_sessions", "bytes", "evicted", "expired", "max_bytes", "max_per_owner", "max_total",
-                 "refused")
+                 "max_total_bytes", "refused")
 
-    def __init__(self, max_total: int, max_per_owner: int, max_bytes: int) -> None:
+    def __init__(self, max_total: int, max_per_owner: int, max_bytes: int, max_total_bytes: float = float("inf")
+                 ) -> None:
         self.max_total = max_total
         self.max_per_owner = max_per_owner
         self.max_bytes = max_bytes
+        self.max_total_bytes = max_total_bytes
         self._sessions: dict[str, _Entry] = {}
         self._by_owner: dict[object, dict[str, None]] = {}
         self.bytes = 0
@@ -56,16 +59,18 @@ class SessionStore:
     def save(self, session_id: str, owner: object, blob: bytes, expires_at: float) -> int:
         """Store ``blob`` under ``session_id`` for ``owner``; return how many older sessions were evicted."""
         self.drop(session_id)
-        if len(blob) > self.max_bytes:
+        limit = self.max_bytes if self.max_bytes <= self.max_total_bytes else int(self.max_total_bytes)
+        if len(blob) > limit:
             self.refused += 1
-            raise SessionTooLarge(len(blob), self.max_bytes)
+            raise SessionTooLarge(len(blob), limit)
         evicted = 0
         mine = self._by_owner.get(owner)
         while mine and len(mine) >= self.max_per_owner:
             self._remove(next(iter(mine)))
             evicted += 1
             mine = self._by_owner.get(owner)
-        while len(self._sessions) >= self.max_total:
+        while self._sessions and (len(self._sessions) >= self.max_total
+                                  or self.bytes + len(blob) > self.max_total_bytes):
             self._remove(next(iter(self._sessions)))
             evicted += 1
         self._sessions[session_id] = _Entry(owner, blob, expires_at)

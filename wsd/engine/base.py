@@ -13,6 +13,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
+
 from wsd.core.history import StreamPosition
 
 log = logging.getLogger("wsd.engine")
@@ -32,10 +34,19 @@ def _never(channel: str) -> bool:
     return False
 
 
+class _Push(msgspec.Struct):
+    data: Any = None
+
+
+_decode_push = msgspec.json.Decoder(_Push).decode
+#: ``Publication._data`` once only the encoded push is kept: ``data`` is read back from ``payload``
+_IN_PAYLOAD = object()
+
+
 class Publication:
     """One published message, as stored in history and delivered to connections."""
 
-    __slots__ = ("channel", "company_id", "data", "epoch", "expires_at", "group", "id", "offset", "payload",
+    __slots__ = ("_data", "channel", "company_id", "epoch", "expires_at", "group", "id", "offset", "payload",
                  "priority", "source", "ts", "ttl_s", "type", "user_id")
 
     def __init__(self, *, id: str, channel: str, group: str, type: str, priority: int, data: Any, ts: float,
@@ -59,12 +70,22 @@ class Publication:
         #: of history) so history is served without encoding each stored message again
         self.payload: bytes | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__slots__ if k != "payload"}
+    @property
+    def data(self) -> Any:
+        d = self._data
+        if d is _IN_PAYLOAD:
+            return _decode_push(self.payload).data  # type: ignore[arg-type]
+        return d
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Publication:
-        return cls(**{k: d.get(k) for k in cls.__slots__ if k in d})
+    @data.setter
+    def data(self, value: Any) -> None:
+        self._data = value
+
+    def keep_payload_only(self) -> None:
+        """Drop the decoded ``data`` once ``payload`` holds it: a message kept in history is held once, as
+        the bytes it is sent as. ``data`` still reads it (decoded from the payload: the rare path)."""
+        if self.payload is not None:
+            self._data = _IN_PAYLOAD
 
 
 class HistoryResult:
@@ -87,6 +108,7 @@ class Engine(abc.ABC):
     max_sessions: int = 100000
     max_sessions_per_user: int = 20
     max_session_bytes: int = 65536
+    max_sessions_bytes: int = 268435456
 
     def __init__(self) -> None:
         #: whether a channel instance has subscribers on this node (the hub sets it): instances in use
@@ -99,6 +121,7 @@ class Engine(abc.ABC):
         self.max_sessions = limits.max_sessions
         self.max_sessions_per_user = limits.max_sessions_per_user
         self.max_session_bytes = limits.max_session_bytes
+        self.max_sessions_bytes = limits.max_sessions_bytes
 
     def sweep(self) -> None:
         """Called by the hub's once-a-second sweep: free expired sessions and unused channel instances."""

@@ -30,7 +30,8 @@ class MemoryEngine(Engine):
         self.epoch = secrets.token_hex(4)
         self._clock = clock
         self._store = HistoryStore(self.epoch, self.max_channels, self._in_use)
-        self._sessions = SessionStore(self.max_sessions, self.max_sessions_per_user, self.max_session_bytes)
+        self._sessions = SessionStore(self.max_sessions, self.max_sessions_per_user, self.max_session_bytes,
+                                      self.max_sessions_bytes)
 
     def _in_use(self, channel: str) -> bool:
         return self.in_use(channel)
@@ -39,8 +40,8 @@ class MemoryEngine(Engine):
         super().set_limits(limits)
         self._store.max_instances = self.max_channels
         s = self._sessions
-        s.max_total, s.max_per_owner, s.max_bytes = (self.max_sessions, self.max_sessions_per_user,
-                                                     self.max_session_bytes)
+        s.max_total, s.max_per_owner, s.max_bytes, s.max_total_bytes = (
+            self.max_sessions, self.max_sessions_per_user, self.max_session_bytes, self.max_sessions_bytes)
 
     async def start(self, on_remote: Callable[[Publication], None]) -> None:
         return None

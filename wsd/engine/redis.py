@@ -20,6 +20,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
+from itertools import islice
 from typing import Any
 
 import msgspec
@@ -51,6 +52,25 @@ if size > 0 then
 end
 redis.call('PUBLISH', KEYS[3], off .. ':' .. epoch .. ':' .. ARGV[6])
 return {off, epoch}
+"""
+
+# Read what follows a position: the entries after offset ARGV[1] when ARGV[2] is the channel's epoch (the list
+# holds consecutive offsets, so the first entry's offset gives the index), else all of them; at most ARGV[3]
+# (0 = no limit). KEYS: meta, hist. Returns {epoch, offset, entries}.
+_READ_SINCE = """
+local m = redis.call('HMGET', KEYS[1], 'epoch', 'offset')
+local start = 0
+if m[1] and m[1] == ARGV[2] then
+  local head = redis.call('LINDEX', KEYS[2], 0)
+  if head then
+    local s = tonumber(ARGV[1]) - tonumber(string.match(head, '^(%d+):')) + 1
+    if s > 0 then start = s end
+  end
+end
+local stop = -1
+local limit = tonumber(ARGV[3])
+if limit > 0 then stop = start + limit - 1 end
+return {m[1], m[2], redis.call('LRANGE', KEYS[2], start, stop)}
 """
 
 # Keep a session: drop expired entries from the session indexes (scores are expiry times), drop index
@@ -151,6 +171,7 @@ class RedisEngine(Engine):
         self._listener: asyncio.Task[None] | None = None
         self._on_remote: Callable[..., None] | None = None
         self._save_session = self.redis.register_script(_SAVE_SESSION)
+        self._read_since = self.redis.register_script(_READ_SINCE)
         # Positions of channel instances this node published to (position(), channels()): bounded by
         # max_channels (least recently published first) and forgotten once their history would have expired.
         self._known: dict[str, dict[str, Any]] = {}
@@ -234,21 +255,33 @@ class RedisEngine(Engine):
                                   "until": time.monotonic() + (history_ttl_s if history_ttl_s > 0 else float("inf"))}
 
     def _forget_oldest(self) -> None:
+        """Forget one position: the least recently published among the 64 oldest that has no subscriber here,
+        else the oldest. A bounded look, so a node with more subscribed channels than the cap does not walk
+        them all for each new channel (the map is only this node's view; Redis keeps the positions)."""
         known = self._known
-        for _ in range(len(known)):
-            name = next(iter(known))
-            v = known.pop(name)
-            if self.in_use(name):
-                known[name] = v
-                continue
-            self._stats["channels_evicted"] += 1
-            return
+        victim = None
+        for name in islice(known, 64):
+            if not self.in_use(name):
+                victim = name
+                break
+        del known[victim if victim is not None else next(iter(known))]
+        self._stats["channels_evicted"] += 1
 
-    async def _read(self, channel: str) -> tuple[list[tuple[int, float, bytes]], int, str]:
-        async with self.redis.pipeline(transaction=True) as p:
-            p.hmget(self._meta(channel), "epoch", "offset")
-            p.lrange(self._hist(channel), 0, -1)
-            (epoch_b, off_b), items = await p.execute()
+    async def _read(self, channel: str, newest: int | None = None, since: StreamPosition | None = None,
+                    limit: int | None = None) -> tuple[list[tuple[int, float, bytes]], int, str]:
+        """The channel's stored entries and position: only the ``newest`` N when given (none for 0); with
+        ``since``, only those after it (all when its epoch is not the channel's), at most ``limit``."""
+        if since is not None:
+            epoch_b, off_b, items = await self._read_since(
+                keys=[self._meta(channel), self._hist(channel)],
+                args=[max(0, since.offset), since.epoch, limit if limit and limit > 0 else 0])
+        else:
+            async with self.redis.pipeline(transaction=True) as p:
+                p.hmget(self._meta(channel), "epoch", "offset")
+                if newest is None or newest > 0:
+                    p.lrange(self._hist(channel), -newest if newest else 0, -1)
+                (epoch_b, off_b), *rest = await p.execute()
+            items = rest[0] if rest else []
         epoch = epoch_b.decode() if epoch_b else ""
         top = int(off_b) if off_b else 0
         entries = []
@@ -259,7 +292,9 @@ class RedisEngine(Engine):
 
     async def history(self, channel: str, *, limit: int | None = None, since: StreamPosition | None = None,
                       ttl_s: float | None = None) -> HistoryResult:
-        entries, top, epoch = await self._read(channel)
+        # Only what is asked for is read: the newest `limit` (none for a subscribe without history), or what
+        # follows `since`.
+        entries, top, epoch = await self._read(channel, limit if since is None else None, since, limit)
         loop_now = asyncio.get_running_loop().time()
         if ttl_s is None:
             g = getattr(self, "groups", {}).get(channel.split("/", 1)[0])

@@ -14,11 +14,9 @@ import ipaddress
 import json
 import logging
 import logging.handlers
-import os
 import resource
 import secrets
 import signal
-import socket
 import ssl
 import time
 from collections import deque

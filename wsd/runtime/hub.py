@@ -106,15 +106,26 @@ class Outgoing:
         return f
 
 
-_HISTORY_TAIL = b',"history":true}'
+HISTORY_TAIL = b',"history":true}'
 
 
-def history_payload(pub: Publication) -> bytes:
-    """The publication's push marked ``"history": true``, spliced from its stored encoding (no re-encode)."""
+def stored_push(pub: Publication) -> bytes:
+    """The publication's channel push, encoded once and kept on it."""
     payload = pub.payload
     if payload is None:
         payload = pub.payload = encode_push(pub)
-    return payload[:-1] + _HISTORY_TAIL
+    return payload
+
+
+def note_position(sub: Subscription, offset: int, epoch: str) -> None:
+    """Move a subscription's position to a message it was sent. A message of another epoch (its instance
+    was freed and created again, or a shared engine lost it) restarts the position in that epoch: an
+    offset of the old epoch means nothing in the new one."""
+    if epoch and epoch != sub.epoch:
+        sub.offset = offset
+        sub.epoch = epoch
+    elif offset > sub.offset:
+        sub.offset = offset
 
 
 def encode_push(pub: Publication, data: Any = None, seq: int | None = None, history: bool = False) -> bytes:
@@ -327,14 +338,25 @@ class Hub:
         if trace:
             report = self.trace_delivery(pub, now, broadcast=broadcast, pools=tuple(pools),
                                          companies=tuple(companies), limit=trace_limit)
+            self._keep_encoded(pub)
             return {"id": pub.id, "channel": channel, "offset": pub.offset, "epoch": pub.epoch,
                     "delivered": report["delivered"], "trace": report}
         t0 = _perf()
         delivered = self.route_and_deliver(pub, now, broadcast=broadcast, pools=tuple(pools),
                                            companies=tuple(companies))
         self.stats.observe_fanout(_perf() - t0)
+        self._keep_encoded(pub)
         return {"id": pub.id, "channel": channel, "offset": pub.offset, "epoch": pub.epoch,
                 "delivered": delivered}
+
+    @staticmethod
+    def _keep_encoded(pub: Publication) -> None:
+        """A publication this process keeps in history (it has an offset) is held as its encoded push only:
+        delivery is done with ``data``, and history is served from the payload."""
+        if pub.offset:
+            if pub.payload is None:
+                pub.payload = encode_push(pub)
+            pub.keep_payload_only()
 
     def _check_data(self, schema: Any, channel: str, msg_type: str, data: Any, source: str) -> None:
         """Refuse data that fails the channel group's schema: counted, audited once, never echoed."""
@@ -571,6 +593,7 @@ class Hub:
         last = items[-1]
         batch = Outgoing(payload, min(o.priority for o in items), None, sub.channel, last.offset, "batch",
                          items[0].pub_mono)
+        batch.epoch = last.epoch
         self.deliver(sub.conn, batch, count=len(items))
 
     def _narrow(self, conns: Iterable[Conn], pools: tuple[str, ...], companies: tuple[str, ...]
@@ -641,6 +664,50 @@ class Hub:
         if g.type == "company":
             return f"{group_id}/{pub.company_id}" if pub.company_id else ""
         return f"{group_id}/{pub.company_id}/{pub.user_id}" if pub.company_id and pub.user_id else ""
+
+    # -- stored messages read back (history, replays) -------------------------------------------------
+    def push_for(self, conn: Conn, pub: Publication) -> bytes | None:
+        """A stored message's push as ``conn`` would have got it live: the routing rules decide.
+
+        With no rule matching, the channel's push (the stored bytes). Otherwise the first matching rule whose
+        target reaches ``conn`` shapes it (its transform and ``conn``'s pool transform), as in
+        ``_deliver_routes``; None when no matching rule reaches ``conn`` (live delivery never sent it
+        there, so history does not either). A channel target counts as reaching whoever may read the
+        channel. Only with rules configured does this look at ``data``.
+        """
+        if not len(self.rules):
+            return stored_push(pub)
+        if isinstance(pub._data, msgspec.Raw):  # read back from a shared engine still encoded: rules see data
+            pub.data = msgspec.json.decode(pub._data)
+        routes = self.rules.matching(self._routed(pub))
+        if not routes:
+            return stored_push(pub)
+        msg_map = None
+        for route in routes:
+            target = route.target
+            ttype = target.type
+            if ttype == "individual":
+                if conn.id not in target.connection_ids:
+                    continue
+            elif ttype == "group":
+                if self._group_instance(target.group_id, pub) not in conn.subs:
+                    continue
+            elif ttype != "channel" and not self._narrow((conn,), tuple(target.pools), tuple(target.company_ids)):
+                continue
+            if route.conn_predicate is not None:
+                if msg_map is None:
+                    msg_map = self._routed(pub).as_mapping()
+                if not route.conn_predicate(msg_map, conn.as_conn_mapping()):
+                    continue
+            if route.transform is None and not route.pool_transforms:
+                return stored_push(pub)
+            return encode_push(pub, route.apply(pub.data, conn.pool.id))
+        return None
+
+    def history_push_for(self, conn: Conn, pub: Publication) -> bytes | None:
+        """``push_for`` marked ``"history": true``."""
+        p = self.push_for(conn, pub)
+        return None if p is None else p[:-1] + HISTORY_TAIL
 
     # -- explaining and tracing (wsctl rules test, wsctl publish --trace) ------------------------------
     def explain_routing(self, pub: Publication) -> dict[str, Any]:
@@ -840,8 +907,10 @@ class Hub:
             conn.bytes_out += len(frame)
             if out.offset and out.channel:
                 sub = conn.subs.get(out.channel)
-                if sub is not None:
+                if sub is not None:  # written in order: this is the position now, epoch included
                     sub.offset = out.offset
+                    if out.epoch:
+                        sub.epoch = out.epoch
             return
         self._enqueue(conn, out)
 
@@ -957,9 +1026,8 @@ class Hub:
     def _note_written(self, conn: Conn, out: Outgoing) -> None:
         if out.offset and out.channel:
             sub = conn.subs.get(out.channel)
-            if sub is not None and out.offset > sub.offset:
-                sub.offset = out.offset
-                sub.epoch = out.epoch  # a resume continues from here (a position without epoch replays all)
+            if sub is not None:
+                note_position(sub, out.offset, out.epoch)
 
     # -- reliable delivery ----------------------------------------------------------------------------
     def deliver_reliable(self, conn: Conn, pub: Publication, data: Any, max_retries: int, ack_timeout_s: float,
@@ -971,8 +1039,9 @@ class Hub:
         rs.next_seq += 1
         payload = encode_push(pub, data, seq=seq)
         rs.unacked[seq] = [payload, pub.priority, now + ack_timeout_s, max_retries, ack_timeout_s]
-        self.deliver(conn, Outgoing(payload, pub.priority, pub.expires_at, pub.channel, pub.offset, pub.type,
-                                     _perf()))
+        out = Outgoing(payload, pub.priority, pub.expires_at, pub.channel, pub.offset, pub.type, _perf())
+        out.epoch = pub.epoch
+        self.deliver(conn, out)
         return seq
 
     def ack(self, conn: Conn, seq: int) -> bool:

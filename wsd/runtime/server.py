@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import secrets
 import socket
 import time
+from collections.abc import Callable
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
@@ -31,14 +31,14 @@ from wsd.core.history import StreamPosition
 from wsd.core.outbox import Priority
 from wsd.core.ratelimit import TokenBucket
 from wsd.runtime.conn import BATCH, HISTORICAL, MODES, ON_DEMAND, Conn, ReliableState
-from wsd.runtime.hub import encode_push, history_payload
 from wsd.runtime.gate import InProgress, Repeats
+from wsd.runtime.hub import HISTORY_TAIL, Outgoing, note_position
 from wsd.runtime.logs import redact
 
 from wsd.runtime.daemon import ip_in
 
 if TYPE_CHECKING:
-    from wsd.runtime.daemon import Daemon, PoolRuntime
+    from wsd.runtime.daemon import Daemon
 
 log = logging.getLogger("wsd.server")
 _encode = msgspec.json.Encoder().encode
@@ -213,20 +213,43 @@ def request_target(path: str) -> tuple[str, str]:
     return p, q
 
 
-def _capped(pubs: list[Any], max_messages: int, max_bytes: int) -> tuple[list[bytes], bool]:
-    """The history payloads of the leading publications that fit one reply of ``max_messages`` /
-    ``max_bytes`` (at least one message), and whether any were cut."""
+def _capped(pubs: list[Any], max_messages: int, max_bytes: int, push: Callable[[Any], bytes | None]
+            ) -> tuple[list[bytes], Any]:
+    """The history pushes (``push(pub)``; None leaves a publication out) of the leading publications that fit
+    one reply of ``max_messages`` / ``max_bytes`` (at least one message), and the last publication looked at
+    when the reply was cut (None when it was not)."""
     out: list[bytes] = []
     size = 0
+    last = None
     for pub in pubs:
         if len(out) >= max_messages:
-            return out, True
-        p = history_payload(pub)
-        if out and size + len(p) > max_bytes:
-            return out, True
+            return out, last
+        p = push(pub)
+        if p is not None:
+            if out and size + len(p) > max_bytes:
+                return out, last
+            size += len(p) + 1
+            out.append(p)
+        last = pub
+    return out, None
+
+
+def _newest_within(chosen: list[tuple[Any, bytes]], max_messages: int, max_bytes: int
+                   ) -> tuple[list[tuple[Any, bytes]], bool]:
+    """The newest of ``(publication, push)`` pairs that fit ``max_messages`` / ``max_bytes`` (at least one),
+    oldest first, and whether older ones were left out."""
+    n = len(chosen)
+    size = 0
+    k = 0
+    while k < n:
+        p = chosen[n - 1 - k][1]
+        if k >= max_messages or (k and size + len(p) > max_bytes):
+            return chosen[n - k:], True
         size += len(p) + 1
-        out.append(p)
-    return out, False
+        k += 1
+    return chosen, False
+
+
 # Headers a handshake carries at most once; a duplicate is refused with 400 rather than guessed at.
 SINGLE_HEADERS = ("Host", "Origin", "Authorization", "Cookie", "User-Agent", "Sec-WebSocket-Key",
                   "Sec-WebSocket-Version")
@@ -588,31 +611,47 @@ class Endpoint:
         """Send history (after ``since`` or the last ``limit``), then the live messages held meanwhile."""
         hub = self.daemon.hub
         res = await hub.history(sub.channel, limit, since)
-        last = 0
-        if reply is not None:
-            rid, result = reply
-            result["position"] = {"offset": res.position.offset, "epoch": res.position.epoch}
-            result["recovered"] = res.recovered
-            result["history"] = len(res.publications)
-            self.reply(conn, rid, result)
-        elif notify and not res.recovered:
-            hub.send_direct(conn, _encode({"type": "recovery", "channel": sub.channel, "recovered": False,
-                                           "position": {"offset": res.position.offset,
-                                                        "epoch": res.position.epoch}}), Priority.CRITICAL)
         # On resume, what an on_demand subscription missed is held for `pull`, not pushed; its offset
         # stays at the last pulled message until the client pulls.
         hold = notify and sub.mode == ON_DEMAND and sub.held is not None
+        last = 0
+        chosen: list[tuple[Any, bytes]] = []
         for pub in res.publications:
             if sub.types is not None and pub.type not in sub.types:
                 continue
+            last = pub.offset
+            push = hub.push_for(conn, pub)  # shaped by the routing rules as live delivery would
+            if push is not None:  # None: no rule sends it to this connection
+                chosen.append((pub, push))
+        recovered = res.recovered
+        if not hold:
+            # At most one history reply's worth, the newest: a replay `since` a position that had to be cut
+            # is not a recovery (the client pages the rest with `history`).
+            lim = self.daemon.config.limits
+            chosen, cut = _newest_within(chosen, lim.history_max_messages, lim.history_max_bytes)
+            if cut and since is not None:
+                recovered = False
+        if reply is not None:
+            rid, result = reply
+            result["position"] = {"offset": res.position.offset, "epoch": res.position.epoch}
+            result["recovered"] = recovered
+            result["history"] = len(chosen)
+            self.reply(conn, rid, result)
+        elif notify and not recovered:
+            hub.send_direct(conn, _encode({"type": "recovery", "channel": sub.channel, "recovered": False,
+                                           "position": {"offset": res.position.offset,
+                                                        "epoch": res.position.epoch}}), Priority.CRITICAL)
+        for pub, push in chosen:
             if hold:
                 if len(sub.held) == sub.held.maxlen:
                     conn.drops_overflow += 1
                     hub.stats.dropped_overflow += 1
-                sub.held.append(hub._outgoing(pub, hub.loop.time()))
+                out = Outgoing(push, pub.priority, pub.expires_at, pub.channel, pub.offset, pub.type,
+                               time.perf_counter())
+                out.epoch = pub.epoch
+                sub.held.append(out)
             else:
-                hub.send_direct(conn, history_payload(pub), Priority.CRITICAL)
-            last = pub.offset
+                hub.send_direct(conn, push[:-1] + HISTORY_TAIL, Priority.CRITICAL)
         if not hold:
             top = res.position.offset if res.recovered or since is None else last
             sub.offset = max(sub.offset, last, top)
@@ -759,15 +798,21 @@ class Endpoint:
             sp = StreamPosition(f.since.offset, f.since.epoch) if f.since is not None else None
             if f.limit is not None and f.limit <= 0:
                 return self.error(conn, f.id, errors.BAD_REQUEST, "limit must be >= 1")
-            res = await hub.history(inst, f.limit, sp)
-            # Each message is the bytes stored at publish, spliced in: no decode/encode per message.
             lim = d.config.limits
-            msgs, more = _capped(res.publications, lim.history_max_messages, lim.history_max_bytes)
+            want = f.limit
+            if sp is not None:  # read one page (and one more to know whether there is more), not everything
+                page = lim.history_max_messages + 1
+                want = page if f.limit is None else min(f.limit, page)
+            res = await hub.history(inst, want, sp)
+            # Each message is the bytes stored at publish, spliced in: no decode/encode per message.
+            msgs, last = _capped(res.publications, lim.history_max_messages, lim.history_max_bytes,
+                                 lambda pub: hub.history_push_for(conn, pub))
+            if last is None and want != f.limit and res.publications and len(res.publications) == want:
+                last = res.publications[-1]  # the page was read in full, some left out: there may be more
             result: dict[str, Any] = {"channel": inst, "recovered": res.recovered,
                                       "position": {"offset": res.position.offset, "epoch": res.position.epoch},
-                                      "more": more}
-            if more:
-                last = res.publications[len(msgs) - 1]
+                                      "more": last is not None}
+            if last is not None:
                 result["next"] = {"offset": last.offset, "epoch": last.epoch}
             head = _encode({"id": f.id, "ok": True, "result": result})
             payload = head[:-2] + b',"messages":[' + b",".join(msgs) + b"]}}"
@@ -798,7 +843,7 @@ class Endpoint:
                     items.append(o)
                     size += len(o.payload) + 1
             if items:
-                sub.offset = max(sub.offset, items[-1].offset)
+                note_position(sub, items[-1].offset, items[-1].epoch)
             conn.msgs_out += len(items)
             remaining = len(held) if held else 0
             payload = (b'{"id":' + _encode(f.id) + b',"ok":true,"result":{"channel":' + _encode(inst)

@@ -21,12 +21,15 @@ from hypothesis import strategies as st
 
 from wsd.config import (
     REDACTED,
+    AuthConfig,
     Config,
     ConfigError,
     config_to_dict,
     default_config_toml,
     dump_config,
+    load,
     load_config,
+    resolved_auth,
     resolved_private_key,
     resolved_public_key,
     resolved_secret,
@@ -429,6 +432,44 @@ def test_rs_needs_public_key_and_matching_private_key(tmp_path: Path, rsa_keys) 
     assert has(errors_of(tmp_path, base + f'secret = "{SECRET}"\n'), "auth.secret: not used")
     cfg = load_config(write(tmp_path / "ok.toml", base + 'private_key_file = "priv.pem"\n'), env={})
     assert resolved_private_key(cfg) == priv
+
+
+def test_load_returns_the_key_material_it_read(tmp_path: Path, rsa_keys) -> None:
+    """load() returns the RS256 key pair read from the files with the config; the config keeps them, so
+    a key file changed after the load is not seen until the next load; the keys never show in repr."""
+    (pub, priv), (pub2, priv2) = rsa_keys
+    write(tmp_path / "pub.pem", pub)
+    write(tmp_path / "priv.pem", priv)
+    path = write(tmp_path / "w.toml",
+                 '[auth]\nalgorithms = ["RS256"]\npublic_key_file = "pub.pem"\nprivate_key_file = "priv.pem"\n')
+    loaded = load(path, env={})
+    assert loaded.auth.algorithms == ("RS256",) and not loaded.auth.hmac
+    assert loaded.auth.verify_key == pub and loaded.auth.sign_key == priv
+    assert resolved_auth(loaded.config) is loaded.auth
+    assert "BEGIN" not in repr(loaded.auth) and "BEGIN" not in repr(loaded)
+    write(tmp_path / "pub.pem", pub2)
+    write(tmp_path / "priv.pem", priv2)
+    assert resolved_auth(loaded.config).verify_key == pub  # what was checked at load, not the file now
+    again = load(path, env={})
+    assert again.auth.verify_key == pub2 and again.auth.sign_key == priv2
+
+
+def test_hmac_key_material_follows_the_auth_section(tmp_path: Path) -> None:
+    """HS256: verify and sign with the same secret; a config whose [auth] is replaced in code resolves
+    the new secret, and a bad key file in a hand-built config raises ConfigError naming its key."""
+    write(tmp_path / "secret.txt", SECRET + "\n")
+    loaded = load(write(tmp_path / "w.toml", '[auth]\nsecret_file = "secret.txt"\n'), env={})
+    assert loaded.auth.hmac and loaded.auth.verify_key == loaded.auth.sign_key == SECRET
+    assert SECRET not in repr(loaded.auth)
+    other = "o" * 40
+    cfg = msgspec.structs.replace(loaded.config,
+                                  auth=msgspec.structs.replace(loaded.config.auth, secret=other, secret_file=""))
+    assert resolved_auth(cfg).verify_key == other and resolved_secret(cfg) == other
+    assert resolved_auth(Config()).verify_key == ""  # built-in defaults: no secret (the daemon makes one)
+    bad = Config(auth=AuthConfig(algorithms=["RS256"], public_key_file=str(tmp_path / "missing.pem")))
+    with pytest.raises(ConfigError) as info:
+        resolved_auth(bad)
+    assert has(info.value.errors, "auth.public_key_file: cannot read")
 
 
 def test_es_algorithm_with_rsa_key_refused(tmp_path: Path, rsa_keys) -> None:

@@ -242,6 +242,7 @@ def test_man_pages_ship_in_the_wheel(tmp_path):
     names = zipfile.ZipFile(wheels[0]).namelist()
     assert any(n.endswith(".data/data/share/man/man1/wsctl.1") for n in names), names
     assert any(n.endswith(".data/data/share/man/man8/wsd.8") for n in names), names
+    assert "wsd/config/default.toml" in names, names  # what `wsd config init` writes
 
 
 def test_wsctl_man_finds_the_pages():

@@ -253,24 +253,15 @@ class Daemon:
         self._setup_audit(cfg)
 
     def _keys(self, cfg: Any) -> tuple[str, str]:
-        auth = cfg.auth
-        algs = list(auth.algorithms)
-        if algs[0].startswith("HS"):
-            secret = wconfig.resolved_secret(cfg)
-            if not secret:
-                secret = getattr(self, "_ephemeral", None) or secrets.token_urlsafe(48)
-                self._ephemeral = secret
-                self.ephemeral_secret = True
-            else:
-                self.ephemeral_secret = False
+        """(verify key, sign key): the ones the config's load read and checked; no file is read here."""
+        keys = wconfig.resolved_auth(cfg)
+        if keys.hmac and not keys.verify_key:
+            secret = getattr(self, "_ephemeral", None) or secrets.token_urlsafe(48)
+            self._ephemeral = secret
+            self.ephemeral_secret = True
             return secret, secret
-        with open(auth.public_key_file) as f:
-            pub = f.read()
-        priv = ""
-        if auth.private_key_file:
-            with open(auth.private_key_file) as f:
-                priv = f.read()
-        return pub, priv
+        self.ephemeral_secret = False
+        return keys.verify_key, keys.sign_key
 
     def _setup_audit(self, cfg: Any) -> None:
         if self._audit is not None:

@@ -7,6 +7,7 @@ import inspect
 import pytest
 
 from wsd.core import frames
+from wsd.runtime import conn
 from wsd.runtime.server import OP_HANDLERS, Endpoint
 
 
@@ -35,3 +36,7 @@ def test_an_endpoint_with_a_handler_for_no_op_fails_loudly():
     with pytest.raises(TypeError, match="op_teleport handles no frame type"):
         frames.handler_table(broken)
 
+
+
+def test_the_modes_the_frames_accept_are_the_modes_the_runtime_serves():
+    assert frames.MODES == conn.MODES

@@ -123,7 +123,7 @@ _CHOICES = {
 def explain(text: str) -> str:
     """The text of a decode error as a client reads it: a bad mode or priority names the allowed values.
 
-    msgspec's own words for these (``Invalid enum value 'x'``, ``Expected `str` matching regex ...``) do
+    msgspec's own words for these (``Invalid enum value 'x'``, ``Expected `int | str`, got `bool` ``) do
     not say what is allowed; the key path (`` - at `$.mode` ``) is kept.
     """
     _, sep, path = text.rpartition(" - at `")

@@ -381,3 +381,32 @@ async def test_listen_only_subscriber_is_not_idle(wsd_factory):
         assert res["delivered"] == 1
         msg = await recv_until(ws, lambda m: m.get("type") == "message")
         assert msg["data"] == {"still": "here"}
+
+
+async def test_a_bad_mode_or_priority_is_answered_with_the_allowed_values(wsd):
+    """A mode or priority outside its set is bad_request naming the field, its allowed values and the key path;
+    nothing is subscribed or published, and every allowed value then works on the same connection."""
+    modes = ("realtime", "batch", "on_demand", "historical")
+    async with wsd.connect("api", token=make_token("svc", "acme")) as ws:
+        await welcome(ws)
+        for mode in ("streaming", "REALTIME", 3):
+            reply = await request(ws, {"op": "subscribe", "id": rid(), "channel": "trading-signals", "mode": mode})
+            assert reply["ok"] is False and reply["error"] == {
+                "code": "bad_request",
+                "message": "mode must be one of realtime, batch, on_demand, historical - at `$.mode`"}, reply
+        for priority in ("urgent", "HIGH", 4, True, None):
+            reply = await request(ws, {"op": "publish", "id": rid(), "channel": "trading-signals", "data": {},
+                                       "priority": priority})
+            assert reply["ok"] is False and reply["error"] == {
+                "code": "bad_request",
+                "message": "priority must be critical, high, normal or low (or 0..3) - at `$.priority`"}, reply
+        assert (await wsd.ctl("subscriptions.list"))["total"] == 0
+        offsets = []
+        for priority in ("critical", "high", "normal", "low", 0, 3):
+            reply = await request(ws, {"op": "publish", "id": rid(), "channel": "trading-signals", "data": {},
+                                       "priority": priority})
+            assert reply["ok"], reply
+            offsets.append(reply["result"]["offset"])
+        assert offsets == [1, 2, 3, 4, 5, 6]  # none of the refused publishes was stored
+        for mode in modes:
+            assert (await subscribe(ws, "trading-signals", mode=mode))["mode"] == mode

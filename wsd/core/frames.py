@@ -5,15 +5,25 @@ Decoding validates shape and types at once; an error names the key path (``$.his
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+import inspect
+from collections.abc import Callable
+from typing import Annotated, Any, Literal, get_args
 
 import msgspec
+
+from wsd.core.outbox import PRIORITY_NAMES
 
 # The largest count or offset a client may send (2**53 - 1, what every JSON client can represent). An
 # unbounded int decodes fine but breaks the code it reaches (islice, deque sizes): refused at decode.
 MAX_COUNT = 2**53 - 1
 Count = Annotated[int, msgspec.Meta(le=MAX_COUNT)]
 Offset = Annotated[int, msgspec.Meta(ge=0, le=MAX_COUNT)]
+
+#: a subscription's mode (docs/protocol.md, "Subscription modes")
+Mode = Literal["realtime", "batch", "on_demand", "historical"]
+MODES: tuple[str, ...] = get_args(Mode)
+#: a message's priority on the wire: its name or its number (0 is critical), both read from Priority
+PriorityValue = Literal[(*PRIORITY_NAMES, *range(len(PRIORITY_NAMES)))]  # type: ignore[valid-type]
 
 
 class Position(msgspec.Struct, forbid_unknown_fields=True):
@@ -33,7 +43,7 @@ class FilterReq(msgspec.Struct, forbid_unknown_fields=True):
 class Subscribe(msgspec.Struct, tag="subscribe", tag_field="op", forbid_unknown_fields=True):
     id: int | str
     channel: str
-    mode: str = "realtime"
+    mode: Mode = "realtime"
     history: HistoryReq | None = None
     filter: FilterReq | None = None
 
@@ -61,7 +71,7 @@ class Publish(msgspec.Struct, tag="publish", tag_field="op", forbid_unknown_fiel
     channel: str
     type: str = "message"
     data: Any = None
-    priority: str | int = "normal"
+    priority: PriorityValue = "normal"
     ttl: float | None = None
 
 
@@ -85,9 +95,69 @@ class Presence(msgspec.Struct, tag="presence", tag_field="op", forbid_unknown_fi
 
 
 ClientFrame = Subscribe | Unsubscribe | History | Pull | Publish | Ack | Ping | Refresh | Presence
-OPS = ("subscribe", "unsubscribe", "history", "pull", "publish", "ack", "ping", "refresh", "presence")
+#: the client frame types, in the union's order
+FRAME_TYPES: tuple[type[msgspec.Struct], ...] = get_args(ClientFrame)
+
+
+def op_of(frame_type: type[msgspec.Struct]) -> str:
+    """The ``op`` a frame type is decoded from: its tag in the union."""
+    config = frame_type.__struct_config__
+    if config.tag_field != "op" or not isinstance(config.tag, str):
+        raise TypeError(f"{frame_type.__name__} is not a client frame: it has no string tag in field 'op'")
+    return config.tag
+
+
+#: every op a client may send, read from the union's tags (never listed by hand)
+OPS: tuple[str, ...] = tuple(op_of(t) for t in FRAME_TYPES)
 
 decoder = msgspec.json.Decoder(ClientFrame)
+
+#: what a client is told when a field holds a value outside its allowed set, by the key path decoding names
+_CHOICES = {
+    "$.mode": f"mode must be one of {', '.join(MODES)}",
+    "$.priority": f"priority must be {', '.join(PRIORITY_NAMES[:-1])} or {PRIORITY_NAMES[-1]} "
+                  f"(or 0..{len(PRIORITY_NAMES) - 1})",
+}
+
+
+def explain(text: str) -> str:
+    """The text of a decode error as a client reads it: a bad mode or priority names the allowed values.
+
+    msgspec's own words for these (``Invalid enum value 'x'``, ``Expected `int | str`, got `bool` ``) do
+    not say what is allowed; the key path (`` - at `$.mode` ``) is kept.
+    """
+    _, sep, path = text.rpartition(" - at `")
+    if sep:
+        choices = _CHOICES.get(path[:-1])
+        if choices is not None:
+            return f"{choices} - at `{path}"
+    return text
+
+
+def handler_table(owner: type, frame_types: tuple[type[msgspec.Struct], ...] = FRAME_TYPES,
+                  prefix: str = "op_") -> dict[type[msgspec.Struct], Callable[..., Any]]:
+    """Each frame type's handler: the coroutine function ``owner.<prefix><op>``, found once.
+
+    Raises TypeError, naming them, when a frame type has no handler, a handler is not ``async def``, or a
+    ``<prefix>`` method has no frame type: an op is never silently unserved, a handler never dead.
+    """
+    table: dict[type[msgspec.Struct], Callable[..., Any]] = {}
+    problems: list[str] = []
+    for frame_type in frame_types:
+        name = prefix + op_of(frame_type)
+        handler = inspect.getattr_static(owner, name, None)
+        if handler is None:
+            problems.append(f"op {op_of(frame_type)!r} ({frame_type.__name__}) has no handler {name}")
+        elif not inspect.iscoroutinefunction(handler):
+            problems.append(f"{name} must be an async def method")
+        else:
+            table[frame_type] = handler
+    ops = {prefix + op_of(t) for t in frame_types}
+    for name in sorted(n for n in dir(owner) if n.startswith(prefix) and n not in ops):
+        problems.append(f"{name} handles no frame type (ops: {', '.join(op_of(t) for t in frame_types)})")
+    if problems:
+        raise TypeError(f"{owner.__name__}: " + "; ".join(problems))
+    return table
 
 
 class _IdOnly(msgspec.Struct):

@@ -12,7 +12,7 @@ import logging
 import secrets
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
@@ -30,7 +30,7 @@ from wsd.core.channels import ChannelError, Principal, instance_parts, may_publi
 from wsd.core.history import StreamPosition
 from wsd.core.outbox import Priority
 from wsd.core.ratelimit import TokenBucket
-from wsd.runtime.conn import BATCH, HISTORICAL, MODES, ON_DEMAND, Conn, ReliableState
+from wsd.runtime.conn import BATCH, HISTORICAL, ON_DEMAND, Conn, ReliableState
 from wsd.runtime.gate import InProgress, Repeats
 from wsd.runtime.hub import HISTORY_TAIL, Outgoing, note_position
 from wsd.runtime.logs import redact
@@ -723,6 +723,8 @@ class Endpoint:
                 text = f"unknown op {what}; expected one of {', '.join(frames.OPS)}"
             elif op is None and "Object missing required field `op`" in text:
                 text = "missing 'op'"
+            else:
+                text = frames.explain(text)
             self.error(conn, rid, code, text)
             return
         try:
@@ -753,139 +755,144 @@ class Endpoint:
                    "internal error: the connection is closed with 1011; resume and retry")
         hub.close(conn, errors.INTERNAL.code, errors.INTERNAL.reason)
 
-    async def dispatch(self, conn: Conn, f: Any) -> None:
+    def dispatch(self, conn: Conn, f: frames.ClientFrame) -> Coroutine[Any, Any, None]:
+        """Serve one decoded client frame: the handler of its op (``op_<op>``, by ``OP_HANDLERS``).
+
+        Frames arrive decoded and validated (types, modes, priorities): a handler checks what only the
+        connection and the config can tell (rights, limits, subscriptions). Every frame type has exactly
+        one handler, checked when this module is imported.
+        """
+        return OP_HANDLERS[type(f)](self, conn, f)
+
+    async def op_subscribe(self, conn: Conn, f: frames.Subscribe) -> None:
         d = self.daemon
         hub = d.hub
-        if isinstance(f, frames.Subscribe):
-            if f.mode not in MODES:
-                return self.error(conn, f.id, errors.BAD_REQUEST, f"mode must be one of {', '.join(MODES)}")
-            group, inst = resolve(f.channel, conn.principal, d.config.channels)
-            if inst not in conn.subs and len(conn.subs) >= d.config.limits.max_subscriptions_per_connection:
-                return self.error(conn, f.id, errors.TOO_MANY_SUBSCRIPTIONS,
-                                  f"at most {d.config.limits.max_subscriptions_per_connection} subscriptions")
-            if f.history is not None and f.history.limit is not None and f.history.limit < 0:
-                return self.error(conn, f.id, errors.BAD_REQUEST, "history.limit must be >= 0")
-            if f.filter is not None and f.filter.types:
-                lim = d.config.limits
-                if len(f.filter.types) > lim.max_filter_types:
-                    return self.error(conn, f.id, errors.FILTER_TOO_LARGE,
-                                      f"filter.types has {len(f.filter.types)} types; at most {lim.max_filter_types}")
-                if max(map(len, f.filter.types)) > lim.max_filter_type_length:
-                    return self.error(conn, f.id, errors.FILTER_TOO_LARGE,
-                                      f"a filter.types entry is longer than {lim.max_filter_type_length} characters")
-            types = frozenset(f.filter.types) if f.filter is not None and f.filter.types else None
-            sub = hub.add_subscription(conn, inst, group, f.mode, types)
-            result: dict[str, Any] = {"channel": inst, "group": group, "mode": f.mode, "subscription_id": sub.id}
-            want_history = f.history is not None or f.mode == HISTORICAL
-            sub.pending = []
-            if not want_history:
-                # No history wanted: still read the channel's position (shared engines keep it outside
-                # this process), holding live messages meanwhile so the reply comes first.
-                await self._replay(conn, sub, None, 0, reply=(f.id, result))
-                return None
-            since = f.history.since if f.history is not None else None
-            limit = f.history.limit if f.history is not None else None
-            sp = StreamPosition(since.offset, since.epoch) if since is not None else None
-            await self._replay(conn, sub, sp, limit, reply=(f.id, result))
-            return None
-        if isinstance(f, frames.Unsubscribe):
-            _, inst = resolve(f.channel, conn.principal, d.config.channels)
-            if not hub.remove_subscription(conn, inst):
-                return self.error(conn, f.id, errors.NOT_SUBSCRIBED, f"not subscribed to {inst}")
-            return self.reply(conn, f.id, {"channel": inst})
-        if isinstance(f, frames.History):
-            _, inst = resolve(f.channel, conn.principal, d.config.channels)
-            sp = StreamPosition(f.since.offset, f.since.epoch) if f.since is not None else None
-            if f.limit is not None and f.limit <= 0:
-                return self.error(conn, f.id, errors.BAD_REQUEST, "limit must be >= 1")
+        group, inst = resolve(f.channel, conn.principal, d.config.channels)
+        if inst not in conn.subs and len(conn.subs) >= d.config.limits.max_subscriptions_per_connection:
+            return self.error(conn, f.id, errors.TOO_MANY_SUBSCRIPTIONS,
+                              f"at most {d.config.limits.max_subscriptions_per_connection} subscriptions")
+        if f.history is not None and f.history.limit is not None and f.history.limit < 0:
+            return self.error(conn, f.id, errors.BAD_REQUEST, "history.limit must be >= 0")
+        if f.filter is not None and f.filter.types:
             lim = d.config.limits
-            want = f.limit
-            if sp is not None:  # read one page (and one more to know whether there is more), not everything
-                page = lim.history_max_messages + 1
-                want = page if f.limit is None else min(f.limit, page)
-            res = await hub.history(inst, want, sp)
-            # Each message is the bytes stored at publish, spliced in: no decode/encode per message.
-            msgs, last = _capped(res.publications, lim.history_max_messages, lim.history_max_bytes,
-                                 lambda pub: hub.history_push_for(conn, pub))
-            if last is None and want != f.limit and res.publications and len(res.publications) == want:
-                last = res.publications[-1]  # the page was read in full, some left out: there may be more
-            result: dict[str, Any] = {"channel": inst, "recovered": res.recovered,
-                                      "position": {"offset": res.position.offset, "epoch": res.position.epoch},
-                                      "more": last is not None}
-            if last is not None:
-                result["next"] = {"offset": last.offset, "epoch": last.epoch}
-            head = _encode({"id": f.id, "ok": True, "result": result})
-            payload = head[:-2] + b',"messages":[' + b",".join(msgs) + b"]}}"
-            hub.send_direct(conn, payload, Priority.CRITICAL)
+            if len(f.filter.types) > lim.max_filter_types:
+                return self.error(conn, f.id, errors.FILTER_TOO_LARGE,
+                                  f"filter.types has {len(f.filter.types)} types; at most {lim.max_filter_types}")
+            if max(map(len, f.filter.types)) > lim.max_filter_type_length:
+                return self.error(conn, f.id, errors.FILTER_TOO_LARGE,
+                                  f"a filter.types entry is longer than {lim.max_filter_type_length} characters")
+        types = frozenset(f.filter.types) if f.filter is not None and f.filter.types else None
+        sub = hub.add_subscription(conn, inst, group, f.mode, types)
+        result: dict[str, Any] = {"channel": inst, "group": group, "mode": f.mode, "subscription_id": sub.id}
+        want_history = f.history is not None or f.mode == HISTORICAL
+        sub.pending = []
+        if not want_history:
+            # No history wanted: still read the channel's position (shared engines keep it outside
+            # this process), holding live messages meanwhile so the reply comes first.
+            await self._replay(conn, sub, None, 0, reply=(f.id, result))
             return None
-        if isinstance(f, frames.Pull):
-            _, inst = resolve(f.channel, conn.principal, d.config.channels)
-            hub.flush_channel(inst)  # a pull sees everything published before it, coalesced or not
-            sub = conn.subs.get(inst)
-            if sub is None or sub.mode != ON_DEMAND:
-                return self.error(conn, f.id, errors.NOT_SUBSCRIBED, f"no on_demand subscription to {inst}")
-            if f.limit is not None and f.limit <= 0:
-                return self.error(conn, f.id, errors.BAD_REQUEST, "limit must be >= 1")
-            held = sub.held
-            lim = d.config.limits
-            n = min(len(held) if held else 0, lim.history_max_messages)
-            if f.limit is not None:
-                n = min(n, f.limit)
-            now = d.loop.time()
-            items = []
-            size = 0
-            while held and len(items) < n:
-                o = held[0]
-                if items and size + len(o.payload) > lim.history_max_bytes:
-                    break  # the byte cap: what is left stays held for the next pull
-                held.popleft()
-                if o.expires_at is None or o.expires_at > now:
-                    items.append(o)
-                    size += len(o.payload) + 1
-            if items:
-                note_position(sub, items[-1].offset, items[-1].epoch)
-            conn.msgs_out += len(items)
-            remaining = len(held) if held else 0
-            payload = (b'{"id":' + _encode(f.id) + b',"ok":true,"result":{"channel":' + _encode(inst)
-                       + b',"remaining":' + str(remaining).encode()
-                       + b',"more":' + (b"true" if remaining else b"false")
-                       + b',"messages":[' + b",".join(o.payload for o in items) + b"]}}")
-            hub.send_direct(conn, payload, Priority.CRITICAL)
-            return None
-        if isinstance(f, frames.Publish):
-            if conn.closing:  # sent before the client saw our close: no reply can reach it, nothing is published
-                return None
-            group, inst = resolve(f.channel, conn.principal, d.config.channels)
-            gcfg = d.config.channels[group]
-            if not may_publish(gcfg, conn.principal):
-                return self.error(conn, f.id, errors.FORBIDDEN, f"not allowed to publish to {group}")
-            try:
-                prio = Priority.parse(f.priority)
-            except ValueError:
-                return self.error(conn, f.id, errors.BAD_REQUEST, "priority must be critical, high, normal or low")
-            if f.ttl is not None and f.ttl <= 0:
-                return self.error(conn, f.id, errors.BAD_REQUEST, "ttl must be > 0 seconds")
-            _, company, user = instance_parts(inst)
-            res = await hub.publish(channel=inst, group=group, msg_type=f.type, data=f.data, priority=int(prio),
-                                    ttl_s=f.ttl, source=f"client:{conn.id}", user_id=user, company_id=company)
-            return self.reply(conn, f.id, res)
-        if isinstance(f, frames.Ack):
-            if not hub.ack(conn, f.seq) and f.id is not None:
-                self.error(conn, f.id, errors.NOT_FOUND, f"no unacked message with seq {f.seq}")
-            return None
-        if isinstance(f, frames.Ping):
-            return self.reply(conn, f.id, {"pong": time.time()})
-        if isinstance(f, frames.Presence):
-            # Who is subscribed where is tenant data: only admin-pool connections and admins may ask.
-            if conn.pool.type != "admin" and not conn.principal.is_admin:
-                return self.error(conn, f.id, errors.FORBIDDEN, "presence is for the admin pool")
-            _, inst = resolve(f.channel, conn.principal, d.config.channels)
-            return self.reply(conn, f.id, hub.presence(inst))
-        if isinstance(f, frames.Refresh):
-            return self.refresh(conn, f)
-        return self.error(conn, getattr(f, "id", None), errors.UNKNOWN_OP, "unknown op")
+        since = f.history.since if f.history is not None else None
+        limit = f.history.limit if f.history is not None else None
+        sp = StreamPosition(since.offset, since.epoch) if since is not None else None
+        await self._replay(conn, sub, sp, limit, reply=(f.id, result))
+        return None
 
-    def refresh(self, conn: Conn, f: frames.Refresh) -> None:
+    async def op_unsubscribe(self, conn: Conn, f: frames.Unsubscribe) -> None:
+        d = self.daemon
+        _, inst = resolve(f.channel, conn.principal, d.config.channels)
+        if not d.hub.remove_subscription(conn, inst):
+            return self.error(conn, f.id, errors.NOT_SUBSCRIBED, f"not subscribed to {inst}")
+        return self.reply(conn, f.id, {"channel": inst})
+
+    async def op_history(self, conn: Conn, f: frames.History) -> None:
+        d = self.daemon
+        hub = d.hub
+        _, inst = resolve(f.channel, conn.principal, d.config.channels)
+        sp = StreamPosition(f.since.offset, f.since.epoch) if f.since is not None else None
+        if f.limit is not None and f.limit <= 0:
+            return self.error(conn, f.id, errors.BAD_REQUEST, "limit must be >= 1")
+        lim = d.config.limits
+        want = f.limit
+        if sp is not None:  # read one page (and one more to know whether there is more), not everything
+            page = lim.history_max_messages + 1
+            want = page if f.limit is None else min(f.limit, page)
+        res = await hub.history(inst, want, sp)
+        # Each message is the bytes stored at publish, spliced in: no decode/encode per message.
+        msgs, last = _capped(res.publications, lim.history_max_messages, lim.history_max_bytes,
+                             lambda pub: hub.history_push_for(conn, pub))
+        if last is None and want != f.limit and res.publications and len(res.publications) == want:
+            last = res.publications[-1]  # the page was read in full, some left out: there may be more
+        result: dict[str, Any] = {"channel": inst, "recovered": res.recovered,
+                                  "position": {"offset": res.position.offset, "epoch": res.position.epoch},
+                                  "more": last is not None}
+        if last is not None:
+            result["next"] = {"offset": last.offset, "epoch": last.epoch}
+        head = _encode({"id": f.id, "ok": True, "result": result})
+        payload = head[:-2] + b',"messages":[' + b",".join(msgs) + b"]}}"
+        hub.send_direct(conn, payload, Priority.CRITICAL)
+        return None
+
+    async def op_pull(self, conn: Conn, f: frames.Pull) -> None:
+        d = self.daemon
+        hub = d.hub
+        _, inst = resolve(f.channel, conn.principal, d.config.channels)
+        hub.flush_channel(inst)  # a pull sees everything published before it, coalesced or not
+        sub = conn.subs.get(inst)
+        if sub is None or sub.mode != ON_DEMAND:
+            return self.error(conn, f.id, errors.NOT_SUBSCRIBED, f"no on_demand subscription to {inst}")
+        if f.limit is not None and f.limit <= 0:
+            return self.error(conn, f.id, errors.BAD_REQUEST, "limit must be >= 1")
+        held = sub.held
+        lim = d.config.limits
+        n = min(len(held) if held else 0, lim.history_max_messages)
+        if f.limit is not None:
+            n = min(n, f.limit)
+        now = d.loop.time()
+        items = []
+        size = 0
+        while held and len(items) < n:
+            o = held[0]
+            if items and size + len(o.payload) > lim.history_max_bytes:
+                break  # the byte cap: what is left stays held for the next pull
+            held.popleft()
+            if o.expires_at is None or o.expires_at > now:
+                items.append(o)
+                size += len(o.payload) + 1
+        if items:
+            note_position(sub, items[-1].offset, items[-1].epoch)
+        conn.msgs_out += len(items)
+        remaining = len(held) if held else 0
+        payload = (b'{"id":' + _encode(f.id) + b',"ok":true,"result":{"channel":' + _encode(inst)
+                   + b',"remaining":' + str(remaining).encode()
+                   + b',"more":' + (b"true" if remaining else b"false")
+                   + b',"messages":[' + b",".join(o.payload for o in items) + b"]}}")
+        hub.send_direct(conn, payload, Priority.CRITICAL)
+        return None
+
+    async def op_publish(self, conn: Conn, f: frames.Publish) -> None:
+        if conn.closing:  # sent before the client saw our close: no reply can reach it, nothing is published
+            return None
+        d = self.daemon
+        group, inst = resolve(f.channel, conn.principal, d.config.channels)
+        gcfg = d.config.channels[group]
+        if not may_publish(gcfg, conn.principal):
+            return self.error(conn, f.id, errors.FORBIDDEN, f"not allowed to publish to {group}")
+        if f.ttl is not None and f.ttl <= 0:
+            return self.error(conn, f.id, errors.BAD_REQUEST, "ttl must be > 0 seconds")
+        prio = Priority.parse(f.priority)  # one of the names or numbers: checked at decode
+        _, company, user = instance_parts(inst)
+        res = await d.hub.publish(channel=inst, group=group, msg_type=f.type, data=f.data, priority=int(prio),
+                                  ttl_s=f.ttl, source=f"client:{conn.id}", user_id=user, company_id=company)
+        return self.reply(conn, f.id, res)
+
+    async def op_ack(self, conn: Conn, f: frames.Ack) -> None:
+        if not self.daemon.hub.ack(conn, f.seq) and f.id is not None:
+            self.error(conn, f.id, errors.NOT_FOUND, f"no unacked message with seq {f.seq}")
+
+    async def op_ping(self, conn: Conn, f: frames.Ping) -> None:
+        return self.reply(conn, f.id, {"pong": time.time()})
+
+    async def op_refresh(self, conn: Conn, f: frames.Refresh) -> None:
         """Take a new token: same user and company; the pool must still admit it; rights are checked again.
 
         Every subscription the new claims no longer allow is dropped, each announced with an
@@ -940,3 +947,15 @@ class Endpoint:
         d.emit("token_refreshed", connection_id=conn.id, user_id=conn.user_id, exp=claims.exp,
                unsubscribed=len(dropped))
         return self.reply(conn, f.id, {"exp": claims.exp})
+
+    async def op_presence(self, conn: Conn, f: frames.Presence) -> None:
+        # Who is subscribed where is tenant data: only admin-pool connections and admins may ask.
+        if conn.pool.type != "admin" and not conn.principal.is_admin:
+            return self.error(conn, f.id, errors.FORBIDDEN, "presence is for the admin pool")
+        d = self.daemon
+        _, inst = resolve(f.channel, conn.principal, d.config.channels)
+        return self.reply(conn, f.id, d.hub.presence(inst))
+
+
+#: frame type -> its Endpoint handler; importing this module fails when an op has no handler or a handler no op
+OP_HANDLERS = frames.handler_table(Endpoint)

@@ -440,8 +440,21 @@ class Client:
         sub = Subscription(self, channel, spec, mode, list(types) if types is not None else None)
         if spec is not None and "since" in spec:
             sub._last = position_from(spec["since"])
-        await self._idempotent(self._subscribe_frame(sub, spec), ("subscribed", sub, spec))
+        res = await self._idempotent(self._subscribe_frame(sub, spec), ("subscribed", sub, spec))
+        self._register(sub, res)  # also done in order by the processing task; whichever runs first
         return sub
+
+    def _register(self, sub: Subscription, res: dict[str, Any]) -> None:
+        if sub._ended:
+            return
+        sub.result = res
+        sub.channel = str(res.get("channel") or sub.requested)
+        old = self._channels.get(sub.channel)
+        if old is not None and old is not sub:
+            self._drop(old, None)  # subscribing again replaces the subscription (as on the server)
+        self._channels[sub.channel] = sub
+        if sub not in self._subs:
+            self._subs.append(sub)
 
     def _subscribe_frame(self, sub: Subscription, history: dict[str, Any] | None) -> dict[str, Any]:
         frame: dict[str, Any] = {"op": "subscribe", "channel": sub.channel or sub.requested}
@@ -553,7 +566,8 @@ class Client:
                 continue
             if sub.mode == "historical":
                 continue  # nothing live to resume
-            pos = sub.processed or sub._last or sub.baseline
+            # What was received is in the subscription's queue or was taken: ask for what came after it.
+            pos = sub._last or sub.processed or sub.baseline
             spec = {"since": pos.wire()} if pos is not None else sub.history_spec
             try:
                 await self._request(conn, self._subscribe_frame(sub, spec), ("subscribed", sub, spec))
@@ -565,11 +579,7 @@ class Client:
         if not frame.get("ok") or sub._ended:
             return
         res = frame.get("result") or {}
-        sub.result = res
-        sub.channel = str(res.get("channel") or sub.requested)
-        self._channels[sub.channel] = sub
-        if sub not in self._subs:
-            self._subs.append(sub)
+        self._register(sub, res)
         pos = position_from(res.get("position"))
         since = position_from((spec or {}).get("since"))
         if since is not None and res.get("recovered") is False:
@@ -589,7 +599,7 @@ class Client:
         if sub is not None:
             self._drop(sub, RequestError(str(frame.get("reason", "forbidden")), str(frame.get("message", ""))))
 
-    def _drop(self, sub: Subscription, exc: BaseException) -> None:
+    def _drop(self, sub: Subscription, exc: BaseException | None) -> None:
         if sub in self._subs:
             self._subs.remove(sub)
         if self._channels.get(sub.channel) is sub:

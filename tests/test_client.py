@@ -12,8 +12,17 @@ from typing import Any
 import pytest
 
 from tests.harness import free_port, make_token, wait_for
-from wsd.client import (CLOSE_ACTIONS, Backoff, Client, ClientClosed, Gap, Kicked, Message, NotAdmitted, Position,
-                        close_action)
+from wsd.client import (
+    CLOSE_ACTIONS,
+    Backoff,
+    Client,
+    Gap,
+    Kicked,
+    Message,
+    NotAdmitted,
+    Position,
+    close_action,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -75,7 +84,7 @@ def test_close_code_table_covers_the_protocol_and_acts_as_documented() -> None:
     """Every close code docs/protocol.md lists has an action; kicked and not-admitted stop, the rest reconnect."""
     doc = (ROOT / "docs" / "protocol.md").read_text()
     table = doc.split("## 15. Close codes", 1)[1].split("\n## ", 1)[0]
-    documented = {int(c) for c in re.findall(r"^\| (\d{4}) \|", table, re.M)}
+    documented = {int(c) for c in re.findall(r"^\| (\d{4}) \|", table, re.MULTILINE)}
     assert documented and documented <= set(CLOSE_ACTIONS), documented - set(CLOSE_ACTIONS)
     assert not close_action(4000).reconnect and close_action(4000).error == "kicked"
     assert not close_action(4003).reconnect and close_action(4003).error == "not_admitted"
@@ -328,3 +337,31 @@ def _true(v: bool) -> Any:
     async def f() -> bool:
         return v
     return f()
+
+
+async def test_dropped_network_resumes_the_session_without_loss(wsd_factory) -> None:
+    """The socket dies; what is published meanwhile comes after the resume, once each, with no Gap."""
+    w = wsd_factory(CONFIG)
+    gate = asyncio.Event()
+
+    async def sleep(s: float) -> None:
+        await gate.wait()  # the test decides when the client reconnects
+
+    async with Client(w.url("api"), make_token("net", "acme"), sleep=sleep, connect_timeout=10) as c:
+        sub = await c.subscribe("trading-signals")
+        await publish(w, 1)
+        assert (await take(sub)).offset == 1
+        first = c.session_id
+        c._conn.ws.transport.abort()  # type: ignore[union-attr]  # a dropped network: no close frame
+
+        async def gone() -> bool:
+            return c.state == "connecting" and (await w.ctl("connections.list"))["total"] == 0
+
+        await wait_for(gone, timeout=5)
+        await publish(w, 2, start=2)
+        gate.set()
+        got = [await take(sub) for _ in range(2)]
+        assert [(m.offset, m.data) for m in got] == [(2, {"n": 2}), (3, {"n": 3})]
+        assert c.session_id == first and c.welcome["resumed"] is True and c.connections == 2
+        await publish(w, 1, start=4)
+        assert (await take(sub)).offset == 4 and sub.pending() == 0 and c.gaps == 0

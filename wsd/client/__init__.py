@@ -4,8 +4,18 @@ See docs/client.md."""
 
 from wsd.client.client import Client, State, Subscription, token_exp
 from wsd.client.policy import CLOSE_ACTIONS, Backoff, CloseAction, close_action
-from wsd.client.types import (ClientClosed, ClientError, ConnectionLost, Gap, History, Kicked, Message, NotAdmitted,
-                              Position, RequestError)
+from wsd.client.types import (
+                              ClientClosed,
+                              ClientError,
+                              ConnectionLost,
+                              Gap,
+                              History,
+                              Kicked,
+                              Message,
+                              NotAdmitted,
+                              Position,
+                              RequestError,
+)
 
 __all__ = ["CLOSE_ACTIONS", "Backoff", "Client", "ClientClosed", "ClientError", "CloseAction", "ConnectionLost", "Gap",
            "History", "Kicked", "Message", "NotAdmitted", "Position", "RequestError", "State", "Subscription",

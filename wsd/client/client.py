@@ -9,7 +9,7 @@ import itertools
 import random as _random
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, Self
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import jwt
@@ -18,8 +18,20 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from wsd.client.policy import Backoff, close_action
-from wsd.client.types import (ClientClosed, ClientError, ConnectionLost, Gap, History, Kicked, Message,
-                              NotAdmitted, Position, RequestError, message_from, position_from)
+from wsd.client.types import (
+    ClientClosed,
+    ClientError,
+    ConnectionLost,
+    Gap,
+    History,
+    Kicked,
+    Message,
+    NotAdmitted,
+    Position,
+    RequestError,
+    message_from,
+    position_from,
+)
 
 State = Literal["connecting", "open", "closed"]
 TokenSource = str | Callable[[], str | Awaitable[str]]
@@ -154,11 +166,11 @@ class Client:
 
     # ----------------------------------------------------------------- lifecycle
 
-    async def __aenter__(self) -> Client:
+    async def __aenter__(self) -> Self:
         await self.start()
         return self
 
-    async def __aexit__(self, *exc: Any) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
     async def start(self) -> None:
@@ -168,8 +180,8 @@ class Client:
         self._task = asyncio.create_task(self._run(), name="wsd-client")
         opened = asyncio.ensure_future(self._open.wait())
         try:
-            done, _ = await asyncio.wait({opened, self._task}, timeout=self.connect_timeout,
-                                         return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({opened, self._task}, timeout=self.connect_timeout,
+                               return_when=asyncio.FIRST_COMPLETED)
         finally:
             opened.cancel()
         if self._open.is_set():
@@ -267,6 +279,7 @@ class Client:
                     if not action.reconnect:
                         kind = {"kicked": Kicked, "not_admitted": NotAdmitted}.get(action.error, ClientClosed)
                         raise kind(f"closed by the server with {code} ({action.why}): {reason}", code, reason)
+                    self._set_state("connecting")
                     fresh = action.fresh_token
                     advance = action.failover
                     penalty = penalty + 1 if action.penalty else 0
@@ -280,7 +293,7 @@ class Client:
         except asyncio.CancelledError:
             self._finish(None)
             raise
-        except Exception as exc:  # a bug or an unusable token callable: stop and say why
+        except Exception as exc:  # noqa: BLE001  # a bug or an unusable token callable: stop and say why
             err = ClientError(f"client stopped: {exc!r}")
             err.__cause__ = exc
             self._finish(err)
@@ -513,7 +526,10 @@ class Client:
             now = time.time()
             lead = min(self.refresh_before, max(0.0, exp - now) / 2)
             await asyncio.sleep(max(0.0, exp - lead - now))
-            token = await self._fetch_token()
+            try:
+                token = await self._fetch_token()
+            except Exception:  # noqa: BLE001  # at exp the server closes with 4001; the reconnect asks again
+                return
             new_exp = token_exp(token)
             if new_exp is None or new_exp <= exp:
                 return  # nothing better to offer: at exp the server closes with 4001 and we reconnect fresh

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import inspect
 import itertools
+import logging
 import random as _random
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -40,6 +41,7 @@ Item = Message | Gap
 MODES = ("realtime", "batch", "historical")
 _EPOCHS_KEPT = 8  # epochs remembered per channel for dedupe
 _END = object()
+log = logging.getLogger("wsd.client")
 _decode = msgspec.json.Decoder().decode
 _encode = msgspec.json.Encoder().encode
 
@@ -204,7 +206,10 @@ class Client:
         if state != self.state:
             self.state = state
             if self.on_state is not None:
-                self.on_state(state)
+                try:
+                    self.on_state(state)
+                except Exception:  # the application's callback must not stop the client
+                    log.exception("wsd.client on_state callback failed")
 
     def _finish(self, exc: BaseException | None) -> None:
         if self.error is None:
@@ -315,6 +320,8 @@ class Client:
             self.url = url
             self.connections += 1
             self._attempt = 0
+            if isinstance(hello.get("exp"), int | float):
+                self._token_exp = float(hello["exp"])
             conn = _Conn(ws, self.session_id)
             self._conn = conn
             tasks.append(asyncio.create_task(self._process(conn, hello), name="wsd-client-process"))

@@ -346,16 +346,16 @@ class Client:
                         fut.set_exception(ConnectionLost("the connection closed before the reply"))
                 conn.pending.clear()
                 conn.frames.put_nowait(None)
+            await ws.close()
             if self._closing or asyncio.current_task().cancelling():  # type: ignore[union-attr]
                 for t in tasks:
                     t.cancel()
             for t in tasks:
                 if t.get_name() == "wsd-client-refresh":
                     t.cancel()
-            for t in tasks:
+            for t in tasks:  # the processing task first finishes the frames already received
                 with contextlib.suppress(asyncio.CancelledError, ConnectionLost):
                     await t
-            await ws.close()
 
     def _dispatch(self, conn: _Conn, raw: str | bytes) -> None:
         try:
@@ -608,7 +608,7 @@ class Client:
         if since is not None and res.get("recovered") is False:
             reason = f"subscribe since offset {since.offset} of epoch {since.epoch}: recovered:false"
             self._hole(conn, sub, reason, since, pending=bool(res.get("history")))
-        elif spec is None and sub._last is None:
+        elif spec is None and sub._last is None and sub.mode != "historical":
             sub._last = sub.baseline = pos  # live only: continuity is checked from here
 
     def _on_recovery(self, frame: dict[str, Any]) -> None:
@@ -685,10 +685,15 @@ class Client:
                 self._emit_gap(conn, sub, Gap(sub.channel, last, m.position,
                                               f"epoch changed from {last.epoch} to {m.epoch}: "
                                               f"the channel's history was lost"))
-            elif m.offset > last.offset + 1 and self.fill_gaps and sub.mode != "historical":
-                await self._fill(conn, sub, last, m.offset)
-                if self._is_duplicate(sub, m):
-                    return
+            elif m.offset > last.offset + 1 and sub.mode != "historical":
+                if not self.fill_gaps:
+                    self._emit_gap(conn, sub, Gap(sub.channel, last, m.position,
+                                                  f"offsets {last.offset + 1} to {m.offset - 1} were not received "
+                                                  f"(not checked: fill_gaps is off)"))
+                else:
+                    await self._fill(conn, sub, last, m.offset)
+                    if self._is_duplicate(sub, m):
+                        return
         self._deliver(conn, sub, m)
 
     async def _fill(self, conn: _Conn, sub: Subscription, last: Position, upto: int | None) -> None:

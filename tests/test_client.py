@@ -365,3 +365,30 @@ async def test_dropped_network_resumes_the_session_without_loss(wsd_factory) -> 
         assert c.session_id == first and c.welcome["resumed"] is True and c.connections == 2
         await publish(w, 1, start=4)
         assert (await take(sub)).offset == 4 and sub.pending() == 0 and c.gaps == 0
+
+
+async def test_refresh_the_pool_no_longer_admits_stops_with_not_admitted(wsd_factory) -> None:
+    """A refreshed token without the admin role on the admin pool: closed 4003, the client stops (NotAdmitted)."""
+    w = wsd_factory()
+    tokens = [make_token("root", roles=["admin"], ttl=3), make_token("root", roles=[], ttl=60)]
+
+    def token() -> str:
+        return tokens.pop(0) if len(tokens) > 1 else tokens[0]
+
+    async with Client(w.url("admin"), token, refresh_before=2, **FAST) as c:
+        sub = await c.subscribe("admin-events")
+        with pytest.raises(NotAdmitted) as exc:
+            await take(sub, timeout=6)
+        assert exc.value.code == 4003 and c.state == "closed" and c.connections == 1
+
+
+async def test_without_fill_gaps_a_jump_is_a_gap_at_once(wsd_factory) -> None:
+    """fill_gaps=False: skipped offsets are not looked up, they are yielded as a Gap."""
+    w = wsd_factory(CONFIG)
+    async with Client(w.url("api"), make_token("nf", "acme"), fill_gaps=False, **FAST) as c:
+        sub = await c.subscribe("trading-signals", types=["a"])
+        for t in ("a", "b", "a"):
+            await w.ctl("publish", channel="trading-signals/acme", type=t, data={})
+        got = [await take(sub) for _ in range(3)]
+        assert [type(i).__name__ for i in got] == ["Message", "Gap", "Message"]
+        assert (got[1].last, got[1].resumed) == (got[0].position, got[2].position)

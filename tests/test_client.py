@@ -392,3 +392,25 @@ async def test_without_fill_gaps_a_jump_is_a_gap_at_once(wsd_factory) -> None:
         got = [await take(sub) for _ in range(3)]
         assert [type(i).__name__ for i in got] == ["Message", "Gap", "Message"]
         assert (got[1].last, got[1].resumed) == (got[0].position, got[2].position)
+
+
+async def test_messages_outside_subscriptions_go_to_on_other(wsd_factory) -> None:
+    """A pool's default subscription and a message sent to the connection reach on_other, not a subscription."""
+    w = wsd_factory(CONFIG.replace('path = "/ws/frontend"', 'path = "/ws/frontend"\ndefault_subscriptions = '
+                                   '["system-status"]') + '[channels.system-status]\ntype = "global"\n')
+    others: list[Message] = []
+
+    async with Client(w.url("frontend"), make_token("o", "acme"), on_other=others.append, **FAST) as c:
+        assert c.welcome["subscriptions"] == ["system-status"]
+        sub = await c.subscribe("trading-signals")
+        await w.ctl("publish", channel="system-status", data={"up": True})
+        await w.ctl("send", connection_id=c.welcome["connection_id"], type="note", data={"hi": 1})
+        await publish(w, 1)
+        assert (await take(sub)).data == {"n": 1}
+
+        async def both() -> bool:
+            return len(others) == 2
+
+        await wait_for(both, timeout=5)
+        assert {(m.channel, m.type) for m in others} == {("system-status", "message"), ("", "note")}
+        assert sub.pending() == 0 and c.others_dropped == 0

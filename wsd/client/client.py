@@ -132,7 +132,8 @@ class Client:
                  sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep, refresh_before: float | None = 30.0,
                  open_timeout: float = 10.0, request_timeout: float = 10.0, connect_timeout: float | None = None,
                  fill_gaps: bool = True, max_size: int | None = 16 * 2**20,
-                 on_state: Callable[[State], Any] | None = None) -> None:
+                 on_state: Callable[[State], Any] | None = None,
+                 on_other: Callable[[Message], Any] | None = None) -> None:
         self.urls: list[str] = [urls] if isinstance(urls, str) else list(urls)
         if not self.urls:
             raise ValueError("Client needs at least one URL")
@@ -146,6 +147,8 @@ class Client:
         self.fill_gaps = fill_gaps
         self.max_size = max_size
         self.on_state = on_state
+        self.on_other = on_other
+        self.others_dropped = 0  # messages outside any subscription, with no on_other to take them
         self.state: State = "closed"
         self.session_id: str | None = None
         self.url: str | None = None
@@ -671,7 +674,20 @@ class Client:
         m = message_from(frame)
         sub = self._channels.get(m.channel) if m.channel else None
         if sub is None or sub._ended:
-            return  # not a channel this client subscribed to (e.g. a pool's default subscription)
+            # Not a channel this client subscribed to: `wsctl send`, a pool's default subscription, a rule's target.
+            if self.on_other is None:
+                self.others_dropped += 1
+                return
+            try:
+                got = self.on_other(m)
+                if inspect.isawaitable(got):
+                    await got
+            except Exception:
+                log.exception("wsd.client on_other callback failed; the message is not acked")
+                return
+            if m.seq is not None:
+                await self._ack(m.seq, conn.session)
+            return
         if self._is_duplicate(sub, m):
             sub.duplicates_dropped += 1
             self.duplicates_dropped += 1

@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import secrets
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.harness import free_port, make_token, wait_for
+from tests.test_redis_engine import engine_toml, redis_url  # noqa: F401  # the Redis fixture
 from wsd.client import (
     CLOSE_ACTIONS,
     Backoff,
@@ -414,3 +416,31 @@ async def test_messages_outside_subscriptions_go_to_on_other(wsd_factory) -> Non
         await wait_for(both, timeout=5)
         assert {(m.channel, m.type) for m in others} == {("system-status", "message"), ("", "note")}
         assert sub.pending() == 0 and c.others_dropped == 0
+
+
+async def test_node_shutdown_fails_over_and_resumes_on_the_other_redis_node(wsd_factory, redis_url) -> None:
+    """Two nodes on Redis: the client's node drains (1001); it moves to the next URL, resumes, loses nothing."""
+    toml = CONFIG + engine_toml(redis_url, "c" + secrets.token_hex(3))
+    a, b = wsd_factory(toml), wsd_factory(toml)
+    gate = asyncio.Event()
+
+    async def sleep(s: float) -> None:
+        await gate.wait()
+
+    async with Client([a.url("api"), b.url("api")], make_token("fo", "acme"), sleep=sleep, connect_timeout=10) as c:
+        sub = await c.subscribe("trading-signals")
+        await publish(b, 1)
+        assert (await take(sub)).offset == 1
+        first = c.session_id
+        a.stop()
+
+        async def away() -> bool:
+            return c.state == "connecting"
+
+        await wait_for(away, timeout=10)
+        await publish(b, 2, start=2)
+        gate.set()
+        got = [await take(sub) for _ in range(2)]
+        assert [(m.offset, m.data) for m in got] == [(2, {"n": 2}), (3, {"n": 3})], (got, c.welcome)
+        assert c.url == b.url("api") and c.session_id == first and c.welcome["resumed"] is True
+        assert c.gaps == 0 and c.duplicates_dropped >= 0

@@ -608,7 +608,7 @@ class Client:
         self._register(sub, res)
         pos = position_from(res.get("position"))
         since = position_from((spec or {}).get("since"))
-        if since is not None and res.get("recovered") is False:
+        if since is not None and res.get("recovered") is False and since.offset > 0:
             reason = f"subscribe since offset {since.offset} of epoch {since.epoch}: recovered:false"
             self._hole(conn, sub, reason, since, pending=bool(res.get("history")))
         elif spec is None and sub._last is None and sub.mode != "historical":
@@ -618,6 +618,8 @@ class Client:
         sub = self._channels.get(str(frame.get("channel")))
         if sub is None or sub._filled_on_resume or frame.get("recovered") is not False:
             return
+        if sub._last is None or sub._last.offset == 0:
+            return  # nothing was received yet: nothing can be missing before what is replayed
         sub._pending_gap = ("resume could not replay every missed message (recovered:false)", sub._last)
 
     def _on_unsubscribed(self, frame: dict[str, Any]) -> None:
@@ -696,6 +698,10 @@ class Client:
                 await self._ack(m.seq, conn.session)  # already taken: the server resent it
             return
         last = sub._last
+        if last is not None and last.offset == 0 and last.epoch != m.epoch:
+            # A position taken before the channel's first message names the epoch new instances would start in,
+            # which may have moved on: nothing of that epoch was missed; check the offsets of the new one.
+            last = Position(0, m.epoch)
         if sub._pending_gap is None and not sub._reset and last is not None:
             if m.epoch != last.epoch:
                 self._emit_gap(conn, sub, Gap(sub.channel, last, m.position,
@@ -723,7 +729,7 @@ class Client:
                 self._hole(conn, sub, f"history since offset {since.offset} failed: {exc}", sub._last, pending=True)
                 return
             page = _history(res)
-            if not page.recovered and not unrecovered:
+            if not page.recovered and not unrecovered and last.offset > 0:  # from offset 0 nothing was had
                 unrecovered = True
                 reason = (f"history since offset {since.offset} of epoch {since.epoch}: recovered:false "
                           f"(no longer held)")

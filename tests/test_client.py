@@ -418,7 +418,7 @@ async def test_messages_outside_subscriptions_go_to_on_other(wsd_factory) -> Non
         assert sub.pending() == 0 and c.others_dropped == 0
 
 
-async def test_node_shutdown_fails_over_and_resumes_on_the_other_redis_node(wsd_factory, redis_url) -> None:
+async def test_node_shutdown_fails_over_and_resumes_on_the_other_redis_node(wsd_factory, redis_url) -> None:  # noqa: F811
     """Two nodes on Redis: the client's node drains (1001); it moves to the next URL, resumes, loses nothing."""
     toml = CONFIG + engine_toml(redis_url, "c" + secrets.token_hex(3))
     a, b = wsd_factory(toml), wsd_factory(toml)

@@ -118,6 +118,7 @@ async def test_live_delivery_history_and_publish(wsd_factory) -> None:
             ("trading-signals/acme", s["offset"], s["epoch"], "trading_signal", {"x": i}, None, "high")
             for i, s in enumerate(sent)]
         assert sub.processed == Position(sent[-1]["offset"], sent[-1]["epoch"])
+        assert c.positions == {"trading-signals/acme": sub.processed}
         page = await c.history("trading-signals", limit=2)
         assert page.recovered and [m.data for m in page] == [{"x": 1}, {"x": 2}] and len(page) == 2
         assert all(m.history for m in page)

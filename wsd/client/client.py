@@ -169,6 +169,11 @@ class Client:
         self._ids = itertools.count(1)
         self._attempt = 0
 
+    @property
+    def positions(self) -> dict[str, Position]:
+        """Per subscribed channel, the position of the last message the application took."""
+        return {sub.channel: sub.processed for sub in self._subs if sub.processed is not None}
+
     # ----------------------------------------------------------------- lifecycle
 
     async def __aenter__(self) -> Self:

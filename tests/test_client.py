@@ -18,6 +18,7 @@ from wsd.client import (
     CLOSE_ACTIONS,
     Backoff,
     Client,
+    ClientError,
     Gap,
     Kicked,
     Message,
@@ -445,3 +446,29 @@ async def test_node_shutdown_fails_over_and_resumes_on_the_other_redis_node(wsd_
         assert [(m.offset, m.data) for m in got] == [(2, {"n": 2}), (3, {"n": 3})], (got, c.welcome)
         assert c.url == b.url("api") and c.session_id == first and c.welcome["resumed"] is True
         assert c.gaps == 0 and c.duplicates_dropped >= 0
+
+
+async def test_rate_limited_close_reconnects_with_a_longer_backoff(wsd_factory) -> None:
+    """4008: the client reconnects and resumes, after a backoff one step longer than a plain drop's."""
+    w = wsd_factory(CONFIG, env={"WSD_LIMITS_MESSAGES_PER_CONNECTION_PER_SECOND": "5",
+                                 "WSD_LIMITS_MESSAGE_BURST": "5"})
+    slept: list[float] = []
+
+    async def sleep(s: float) -> None:
+        slept.append(s)
+
+    async with Client(w.url("api"), make_token("rl", "acme"), backoff_base=0.1, backoff_cap=10, random=lambda: 1.0,
+                      sleep=sleep, connect_timeout=10, request_timeout=5) as c:
+        sub = await c.subscribe("trading-signals")
+        with pytest.raises(ClientError):  # ConnectionLost, or a reply that never came
+            for _ in range(50):
+                await c._request(c._conn, {"op": "ping"})  # type: ignore[arg-type]
+
+        async def back() -> bool:
+            return c.connections == 2 and c.state == "open"
+
+        await wait_for(back, timeout=10)
+        assert slept == [0.2]  # attempt 0 plus one step for 4008: 1.0 * 0.1 * 2**1
+        assert c.welcome["resumed"] is True
+        await publish(w, 1)
+        assert (await take(sub)).data == {"n": 1}

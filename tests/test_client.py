@@ -472,3 +472,17 @@ async def test_rate_limited_close_reconnects_with_a_longer_backoff(wsd_factory) 
         assert c.welcome["resumed"] is True
         await publish(w, 1)
         assert (await take(sub)).data == {"n": 1}
+
+
+async def test_burst_of_mixed_priorities_comes_out_once_each_in_offset_order(wsd_factory) -> None:
+    """400 concurrent publications of four priorities to a batch subscription: offsets 1..400, once each, no Gap
+    (priorities may overtake on the wire; the client restores the order from history in few requests)."""
+    w = wsd_factory(CONFIG.replace("history_size = 3", "history_size = 1000"))
+    async with Client(w.url("frontend"), make_token("s", "acme"), **FAST) as c, \
+            Client(w.url("api"), make_token("p", "acme"), **FAST) as p:
+        sub = await c.subscribe("trading-signals", mode="batch")
+        prios = ["low", "normal", "high", "critical"]
+        await asyncio.gather(*(p.publish("trading-signals", {"i": i}, priority=prios[i % 4]) for i in range(400)))
+        got = [await take(sub) for _ in range(400)]
+        assert [g.offset for g in got] == list(range(1, 401)) and c.gaps == 0
+        assert c.history_fills < 40, c.history_fills

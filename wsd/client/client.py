@@ -148,6 +148,7 @@ class Client:
         self.max_size = max_size
         self.on_state = on_state
         self.on_other = on_other
+        self.history_fills = 0  # `history since` requests made to fill holes
         self.others_dropped = 0  # messages outside any subscription, with no on_other to take them
         self.state: State = "closed"
         self.session_id: str | None = None
@@ -718,9 +719,11 @@ class Client:
                                                   f"offsets {last.offset + 1} to {m.offset - 1} were not received "
                                                   f"(not checked: fill_gaps is off)"))
                 else:
-                    await self._fill(conn, sub, last, m.offset)
+                    # Everything after `last` up to the channel's current position, this message included: under a
+                    # burst (priorities overtaking, skipped offsets) one request covers what is still on its way.
+                    await self._fill(conn, sub, last, None)
                     if self._is_duplicate(sub, m):
-                        return
+                        return  # delivered from history (or inside the Gap history reported)
         self._deliver(conn, sub, m)
 
     async def _fill(self, conn: _Conn, sub: Subscription, last: Position, upto: int | None) -> None:
@@ -728,6 +731,7 @@ class Client:
         `history since`, deliver it, and report a Gap for whatever could not be recovered."""
         since, unrecovered, reason = last, False, ""
         while True:
+            self.history_fills += 1
             try:
                 res = await self._request(conn, {"op": "history", "channel": sub.channel, "since": since.wire()})
             except RequestError as exc:

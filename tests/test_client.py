@@ -172,7 +172,10 @@ async def test_kick_stops_the_client(wsd_factory) -> None:
     async with c:
         sub = await c.subscribe("trading-signals")
         await publish(w, 1)
-        await wait_for(lambda: _true(sub.pending() == 1))
+        async def received() -> bool:
+            return sub.pending() == 1
+
+        await wait_for(received)
         await w.ctl("kick", ids=[c.welcome["connection_id"]], reason="bye")
         assert isinstance(await take(sub), Message)  # what was received before still comes
         with pytest.raises(Kicked) as exc:
@@ -335,12 +338,6 @@ async def test_subscribe_since_a_lost_position_is_a_gap(wsd_factory) -> None:
         gap = await take(sub)
         assert isinstance(gap, Gap) and gap.last == Position(7, "gone") and "recovered:false" in gap.reason
         assert [(await take(sub)).data for _ in range(2)] == [{"n": 1}, {"n": 2}]
-
-
-def _true(v: bool) -> Any:
-    async def f() -> bool:
-        return v
-    return f()
 
 
 async def test_dropped_network_resumes_the_session_without_loss(wsd_factory) -> None:

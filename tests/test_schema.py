@@ -293,7 +293,9 @@ def test_validation_time_is_bounded_and_unique_items_keeps_json_equality() -> No
     for schema, data in cases:
         t0 = time.perf_counter()
         path, reason = compile_schema(schema).problem(data)
-        assert time.perf_counter() - t0 < VALIDATION_BUDGET_S + 0.5, schema
+        # Without the budget each of these runs for minutes; a loaded machine may stretch the budget itself,
+        # so the bound is generous and the verdict below is what proves the budget cut the work short.
+        assert time.perf_counter() - t0 < VALIDATION_BUDGET_S + 10, schema
         assert path == "$" and "took longer than" in reason, (schema, reason)
     # The swapped-in keywords give the library's answers.
     pp = compile_schema({"patternProperties": {"^x-": {"type": "integer"}}, "additionalProperties": False})

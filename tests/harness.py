@@ -96,6 +96,7 @@ class Wsd:
         self.socket = str(self.sockdir / "ctl" / "wsd.sock")
         self.log_path = workdir / "wsd.log"
         self.port = port if port is not None else free_port()
+        self.port_chosen = port is None  # ours to change if another process takes it before the daemon binds
         self.port_flag = port_flag
         self.env = dict(os.environ, **(env or {}))
         self.env.pop("WSD_SOCKET", None)
@@ -104,11 +105,20 @@ class Wsd:
 
     def start(self, timeout: float = 15.0) -> Wsd:
         self._log = open(self.log_path, "ab")
-        port = ["--port", str(self.port)] if self.port_flag else []
-        cmd = [sys.executable, "-m", "wsd", "serve", "-c", str(self.config_path), *port,
-               "--socket", self.socket, *self.args]
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
-        self.wait_ready(timeout)
+        for attempt in range(3):
+            port = ["--port", str(self.port)] if self.port_flag else []
+            cmd = [sys.executable, "-m", "wsd", "serve", "-c", str(self.config_path), *port,
+                   "--socket", self.socket, *self.args]
+            self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
+            try:
+                self.wait_ready(timeout)
+                return self
+            except RuntimeError as exc:
+                # free_port() only found a port free a moment ago: another test (or process) may have taken it
+                # since. Try another one rather than fail a test for a race of the harness's own making.
+                if not (self.port_flag and self.port_chosen and "already in use" in str(exc) and attempt < 2):
+                    raise
+                self.port = free_port()
         return self
 
     def wait_ready(self, timeout: float = 15.0) -> None:

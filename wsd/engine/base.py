@@ -81,6 +81,11 @@ class Publication:
     def data(self, value: Any) -> None:
         self._data = value
 
+    def decode_raw(self) -> None:
+        """Decode ``data`` held still encoded (``msgspec.Raw``, as read back from a shared engine), in place."""
+        if isinstance(self._data, msgspec.Raw):
+            self._data = msgspec.json.decode(self._data)
+
     def keep_payload_only(self) -> None:
         """Drop the decoded ``data`` once ``payload`` holds it: a message kept in history is held once, as
         the bytes it is sent as. ``data`` still reads it (decoded from the payload: the rare path)."""

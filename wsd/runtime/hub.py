@@ -12,16 +12,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import socket
 import struct
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-from websockets.frames import Frame, Opcode
-from websockets.protocol import State
 
 from wsd import errors
 from wsd.config import data_schema_of
@@ -47,38 +44,19 @@ from wsd.runtime.conn import (
 )
 from wsd.runtime.heap import HeapTrimmer
 from wsd.runtime.stats import Stats
+from wsd.runtime.wsadapter import OPEN, hard_abort, ping, ping_unanswered, text_frame
 
 if TYPE_CHECKING:
-    from wsd.runtime.daemon import Daemon
+    from wsd.engine.base import Engine
+    from wsd.runtime.events import Events
 
 log = logging.getLogger("wsd.hub")
 
-OPEN = State.OPEN
 _perf = time.perf_counter  # latency figures need sub-millisecond resolution (uvloop's loop.time() is 1 ms)
 _CANON_MODES = {m: m for m in (REALTIME, BATCH, ON_DEMAND, HISTORICAL)}
 _json_encode = msgspec.json.Encoder().encode
 _BATCH_HEAD = b'{"type":"batch","messages":['
 _BATCH_TAIL = b"]}"
-
-
-def hard_abort(transport: asyncio.BaseTransport) -> None:
-    """Abort with a TCP reset: the kernel drops what it still holds for a peer that stopped reading.
-
-    A plain ``abort()`` only closes the fd; the kernel keeps the orphaned socket and its unsent data
-    (up to net.ipv4.tcp_wmem max, 4 MiB by default) while it keeps probing a zero window.
-    """
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        except OSError:
-            pass
-    transport.abort()
-
-
-def text_frame(payload: bytes) -> bytes:
-    """One unmasked server text frame, serialized by websockets once for every receiver."""
-    return Frame(Opcode.TEXT, payload).serialize(mask=False)
 
 
 class Outgoing:
@@ -117,17 +95,6 @@ def stored_push(pub: Publication) -> bytes:
     return payload
 
 
-def note_position(sub: Subscription, offset: int, epoch: str) -> None:
-    """Move a subscription's position to a message it was sent. A message of another epoch (its instance
-    was freed and created again, or a shared engine lost it) restarts the position in that epoch: an
-    offset of the old epoch means nothing in the new one."""
-    if epoch and epoch != sub.epoch:
-        sub.offset = offset
-        sub.epoch = epoch
-    elif offset > sub.offset:
-        sub.offset = offset
-
-
 def encode_push(pub: Publication, data: Any = None, seq: int | None = None, history: bool = False) -> bytes:
     msg: dict[str, Any] = {"type": "message", "channel": pub.channel, "offset": pub.offset, "epoch": pub.epoch,
                            "msg_type": pub.type, "priority": PRIORITY_NAMES[pub.priority], "ts": pub.ts,
@@ -137,6 +104,30 @@ def encode_push(pub: Publication, data: Any = None, seq: int | None = None, hist
     if history:
         msg["history"] = True
     return _json_encode(msg)
+
+
+def writable_now(conn: Conn, high_water: int) -> bool:
+    """The write-now predicate, the one owner of the rule: a push may be written to ``conn``'s transport at
+    once (ahead of nothing, so order holds) when nothing is queued for it, its circuit breaker is closed
+    (no breaker), the WebSocket is open, and the transport holds less than ``high_water`` bytes.
+    Otherwise it goes through the outbox (``Hub._enqueue``) and is written by the drain, in order.
+
+    ``Hub._fanout_one`` and ``Hub._flush_window`` write this test out inline (a call per receiver would
+    cost more than the write); keep them the same as this function.
+    """
+    return (conn.outbox is None or not conn.outbox) and conn.breaker is None \
+        and conn.proto.state is OPEN and conn.transport.get_write_buffer_size() < high_water
+
+
+def unexpired(items: list[Outgoing], now: float) -> tuple[list[Outgoing], int]:
+    """``items`` without those whose ttl ran out by ``now``, and how many were left out.
+
+    The one expiry test for held messages (coalescing windows, batch buffers, on_demand stores; the
+    outbox has its own, counted in ``Outbox.dropped_expired``). Whoever drops them counts them:
+    ``Hub.count_expired``.
+    """
+    kept = [o for o in items if o.expires_at is None or o.expires_at > now]
+    return kept, len(items) - len(kept)
 
 
 class InvalidData(ChannelError):
@@ -150,9 +141,15 @@ class InvalidData(ChannelError):
 class Hub:
     """Connections, subscriptions, publish and delivery for one daemon process."""
 
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
+    def __init__(self, config: Any, engine: Engine, events: Events, *, limiters: Iterable[Any] = (),
+                 clock: Callable[[], float] | None = None) -> None:
+        """A hub for ``config`` (the running settings), storing and reading through ``engine``, reporting to
+        ``events`` (``emit``/``audit``). ``limiters`` are swept by ``sweep_memory``. ``clock`` is the
+        monotonic clock (the event loop's by default; tests pass a hand-moved one)."""
+        self.engine = engine
+        self.events = events
         self.loop = asyncio.get_running_loop()
+        self.now = clock if clock is not None else self.loop.time
         self.conns: dict[str, Conn] = {}
         self.by_channel: dict[str, dict[str, Subscription]] = {}
         self.by_user: dict[str, set[Conn]] = {}
@@ -166,14 +163,17 @@ class Hub:
         self._pong_done.set_result(0.0)
         self._win: dict[str, list[Outgoing]] = {}
         self._win_timer: dict[str, asyncio.TimerHandle] = {}
-        self._last_fanout: dict[str, float] = {}
+        self.last_fanout: dict[str, float] = {}
         self.heap = HeapTrimmer()
         self._memory_swept = 0.0
-        self.configure()
+        self.configure(config, limiters=limiters)
 
     # -- configuration -------------------------------------------------------------------------------
-    def configure(self) -> None:
-        cfg = self.daemon.config
+    def configure(self, cfg: Any, *, limiters: Iterable[Any] = ()) -> None:
+        """Take the settings of ``cfg`` (at start and at each reload) and hand the engine its part."""
+        self.limiters = tuple(limiters)
+        self.max_json_depth = cfg.limits.max_json_depth
+        self.drain_timeout_s = cfg.manager.drain_timeout_ms / 1000.0
         m = cfg.manager
         self.buffer_size = m.message_buffer_size
         self.high_water = m.write_high_water_bytes
@@ -192,11 +192,10 @@ class Hub:
         self.rules = RuleTable(cfg.routing.rules)
         self.schemas = {gid: schema for gid, ch in cfg.channels.items()
                         if (schema := data_schema_of(ch)) is not None}
-        engine = getattr(self.daemon, "engine", None)
-        if engine is not None:
-            engine.configure(cfg.channels)
-            engine.set_limits(cfg.limits)
-            engine.in_use = self.by_channel.__contains__  # instances with subscribers here are never freed
+        engine = self.engine
+        engine.configure(cfg.channels)
+        engine.set_limits(cfg.limits)
+        engine.in_use = self.by_channel.__contains__  # instances with subscribers here are never freed
 
     def start(self) -> None:
         self._sweeper = self.loop.create_task(self._sweep_loop())
@@ -236,15 +235,13 @@ class Hub:
         conn.state = DISCONNECTED
         # The manager's expiry count is the closed connections' plus the live ones' (metrics.py): keep
         # this connection's drops once it leaves, so the counter never goes down.
-        if conn.outbox is not None:
-            conn.drops_expired = max(conn.drops_expired, conn.outbox.dropped_expired)
         self.stats.dropped_expired += conn.drops_expired
         self.stats.retire(conn)  # its pool keeps its counts: per-pool counters never go down
         lost = conn.queue_depth()
         if lost:
             conn.outbox.drain_all()  # type: ignore[union-attr]
             self.stats.dropped_on_close += lost
-            self.daemon.audit("undelivered_on_close", connection_id=conn.id, user_id=conn.user_id,
+            self.events.audit("undelivered_on_close", connection_id=conn.id, user_id=conn.user_id,
                               count=lost, code=conn.close_code)
 
     def user_connections(self, user_id: str) -> int:
@@ -308,21 +305,21 @@ class Hub:
         fails the channel group's ``data_schema`` raises ``InvalidData`` before anything is stored or
         delivered. ``trace=True`` delivers through ``trace_delivery`` and adds its report.
         """
-        problem = unpublishable(msg_type, data, self.daemon.config.limits.max_json_depth)
+        problem = unpublishable(msg_type, data, self.max_json_depth)
         if problem is not None:
             raise ChannelError(errors.BAD_REQUEST, problem)
         if channel and self.schemas:
             schema = self.schemas.get(group)
             if schema is not None:
                 self._check_data(schema, channel, msg_type, data, source)
-        now = self.loop.time()
+        now = self.now()
         wall = time.time()
         pub = Publication(id=secrets.token_hex(8), channel=channel, group=group, type=msg_type,
                           priority=priority, data=data, ts=round(wall, 6), ttl_s=ttl_s, source=source,
                           user_id=user_id, company_id=company_id,
                           expires_at=(now + ttl_s) if ttl_s else None)
         self.stats.published += 1
-        engine = self.daemon.engine
+        engine = self.engine
         gcfg = self.groups.get(group) if channel else None
         size = gcfg.history_size if gcfg is not None else 0
         ttl = float(gcfg.history_ttl_s) if gcfg is not None else 0.0
@@ -365,14 +362,14 @@ class Hub:
             return
         path, reason = problem
         self.stats.invalid_data += 1
-        self.daemon.audit("invalid_data", source=source, channel=channel, msg_type=msg_type[:100], path=path,
+        self.events.audit("invalid_data", source=source, channel=channel, msg_type=msg_type[:100], path=path,
                           reason=reason)
         raise InvalidData(f"data does not match the schema of {channel.split('/')[0]}: at {path}: {reason}",
                           costly=reason == OVER_BUDGET)
 
     def on_remote(self, pub: Publication, scope: dict[str, Any] | None = None) -> None:
         """A publication from the shared engine's bus (any node, this one included): deliver locally."""
-        now = self.loop.time()
+        now = self.now()
         t0 = _perf()
         if scope:
             self.route_and_deliver(pub, now, broadcast=bool(scope.get("broadcast")),
@@ -386,7 +383,7 @@ class Hub:
         if broadcast:
             self.flush_all()  # never let a later broadcast overtake messages held in a window
             targets = self._narrow(self.conns.values(), pools, companies)
-            out = self._outgoing(pub, now)
+            out = self.outgoing(pub, now)
             n = 0
             for conn in targets:
                 self.deliver(conn, out)
@@ -407,7 +404,7 @@ class Hub:
                              priority=PRIORITY_NAMES[pub.priority], user_id=pub.user_id,
                              company_id=pub.company_id, ttl_s=pub.ttl_s, source=pub.source, id=pub.id)
 
-    def _outgoing(self, pub: Publication, now: float, data: Any = None) -> Outgoing:
+    def outgoing(self, pub: Publication, now: float, data: Any = None) -> Outgoing:
         if data is None:
             # Encoded once per publication and kept on it: history is served from the same bytes.
             payload = pub.payload
@@ -430,7 +427,7 @@ class Hub:
         subs = self.by_channel.get(pub.channel)
         if not subs:
             return 0
-        out = self._outgoing(pub, now)
+        out = self.outgoing(pub, now)
         channel = pub.channel
         if self.coalesce_s > 0.0:
             win = self._win.get(channel)
@@ -445,13 +442,13 @@ class Hub:
             else:
                 # "Recent" is measured from the END of the previous fan-out (a fan-out to 10,000
                 # receivers takes tens of ms, and the loop's clock does not move during it).
-                last = self._last_fanout.get(channel)
+                last = self.last_fanout.get(channel)
                 if last is not None and _perf() - last < self.coalesce_s:
                     self._win[channel] = [out]
                     self._win_timer[channel] = self.loop.call_later(self.coalesce_s, self._flush_window, channel)
                     return len(subs)
             n = self._fanout_one(subs, out)
-            self._last_fanout[channel] = _perf()
+            self.last_fanout[channel] = _perf()
             return n
         return self._fanout_one(subs, out)
 
@@ -473,7 +470,9 @@ class Hub:
         epoch = out.epoch
         n = 0
         # The conditions below are written out inline, not called: a call per receiver would cost more
-        # than the write. Tracing (trace_delivery) does not copy them: it observes what this code did.
+        # than the write. They are ``writable_now`` (the write-now predicate) and ``Subscription.advance``
+        # (live messages come in order: the message's position is the new one); keep them the same.
+        # Tracing (trace_delivery) does not copy them: it observes what this code did.
         for sub in list(subs.values()) if len(subs) < 64 else tuple(subs.values()):
             conn = sub.conn
             if sub.mode is REALTIME and sub.types is None and sub.pending is None:
@@ -489,7 +488,7 @@ class Hub:
                         continue
                 self._enqueue(conn, out)
                 n += 1
-            elif self._deliver_sub(sub, out, out):
+            elif self.deliver_sub(sub, out):
                 n += 1
         self.stats.delivered += n
         return n
@@ -505,8 +504,10 @@ class Hub:
         subs = self.by_channel.get(channel)
         if not subs:
             return
-        now = self.loop.time()
-        win = [o for o in win if o.expires_at is None or o.expires_at > now]
+        win, expired = unexpired(win, self.now())
+        if expired:  # dropped for every subscriber it was held for, and counted for each
+            for sub in subs.values():
+                sub.conn.drops_expired += expired
         if len(win) <= 1:
             if win:
                 self._fanout_one(subs, win[0])
@@ -520,6 +521,7 @@ class Hub:
         n = 0
         for sub in tuple(subs.values()):
             conn = sub.conn
+            # inline: ``writable_now`` and ``Subscription.advance``, as in _fanout_one
             if sub.mode is REALTIME and sub.types is None and sub.pending is None \
                     and (conn.outbox is None or not conn.outbox) and conn.breaker is None \
                     and conn.proto.state is OPEN and conn.transport.get_write_buffer_size() < hw:
@@ -534,17 +536,18 @@ class Hub:
                 if sub.mode is REALTIME and sub.types is None and sub.pending is None:
                     self.deliver(conn, o)
                     n += 1
-                elif self._deliver_sub(sub, o, o):
+                elif self.deliver_sub(sub, o):
                     n += 1
         self.stats.coalesced += 1
         self.stats.delivered += n
         done = _perf()
-        self._last_fanout[channel] = done
+        self.last_fanout[channel] = done
         self.stats.observe_fanout(done - win[0].pub_mono)
 
-    def _deliver_sub(self, sub: Subscription, out: Outgoing, pub: Publication) -> bool:
-        """The slow path of one subscription: type filter, history sync, batch and on_demand modes."""
-        if sub.types is not None and pub.type not in sub.types:
+    def deliver_sub(self, sub: Subscription, out: Outgoing) -> bool:
+        """The slow path of one subscription: type filter, history sync, batch and on_demand modes.
+        True when ``out`` was taken (written, queued, held); False when the type filter leaves it out."""
+        if sub.types is not None and out.type not in sub.types:
             return False
         if sub.pending is not None:
             sub.pending.append(out)
@@ -583,10 +586,9 @@ class Hub:
         held = sub.held
         if not held or not sub.active:
             return
-        items = list(held)
+        items, expired = unexpired(list(held), self.now())
         held.clear()
-        now = self.loop.time()
-        items = [o for o in items if o.expires_at is None or o.expires_at > now]
+        sub.conn.drops_expired += expired
         if not items:
             return
         payload = _BATCH_HEAD + b",".join(o.payload for o in items) + _BATCH_TAIL
@@ -627,14 +629,14 @@ class Hub:
                     self.deliver_reliable(conn, pub, data, route.max_retries, route.ack_timeout_s, now)
                 elif identity:
                     if plain is None:
-                        plain = self._outgoing(pub, now)
+                        plain = self.outgoing(pub, now)
                     self.deliver(conn, plain)
                 else:
                     # One encode per (rule, pool): never per receiver.
                     key = (id(route), conn.pool.id)
                     out = cache.get(key)
                     if out is None:
-                        out = cache[key] = self._outgoing(pub, now, route.apply(pub.data, conn.pool.id))
+                        out = cache[key] = self.outgoing(pub, now, route.apply(pub.data, conn.pool.id))
                     self.deliver(conn, out)
                 n += 1
         self.stats.delivered += n
@@ -677,8 +679,7 @@ class Hub:
         """
         if not len(self.rules):
             return stored_push(pub)
-        if isinstance(pub._data, msgspec.Raw):  # read back from a shared engine still encoded: rules see data
-            pub.data = msgspec.json.decode(pub._data)
+        pub.decode_raw()  # read back from a shared engine still encoded: rules see data
         routes = self.rules.matching(self._routed(pub))
         if not routes:
             return stored_push(pub)
@@ -899,18 +900,15 @@ class Hub:
     # -- delivery to one connection ------------------------------------------------------------------
     def deliver(self, conn: Conn, out: Outgoing, count: int = 1) -> None:
         """Write now when nothing is queued and the transport has room; queue otherwise."""
-        if (conn.outbox is None or not conn.outbox) and conn.breaker is None \
-                and conn.proto.state is OPEN and conn.transport.get_write_buffer_size() < self.high_water:
+        if writable_now(conn, self.high_water):
             frame = out.frame
             conn.transport.write(frame)
             conn.msgs_out += count
             conn.bytes_out += len(frame)
             if out.offset and out.channel:
                 sub = conn.subs.get(out.channel)
-                if sub is not None:  # written in order: this is the position now, epoch included
-                    sub.offset = out.offset
-                    if out.epoch:
-                        sub.epoch = out.epoch
+                if sub is not None:
+                    sub.advance(out.offset, out.epoch)
             return
         self._enqueue(conn, out)
 
@@ -930,13 +928,13 @@ class Hub:
             conn.overflows += 1
             self.stats.dropped_overflow += 1
             if conn.overflows == 1 or conn.overflows % 100 == 0:
-                self.daemon.audit("dropped_overflow", connection_id=conn.id, user_id=conn.user_id,
+                self.events.audit("dropped_overflow", connection_id=conn.id, user_id=conn.user_id,
                                   total=conn.drops_overflow)
             if conn.overflows >= self.overflow_close:
                 self.close_slow(conn, "queue overflow")
                 return
         if conn.congested_since is None:
-            conn.congested_since = self.loop.time()
+            conn.congested_since = self.now()
         if conn.breaker is None or conn.breaker.state is BreakerState.CLOSED:
             self.schedule_drain(conn)
 
@@ -947,7 +945,7 @@ class Hub:
 
     def on_pause_writing(self, conn: Conn) -> None:
         """The transport went above its high-water mark: open the breaker, queue from now on."""
-        now = self.loop.time()
+        now = self.now()
         br = conn.breaker
         if br is None:
             br = conn.breaker = CircuitBreaker(self.breaker_threshold, self.breaker_cooldown)
@@ -967,7 +965,7 @@ class Hub:
         self._drain_handle = None
         dirty = self._dirty
         self._dirty = set()
-        now = self.loop.time()
+        now = self.now()
         for conn in dirty:
             self._drain(conn, now)
 
@@ -982,6 +980,7 @@ class Hub:
             return
         ob = conn.outbox
         transport = conn.transport
+        expired_before = ob.dropped_expired if ob is not None else 0
         batching = conn.pool.batching.enabled
         max_batch = conn.pool.batching.max_messages
         while ob and transport.get_write_buffer_size() < self.high_water:
@@ -1006,7 +1005,8 @@ class Hub:
                 if item is None:
                     break
                 self._write_item(conn, item[0], 1)
-        conn.drops_expired = ob.dropped_expired if ob is not None else conn.drops_expired
+        if ob is not None:
+            conn.drops_expired += ob.dropped_expired - expired_before  # what the pops dropped as expired
         if ob is not None and not ob and transport.get_write_buffer_size() < self.high_water:
             conn.congested_since = None
             conn.overflows = 0
@@ -1027,7 +1027,7 @@ class Hub:
         if out.offset and out.channel:
             sub = conn.subs.get(out.channel)
             if sub is not None:
-                note_position(sub, out.offset, out.epoch)
+                sub.advance(out.offset, out.epoch)
 
     # -- reliable delivery ----------------------------------------------------------------------------
     def deliver_reliable(self, conn: Conn, pub: Publication, data: Any, max_retries: int, ack_timeout_s: float,
@@ -1061,7 +1061,7 @@ class Hub:
                 del rs.unacked[seq]
                 rs.given_up += 1
                 self.stats.reliable_given_up += 1
-                self.daemon.audit("reliable_given_up", connection_id=conn.id, user_id=conn.user_id, seq=seq)
+                self.events.audit("reliable_given_up", connection_id=conn.id, user_id=conn.user_id, seq=seq)
                 continue
             entry[3] -= 1
             entry[2] = now + entry[4]
@@ -1083,7 +1083,7 @@ class Hub:
 
     def close_timeout(self) -> float:
         """How long a close handshake may take before the transport is aborted (seconds)."""
-        return max(0.5, self.daemon.config.manager.drain_timeout_ms / 1000.0)
+        return max(0.5, self.drain_timeout_s)
 
     async def _close(self, conn: Conn, code: int, reason: str) -> None:
         timeout = self.close_timeout()
@@ -1100,9 +1100,9 @@ class Hub:
             return
         self.stats.slow_consumers += 1
         lost = conn.queue_depth()
-        self.daemon.emit("slow_consumer", connection_id=conn.id, user_id=conn.user_id, pool=conn.pool.id,
+        self.events.emit("slow_consumer", connection_id=conn.id, user_id=conn.user_id, pool=conn.pool.id,
                          reason=why, queued=lost)
-        self.daemon.audit("slow_consumer", connection_id=conn.id, user_id=conn.user_id, reason=why,
+        self.events.audit("slow_consumer", connection_id=conn.id, user_id=conn.user_id, reason=why,
                           queued=lost)
         # Whatever is queued cannot be written: drop it now (counted) so the close frame goes out first.
         if conn.outbox is not None and lost:
@@ -1123,7 +1123,7 @@ class Hub:
         while True:
             await asyncio.sleep(period)
             try:
-                self.sweep(self.loop.time(), time.time())
+                self.sweep(self.now(), time.time())
             except Exception:  # the sweep must never die
                 log.exception("sweep failed")
 
@@ -1140,11 +1140,11 @@ class Hub:
             if conn.closing or conn.state is not CONNECTED:
                 continue
             if wall >= conn.exp:
-                self.daemon.emit("token_expired", connection_id=conn.id, user_id=conn.user_id)
+                self.events.emit("token_expired", connection_id=conn.id, user_id=conn.user_id)
                 self.close(conn, errors.TOKEN_EXPIRED.code, errors.TOKEN_EXPIRED.reason)
                 continue
             if conn.last_activity <= idle_before:
-                self.daemon.emit("idle_timeout", connection_id=conn.id, user_id=conn.user_id)
+                self.events.emit("idle_timeout", connection_id=conn.id, user_id=conn.user_id)
                 self.close(conn, errors.IDLE_TIMEOUT.code, errors.IDLE_TIMEOUT.reason)
                 continue
             if now >= conn.ping_due:
@@ -1165,17 +1165,15 @@ class Hub:
     def sweep_memory(self, now: float) -> None:
         """Free what nobody needs any more: expired sessions and unused channel instances (engine),
         fan-out timestamps of channels quiet for longer than the coalescing window, refilled limiter buckets."""
-        self.daemon.engine.sweep()
-        last = self._last_fanout
+        self.engine.sweep()
+        last = self.last_fanout
         if last:
             cutoff = _perf() - self.coalesce_s
             stale = [ch for ch, t in last.items() if t <= cutoff]
             for ch in stale:
                 del last[ch]
-        for name in ("ip_limiter", "user_limiter"):
-            lim = getattr(self.daemon, name, None)
-            if lim is not None:
-                lim.sweep(now)
+        for lim in self.limiters:
+            lim.sweep(now)
         self.heap.maybe_trim(now)  # what was just freed goes back to the system (at most every 30 s)
 
     def check_health(self, conn: Conn) -> None:
@@ -1187,14 +1185,14 @@ class Hub:
         """The seed's attemptConnectionRecovery: reset the breaker and resync once, then give up with 1011."""
         rate = conn.errors / max(1, conn.msgs_in)
         if conn.health_recoveries >= 1:
-            self.daemon.emit("unhealthy", connection_id=conn.id, user_id=conn.user_id, error_rate=round(rate, 3))
+            self.events.emit("unhealthy", connection_id=conn.id, user_id=conn.user_id, error_rate=round(rate, 3))
             self.close(conn, errors.INTERNAL.code, f"unhealthy: error rate {rate:.0%}")
             return
         conn.health_recoveries += 1
         conn.errors = 0
         if conn.breaker is not None:
             conn.breaker.reset()
-        self.daemon.emit("recovery", connection_id=conn.id, user_id=conn.user_id, error_rate=round(rate, 3))
+        self.events.emit("recovery", connection_id=conn.id, user_id=conn.user_id, error_rate=round(rate, 3))
         self.send_direct(conn, _json_encode({"type": "error", "error": {
             "code": "unhealthy", "message": f"error rate {rate:.0%} is above {self.health_error_rate:.0%}: "
                                             "fix the client's frames or the connection will be closed"}}),
@@ -1203,11 +1201,10 @@ class Hub:
             self.schedule_drain(conn)
 
     def _heartbeat(self, conn: Conn, now: float, wall: float) -> None:
-        ws = conn.ws
-        if conn.ping_data is not None and conn.ping_data in ws.pending_pings:
+        if conn.ping_data is not None and ping_unanswered(conn, conn.ping_data):
             conn.pings_missed += 1
             if conn.pings_missed >= self.missed_allowed:
-                self.daemon.emit("heartbeat_timeout", connection_id=conn.id, user_id=conn.user_id,
+                self.events.emit("heartbeat_timeout", connection_id=conn.id, user_id=conn.user_id,
                                  missed=conn.pings_missed)
                 self.close(conn, errors.HEARTBEAT_TIMEOUT.code, errors.HEARTBEAT_TIMEOUT.reason)
                 self.loop.call_later(2.0, self._abort_if_still, conn)
@@ -1217,16 +1214,12 @@ class Hub:
             return
         self._ping_seq = (self._ping_seq + 1) & 0xFFFFFFFF
         data = struct.pack("!I", self._ping_seq)
-        # websockets tracks pings in pending_pings; we give it one shared, already-done future, so a
-        # pong schedules no callback: WsdServerConnection.acknowledge_pings calls on_pong directly.
-        ws.pending_pings[data] = (self._pong_done, now)
         conn.ping_data = data
         # RTT from a high-resolution clock: loop.time() (what websockets measures with) is
         # millisecond-coarse under uvloop, so a sub-millisecond RTT would read as 0.
         conn.ping_sent_at = time.perf_counter()
         try:
-            conn.proto.send_ping(data)
-            ws.send_data()
+            ping(conn, data, self._pong_done, now)
         except Exception:
             conn.errors += 1
 
@@ -1236,7 +1229,7 @@ class Hub:
             return
         rtt_ms = (time.perf_counter() - conn.ping_sent_at) * 1000.0
         conn.pings_missed = 0
-        conn.last_activity = self.loop.time()  # a pong is activity: a listen-only subscriber is not idle
+        conn.last_activity = self.now()  # a pong is activity: a listen-only subscriber is not idle
         conn.last_heartbeat = time.time()
         conn.latency_n += 1
         # Average latency over the connection's life, weighted to the recent (EWMA).
@@ -1262,16 +1255,16 @@ class Hub:
         for conn in conns:
             if conn.closing:
                 continue
-            self.daemon.emit("kick", connection_id=conn.id, user_id=conn.user_id, pool=conn.pool.id,
+            self.events.emit("kick", connection_id=conn.id, user_id=conn.user_id, pool=conn.pool.id,
                              reason=reason)
-            self.daemon.audit("kick", connection_id=conn.id, user_id=conn.user_id, reason=reason)
+            self.events.audit("kick", connection_id=conn.id, user_id=conn.user_id, reason=reason)
             self.close(conn, errors.KICKED.code, reason or errors.KICKED.reason)
             n += 1
         return n
 
     # -- history and sessions ---------------------------------------------------------------------
     async def history(self, channel: str, limit: int | None, since: StreamPosition | None) -> Any:
-        return await self.daemon.engine.history(channel, limit=limit, since=since)
+        return await self.engine.history(channel, limit=limit, since=since)
 
     def session_state(self, conn: Conn) -> dict[str, Any]:
         subs = [{"channel": s.channel, "group": s.group, "mode": s.mode,

@@ -351,7 +351,7 @@ class Endpoint:
         # admitted: letting them go saves ~4 KiB per idle connection and keeps no token in memory.
         forget_handshake(ws)
         if len(hub.conns) >= d.config.manager.max_connections:
-            await ws.close(1013, "manager full, try again later")
+            await ws.close(errors.TRY_AGAIN.code, errors.TRY_AGAIN.reason)
             return
         hub.register(conn)
         ws.wsd_conn = conn  # type: ignore[attr-defined]
@@ -382,14 +382,14 @@ class Endpoint:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(ws.wait_closed(), hub.close_timeout() + 1.0)
         finally:
-            code = ws.close_code if ws.close_code is not None else 1006
-            if code == 1006 and conn.close_code:
+            code = ws.close_code if ws.close_code is not None else errors.ABNORMAL.code
+            if code == errors.ABNORMAL.code and conn.close_code:
                 # We started the close and the peer never answered it (a stalled reader is aborted):
                 # report the code we closed with, not websockets' "no close frame received".
                 code = conn.close_code
             reason = ws.close_reason or conn.close_reason
             hub.stats.closed(code)
-            if code not in (1000, errors.KICKED.code):
+            if code not in (errors.NORMAL.code, errors.KICKED.code):
                 try:
                     await d.engine.save_session(conn.session_id, hub.session_state(conn), hub.session_ttl)
                 except Exception:

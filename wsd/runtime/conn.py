@@ -91,6 +91,19 @@ class Subscription:
                 "connection_id": self.conn.id}
 
 
+class Unacked:
+    """A reliable message sent and not acknowledged yet."""
+
+    __slots__ = ("ack_timeout_s", "due", "payload", "priority", "retries")
+
+    def __init__(self, payload: bytes, priority: int, due: float, retries: int, ack_timeout_s: float) -> None:
+        self.payload = payload
+        self.priority = priority
+        self.due = due                      # when it is sent again (monotonic)
+        self.retries = retries              # resends left
+        self.ack_timeout_s = ack_timeout_s
+
+
 class ReliableState:
     """Per-connection reliable delivery: the next seq and the unacked messages by seq."""
 
@@ -98,8 +111,7 @@ class ReliableState:
 
     def __init__(self) -> None:
         self.next_seq = 1
-        # seq -> [payload bytes, priority, next resend (monotonic), retries left, ack timeout s]
-        self.unacked: dict[int, list[Any]] = {}
+        self.unacked: dict[int, Unacked] = {}
         self.resent = 0
         self.given_up = 0
 

@@ -31,7 +31,8 @@ from wsd.core.history import StreamPosition
 from wsd.core.net import ip_in
 from wsd.core.outbox import Priority
 from wsd.core.ratelimit import TokenBucket
-from wsd.runtime.conn import BATCH, HISTORICAL, MODES, ON_DEMAND, Conn, ReliableState
+from wsd.runtime import session as saved
+from wsd.runtime.conn import BATCH, HISTORICAL, MODES, ON_DEMAND, Conn, ReliableState, Unacked
 from wsd.runtime.gate import InProgress, Repeats
 from wsd.runtime.hub import HISTORY_TAIL, Outgoing
 from wsd.runtime.logs import redact
@@ -303,9 +304,10 @@ class Endpoint:
         if want:
             # Only read here: the session is taken (deleted) by the handler once the handshake is accepted,
             # so a refusal after this point (by websockets, or a full manager) leaves it to a later resume.
-            state = await d.engine.load_session(want)
+            blob = await d.engine.load_session(want)
+            state = saved.decode(blob) if blob is not None else None
             # A session is only ever resumed by the same user and tenant that left it.
-            if state is not None and state.get("user_id") == user and state.get("company_id") == claims.company_id:
+            if state is not None and state.user_id == user and state.company_id == claims.company_id:
                 session, session_id = state, want
         is_admin = d.config.auth.admin_role in claims.roles
         principal = Principal(user, claims.company_id, frozenset(claims.roles), pool.id, pool.type, is_admin)
@@ -359,7 +361,7 @@ class Endpoint:
         session = adm.session
         if session is not None:
             conn.resumed = True
-            conn.reconnections = int(session.get("reconnections", 0)) + 1
+            conn.reconnections = session.reconnections + 1
         d.emit("connect", connection_id=conn.id, pool=conn.pool.id, user_id=conn.user_id,
                company_id=conn.company_id, remote=conn.remote_address, resumed=conn.resumed)
         try:
@@ -391,30 +393,31 @@ class Endpoint:
             hub.stats.closed(code)
             if code not in (errors.NORMAL.code, errors.KICKED.code):
                 try:
-                    await d.engine.save_session(conn.session_id, hub.session_state(conn), hub.session_ttl)
+                    state = saved.capture(conn)
+                    await d.engine.save_session(conn.session_id, state.owner, saved.encode(state), hub.session_ttl)
                 except Exception:
                     log.exception("saving session failed")
             hub.unregister(conn)
             d.emit("disconnect", connection_id=conn.id, pool=conn.pool.id, user_id=conn.user_id, code=code,
                    reason=reason)
 
-    async def _start(self, conn: Conn, session: dict[str, Any] | None) -> None:
+    async def _start(self, conn: Conn, session: saved.Session | None) -> None:
         d = self.daemon
         hub = d.hub
-        restored: list[dict[str, Any]] = []
-        for s in session.get("subs", []) if session else []:
+        restored: list[saved.SavedSub] = []
+        for s in session.subs if session else []:
             # Permission is checked again on resume: the new token may carry fewer roles than the old one.
             try:
-                group, inst = resolve(s["channel"], conn.principal, d.config.channels)
+                group, inst = resolve(s.channel, conn.principal, d.config.channels)
             except ChannelError:
                 continue
-            if inst == s["channel"]:
-                restored.append(dict(s, group=group))
+            if inst == s.channel:
+                restored.append(msgspec.structs.replace(s, group=group))
         if session is None:
             wanted = [{"channel": ch, "mode": "realtime"} for ch in conn.pool.default_subscriptions]
         else:
             wanted = []
-        subs_out = [s["channel"] for s in restored]
+        subs_out = [s.channel for s in restored]
         for w in wanted:
             try:
                 _, inst = resolve(w["channel"], conn.principal, d.config.channels)
@@ -428,14 +431,13 @@ class Endpoint:
         hub.send_direct(conn, _encode(welcome), Priority.CRITICAL)
         if session:
             # Unacked reliable messages first: they are older than anything replayed from history.
-            rs_unacked = session.get("unacked") or []
-            if rs_unacked or int(session.get("next_seq", 1)) > 1:  # seqs continue: never reuse one
+            if session.unacked or session.next_seq > 1:  # seqs continue: never reuse one
                 rs = conn.reliable = ReliableState()
-                rs.next_seq = int(session.get("next_seq", 1))
+                rs.next_seq = session.next_seq
                 now = d.loop.time()
-                for seq, payload, prio, retries, timeout in rs_unacked:
-                    data = payload.encode()
-                    rs.unacked[int(seq)] = [data, int(prio), now + timeout, int(retries), float(timeout)]
+                for u in session.unacked:
+                    data = u.payload.encode()
+                    rs.unacked[u.seq] = Unacked(data, u.priority, now + u.ack_timeout_s, u.retries, u.ack_timeout_s)
                     hub.send_direct(conn, data, Priority.CRITICAL)  # ahead of the (critical) replay
         # The pool's default subscriptions (new sessions only: a resumed session restores its own).
         for w in wanted:
@@ -450,13 +452,13 @@ class Endpoint:
             await self._replay(conn, sub, None, 0)
         # A resumed session: its subscriptions back, each from its saved position, then what was missed.
         for s in restored:
-            group = s.get("group") or instance_parts(s["channel"])[0]
+            group = s.group or instance_parts(s.channel)[0]
             if group not in d.config.channels:
                 continue
-            types = frozenset(s["types"]) if s.get("types") else None
-            sub = hub.add_subscription(conn, s["channel"], group, s.get("mode", "realtime"), types)
+            types = frozenset(s.types) if s.types else None
+            sub = hub.add_subscription(conn, s.channel, group, s.mode, types)
             sub.pending = []
-            since = StreamPosition(int(s.get("offset", 0)), s.get("epoch") or "")
+            since = StreamPosition(s.offset, s.epoch)
             if sub.mode == HISTORICAL:
                 # History only, no live feed: nothing was missed while away.
                 sub.pending = None

@@ -302,3 +302,82 @@ async def test_sweep_closes_a_slow_consumer_with_4009_and_counts_what_it_lost(ri
     assert slow.close_code == errors.SLOW_CONSUMER.code
     assert rig.hub.stats.dropped_on_close == 2 and rig.hub.stats.slow_consumers == 1
     assert rig.events_of("slow_consumer")[0]["queued"] == 2
+
+
+async def test_kick_closes_with_4000_and_reports_it(rig):
+    a, wa = rig.connect()
+    b, wb = rig.connect()
+    assert rig.hub.kick(rig.hub.select(user=a.user_id), "maintenance") == 1
+    await settle()
+    assert wa.closed == (errors.KICKED.code, "maintenance") and wb.closed is None
+    assert [e["connection_id"] for e in rig.events_of("kick")] == [a.id]
+
+
+async def test_an_unhealthy_connection_is_warned_once_then_closed_with_1011(rig):
+    conn, ws = rig.connect()
+    conn.msgs_in, conn.errors = 10, 9
+    rig.hub.check_health(conn)
+    assert not conn.closing and conn.errors == 0
+    assert ws.transport.messages()[-1]["error"]["code"] == "unhealthy"
+    conn.msgs_in, conn.errors = 20, 9
+    rig.hub.check_health(conn)
+    await settle()
+    assert conn.close_code == errors.INTERNAL.code
+    assert [e["event"] for e in rig.events.log] == ["recovery", "unhealthy"]
+
+
+# -- a subscription's position ------------------------------------------------------------------------------------
+async def test_a_position_rises_within_an_epoch_and_restarts_in_a_new_one(rig):
+    conn, _ = rig.connect()
+    sub = conn.subs[CHANNEL]
+    sub.advance(5, "e1")
+    sub.advance(3, "e1")      # written late (a queued message): never moves back
+    assert (sub.offset, sub.epoch) == (5, "e1")
+    sub.advance(2, "e2")      # another epoch: the old offset means nothing there
+    assert (sub.offset, sub.epoch) == (2, "e2")
+    sub.advance(7, "")        # no stream: the epoch stays
+    assert (sub.offset, sub.epoch) == (7, "e2")
+    sub.restart(1, "e3")
+    assert (sub.offset, sub.epoch) == (1, "e3")
+
+
+# -- the session format -------------------------------------------------------------------------------------------
+def test_a_session_encodes_as_the_json_older_versions_kept():
+    """The stored JSON is unchanged: a session kept by an older wsd resumes, and the other way round."""
+    from wsd.runtime import session as saved
+
+    old = {"user_id": "alice", "company_id": "acme", "pool": "mt5",
+           "subs": [{"channel": "trading-signals/acme", "group": "trading-signals", "mode": "realtime",
+                     "types": None, "offset": 12, "epoch": "ab12"}],
+           "unacked": [[3, '{"type":"message"}', 1, 2, 5.0]], "next_seq": 4, "reconnections": 1}
+    s = saved.decode(json.dumps(old).encode())
+    assert s is not None and s.subs[0].offset == 12 and s.unacked[0].payload == '{"type":"message"}'
+    assert json.loads(saved.encode(s)) == old
+    assert s.owner == "acme/alice"
+
+
+@pytest.mark.parametrize("blob", [b"", b"[]", b'{"subs": []}', b'{"user_id": "a", "subs": [{"offset": "x"}]}',
+                                  b'{"user_id": "a", "unacked": [[1, "p"]]}'])
+def test_a_damaged_session_is_no_session(blob):
+    from wsd.runtime import session as saved
+
+    assert saved.decode(blob) is None
+
+
+async def test_capture_keeps_positions_and_unacked_messages(rig):
+    from wsd.runtime import session as saved
+
+    conn, _ = rig.connect()
+    r = await rig.publish("x")
+    pub_seq = rig.hub.deliver_reliable(conn, _publication(r["offset"]), "x", 3, 5.0, rig.clock())
+    s = saved.decode(saved.encode(saved.capture(conn)))
+    assert s is not None and s.user_id == conn.user_id and s.next_seq == pub_seq + 1
+    assert [(x.channel, x.offset) for x in s.subs] == [(CHANNEL, r["offset"])]
+    assert [(u.seq, u.retries, u.ack_timeout_s) for u in s.unacked] == [(pub_seq, 3, 5.0)]
+
+
+def _publication(offset: int) -> Any:
+    from wsd.engine.base import Publication
+
+    return Publication(id="p", channel=CHANNEL, group=CHANNEL, type="tick", priority=Priority.NORMAL, data="x",
+                       ts=0.0, offset=offset)

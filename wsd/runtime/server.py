@@ -704,6 +704,8 @@ class Endpoint:
                 if o.expires_at is None or o.expires_at > now:
                     items.append(o)
                     size += len(o.payload) + 1
+                else:
+                    conn.drops_expired += 1  # held past its ttl: dropped, and counted
             if items:
                 sub.advance(items[-1].offset, items[-1].epoch)
             conn.msgs_out += len(items)

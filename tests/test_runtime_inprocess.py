@@ -255,7 +255,7 @@ async def test_sweep_closes_an_idle_connection_with_4010(rig):
 
 
 async def test_sweep_closes_a_connection_whose_token_expired_with_4001(rig):
-    conn, ws = rig.connect(exp=500.0)
+    _, ws = rig.connect(exp=500.0)
     rig.hub.sweep(rig.clock(), 501.0)
     await settle()
     assert ws.closed is not None and ws.closed[0] == errors.TOKEN_EXPIRED.code
@@ -306,7 +306,7 @@ async def test_sweep_closes_a_slow_consumer_with_4009_and_counts_what_it_lost(ri
 
 async def test_kick_closes_with_4000_and_reports_it(rig):
     a, wa = rig.connect()
-    b, wb = rig.connect()
+    _, wb = rig.connect()
     assert rig.hub.kick(rig.hub.select(user=a.user_id), "maintenance") == 1
     await settle()
     assert wa.closed == (errors.KICKED.code, "maintenance") and wb.closed is None

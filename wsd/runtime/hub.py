@@ -10,7 +10,6 @@ never calls back into the daemon. A disconnected session's format is session.py'
 from __future__ import annotations
 
 import asyncio
-import logging
 import secrets
 import time
 from collections import deque
@@ -51,8 +50,6 @@ from wsd.runtime.wsadapter import OPEN
 if TYPE_CHECKING:
     from wsd.engine.base import Engine
     from wsd.runtime.events import Events
-
-log = logging.getLogger("wsd.hub")
 
 _perf = time.perf_counter  # latency figures need sub-millisecond resolution (uvloop's loop.time() is 1 ms)
 _CANON_MODES = {m: m for m in (REALTIME, BATCH, ON_DEMAND, HISTORICAL)}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
-from tests.harness import frames_before, make_token, recv_json, recv_until, request, wait_for, welcome
+from tests.harness import frames_before, make_token, recv_until, request, wait_for, welcome
 
 _ids = itertools.count(1)
 

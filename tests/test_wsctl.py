@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from tests.harness import Wsd, closed_with, make_token, recv_until, request, welcome
-from wsctl import fmt, render
+from wsctl import render
 from wsctl.tui import render as tui_render
 from wsctl.cli import hoist_globals, parse_duration
 from wsctl.client import Client, RequestFailed, discover_socket

@@ -19,10 +19,11 @@ class Close:
 NORMAL = Close(1000, "normal closure", False)
 SHUTDOWN = Close(1001, "server shutdown", True)
 PROTOCOL_ERROR = Close(1002, "protocol error", False)  # sent by websockets: a malformed WebSocket frame
-INVALID_DATA = Close(1007, "invalid data", True)  # sent by websockets: a text frame that is not UTF-8
+NOT_UTF8 = Close(1007, "invalid data", True)  # sent by websockets: a text frame that is not UTF-8
 POLICY = Close(1008, "policy violation", False)
 TOO_BIG = Close(1009, "message too big", True)
 INTERNAL = Close(1011, "internal error", True)
+TRY_AGAIN = Close(1013, "manager full, try again later", True)
 KICKED = Close(4000, "kicked", False)
 TOKEN_EXPIRED = Close(4001, "token expired", True)
 NOT_ADMITTED = Close(4003, "the refreshed token is not admitted in this pool", False)
@@ -30,10 +31,12 @@ RATE_LIMITED = Close(4008, "message rate limit exceeded", True)
 SLOW_CONSUMER = Close(4009, "slow consumer", True)
 IDLE_TIMEOUT = Close(4010, "idle timeout", True)
 HEARTBEAT_TIMEOUT = Close(1011, "heartbeat timeout", True)
+#: never sent: what a client (and the handler) sees when the connection dropped without a close frame
+ABNORMAL = Close(1006, "connection dropped", True)
 
 CLOSE_CODES: dict[int, Close] = {
     c.code: c
-    for c in (NORMAL, SHUTDOWN, PROTOCOL_ERROR, INVALID_DATA, POLICY, TOO_BIG, INTERNAL, KICKED, TOKEN_EXPIRED, NOT_ADMITTED, RATE_LIMITED,
+    for c in (NORMAL, SHUTDOWN, PROTOCOL_ERROR, NOT_UTF8, POLICY, TOO_BIG, INTERNAL, TRY_AGAIN, KICKED, TOKEN_EXPIRED, NOT_ADMITTED, RATE_LIMITED,
               SLOW_CONSUMER, IDLE_TIMEOUT)
 }
 
@@ -42,12 +45,11 @@ BAD_REQUEST = "bad_request"          # malformed frame, missing / wrong-typed fi
 UNKNOWN_OP = "unknown_op"
 FORBIDDEN = "forbidden"
 NOT_FOUND = "not_found"
-UNKNOWN_CHANNEL = "unknown_channel"
+UNKNOWN_CHANNEL = "unknown_channel"   # no such channel group
 NOT_SUBSCRIBED = "not_subscribed"
 TOO_MANY_SUBSCRIPTIONS = "too_many_subscriptions"
 FILTER_TOO_LARGE = "filter_too_large"     # filter.types beyond limits.max_filter_types / _type_length
 INVALID_TOKEN = "invalid_token"
-RATE_LIMIT = "rate_limited"
 INTERNAL_ERROR = "internal"
 INVALID_DATA = "invalid_data"      # publish: data fails the channel group's data_schema
 

@@ -147,43 +147,6 @@ def test_item_not_yet_expired_is_delivered():
     assert box.dropped_expired == 0
 
 
-def test_expire_drops_from_anywhere_and_keeps_order():
-    """expire removes expired items mid-queue, counts them and leaves the rest in order."""
-    box = Outbox(10)
-    box.push("n1", N, expires_at=50.0)
-    box.push("n2", N, expires_at=5.0)
-    box.push("n3", N)
-    box.push("c1", C, expires_at=3.0)
-    box.push("c2", C, expires_at=60.0)
-    assert box.expire(1.0) == 0
-    assert box.expire(10.0) == 2
-    assert box.dropped_expired == 2 and len(box) == 3
-    assert box.depth_by_priority() == (1, 0, 2, 0)
-    assert drain(box, 10.0) == ["c2", "n1", "n3"]
-
-
-def test_expire_after_pops_rescans_and_is_idempotent():
-    """expire stays correct after pops made its cached next-expiry stale, and repeats to 0."""
-    box = Outbox(10)
-    box.push("a", N, expires_at=1.0)
-    box.push("b", N, expires_at=5.0)
-    assert box.pop(0.0) == ("a", N)
-    assert box.expire(2.0) == 0
-    assert box.expire(5.0) == 1
-    assert box.expire(5.0) == 0
-    assert len(box) == 0 and box.dropped_expired == 1
-
-
-def test_expire_on_queue_without_ttls_is_zero():
-    """Items without expires_at never expire."""
-    box = Outbox(10)
-    box.push("a", N)
-    assert box.expire(1e12) == 0 and len(box) == 1
-
-
-# --- overflow --------------------------------------------------------------------------------------
-
-
 def test_overflow_drops_oldest_of_lowest_priority():
     """When full, the oldest item of the least important class present is dropped and counted."""
     box = Outbox(4)
@@ -252,18 +215,6 @@ def test_pop_many_skips_expired_without_spending_limit():
     assert box.dropped_expired == 2 and len(box) == 0
 
 
-def test_pop_many_max_priority_leaves_less_important_items():
-    """max_priority=CRITICAL takes only critical items (the batching bypass); HIGH takes critical+high."""
-    box = Outbox(10)
-    box.push("n1", N)
-    box.push("c1", C)
-    box.push("h1", H)
-    box.push("c2", C)
-    assert box.pop_many(0.0, 10, max_priority=C) == [("c1", C), ("c2", C)]
-    assert box.pop_many(0.0, 10, max_priority=H) == [("h1", H)]
-    assert box.depth_by_priority() == (0, 0, 1, 0)
-
-
 def test_pop_many_nonpositive_limit_takes_nothing():
     """A limit of 0 returns an empty list and leaves the queue alone."""
     box = Outbox(10)
@@ -280,7 +231,7 @@ def test_drain_all_returns_everything_including_expired():
     box.push("l1", L)
     assert box.drain_all() == [("c1", C), ("n1", N), ("l1", L)]
     assert len(box) == 0 and box.dropped_expired == 0 and box.dropped_overflow == 0
-    assert box.expire(100.0) == 0 and box.pop(100.0) is None
+    assert box.pop(100.0) is None
 
 
 # --- property --------------------------------------------------------------------------------------
@@ -312,11 +263,11 @@ class _Model:
         self.entries.append((prio, seq, exp))
         return dropped
 
-    def pop_many(self, now: float, limit: int, max_priority: int) -> list[tuple[int, int]]:
+    def pop_many(self, now: float, limit: int) -> list[tuple[int, int]]:
         """Model of Outbox.pop_many (and of pop with limit 1)."""
         out = []
         for entry in self.ordered():
-            if len(out) >= limit or entry[0] > max_priority:
+            if len(out) >= limit:
                 break
             self.entries.remove(entry)
             if entry[2] is not None and entry[2] <= now:
@@ -325,13 +276,6 @@ class _Model:
                 out.append((entry[1], entry[0]))
         return out
 
-    def expire(self, now: float) -> int:
-        """Model of Outbox.expire."""
-        keep = [e for e in self.entries if e[2] is None or e[2] > now]
-        n = len(self.entries) - len(keep)
-        self.entries = keep
-        self.dropped_expired += n
-        return n
 
 
 def _assert_pop_respects_order(model: _Model, popped: list[tuple[int, int]], now: float) -> None:
@@ -348,8 +292,7 @@ _ttl = st.one_of(st.none(), st.sampled_from([0.0, 0.5, 1.0, 2.0]), st.floats(0.0
 _op = st.one_of(
     st.tuples(st.just("push"), st.integers(0, 3), _ttl),
     st.tuples(st.just("pop"), _now_step),
-    st.tuples(st.just("pop_many"), _now_step, st.integers(0, 5), st.one_of(st.none(), st.integers(0, 3))),
-    st.tuples(st.just("expire"), _now_step),
+    st.tuples(st.just("pop_many"), _now_step, st.integers(0, 5)),
 )
 
 
@@ -371,20 +314,16 @@ def test_outbox_property_priority_fifo_and_bound(capacity, ops):
             got = box.pop(now)
             live_before = [e for e in model.entries if e[2] is None or e[2] > now]
             _assert_pop_respects_order(model, [] if got is None else [got], now)
-            expected = model.pop_many(now, 1, 3)
+            expected = model.pop_many(now, 1)
             assert ([] if got is None else [got]) == expected
             assert (got is None) == (not live_before)
-        elif kind == "pop_many":
-            _, dt, limit, max_priority = op
-            now += dt
-            got = box.pop_many(now, limit, max_priority)
-            assert len(got) <= limit
-            assert all(max_priority is None or p <= max_priority for _, p in got)
-            _assert_pop_respects_order(model, got, now)
-            assert got == model.pop_many(now, limit, 3 if max_priority is None else max_priority)
         else:
-            now += op[1]
-            assert box.expire(now) == model.expire(now)
+            _, dt, limit = op
+            now += dt
+            got = box.pop_many(now, limit)
+            assert len(got) <= limit
+            _assert_pop_respects_order(model, got, now)
+            assert got == model.pop_many(now, limit)
         assert len(box) == len(model.entries) <= capacity
         assert bool(box) == bool(model.entries)
         assert box.depth_by_priority() == tuple(sum(1 for e in model.entries if e[0] == k) for k in range(4))

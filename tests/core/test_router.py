@@ -213,8 +213,8 @@ def test_connection_expression_becomes_a_receiver_predicate() -> None:
     (route,) = RuleTable([cfg]).route(message())
     assert route.conn_predicate is not None
     assert route.conn_predicate.source == cfg.filter.expression
-    assert route.accepts(None, CONN) is True
-    assert route.accepts(None, {**CONN, "pool": "frontend"}) is False
+    assert route.conn_predicate(None, CONN) is True
+    assert route.conn_predicate(None, {**CONN, "pool": "frontend"}) is False
 
 
 def test_mixed_expression_is_a_receiver_predicate_over_both() -> None:
@@ -222,8 +222,8 @@ def test_mixed_expression_is_a_receiver_predicate_over_both() -> None:
     cfg = rule("r", expression="msg.company_id == conn.company_id")
     msg = message()
     (route,) = RuleTable([cfg]).route(msg)
-    assert route.accepts(msg.as_mapping(), CONN) is True
-    assert route.accepts(msg.as_mapping(), {**CONN, "company_id": "globex"}) is False
+    assert route.conn_predicate(msg.as_mapping(), CONN) is True
+    assert route.conn_predicate(msg.as_mapping(), {**CONN, "company_id": "globex"}) is False
 
 
 def test_connection_expression_rule_still_needs_the_other_fields() -> None:
@@ -231,10 +231,10 @@ def test_connection_expression_rule_still_needs_the_other_fields() -> None:
     assert not matches(rule("r", types=["other"], expression="conn.pool == 'mt5'"), message())
 
 
-def test_route_without_predicate_accepts_everyone() -> None:
-    """A route without a conn_predicate accepts every receiver."""
+def test_route_without_expression_has_no_receiver_predicate() -> None:
+    """A route without a conn expression has no conn_predicate: every receiver it targets gets the message."""
     (route,) = RuleTable([rule("r")]).route(message())
-    assert route.accepts(None, CONN) is True
+    assert route.conn_predicate is None
 
 
 def test_bad_expression_names_the_rule_and_column() -> None:

@@ -14,6 +14,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from wsd import errors
+
 GROUP_TYPES = ("user", "company", "global", "admin")
 # The seed's GroupType enum, by config name.
 SEED_GROUP_TYPE = {"user": "USER_SPECIFIC", "company": "COMPANY_WIDE", "global": "GLOBAL", "admin": "ADMIN_ONLY"}
@@ -67,59 +69,59 @@ def resolve(name: str, who: Principal, groups: Mapping[str, Any]) -> tuple[str, 
     ``groups`` maps group ids to objects with a ``type`` attribute (user|company|global|admin).
     """
     if not isinstance(name, str) or not name:
-        raise ChannelError("bad_request", "channel must be a non-empty string")
+        raise ChannelError(errors.BAD_REQUEST, "channel must be a non-empty string")
     parts = name.split("/")
     group_id = parts[0]
     cfg = groups.get(group_id)
     if cfg is None:
-        raise ChannelError("unknown_channel", f"no channel group {group_id!r}")
+        raise ChannelError(errors.UNKNOWN_CHANNEL, f"no channel group {group_id!r}")
     gtype = cfg.type
     if gtype == "admin" and not who.is_admin:
-        raise ChannelError("forbidden", f"channel {group_id!r} is for admins only")
+        raise ChannelError(errors.FORBIDDEN, f"channel {group_id!r} is for admins only")
     if gtype in ("global", "admin"):
         if len(parts) != 1:
-            raise ChannelError("bad_request", f"channel group {group_id!r} has a single instance: {group_id!r}")
+            raise ChannelError(errors.BAD_REQUEST, f"channel group {group_id!r} has a single instance: {group_id!r}")
         return group_id, group_id
     if gtype == "company":
         if len(parts) == 1:
             if not who.company_id:
-                raise ChannelError("forbidden", "the token has no company_id for a company channel")
+                raise ChannelError(errors.FORBIDDEN, "the token has no company_id for a company channel")
             return group_id, f"{group_id}/{who.company_id}"
         if len(parts) != 2:
-            raise ChannelError("bad_request", f"a company channel is {group_id}/<company_id>")
+            raise ChannelError(errors.BAD_REQUEST, f"a company channel is {group_id}/<company_id>")
         if who.is_admin and valid_segment(parts[1]):
             return group_id, name
         own = f"{group_id}/{who.company_id}" if who.company_id else None
         if own is not None and name == own:
             return group_id, own
-        raise ChannelError("forbidden", f"not allowed to use {name!r}")
+        raise ChannelError(errors.FORBIDDEN, f"not allowed to use {name!r}")
     # user group
     if len(parts) == 1:
         if not who.company_id or not who.user_id:
-            raise ChannelError("forbidden", "the token has no company_id / sub for a user channel")
+            raise ChannelError(errors.FORBIDDEN, "the token has no company_id / sub for a user channel")
         return group_id, f"{group_id}/{who.company_id}/{who.user_id}"
     if len(parts) != 3:
-        raise ChannelError("bad_request", f"a user channel is {group_id}/<company_id>/<user_id>")
+        raise ChannelError(errors.BAD_REQUEST, f"a user channel is {group_id}/<company_id>/<user_id>")
     if who.is_admin and valid_segment(parts[1]) and valid_segment(parts[2]):
         return group_id, name
     own = f"{group_id}/{who.company_id}/{who.user_id}"
     if who.company_id and who.user_id and name == own:
         return group_id, own
-    raise ChannelError("forbidden", f"not allowed to use {name!r}")
+    raise ChannelError(errors.FORBIDDEN, f"not allowed to use {name!r}")
 
 
 def resolve_for_operator(name: str, groups: Mapping[str, Any]) -> tuple[str, str]:
     """Resolve a channel name given by an operator (control socket): instances must be named in full."""
     parts = name.split("/") if isinstance(name, str) else []
     if not parts or not parts[0]:
-        raise ChannelError("bad_request", "channel must be a non-empty string")
+        raise ChannelError(errors.BAD_REQUEST, "channel must be a non-empty string")
     cfg = groups.get(parts[0])
     if cfg is None:
-        raise ChannelError("unknown_channel", f"no channel group {parts[0]!r}")
+        raise ChannelError(errors.UNKNOWN_CHANNEL, f"no channel group {parts[0]!r}")
     want = {"global": 1, "admin": 1, "company": 2, "user": 3}[cfg.type]
     if len(parts) != want or not all(valid_segment(p) for p in parts[1:]):
         shape = {1: parts[0], 2: f"{parts[0]}/<company_id>", 3: f"{parts[0]}/<company_id>/<user_id>"}[want]
-        raise ChannelError("bad_request", f"a {cfg.type} channel is named {shape}")
+        raise ChannelError(errors.BAD_REQUEST, f"a {cfg.type} channel is named {shape}")
     return parts[0], name
 
 

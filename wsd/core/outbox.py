@@ -22,8 +22,6 @@ from collections.abc import Iterator
 
 __all__ = ["PRIORITY_NAMES", "Outbox", "Priority"]
 
-_INF = float("inf")
-
 
 class Priority(enum.IntEnum):
     """Message priority; a lower number is more important (critical > high > normal > low)."""
@@ -59,7 +57,7 @@ _ALL = tuple(Priority)  # index == value
 class Outbox:
     """Bounded per-connection outbound queue ordered by priority, FIFO within a priority."""
 
-    __slots__ = ("capacity", "dropped_overflow", "dropped_expired", "_q", "_lanes", "_size", "_next_exp")
+    __slots__ = ("capacity", "dropped_overflow", "dropped_expired", "_q", "_lanes", "_size")
 
     def __init__(self, capacity: int) -> None:
         if capacity < 1:
@@ -71,9 +69,6 @@ class Outbox:
         self._q = q
         self._lanes = tuple(zip(_ALL, q))  # ((Priority, deque), ...) most important first
         self._size = 0
-        # Lower bound of the earliest expires_at still queued (inf = nothing can expire). Stale-low after
-        # pops, which only costs expire() one extra scan before it is recomputed.
-        self._next_exp = _INF
 
     def push(self, item: object, priority: int, expires_at: float | None = None) -> object | None:
         """Queue ``item``; return the item dropped for overflow (possibly ``item`` itself) or None."""
@@ -97,8 +92,6 @@ class Outbox:
         lane.append(item)
         lane.append(expires_at)
         self._size += 1
-        if expires_at is not None and expires_at < self._next_exp:
-            self._next_exp = expires_at
         return dropped
 
     def pop(self, now: float) -> tuple[object, int] | None:
@@ -116,21 +109,13 @@ class Outbox:
                 return (item, prio)
         return None
 
-    def pop_many(self, now: float, limit: int, max_priority: int | None = None) -> list[tuple[object, int]]:
-        """Remove and return up to ``limit`` non-expired ``(item, priority)`` in delivery order.
-
-        ``max_priority`` bounds the priority *number*: only classes with ``priority <= max_priority`` are
-        taken (``max_priority=Priority.CRITICAL`` takes critical messages only); the rest stay queued.
-        """
+    def pop_many(self, now: float, limit: int) -> list[tuple[object, int]]:
+        """Remove and return up to ``limit`` non-expired ``(item, priority)`` in delivery order."""
         out: list[tuple[object, int]] = []
         if limit <= 0 or not self._size:
             return out
-        if max_priority is None:
-            max_priority = 3
         taken = 0
         for prio, lane in self._lanes:
-            if prio > max_priority:
-                break
             while lane:
                 item = lane.popleft()
                 exp = lane.popleft()
@@ -152,30 +137,6 @@ class Outbox:
                     return prio
         return None
 
-    def expire(self, now: float) -> int:
-        """Drop every expired item wherever it sits in the queue; return how many were dropped."""
-        if now < self._next_exp:
-            return 0
-        dropped = 0
-        next_exp = _INF
-        for lane in self._q:
-            # One full rotation keeps the survivors in their original order.
-            for _ in range(len(lane) >> 1):
-                item = lane.popleft()
-                exp = lane.popleft()
-                if exp is not None:
-                    if exp <= now:
-                        dropped += 1
-                        continue
-                    if exp < next_exp:
-                        next_exp = exp
-                lane.append(item)
-                lane.append(exp)
-        self._next_exp = next_exp
-        self._size -= dropped
-        self.dropped_expired += dropped
-        return dropped
-
     def drain_all(self) -> list[tuple[object, int]]:
         """Remove and return everything, expired or not, in delivery order; counters are not touched."""
         out: list[tuple[object, int]] = []
@@ -185,7 +146,6 @@ class Outbox:
                 lane.popleft()
                 out.append((item, prio))
         self._size = 0
-        self._next_exp = _INF
         return out
 
     def __iter__(self) -> Iterator[object]:

@@ -11,7 +11,7 @@ front, so ``route()`` per message is a short walk of set look-ups that allocates
 A rule's filter expression that mentions only ``msg`` is part of the message-level match. One that
 mentions ``conn`` cannot be decided per message: the rule matches on its other fields and the
 expression travels with the route as ``conn_predicate``, which the caller applies to each receiver
-(``route.accepts(msg.as_mapping(), conn_mapping)``).
+(``route.conn_predicate(msg.as_mapping(), conn_mapping)``, as ``Hub._deliver_routes`` does).
 
 Config structs (``RuleConfig``, ``FilterConfig``, ``TargetConfig``, ``TransformConfig`` from
 ``wsd.config``) are read by attribute only, so this module does not import them.
@@ -229,10 +229,6 @@ class Route:
             if pool_transform is not None:
                 data = pool_transform.apply(data)
         return data
-
-    def accepts(self, msg: Mapping[str, Any] | None, conn: Mapping[str, Any]) -> bool:
-        """Whether a receiver (its ``conn`` mapping) passes the rule's connection predicate."""
-        return self.conn_predicate is None or self.conn_predicate(msg, conn)
 
     def __repr__(self) -> str:
         return f"Route(rule_id={self.rule_id!r}, target={_attr(self.target, 'type', '?')!r})"

@@ -20,11 +20,6 @@ from wsd.core.history import StreamPosition
 log = logging.getLogger("wsd.engine")
 
 
-def session_owner(state: dict[str, Any]) -> str:
-    """The key a session counts against for ``limits.max_sessions_per_user``: its tenant and user."""
-    return f"{state.get('company_id') or ''}/{state.get('user_id') or ''}"
-
-
 def log_refused(size: int, limit: int) -> None:
     log.warning("a disconnected session was not kept: %d bytes encoded, limits.max_session_bytes is %d "
                 "(the client's resume gets a new session)", size, limit)
@@ -80,6 +75,11 @@ class Publication:
     @data.setter
     def data(self, value: Any) -> None:
         self._data = value
+
+    def decode_raw(self) -> None:
+        """Decode ``data`` held still encoded (``msgspec.Raw``, as read back from a shared engine), in place."""
+        if isinstance(self._data, msgspec.Raw):
+            self._data = msgspec.json.decode(self._data)
 
     def keep_payload_only(self) -> None:
         """Drop the decoded ``data`` once ``payload`` holds it: a message kept in history is held once, as
@@ -163,13 +163,15 @@ class Engine(abc.ABC):
         """Channel instances with history: instance -> {depth, offset, epoch}."""
 
     @abc.abstractmethod
-    async def save_session(self, session_id: str, state: dict[str, Any], ttl_s: float) -> bool:
-        """Keep a disconnected session for ``ttl_s``; False when it is larger than ``max_session_bytes``
+    async def save_session(self, session_id: str, owner: str, blob: bytes, ttl_s: float) -> bool:
+        """Keep a disconnected session (``blob``, its encoded state, which the engine does not read) for
+        ``ttl_s``, counted against ``owner`` (its tenant and user); False when it is larger than ``max_session_bytes``
         (nothing is kept, and an older session under that id is dropped). The owner's and the store's
         oldest sessions are evicted beyond ``max_sessions_per_user`` / ``max_sessions``."""
 
     @abc.abstractmethod
-    async def load_session(self, session_id: str) -> dict[str, Any] | None: ...
+    async def load_session(self, session_id: str) -> bytes | None:
+        """The session's blob as saved, or None (unknown or expired)."""
 
     @abc.abstractmethod
     async def drop_session(self, session_id: str) -> None: ...

@@ -12,14 +12,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import msgspec
-
 from wsd.core.history import HistoryStore, StreamPosition
 from wsd.core.sessions import SessionStore, SessionTooLarge
-from wsd.engine.base import Engine, HistoryResult, Publication, log_refused, session_owner
-
-_encode = msgspec.json.Encoder().encode
-_decode = msgspec.json.Decoder().decode
+from wsd.engine.base import Engine, HistoryResult, Publication, log_refused
 
 
 class MemoryEngine(Engine):
@@ -84,18 +79,16 @@ class MemoryEngine(Engine):
             out[name] = {"depth": len(buf), "offset": buf.top_offset, "epoch": buf.epoch}
         return out
 
-    async def save_session(self, session_id: str, state: dict[str, Any], ttl_s: float) -> bool:
-        blob = _encode(state)
+    async def save_session(self, session_id: str, owner: str, blob: bytes, ttl_s: float) -> bool:
         try:
-            self._sessions.save(session_id, session_owner(state), blob, self._clock() + ttl_s)
+            self._sessions.save(session_id, owner, blob, self._clock() + ttl_s)
         except SessionTooLarge as exc:
             log_refused(len(blob), exc.limit)
             return False
         return True
 
-    async def load_session(self, session_id: str) -> dict[str, Any] | None:
-        blob = self._sessions.load(session_id, self._clock())
-        return _decode(blob) if blob is not None else None
+    async def load_session(self, session_id: str) -> bytes | None:
+        return self._sessions.load(session_id, self._clock())
 
     async def drop_session(self, session_id: str) -> None:
         self._sessions.drop(session_id)

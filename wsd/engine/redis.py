@@ -26,7 +26,7 @@ from typing import Any
 import msgspec
 
 from wsd.core.history import StreamPosition
-from wsd.engine.base import Engine, HistoryResult, Publication, log_refused, session_owner
+from wsd.engine.base import Engine, HistoryResult, Publication, log_refused
 
 log = logging.getLogger("wsd.engine.redis")
 
@@ -332,8 +332,7 @@ class RedisEngine(Engine):
     def channels(self) -> dict[str, dict[str, Any]]:
         return {ch: {"depth": None, "offset": v["offset"], "epoch": v["epoch"]} for ch, v in self._known.items()}
 
-    async def save_session(self, session_id: str, state: dict[str, Any], ttl_s: float) -> bool:
-        blob = _encode(state)
+    async def save_session(self, session_id: str, owner: str, blob: bytes, ttl_s: float) -> bool:
         key = f"{self.prefix}:session:{session_id}"
         if len(blob) > self.max_session_bytes:
             self._stats["sessions_refused"] += 1
@@ -341,16 +340,16 @@ class RedisEngine(Engine):
             await self.drop_session(session_id)
             return False
         evicted, expired = await self._save_session(
-            keys=[key, f"{self.prefix}:sessions:user:{session_owner(state)}", f"{self.prefix}:sessions"],
+            keys=[key, f"{self.prefix}:sessions:user:{owner}", f"{self.prefix}:sessions"],
             args=[blob, max(1, int(ttl_s)), repr(time.time()), self.max_sessions_per_user, self.max_sessions,
                   f"{self.prefix}:session:", session_id])
         self._stats["sessions_evicted"] += int(evicted)
         self._stats["sessions_expired"] += int(expired)
         return True
 
-    async def load_session(self, session_id: str) -> dict[str, Any] | None:
+    async def load_session(self, session_id: str) -> bytes | None:
         raw = await self.redis.get(f"{self.prefix}:session:{session_id}")
-        return msgspec.json.decode(raw) if raw else None
+        return bytes(raw) if raw else None
 
     async def drop_session(self, session_id: str) -> None:
         async with self.redis.pipeline(transaction=True) as p:

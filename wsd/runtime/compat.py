@@ -1,6 +1,7 @@
 """The websockets versions wsd works with, checked when the runtime is imported.
 
-The runtime uses parts of websockets below its documented API, which changed between releases:
+The runtime uses parts of websockets below its documented API, all of them in ``wsadapter.py``, and they
+changed between releases:
 ``ServerConnection.pending_pings`` (named ``pong_waiters`` before 16.0), ``acknowledge_pings``,
 ``send_data``, ``pause_writing``/``resume_writing``, ``ServerProtocol.reject`` and
 ``available_extensions``, ``protocol.send_ping``, ``frames.Frame.serialize`` and ``serve``'s

@@ -51,11 +51,36 @@ class Subscription:
         self.types = types
         self.created_at = created_at
         self.active = True
-        self.offset = 0          # the last offset written to this connection for this channel
+        # The position: the last offset written to this connection for this channel, in ``epoch``. It moves
+        # only through ``advance`` (and ``restart``); the fan-out loop inlines ``advance`` (see there).
+        self.offset = 0
         self.epoch = ""
         self.pending: list[Any] | None = None   # live messages held while history is being sent
         self.held: deque[Any] | None = None      # batch buffer or on_demand store
         self.timer: Any = None                   # the batch flush timer handle
+
+    def advance(self, offset: int, epoch: str) -> None:
+        """Move the position to a message written to the connection (the one owner of this rule).
+
+        Within one epoch the position only rises: a message written late (a queued one, a replayed one)
+        never moves it back. A message of another epoch (its instance was freed and created again, or a
+        shared engine lost it) restarts the position in that epoch: an offset of the old epoch means
+        nothing in the new one. An empty epoch (a message with no stream) keeps the current one.
+
+        ``Hub._fanout_one`` and the coalesced write inline this for live messages, which reach a
+        receiver in publication order (so "rise or change epoch" is "take the message's position").
+        """
+        if epoch and epoch != self.epoch:
+            self.offset = offset
+            self.epoch = epoch
+        elif offset > self.offset:
+            self.offset = offset
+
+    def restart(self, offset: int, epoch: str) -> None:
+        """Set the position outright: a resumed subscription's saved position, or a stream that could not
+        be recovered restarting before what is held for the client. The only way it may move back."""
+        self.offset = offset
+        self.epoch = epoch
 
     def describe(self) -> dict[str, Any]:
         return {"id": self.id, "channel": self.channel, "group": self.group, "mode": self.mode,
@@ -66,6 +91,19 @@ class Subscription:
                 "connection_id": self.conn.id}
 
 
+class Unacked:
+    """A reliable message sent and not acknowledged yet."""
+
+    __slots__ = ("ack_timeout_s", "due", "payload", "priority", "retries")
+
+    def __init__(self, payload: bytes, priority: int, due: float, retries: int, ack_timeout_s: float) -> None:
+        self.payload = payload
+        self.priority = priority
+        self.due = due                      # when it is sent again (monotonic)
+        self.retries = retries              # resends left
+        self.ack_timeout_s = ack_timeout_s
+
+
 class ReliableState:
     """Per-connection reliable delivery: the next seq and the unacked messages by seq."""
 
@@ -73,8 +111,7 @@ class ReliableState:
 
     def __init__(self) -> None:
         self.next_seq = 1
-        # seq -> [payload bytes, priority, next resend (monotonic), retries left, ack timeout s]
-        self.unacked: dict[int, list[Any]] = {}
+        self.unacked: dict[int, Unacked] = {}
         self.resent = 0
         self.given_up = 0
 

@@ -13,7 +13,6 @@ import errno
 import ipaddress
 import json
 import logging
-import logging.handlers
 import resource
 import secrets
 import signal
@@ -29,25 +28,20 @@ from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFact
 
 import wsd
 from wsd import config as wconfig
+from wsd import errors
 from wsd.control.protocol import default_socket_path
 from wsd.core.auth import TokenSigner, TokenVerifier
+from wsd.core.net import ip_in
 from wsd.core.ratelimit import KeyedLimiter, per_minute
 from wsd.engine.base import Engine
+from wsd.engine.memory import MemoryEngine
+from wsd.runtime.control import ControlServer
+from wsd.runtime.events import Events
 from wsd.runtime.hub import Hub
-from wsd.runtime.logs import redact
+from wsd.runtime.metrics import prometheus_text
+from wsd.runtime.server import Endpoint, WsdServerConnection
 
 log = logging.getLogger("wsd")
-
-
-def ip_in(remote: str, networks: list[Any]) -> bool:
-    """``remote`` (an IPv4-mapped IPv6 address counts as its IPv4) is inside one of ``networks``."""
-    try:
-        ip = ipaddress.ip_address(remote)
-    except ValueError:
-        return False
-    if ip.version == 6 and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return any(ip in n for n in networks)
 
 
 class PoolRuntime:
@@ -113,8 +107,6 @@ def make_engine(cfg: Any) -> Engine:
         except ImportError:
             raise RuntimeError("engine.type = \"redis\" needs the redis extra: pip install 'wsd[redis]'") from None
         return RedisEngine(cfg.engine.url, cfg.engine.prefix)
-    from wsd.engine.memory import MemoryEngine
-
     return MemoryEngine()
 
 
@@ -150,15 +142,15 @@ class Daemon:
         self.started_mono = time.monotonic()
         self.ready = False
         self.draining = False
-        self.events: deque[dict[str, Any]] = deque(maxlen=2000)
-        self.event_subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
-        self.event_seq = 0
+        self.sink = Events()
+        # The sink's event log and followers, under the names the control server reads.
+        self.events: deque[dict[str, Any]] = self.sink.log
+        self.event_subscribers: set[asyncio.Queue[dict[str, Any]]] = self.sink.subscribers
         self.ephemeral_secret = False
         self.reloads = 0
         self._stop = asyncio.Event()
         self._proc = psutil.Process()
         self._proc.cpu_percent(None)
-        self._audit: logging.Logger | None = None
         self.server: Server | None = None
         self.control: Any = None
         # ``config`` is what runs: the file's values, the command line's overrides, and the settings
@@ -250,7 +242,7 @@ class Daemon:
             compress_settings={"memLevel": comp.memory_level},
         )]
         self.metrics_networks = [ipaddress.ip_network(c, strict=False) for c in cfg.http.metrics_allow]
-        self._setup_audit(cfg)
+        self.sink.set_audit(cfg.audit.path, cfg.audit.max_bytes, cfg.audit.backups)
 
     def _keys(self, cfg: Any) -> tuple[str, str]:
         """(verify key, sign key): the ones the config's load read and checked; no file is read here."""
@@ -263,54 +255,23 @@ class Daemon:
         self.ephemeral_secret = False
         return keys.verify_key, keys.sign_key
 
-    def _setup_audit(self, cfg: Any) -> None:
-        if self._audit is not None:
-            for h in list(self._audit.handlers):
-                self._audit.removeHandler(h)
-                h.close()
-            self._audit = None
-        if not cfg.audit.path:
-            return
-        lg = logging.getLogger("wsd.audit")
-        lg.propagate = False
-        lg.setLevel(logging.INFO)
-        h = logging.handlers.RotatingFileHandler(cfg.audit.path, maxBytes=cfg.audit.max_bytes,
-                                                 backupCount=cfg.audit.backups)
-        h.setFormatter(logging.Formatter("%(message)s"))
-        lg.addHandler(h)
-        self._audit = lg
-
     # -- events and audit --------------------------------------------------------------------------------
     def emit(self, kind: str, *, log_line: bool = True, **fields: Any) -> None:
-        """A lifecycle or security event: kept for `wsctl events`, streamed to followers, logged
-        (unless the caller logs it itself: ``log_line=False``)."""
-        self.event_seq += 1
-        ev = {"seq": self.event_seq, "ts": round(time.time(), 3), "event": kind, **fields}
-        self.events.append(ev)
-        for q in list(self.event_subscribers):
-            if q.full():
-                continue  # a follower that does not read loses events, never slows the daemon
-            q.put_nowait(ev)
-        level = logging.INFO if kind not in ("refused", "rate_limited", "slow_consumer", "heartbeat_timeout",
-                                             "reload_failed", "handshake_limit", "descriptors_exhausted"
-                                             ) else logging.WARNING
-        if kind in ("connect", "disconnect"):
-            level = logging.DEBUG
-        if log_line and log.isEnabledFor(level):
-            log.log(level, "%s %s", kind, " ".join(f"{k}={v}" for k, v in fields.items()))
+        """A lifecycle or security event (see ``Events.emit``)."""
+        self.sink.emit(kind, log_line=log_line, **fields)
 
     def audit(self, kind: str, **fields: Any) -> None:
-        lg = self._audit
-        if lg is not None:
-            lg.info(redact(json.dumps({"ts": round(time.time(), 3), "event": kind, **fields}, default=str)))
+        self.sink.audit(kind, **fields)
+
+    def limiters(self) -> tuple[Any, ...]:
+        """The keyed limiters the hub's memory sweep frees refilled buckets of (replaced at each reload)."""
+        return (self.ip_limiter, self.user_limiter)
 
     # -- HTTP helpers ----------------------------------------------------------------------------------------
     def metrics_allowed(self, remote: str) -> bool:
         return ip_in(remote, self.metrics_networks)
 
     def prometheus_text(self) -> str:
-        from wsd.runtime.metrics import prometheus_text
-
         return prometheus_text(self)
 
     def process_stats(self) -> dict[str, Any]:
@@ -361,14 +322,11 @@ class Daemon:
                         "(tokens die with this process; mint them with `wsctl token`)")
         self.engine = make_engine(self.config)
         self.engine.configure(self.config.channels)
-        self.hub = Hub(self)
+        self.hub = Hub(self.config, self.engine, self.sink, limiters=self.limiters())
         try:
             await self.engine.start(self.hub.on_remote)
         except Exception as exc:
             raise RuntimeError(f"engine {self.engine.name} failed to start: {exc}") from exc
-        from wsd.runtime.control import ControlServer
-        from wsd.runtime.server import Endpoint, WsdServerConnection
-
         self.endpoint = Endpoint(self)
         srv = self.config.server  # the command line's overrides are in it
         host = srv.host
@@ -447,7 +405,7 @@ class Daemon:
         # The listener stays open while draining: new handshakes and /readyz get 503 (draining)
         # instead of a refused TCP connect, so load balancers and clients see why.
         for conn in list(self.hub.conns.values()):
-            self.hub.close(conn, 1001, "server shutdown")
+            self.hub.close(conn, errors.SHUTDOWN.code, errors.SHUTDOWN.reason)
         while self.hub.conns and self.loop.time() < deadline:
             await asyncio.sleep(0.02)
         self.server.close(close_connections=False)  # stop accepting; we closed clients ourselves
@@ -482,7 +440,7 @@ class Daemon:
         self.file_config = cfg
         self.pending_restart = pending
         self._apply(self._running(cfg))
-        self.hub.configure()
+        self.hub.configure(self.config, limiters=self.limiters())
         self.reloads += 1
         restart = [p["key"] for p in pending]
         self.emit("reload", log_line=False, restart_required=restart)

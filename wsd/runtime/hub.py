@@ -1,35 +1,27 @@
-"""The hub: every live connection, the subscription index, and the delivery pipeline.
+"""The hub: every live connection, the subscription index, publishing and routing.
 
-The per-message hot path (``fanout``) encodes one frame per message and writes that same
-frame to every receiver whose queue is empty and whose transport is below its high-water
-mark, as ``websockets.broadcast()`` does, without logging or allocating per receiver. Only
-congested receivers take the queued path (priority outbox, circuit breaker, adaptive batch
-frames), drained when their transport asks for more (``resume_writing``).
+``Hub`` is made of three parts: this module (registry, subscriptions, publish, routing rules, history
+read back, explain and trace), ``Delivery`` (delivery.py: the fan-out hot path, coalescing, outboxes,
+drain, reliable delivery) and ``Lifecycle`` (lifecycle.py: closing, the sweep, heartbeats, recovery,
+kicks). The daemon builds it with its collaborators (config, engine, event sink, limiters, clock); it
+never calls back into the daemon. A disconnected session's format is session.py's.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import secrets
-import socket
-import struct
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
-
-import msgspec
-from websockets.frames import Frame, Opcode
-from websockets.protocol import State
 
 from wsd import errors
 from wsd.config import data_schema_of
-from wsd.core.breaker import BreakerState, CircuitBreaker
 from wsd.core.channels import ChannelError
 from wsd.core.frames import unpublishable
 from wsd.core.history import StreamPosition
-from wsd.core.outbox import PRIORITY_NAMES, Outbox, Priority
+from wsd.core.outbox import PRIORITY_NAMES, Priority
 from wsd.core.router import Route, RoutedMessage, RuleTable
 from wsd.core.schema import OVER_BUDGET
 from wsd.engine.base import Publication
@@ -37,106 +29,30 @@ from wsd.runtime.conn import (
     BATCH,
     CONNECTED,
     DISCONNECTED,
-    DISCONNECTING,
     HISTORICAL,
     ON_DEMAND,
     REALTIME,
     Conn,
-    ReliableState,
     Subscription,
 )
+from wsd.runtime.delivery import (
+    HISTORY_TAIL,
+    Delivery,
+    Outgoing,
+    encode_push,
+    stored_push,
+)
 from wsd.runtime.heap import HeapTrimmer
+from wsd.runtime.lifecycle import Lifecycle
 from wsd.runtime.stats import Stats
+from wsd.runtime.wsadapter import OPEN
 
 if TYPE_CHECKING:
-    from wsd.runtime.daemon import Daemon
+    from wsd.engine.base import Engine
+    from wsd.runtime.events import Events
 
-log = logging.getLogger("wsd.hub")
-
-OPEN = State.OPEN
 _perf = time.perf_counter  # latency figures need sub-millisecond resolution (uvloop's loop.time() is 1 ms)
 _CANON_MODES = {m: m for m in (REALTIME, BATCH, ON_DEMAND, HISTORICAL)}
-_json_encode = msgspec.json.Encoder().encode
-_BATCH_HEAD = b'{"type":"batch","messages":['
-_BATCH_TAIL = b"]}"
-
-
-def hard_abort(transport: asyncio.BaseTransport) -> None:
-    """Abort with a TCP reset: the kernel drops what it still holds for a peer that stopped reading.
-
-    A plain ``abort()`` only closes the fd; the kernel keeps the orphaned socket and its unsent data
-    (up to net.ipv4.tcp_wmem max, 4 MiB by default) while it keeps probing a zero window.
-    """
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        except OSError:
-            pass
-    transport.abort()
-
-
-def text_frame(payload: bytes) -> bytes:
-    """One unmasked server text frame, serialized by websockets once for every receiver."""
-    return Frame(Opcode.TEXT, payload).serialize(mask=False)
-
-
-class Outgoing:
-    """One encoded server push shared by every receiver that needs no per-receiver change."""
-
-    __slots__ = ("_frame", "channel", "epoch", "expires_at", "offset", "payload", "priority", "pub_mono", "type")
-
-    def __init__(self, payload: bytes, priority: int, expires_at: float | None, channel: str, offset: int,
-                 msg_type: str, pub_mono: float) -> None:
-        self.payload = payload
-        self.priority = priority
-        self.expires_at = expires_at
-        self.channel = channel
-        self.offset = offset
-        self.type = msg_type
-        self.pub_mono = pub_mono
-        self.epoch = ""
-        self._frame: bytes | None = None
-
-    @property
-    def frame(self) -> bytes:
-        f = self._frame
-        if f is None:
-            f = self._frame = text_frame(self.payload)
-        return f
-
-
-HISTORY_TAIL = b',"history":true}'
-
-
-def stored_push(pub: Publication) -> bytes:
-    """The publication's channel push, encoded once and kept on it."""
-    payload = pub.payload
-    if payload is None:
-        payload = pub.payload = encode_push(pub)
-    return payload
-
-
-def note_position(sub: Subscription, offset: int, epoch: str) -> None:
-    """Move a subscription's position to a message it was sent. A message of another epoch (its instance
-    was freed and created again, or a shared engine lost it) restarts the position in that epoch: an
-    offset of the old epoch means nothing in the new one."""
-    if epoch and epoch != sub.epoch:
-        sub.offset = offset
-        sub.epoch = epoch
-    elif offset > sub.offset:
-        sub.offset = offset
-
-
-def encode_push(pub: Publication, data: Any = None, seq: int | None = None, history: bool = False) -> bytes:
-    msg: dict[str, Any] = {"type": "message", "channel": pub.channel, "offset": pub.offset, "epoch": pub.epoch,
-                           "msg_type": pub.type, "priority": PRIORITY_NAMES[pub.priority], "ts": pub.ts,
-                           "data": pub.data if data is None else data}
-    if seq is not None:
-        msg["seq"] = seq
-    if history:
-        msg["history"] = True
-    return _json_encode(msg)
 
 
 class InvalidData(ChannelError):
@@ -147,12 +63,18 @@ class InvalidData(ChannelError):
         self.costly = costly  # validating it used the whole time budget: a client's frame error
 
 
-class Hub:
+class Hub(Delivery, Lifecycle):
     """Connections, subscriptions, publish and delivery for one daemon process."""
 
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
+    def __init__(self, config: Any, engine: Engine, events: Events, *, limiters: Iterable[Any] = (),
+                 clock: Callable[[], float] | None = None) -> None:
+        """A hub for ``config`` (the running settings), storing and reading through ``engine``, reporting to
+        ``events`` (``emit``/``audit``). ``limiters`` are swept by ``sweep_memory``. ``clock`` is the
+        monotonic clock (the event loop's by default; tests pass a hand-moved one)."""
+        self.engine = engine
+        self.events = events
         self.loop = asyncio.get_running_loop()
+        self.now = clock if clock is not None else self.loop.time
         self.conns: dict[str, Conn] = {}
         self.by_channel: dict[str, dict[str, Subscription]] = {}
         self.by_user: dict[str, set[Conn]] = {}
@@ -166,14 +88,17 @@ class Hub:
         self._pong_done.set_result(0.0)
         self._win: dict[str, list[Outgoing]] = {}
         self._win_timer: dict[str, asyncio.TimerHandle] = {}
-        self._last_fanout: dict[str, float] = {}
+        self.last_fanout: dict[str, float] = {}
         self.heap = HeapTrimmer()
         self._memory_swept = 0.0
-        self.configure()
+        self.configure(config, limiters=limiters)
 
     # -- configuration -------------------------------------------------------------------------------
-    def configure(self) -> None:
-        cfg = self.daemon.config
+    def configure(self, cfg: Any, *, limiters: Iterable[Any] = ()) -> None:
+        """Take the settings of ``cfg`` (at start and at each reload) and hand the engine its part."""
+        self.limiters = tuple(limiters)
+        self.max_json_depth = cfg.limits.max_json_depth
+        self.drain_timeout_s = cfg.manager.drain_timeout_ms / 1000.0
         m = cfg.manager
         self.buffer_size = m.message_buffer_size
         self.high_water = m.write_high_water_bytes
@@ -192,11 +117,10 @@ class Hub:
         self.rules = RuleTable(cfg.routing.rules)
         self.schemas = {gid: schema for gid, ch in cfg.channels.items()
                         if (schema := data_schema_of(ch)) is not None}
-        engine = getattr(self.daemon, "engine", None)
-        if engine is not None:
-            engine.configure(cfg.channels)
-            engine.set_limits(cfg.limits)
-            engine.in_use = self.by_channel.__contains__  # instances with subscribers here are never freed
+        engine = self.engine
+        engine.configure(cfg.channels)
+        engine.set_limits(cfg.limits)
+        engine.in_use = self.by_channel.__contains__  # instances with subscribers here are never freed
 
     def start(self) -> None:
         self._sweeper = self.loop.create_task(self._sweep_loop())
@@ -236,15 +160,13 @@ class Hub:
         conn.state = DISCONNECTED
         # The manager's expiry count is the closed connections' plus the live ones' (metrics.py): keep
         # this connection's drops once it leaves, so the counter never goes down.
-        if conn.outbox is not None:
-            conn.drops_expired = max(conn.drops_expired, conn.outbox.dropped_expired)
         self.stats.dropped_expired += conn.drops_expired
         self.stats.retire(conn)  # its pool keeps its counts: per-pool counters never go down
         lost = conn.queue_depth()
         if lost:
             conn.outbox.drain_all()  # type: ignore[union-attr]
             self.stats.dropped_on_close += lost
-            self.daemon.audit("undelivered_on_close", connection_id=conn.id, user_id=conn.user_id,
+            self.events.audit("undelivered_on_close", connection_id=conn.id, user_id=conn.user_id,
                               count=lost, code=conn.close_code)
 
     def user_connections(self, user_id: str) -> int:
@@ -308,21 +230,21 @@ class Hub:
         fails the channel group's ``data_schema`` raises ``InvalidData`` before anything is stored or
         delivered. ``trace=True`` delivers through ``trace_delivery`` and adds its report.
         """
-        problem = unpublishable(msg_type, data, self.daemon.config.limits.max_json_depth)
+        problem = unpublishable(msg_type, data, self.max_json_depth)
         if problem is not None:
             raise ChannelError(errors.BAD_REQUEST, problem)
         if channel and self.schemas:
             schema = self.schemas.get(group)
             if schema is not None:
                 self._check_data(schema, channel, msg_type, data, source)
-        now = self.loop.time()
+        now = self.now()
         wall = time.time()
         pub = Publication(id=secrets.token_hex(8), channel=channel, group=group, type=msg_type,
                           priority=priority, data=data, ts=round(wall, 6), ttl_s=ttl_s, source=source,
                           user_id=user_id, company_id=company_id,
                           expires_at=(now + ttl_s) if ttl_s else None)
         self.stats.published += 1
-        engine = self.daemon.engine
+        engine = self.engine
         gcfg = self.groups.get(group) if channel else None
         size = gcfg.history_size if gcfg is not None else 0
         ttl = float(gcfg.history_ttl_s) if gcfg is not None else 0.0
@@ -365,14 +287,14 @@ class Hub:
             return
         path, reason = problem
         self.stats.invalid_data += 1
-        self.daemon.audit("invalid_data", source=source, channel=channel, msg_type=msg_type[:100], path=path,
+        self.events.audit("invalid_data", source=source, channel=channel, msg_type=msg_type[:100], path=path,
                           reason=reason)
         raise InvalidData(f"data does not match the schema of {channel.split('/')[0]}: at {path}: {reason}",
                           costly=reason == OVER_BUDGET)
 
     def on_remote(self, pub: Publication, scope: dict[str, Any] | None = None) -> None:
         """A publication from the shared engine's bus (any node, this one included): deliver locally."""
-        now = self.loop.time()
+        now = self.now()
         t0 = _perf()
         if scope:
             self.route_and_deliver(pub, now, broadcast=bool(scope.get("broadcast")),
@@ -386,7 +308,7 @@ class Hub:
         if broadcast:
             self.flush_all()  # never let a later broadcast overtake messages held in a window
             targets = self._narrow(self.conns.values(), pools, companies)
-            out = self._outgoing(pub, now)
+            out = self.outgoing(pub, now)
             n = 0
             for conn in targets:
                 self.deliver(conn, out)
@@ -406,195 +328,6 @@ class Hub:
         return RoutedMessage(type=pub.type, data=pub.data, channel=pub.channel, group=pub.group,
                              priority=PRIORITY_NAMES[pub.priority], user_id=pub.user_id,
                              company_id=pub.company_id, ttl_s=pub.ttl_s, source=pub.source, id=pub.id)
-
-    def _outgoing(self, pub: Publication, now: float, data: Any = None) -> Outgoing:
-        if data is None:
-            # Encoded once per publication and kept on it: history is served from the same bytes.
-            payload = pub.payload
-            if payload is None:
-                payload = pub.payload = encode_push(pub)
-        else:
-            payload = encode_push(pub, data)
-        out = Outgoing(payload, pub.priority, pub.expires_at, pub.channel, pub.offset, pub.type, _perf())
-        out.epoch = pub.epoch
-        return out
-
-    def fanout(self, pub: Publication, now: float) -> int:
-        """Deliver ``pub`` to the subscribers of its channel: the hot path.
-
-        Under a burst (a second message for the same channel within ``coalesce_window_ms``), messages
-        are collected for the window and their frames written as ONE joined buffer shared by every
-        receiver: one write per receiver per window instead of per message. A lone message, a critical
-        one, or a channel at a quiet rate is written at once.
-        """
-        subs = self.by_channel.get(pub.channel)
-        if not subs:
-            return 0
-        out = self._outgoing(pub, now)
-        channel = pub.channel
-        if self.coalesce_s > 0.0:
-            win = self._win.get(channel)
-            if out.priority == Priority.CRITICAL:
-                if win is not None:
-                    self._flush_window(channel)  # what came before goes first; critical is never held
-            elif win is not None:
-                win.append(out)
-                if len(win) >= self.coalesce_max:
-                    self._flush_window(channel)
-                return len(subs)
-            else:
-                # "Recent" is measured from the END of the previous fan-out (a fan-out to 10,000
-                # receivers takes tens of ms, and the loop's clock does not move during it).
-                last = self._last_fanout.get(channel)
-                if last is not None and _perf() - last < self.coalesce_s:
-                    self._win[channel] = [out]
-                    self._win_timer[channel] = self.loop.call_later(self.coalesce_s, self._flush_window, channel)
-                    return len(subs)
-            n = self._fanout_one(subs, out)
-            self._last_fanout[channel] = _perf()
-            return n
-        return self._fanout_one(subs, out)
-
-    def flush_all(self) -> None:
-        """Write every coalescing window now (before a delivery that must not overtake them)."""
-        if self._win:
-            for channel in list(self._win):
-                self._flush_window(channel)
-
-    def flush_channel(self, channel: str) -> None:
-        """Write a channel's coalescing window now, if it has one."""
-        if channel in self._win:
-            self._flush_window(channel)
-
-    def _fanout_one(self, subs: dict[str, Subscription], out: Outgoing) -> int:
-        frame = out.frame
-        flen = len(frame)
-        offset = out.offset
-        epoch = out.epoch
-        n = 0
-        # The conditions below are written out inline, not called: a call per receiver would cost more
-        # than the write. Tracing (trace_delivery) does not copy them: it observes what this code did.
-        for sub in list(subs.values()) if len(subs) < 64 else tuple(subs.values()):
-            conn = sub.conn
-            if sub.mode is REALTIME and sub.types is None and sub.pending is None:
-                if conn.outbox is None or not conn.outbox:
-                    if conn.proto.state is OPEN and conn.transport.get_write_buffer_size() < self.high_water \
-                            and conn.breaker is None:
-                        conn.transport.write(frame)
-                        conn.msgs_out += 1
-                        conn.bytes_out += flen
-                        sub.offset = offset
-                        sub.epoch = epoch
-                        n += 1
-                        continue
-                self._enqueue(conn, out)
-                n += 1
-            elif self._deliver_sub(sub, out, out):
-                n += 1
-        self.stats.delivered += n
-        return n
-
-    def _flush_window(self, channel: str) -> None:
-        """Write a channel's coalesced messages: one shared buffer of their frames per receiver."""
-        win = self._win.pop(channel, None)
-        timer = self._win_timer.pop(channel, None)
-        if timer is not None:
-            timer.cancel()
-        if not win:
-            return
-        subs = self.by_channel.get(channel)
-        if not subs:
-            return
-        now = self.loop.time()
-        win = [o for o in win if o.expires_at is None or o.expires_at > now]
-        if len(win) <= 1:
-            if win:
-                self._fanout_one(subs, win[0])
-            return
-        k = len(win)
-        last = win[-1]
-        # The window's frames, joined once and shared by every receiver: the client sees exactly the
-        # frames it would have seen, and the daemon pays one write per receiver instead of k.
-        data = b"".join(o.frame for o in win)
-        hw = self.high_water
-        n = 0
-        for sub in tuple(subs.values()):
-            conn = sub.conn
-            if sub.mode is REALTIME and sub.types is None and sub.pending is None \
-                    and (conn.outbox is None or not conn.outbox) and conn.breaker is None \
-                    and conn.proto.state is OPEN and conn.transport.get_write_buffer_size() < hw:
-                conn.transport.write(data)
-                conn.msgs_out += k
-                conn.bytes_out += len(data)
-                sub.offset = last.offset
-                sub.epoch = last.epoch
-                n += k
-                continue
-            for o in win:
-                if sub.mode is REALTIME and sub.types is None and sub.pending is None:
-                    self.deliver(conn, o)
-                    n += 1
-                elif self._deliver_sub(sub, o, o):
-                    n += 1
-        self.stats.coalesced += 1
-        self.stats.delivered += n
-        done = _perf()
-        self._last_fanout[channel] = done
-        self.stats.observe_fanout(done - win[0].pub_mono)
-
-    def _deliver_sub(self, sub: Subscription, out: Outgoing, pub: Publication) -> bool:
-        """The slow path of one subscription: type filter, history sync, batch and on_demand modes."""
-        if sub.types is not None and pub.type not in sub.types:
-            return False
-        if sub.pending is not None:
-            sub.pending.append(out)
-            return True
-        mode = sub.mode
-        if mode is REALTIME:
-            self.deliver(sub.conn, out)
-            return True
-        if mode is ON_DEMAND:
-            held = sub.held
-            if held is not None:
-                if len(held) == held.maxlen:
-                    sub.conn.drops_overflow += 1
-                    self.stats.dropped_overflow += 1
-                held.append(out)
-            return True
-        if mode is BATCH:
-            if out.priority == Priority.CRITICAL:
-                self.deliver(sub.conn, out)
-                return True
-            held = sub.held
-            assert held is not None
-            held.append(out)
-            bcfg = sub.conn.pool.batching
-            if len(held) >= bcfg.max_messages:
-                self._flush_sub_batch(sub)
-            elif sub.timer is None:
-                sub.timer = self.loop.call_later(bcfg.interval_ms / 1000.0, self._flush_sub_batch, sub)
-            return True
-        return False
-
-    def _flush_sub_batch(self, sub: Subscription) -> None:
-        if sub.timer is not None:
-            sub.timer.cancel()
-            sub.timer = None
-        held = sub.held
-        if not held or not sub.active:
-            return
-        items = list(held)
-        held.clear()
-        now = self.loop.time()
-        items = [o for o in items if o.expires_at is None or o.expires_at > now]
-        if not items:
-            return
-        payload = _BATCH_HEAD + b",".join(o.payload for o in items) + _BATCH_TAIL
-        last = items[-1]
-        batch = Outgoing(payload, min(o.priority for o in items), None, sub.channel, last.offset, "batch",
-                         items[0].pub_mono)
-        batch.epoch = last.epoch
-        self.deliver(sub.conn, batch, count=len(items))
 
     def _narrow(self, conns: Iterable[Conn], pools: tuple[str, ...], companies: tuple[str, ...]
                 ) -> list[Conn]:
@@ -627,14 +360,14 @@ class Hub:
                     self.deliver_reliable(conn, pub, data, route.max_retries, route.ack_timeout_s, now)
                 elif identity:
                     if plain is None:
-                        plain = self._outgoing(pub, now)
+                        plain = self.outgoing(pub, now)
                     self.deliver(conn, plain)
                 else:
                     # One encode per (rule, pool): never per receiver.
                     key = (id(route), conn.pool.id)
                     out = cache.get(key)
                     if out is None:
-                        out = cache[key] = self._outgoing(pub, now, route.apply(pub.data, conn.pool.id))
+                        out = cache[key] = self.outgoing(pub, now, route.apply(pub.data, conn.pool.id))
                     self.deliver(conn, out)
                 n += 1
         self.stats.delivered += n
@@ -677,8 +410,7 @@ class Hub:
         """
         if not len(self.rules):
             return stored_push(pub)
-        if isinstance(pub._data, msgspec.Raw):  # read back from a shared engine still encoded: rules see data
-            pub.data = msgspec.json.decode(pub._data)
+        pub.decode_raw()  # read back from a shared engine still encoded: rules see data
         routes = self.rules.matching(self._routed(pub))
         if not routes:
             return stored_push(pub)
@@ -896,391 +628,6 @@ class Hub:
             return lambda c: c.pool.type == "admin"
         return lambda c: True
 
-    # -- delivery to one connection ------------------------------------------------------------------
-    def deliver(self, conn: Conn, out: Outgoing, count: int = 1) -> None:
-        """Write now when nothing is queued and the transport has room; queue otherwise."""
-        if (conn.outbox is None or not conn.outbox) and conn.breaker is None \
-                and conn.proto.state is OPEN and conn.transport.get_write_buffer_size() < self.high_water:
-            frame = out.frame
-            conn.transport.write(frame)
-            conn.msgs_out += count
-            conn.bytes_out += len(frame)
-            if out.offset and out.channel:
-                sub = conn.subs.get(out.channel)
-                if sub is not None:  # written in order: this is the position now, epoch included
-                    sub.offset = out.offset
-                    if out.epoch:
-                        sub.epoch = out.epoch
-            return
-        self._enqueue(conn, out)
-
-    def send_direct(self, conn: Conn, payload: bytes, priority: int = Priority.NORMAL) -> None:
-        """A one-off push to one connection (wsctl send, history replay)."""
-        self.deliver(conn, Outgoing(payload, priority, None, "", 0, "", _perf()))
-
-    def _enqueue(self, conn: Conn, out: Outgoing) -> None:
-        if conn.closing or conn.proto.state is not OPEN:
-            return
-        ob = conn.outbox
-        if ob is None:
-            ob = conn.outbox = Outbox(self.buffer_size)
-        dropped = ob.push(out, out.priority, out.expires_at)
-        if dropped is not None:
-            conn.drops_overflow += 1
-            conn.overflows += 1
-            self.stats.dropped_overflow += 1
-            if conn.overflows == 1 or conn.overflows % 100 == 0:
-                self.daemon.audit("dropped_overflow", connection_id=conn.id, user_id=conn.user_id,
-                                  total=conn.drops_overflow)
-            if conn.overflows >= self.overflow_close:
-                self.close_slow(conn, "queue overflow")
-                return
-        if conn.congested_since is None:
-            conn.congested_since = self.loop.time()
-        if conn.breaker is None or conn.breaker.state is BreakerState.CLOSED:
-            self.schedule_drain(conn)
-
-    def schedule_drain(self, conn: Conn) -> None:
-        self._dirty.add(conn)
-        if self._drain_handle is None:
-            self._drain_handle = self.loop.call_soon(self._drain_dirty)
-
-    def on_pause_writing(self, conn: Conn) -> None:
-        """The transport went above its high-water mark: open the breaker, queue from now on."""
-        now = self.loop.time()
-        br = conn.breaker
-        if br is None:
-            br = conn.breaker = CircuitBreaker(self.breaker_threshold, self.breaker_cooldown)
-        if br.state is BreakerState.HALF_OPEN:
-            br.record_failure(now)
-        else:
-            br.trip(now)
-        if conn.congested_since is None:
-            conn.congested_since = now
-
-    def on_resume_writing(self, conn: Conn) -> None:
-        """The transport drained below its low-water mark: let the breaker try again."""
-        if conn.state is CONNECTED:
-            self.schedule_drain(conn)
-
-    def _drain_dirty(self) -> None:
-        self._drain_handle = None
-        dirty = self._dirty
-        self._dirty = set()
-        now = self.loop.time()
-        for conn in dirty:
-            self._drain(conn, now)
-
-    def _drain(self, conn: Conn, now: float) -> None:
-        if conn.proto.state is not OPEN or conn.closing:
-            return
-        br = conn.breaker
-        if br is not None and not br.allow(now):
-            # Still cooling down: come back when the breaker may half-open.
-            wait = max(0.0, (br.opened_at or now) + self.breaker_cooldown - now)
-            self.loop.call_later(wait + 0.001, self.schedule_drain, conn)
-            return
-        ob = conn.outbox
-        transport = conn.transport
-        batching = conn.pool.batching.enabled
-        max_batch = conn.pool.batching.max_messages
-        while ob and transport.get_write_buffer_size() < self.high_water:
-            if batching and len(ob) > 1 and ob.peek_priority() != Priority.CRITICAL:
-                # Nothing critical is queued (peek): coalesce up to max_batch into one batch frame.
-                items = ob.pop_many(now, max_batch)
-                if not items:
-                    continue
-                if len(items) == 1:
-                    self._write_item(conn, items[0][0], 1)
-                else:
-                    payload = _BATCH_HEAD + b",".join(o.payload for o, _ in items) + _BATCH_TAIL
-                    frame = text_frame(payload)
-                    transport.write(frame)
-                    conn.msgs_out += len(items)
-                    conn.bytes_out += len(frame)
-                    for o, _ in items:
-                        self._note_written(conn, o)
-                    self.stats.batches += 1
-            else:
-                item = ob.pop(now)
-                if item is None:
-                    break
-                self._write_item(conn, item[0], 1)
-        conn.drops_expired = ob.dropped_expired if ob is not None else conn.drops_expired
-        if ob is not None and not ob and transport.get_write_buffer_size() < self.high_water:
-            conn.congested_since = None
-            conn.overflows = 0
-            if br is not None:
-                br.record_success(now)
-                if br.state is BreakerState.CLOSED:
-                    conn.breaker = None
-
-    def _write_item(self, conn: Conn, out: Outgoing, count: int) -> None:
-        frame = out.frame
-        conn.transport.write(frame)
-        conn.msgs_out += count
-        conn.bytes_out += len(frame)
-        self._note_written(conn, out)
-        self.stats.observe_queue_latency(_perf() - out.pub_mono)
-
-    def _note_written(self, conn: Conn, out: Outgoing) -> None:
-        if out.offset and out.channel:
-            sub = conn.subs.get(out.channel)
-            if sub is not None:
-                note_position(sub, out.offset, out.epoch)
-
-    # -- reliable delivery ----------------------------------------------------------------------------
-    def deliver_reliable(self, conn: Conn, pub: Publication, data: Any, max_retries: int, ack_timeout_s: float,
-                         now: float) -> int:
-        rs = conn.reliable
-        if rs is None:
-            rs = conn.reliable = ReliableState()
-        seq = rs.next_seq
-        rs.next_seq += 1
-        payload = encode_push(pub, data, seq=seq)
-        rs.unacked[seq] = [payload, pub.priority, now + ack_timeout_s, max_retries, ack_timeout_s]
-        out = Outgoing(payload, pub.priority, pub.expires_at, pub.channel, pub.offset, pub.type, _perf())
-        out.epoch = pub.epoch
-        self.deliver(conn, out)
-        return seq
-
-    def ack(self, conn: Conn, seq: int) -> bool:
-        rs = conn.reliable
-        if rs is None:
-            return False
-        return rs.unacked.pop(seq, None) is not None
-
-    def _resend_due(self, conn: Conn, now: float) -> None:
-        rs = conn.reliable
-        if rs is None or not rs.unacked:
-            return
-        for seq, entry in list(rs.unacked.items()):
-            if entry[2] > now:
-                continue
-            if entry[3] <= 0:
-                del rs.unacked[seq]
-                rs.given_up += 1
-                self.stats.reliable_given_up += 1
-                self.daemon.audit("reliable_given_up", connection_id=conn.id, user_id=conn.user_id, seq=seq)
-                continue
-            entry[3] -= 1
-            entry[2] = now + entry[4]
-            rs.resent += 1
-            self.stats.reliable_resent += 1
-            self.deliver(conn, Outgoing(entry[0], entry[1], None, "", 0, "", _perf()))
-
-    # -- closing ----------------------------------------------------------------------------------------
-    def close(self, conn: Conn, code: int, reason: str) -> None:
-        """Start closing ``conn`` with ``code``; abort the transport if the close cannot be sent in time."""
-        if conn.closing:
-            return
-        conn.closing = True
-        conn.close_code = code
-        conn.close_reason = reason
-        conn.state = DISCONNECTING
-        self._dirty.discard(conn)
-        self.loop.create_task(self._close(conn, code, reason))
-
-    def close_timeout(self) -> float:
-        """How long a close handshake may take before the transport is aborted (seconds)."""
-        return max(0.5, self.daemon.config.manager.drain_timeout_ms / 1000.0)
-
-    async def _close(self, conn: Conn, code: int, reason: str) -> None:
-        timeout = self.close_timeout()
-        try:
-            # A close reason is at most 123 bytes of UTF-8: cut by bytes, not characters.
-            await asyncio.wait_for(conn.ws.close(code, reason.encode()[:123].decode("utf-8", "ignore")), timeout)
-        except (asyncio.TimeoutError, Exception):
-            pass
-        if conn.ws.transport is not None and not conn.ws.transport.is_closing():
-            hard_abort(conn.ws.transport)
-
-    def close_slow(self, conn: Conn, why: str) -> None:
-        if conn.closing:
-            return
-        self.stats.slow_consumers += 1
-        lost = conn.queue_depth()
-        self.daemon.emit("slow_consumer", connection_id=conn.id, user_id=conn.user_id, pool=conn.pool.id,
-                         reason=why, queued=lost)
-        self.daemon.audit("slow_consumer", connection_id=conn.id, user_id=conn.user_id, reason=why,
-                          queued=lost)
-        # Whatever is queued cannot be written: drop it now (counted) so the close frame goes out first.
-        if conn.outbox is not None and lost:
-            conn.outbox.drain_all()
-            self.stats.dropped_on_close += lost
-        self.close(conn, errors.SLOW_CONSUMER.code, f"slow consumer: {why}")
-        # A client that never reads cannot receive the close frame: abort after a short grace.
-        self.loop.call_later(2.0, self._abort_if_open, conn)
-
-    def _abort_if_open(self, conn: Conn) -> None:
-        tr = conn.ws.transport
-        if tr is not None and not tr.is_closing() and tr.get_write_buffer_size() >= self.high_water:
-            hard_abort(tr)
-
-    # -- the periodic sweep: heartbeats, idle, expiry, resends, slow consumers, health ----------------
-    async def _sweep_loop(self) -> None:
-        period = min(1.0, max(0.05, self.heartbeat_s / 4))
-        while True:
-            await asyncio.sleep(period)
-            try:
-                self.sweep(self.loop.time(), time.time())
-            except Exception:  # the sweep must never die
-                log.exception("sweep failed")
-
-    def sweep(self, now: float, wall: float) -> None:
-        """One pass over every connection: cheap checks first, so 10,000 idle connections cost little."""
-        self.stats.tick(now, self)
-        if now - self._memory_swept >= 1.0:  # at most once a second, however short the heartbeat
-            self._memory_swept = now
-            self.sweep_memory(now)
-        idle_before = now - self.idle_s
-        slow_before = now - self.slow_s
-        rate = self.health_error_rate
-        for conn in list(self.conns.values()):
-            if conn.closing or conn.state is not CONNECTED:
-                continue
-            if wall >= conn.exp:
-                self.daemon.emit("token_expired", connection_id=conn.id, user_id=conn.user_id)
-                self.close(conn, errors.TOKEN_EXPIRED.code, errors.TOKEN_EXPIRED.reason)
-                continue
-            if conn.last_activity <= idle_before:
-                self.daemon.emit("idle_timeout", connection_id=conn.id, user_id=conn.user_id)
-                self.close(conn, errors.IDLE_TIMEOUT.code, errors.IDLE_TIMEOUT.reason)
-                continue
-            if now >= conn.ping_due:
-                self._heartbeat(conn, now, wall)
-                if conn.closing:
-                    continue
-            if conn.congested_since is not None:
-                if conn.congested_since <= slow_before:
-                    self.close_slow(conn, f"congested for {now - conn.congested_since:.1f}s")
-                    continue
-                if conn.outbox and conn.breaker is None and conn.transport.get_write_buffer_size() == 0:
-                    self.schedule_drain(conn)  # safety net: queued, room to write, nobody scheduled
-            if conn.reliable is not None:
-                self._resend_due(conn, now)
-            if conn.errors >= 5 and conn.errors > rate * conn.msgs_in:
-                self._recover(conn)
-
-    def sweep_memory(self, now: float) -> None:
-        """Free what nobody needs any more: expired sessions and unused channel instances (engine),
-        fan-out timestamps of channels quiet for longer than the coalescing window, refilled limiter buckets."""
-        self.daemon.engine.sweep()
-        last = self._last_fanout
-        if last:
-            cutoff = _perf() - self.coalesce_s
-            stale = [ch for ch, t in last.items() if t <= cutoff]
-            for ch in stale:
-                del last[ch]
-        for name in ("ip_limiter", "user_limiter"):
-            lim = getattr(self.daemon, name, None)
-            if lim is not None:
-                lim.sweep(now)
-        self.heap.maybe_trim(now)  # what was just freed goes back to the system (at most every 30 s)
-
-    def check_health(self, conn: Conn) -> None:
-        """The sweep's error-rate test for one connection, now (after a frame that cost the daemon dearly)."""
-        if not conn.closing and conn.errors >= 5 and conn.errors > self.health_error_rate * conn.msgs_in:
-            self._recover(conn)
-
-    def _recover(self, conn: Conn) -> None:
-        """The seed's attemptConnectionRecovery: reset the breaker and resync once, then give up with 1011."""
-        rate = conn.errors / max(1, conn.msgs_in)
-        if conn.health_recoveries >= 1:
-            self.daemon.emit("unhealthy", connection_id=conn.id, user_id=conn.user_id, error_rate=round(rate, 3))
-            self.close(conn, errors.INTERNAL.code, f"unhealthy: error rate {rate:.0%}")
-            return
-        conn.health_recoveries += 1
-        conn.errors = 0
-        if conn.breaker is not None:
-            conn.breaker.reset()
-        self.daemon.emit("recovery", connection_id=conn.id, user_id=conn.user_id, error_rate=round(rate, 3))
-        self.send_direct(conn, _json_encode({"type": "error", "error": {
-            "code": "unhealthy", "message": f"error rate {rate:.0%} is above {self.health_error_rate:.0%}: "
-                                            "fix the client's frames or the connection will be closed"}}),
-                         Priority.CRITICAL)
-        if conn.outbox:
-            self.schedule_drain(conn)
-
-    def _heartbeat(self, conn: Conn, now: float, wall: float) -> None:
-        ws = conn.ws
-        if conn.ping_data is not None and conn.ping_data in ws.pending_pings:
-            conn.pings_missed += 1
-            if conn.pings_missed >= self.missed_allowed:
-                self.daemon.emit("heartbeat_timeout", connection_id=conn.id, user_id=conn.user_id,
-                                 missed=conn.pings_missed)
-                self.close(conn, errors.HEARTBEAT_TIMEOUT.code, errors.HEARTBEAT_TIMEOUT.reason)
-                self.loop.call_later(2.0, self._abort_if_still, conn)
-                return
-        conn.ping_due = now + self.heartbeat_s
-        if conn.proto.state is not OPEN:
-            return
-        self._ping_seq = (self._ping_seq + 1) & 0xFFFFFFFF
-        data = struct.pack("!I", self._ping_seq)
-        # websockets tracks pings in pending_pings; we give it one shared, already-done future, so a
-        # pong schedules no callback: WsdServerConnection.acknowledge_pings calls on_pong directly.
-        ws.pending_pings[data] = (self._pong_done, now)
-        conn.ping_data = data
-        # RTT from a high-resolution clock: loop.time() (what websockets measures with) is
-        # millisecond-coarse under uvloop, so a sub-millisecond RTT would read as 0.
-        conn.ping_sent_at = time.perf_counter()
-        try:
-            conn.proto.send_ping(data)
-            ws.send_data()
-        except Exception:
-            conn.errors += 1
-
-    def on_pong(self, conn: Conn, data: bytes) -> None:
-        """A pong arrived (called synchronously by the connection): record the heartbeat and RTT."""
-        if data != conn.ping_data:
-            return
-        rtt_ms = (time.perf_counter() - conn.ping_sent_at) * 1000.0
-        conn.pings_missed = 0
-        conn.last_activity = self.loop.time()  # a pong is activity: a listen-only subscriber is not idle
-        conn.last_heartbeat = time.time()
-        conn.latency_n += 1
-        # Average latency over the connection's life, weighted to the recent (EWMA).
-        conn.latency_ms = rtt_ms if conn.latency_n == 1 else conn.latency_ms * 0.8 + rtt_ms * 0.2
-
-    def _abort_if_still(self, conn: Conn) -> None:
-        tr = conn.ws.transport
-        if tr is not None and not tr.is_closing():
-            hard_abort(tr)
-
-    # -- kick --------------------------------------------------------------------------------------------
-    def select(self, ids: Iterable[str] = (), user: str = "", company: str = "", pool: str = "") -> list[Conn]:
-        ids = list(ids)
-        if ids:
-            return [c for c in (self.conns.get(i) for i in ids) if c is not None]
-        if not (user or company or pool):
-            return []
-        return [c for c in self.conns.values() if (not user or c.user_id == user)
-                and (not company or c.company_id == company) and (not pool or c.pool.id == pool)]
-
-    def kick(self, conns: list[Conn], reason: str) -> int:
-        n = 0
-        for conn in conns:
-            if conn.closing:
-                continue
-            self.daemon.emit("kick", connection_id=conn.id, user_id=conn.user_id, pool=conn.pool.id,
-                             reason=reason)
-            self.daemon.audit("kick", connection_id=conn.id, user_id=conn.user_id, reason=reason)
-            self.close(conn, errors.KICKED.code, reason or errors.KICKED.reason)
-            n += 1
-        return n
-
     # -- history and sessions ---------------------------------------------------------------------
     async def history(self, channel: str, limit: int | None, since: StreamPosition | None) -> Any:
-        return await self.daemon.engine.history(channel, limit=limit, since=since)
-
-    def session_state(self, conn: Conn) -> dict[str, Any]:
-        subs = [{"channel": s.channel, "group": s.group, "mode": s.mode,
-                 "types": sorted(s.types) if s.types is not None else None,
-                 "offset": s.offset, "epoch": s.epoch} for s in conn.subs.values()]
-        unacked = []
-        if conn.reliable is not None:
-            unacked = [[seq, e[0].decode(), e[1], e[3], e[4]] for seq, e in sorted(conn.reliable.unacked.items())]
-        return {"user_id": conn.user_id, "company_id": conn.company_id, "pool": conn.pool.id, "subs": subs,
-                "unacked": unacked, "next_seq": conn.reliable.next_seq if conn.reliable else 1,
-                "reconnections": conn.reconnections}
-
+        return await self.engine.history(channel, limit=limit, since=since)

@@ -63,7 +63,7 @@ def memory_metrics(d: Daemon) -> dict[str, Any]:
     eng.update(d.engine.memory_stats())
     ip = getattr(d, "ip_limiter", None)
     user = getattr(d, "user_limiter", None)
-    return {**eng, "fanout_channels": len(d.hub._last_fanout),
+    return {**eng, "fanout_channels": len(d.hub.last_fanout),
             "limiter_keys": {"ip": len(ip) if ip is not None else 0, "user": len(user) if user is not None else 0}}
 
 

@@ -28,135 +28,21 @@ from wsd.core import frames
 from wsd.core.auth import SUBPROTOCOL, AuthError, extract_token
 from wsd.core.channels import ChannelError, Principal, instance_parts, may_publish, resolve
 from wsd.core.history import StreamPosition
+from wsd.core.net import ip_in
 from wsd.core.outbox import Priority
 from wsd.core.ratelimit import TokenBucket
-from wsd.runtime.conn import BATCH, HISTORICAL, ON_DEMAND, Conn, ReliableState
+from wsd.runtime import session as saved
+from wsd.runtime.conn import BATCH, HISTORICAL, ON_DEMAND, Conn, ReliableState, Unacked
 from wsd.runtime.gate import InProgress, Repeats
-from wsd.runtime.hub import HISTORY_TAIL, Outgoing, note_position
+from wsd.runtime.hub import HISTORY_TAIL, Outgoing
 from wsd.runtime.logs import redact
-
-from wsd.runtime.daemon import ip_in
+from wsd.runtime.wsadapter import WsdServerConnection, forget_handshake, json_response, offer_extensions
 
 if TYPE_CHECKING:
     from wsd.runtime.daemon import Daemon
 
 log = logging.getLogger("wsd.server")
 _encode = msgspec.json.Encoder().encode
-
-
-#: the most received bytes handed to websockets' parser in one event loop callback
-READ_SLICE = 16 * 1024
-
-
-class WsdServerConnection(ServerConnection):
-    """websockets' server connection, telling the hub when its transport fills up and drains."""
-
-    wsd_conn: Conn | None = None
-    wsd_hub: Any = None
-    wsd_admission: Admission | None = None
-    wsd_slot: str | None = None  # the address holding a handshake-in-progress slot, until the handshake ends
-    wsd_endpoint: Endpoint | None = None  # class-wide: set by the daemon's Endpoint
-    wsd_accepted: float = 0.0
-
-    def __init__(self, protocol: Any, *args: Any, **kwargs: Any) -> None:
-        super().__init__(protocol, *args, **kwargs)
-        # Set here, with the object's other attributes: adding attributes later grows its __dict__
-        # (measured: 1.5 KiB per connection).
-        self.wsd_conn = None
-        self.wsd_hub = None
-        self.wsd_admission = None
-        self.wsd_slot = None
-        self.wsd_unread = b""  # received bytes not yet handed to websockets' parser (see data_received)
-        self.wsd_accepted = time.perf_counter()  # the handshake duration histogram's start
-        # websockets refuses malformed or oversized requests itself (400, 414, 426, 431) in plain text:
-        # give those the same JSON body as our own refusals.
-        protocol.reject = _json_reject
-
-    def connection_made(self, transport: Any) -> None:
-        super().connection_made(transport)
-        ep = WsdServerConnection.wsd_endpoint
-        if ep is not None:
-            ep.on_accept(self, transport)
-
-    async def handshake(self, *args: Any, **kwargs: Any) -> None:
-        try:
-            await super().handshake(*args, **kwargs)
-        finally:
-            self._release_slot()
-
-    def data_received(self, data: bytes) -> None:
-        """Hand received bytes to websockets' parser at most ``READ_SLICE`` at a time.
-
-        One read can bring 256 KiB; parsing that many tiny frames takes websockets ~170 ms in one
-        callback, during which no other connection is served. A larger read is parsed a slice per loop
-        iteration with reading paused, so the connection's handler (and its rate limit) runs between
-        slices and everyone else's callbacks run too. Once the connection is closing for its message rate,
-        what it still sends is dropped unparsed.
-        """
-        if self.wsd_unread:
-            self.wsd_unread += data  # order: behind what is still waiting (reading is paused again)
-            self.transport.pause_reading()
-            return
-        c = self.wsd_conn
-        if c is not None and c.closing and c.close_code == errors.RATE_LIMITED.code:
-            self.transport.pause_reading()  # the close is decided; the transport is aborted after its timeout
-            self.wsd_hub.stats.input_discarded_bytes += len(data)
-            return
-        if len(data) <= READ_SLICE:
-            super().data_received(data)
-            return
-        super().data_received(data[:READ_SLICE])
-        self.wsd_unread = data[READ_SLICE:]
-        self.transport.pause_reading()
-        self.loop.call_soon(self._feed_unread)
-
-    def _feed_unread(self) -> None:
-        data = self.wsd_unread
-        if not data or self.transport.is_closing():
-            self.wsd_unread = b""
-            return
-        c = self.wsd_conn
-        if c is not None and c.closing and c.close_code == errors.RATE_LIMITED.code:
-            self.wsd_unread = b""
-            self.wsd_hub.stats.input_discarded_bytes += len(data)
-            return
-        self.wsd_unread = data[READ_SLICE:]
-        super().data_received(data[:READ_SLICE])
-        if self.wsd_unread:
-            self.loop.call_soon(self._feed_unread)
-        elif not self.recv_messages.paused:  # websockets resumes reading itself when its queue drains
-            self.transport.resume_reading()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._release_slot()
-        self.wsd_unread = b""
-        super().connection_lost(exc)
-
-    def _release_slot(self) -> None:
-        ip = self.wsd_slot
-        if ip is not None:
-            self.wsd_slot = None
-            ep = WsdServerConnection.wsd_endpoint
-            if ep is not None:
-                ep.inflight.leave(ip)
-
-    def acknowledge_pings(self, data: bytes) -> None:
-        c = self.wsd_conn
-        if c is not None and c.ping_data is not None:
-            self.wsd_hub.on_pong(c, data)
-        super().acknowledge_pings(data)
-
-    def pause_writing(self) -> None:
-        super().pause_writing()
-        c = self.wsd_conn
-        if c is not None:
-            self.wsd_hub.on_pause_writing(c)
-
-    def resume_writing(self) -> None:
-        super().resume_writing()
-        c = self.wsd_conn
-        if c is not None:
-            self.wsd_hub.on_resume_writing(c)
 
 
 class Admission:
@@ -168,32 +54,6 @@ class Admission:
     def __init__(self, **kw: Any) -> None:
         for k in self.__slots__:
             setattr(self, k, kw.get(k))
-
-
-_ADMITTED = Request("/", Headers())
-
-
-def json_response(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
-    h = Headers()
-    h["Content-Type"] = "application/json"
-    h["Cache-Control"] = "no-store"
-    for k, v in (headers or {}).items():
-        h[k] = v
-    payload = _encode(body) + b"\n"
-    h["Content-Length"] = str(len(payload))
-    return Response(status, HTTPStatus(status).phrase, h, payload)
-
-
-_LIBRARY_REFUSALS = {414: "request_too_large", 431: "request_too_large", 426: "upgrade_required"}
-
-
-def _json_reject(status: Any, text: str) -> Response:
-    """websockets' ``ServerProtocol.reject`` with our JSON body ``{"error", "message"}``."""
-    code = int(status)
-    error = _LIBRARY_REFUSALS.get(code, "bad_request" if code < 500 else "internal")
-    resp = json_response(code, {"error": error, "message": text.strip()})
-    resp.headers["Connection"] = "close"
-    return resp
 
 
 def text_response(status: int, text: str, content_type: str) -> Response:
@@ -444,9 +304,10 @@ class Endpoint:
         if want:
             # Only read here: the session is taken (deleted) by the handler once the handshake is accepted,
             # so a refusal after this point (by websockets, or a full manager) leaves it to a later resume.
-            state = await d.engine.load_session(want)
+            blob = await d.engine.load_session(want)
+            state = saved.decode(blob) if blob is not None else None
             # A session is only ever resumed by the same user and tenant that left it.
-            if state is not None and state.get("user_id") == user and state.get("company_id") == claims.company_id:
+            if state is not None and state.user_id == user and state.company_id == claims.company_id:
                 session, session_id = state, want
         is_admin = d.config.auth.admin_role in claims.roles
         principal = Principal(user, claims.company_id, frozenset(claims.roles), pool.id, pool.type, is_admin)
@@ -462,7 +323,7 @@ class Endpoint:
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
         # Compression is chosen per pool: only offer permessage-deflate where the pool allows it.
-        conn.protocol.available_extensions = d.deflate if pool.compression else []  # type: ignore[attr-defined]
+        offer_extensions(conn, d.deflate if pool.compression else [])
         return None
 
     def select_subprotocol(self, conn: ServerConnection, subprotocols: Any) -> str | None:
@@ -490,10 +351,9 @@ class Endpoint:
             conn.extensions = tuple(e.strip() for e in ext.split(",")) if ext else ()
         # The handshake's request and response (headers, the token in them) are not needed once
         # admitted: letting them go saves ~4 KiB per idle connection and keeps no token in memory.
-        ws.request = _ADMITTED  # websockets reads "request is None" as "no handshake yet": keep a shared stub
-        ws.response = None
+        forget_handshake(ws)
         if len(hub.conns) >= d.config.manager.max_connections:
-            await ws.close(1013, "manager full, try again later")
+            await ws.close(errors.TRY_AGAIN.code, errors.TRY_AGAIN.reason)
             return
         hub.register(conn)
         ws.wsd_conn = conn  # type: ignore[attr-defined]
@@ -501,7 +361,7 @@ class Endpoint:
         session = adm.session
         if session is not None:
             conn.resumed = True
-            conn.reconnections = int(session.get("reconnections", 0)) + 1
+            conn.reconnections = session.reconnections + 1
         d.emit("connect", connection_id=conn.id, pool=conn.pool.id, user_id=conn.user_id,
                company_id=conn.company_id, remote=conn.remote_address, resumed=conn.resumed)
         try:
@@ -524,39 +384,40 @@ class Endpoint:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(ws.wait_closed(), hub.close_timeout() + 1.0)
         finally:
-            code = ws.close_code if ws.close_code is not None else 1006
-            if code == 1006 and conn.close_code:
+            code = ws.close_code if ws.close_code is not None else errors.ABNORMAL.code
+            if code == errors.ABNORMAL.code and conn.close_code:
                 # We started the close and the peer never answered it (a stalled reader is aborted):
                 # report the code we closed with, not websockets' "no close frame received".
                 code = conn.close_code
             reason = ws.close_reason or conn.close_reason
             hub.stats.closed(code)
-            if code not in (1000, errors.KICKED.code):
+            if code not in (errors.NORMAL.code, errors.KICKED.code):
                 try:
-                    await d.engine.save_session(conn.session_id, hub.session_state(conn), hub.session_ttl)
+                    state = saved.capture(conn)
+                    await d.engine.save_session(conn.session_id, state.owner, saved.encode(state), hub.session_ttl)
                 except Exception:
                     log.exception("saving session failed")
             hub.unregister(conn)
             d.emit("disconnect", connection_id=conn.id, pool=conn.pool.id, user_id=conn.user_id, code=code,
                    reason=reason)
 
-    async def _start(self, conn: Conn, session: dict[str, Any] | None) -> None:
+    async def _start(self, conn: Conn, session: saved.Session | None) -> None:
         d = self.daemon
         hub = d.hub
-        restored: list[dict[str, Any]] = []
-        for s in session.get("subs", []) if session else []:
+        restored: list[saved.SavedSub] = []
+        for s in session.subs if session else []:
             # Permission is checked again on resume: the new token may carry fewer roles than the old one.
             try:
-                group, inst = resolve(s["channel"], conn.principal, d.config.channels)
+                group, inst = resolve(s.channel, conn.principal, d.config.channels)
             except ChannelError:
                 continue
-            if inst == s["channel"]:
-                restored.append(dict(s, group=group))
+            if inst == s.channel:
+                restored.append(msgspec.structs.replace(s, group=group))
         if session is None:
             wanted = [{"channel": ch, "mode": "realtime"} for ch in conn.pool.default_subscriptions]
         else:
             wanted = []
-        subs_out = [s["channel"] for s in restored]
+        subs_out = [s.channel for s in restored]
         for w in wanted:
             try:
                 _, inst = resolve(w["channel"], conn.principal, d.config.channels)
@@ -570,14 +431,13 @@ class Endpoint:
         hub.send_direct(conn, _encode(welcome), Priority.CRITICAL)
         if session:
             # Unacked reliable messages first: they are older than anything replayed from history.
-            rs_unacked = session.get("unacked") or []
-            if rs_unacked or int(session.get("next_seq", 1)) > 1:  # seqs continue: never reuse one
+            if session.unacked or session.next_seq > 1:  # seqs continue: never reuse one
                 rs = conn.reliable = ReliableState()
-                rs.next_seq = int(session.get("next_seq", 1))
+                rs.next_seq = session.next_seq
                 now = d.loop.time()
-                for seq, payload, prio, retries, timeout in rs_unacked:
-                    data = payload.encode()
-                    rs.unacked[int(seq)] = [data, int(prio), now + timeout, int(retries), float(timeout)]
+                for u in session.unacked:
+                    data = u.payload.encode()
+                    rs.unacked[u.seq] = Unacked(data, u.priority, now + u.ack_timeout_s, u.retries, u.ack_timeout_s)
                     hub.send_direct(conn, data, Priority.CRITICAL)  # ahead of the (critical) replay
         # The pool's default subscriptions (new sessions only: a resumed session restores its own).
         for w in wanted:
@@ -592,17 +452,17 @@ class Endpoint:
             await self._replay(conn, sub, None, 0)
         # A resumed session: its subscriptions back, each from its saved position, then what was missed.
         for s in restored:
-            group = s.get("group") or instance_parts(s["channel"])[0]
+            group = s.group or instance_parts(s.channel)[0]
             if group not in d.config.channels:
                 continue
-            types = frozenset(s["types"]) if s.get("types") else None
-            sub = hub.add_subscription(conn, s["channel"], group, s.get("mode", "realtime"), types)
+            types = frozenset(s.types) if s.types else None
+            sub = hub.add_subscription(conn, s.channel, group, s.mode, types)
             sub.pending = []
-            since = StreamPosition(int(s.get("offset", 0)), s.get("epoch") or "")
+            since = StreamPosition(s.offset, s.epoch)
             if sub.mode == HISTORICAL:
                 # History only, no live feed: nothing was missed while away.
                 sub.pending = None
-                sub.offset, sub.epoch = since.offset, since.epoch
+                sub.restart(since.offset, since.epoch)
                 continue
             await self._replay(conn, sub, since if since.epoch else None, None, notify=True)
 
@@ -654,18 +514,20 @@ class Endpoint:
                 hub.send_direct(conn, push[:-1] + HISTORY_TAIL, Priority.CRITICAL)
         if not hold:
             top = res.position.offset if res.recovered or since is None else last
-            sub.offset = max(sub.offset, last, top)
+            sub.advance(max(last, top), res.position.epoch)
         elif not res.recovered:
             # The old position means nothing in this stream: restart it just before what is now held.
-            sub.offset = res.publications[0].offset - 1 if res.publications else res.position.offset
-        sub.epoch = res.position.epoch
+            sub.restart(res.publications[0].offset - 1 if res.publications else res.position.offset,
+                        res.position.epoch)
+        else:
+            sub.restart(sub.offset, res.position.epoch)
         pending = sub.pending or []
         sub.pending = None
         for out in pending:
             if out.offset and out.offset <= last:
                 continue  # already sent from history: no duplicates
             if sub.mode == BATCH or sub.mode == ON_DEMAND:
-                hub._deliver_sub(sub, out, out)
+                hub.deliver_sub(sub, out)
             else:
                 hub.deliver(conn, out)
 
@@ -858,8 +720,10 @@ class Endpoint:
             if o.expires_at is None or o.expires_at > now:
                 items.append(o)
                 size += len(o.payload) + 1
+            else:
+                conn.drops_expired += 1  # held past its ttl: dropped, and counted
         if items:
-            note_position(sub, items[-1].offset, items[-1].epoch)
+            sub.advance(items[-1].offset, items[-1].epoch)
         conn.msgs_out += len(items)
         remaining = len(held) if held else 0
         payload = (b'{"id":' + _encode(f.id) + b',"ok":true,"result":{"channel":' + _encode(inst)

@@ -1,0 +1,245 @@
+"""Connection-lifecycle policy: closing, the periodic sweep (token expiry, idle, heartbeats, slow consumers,
+reliable resends, health), recovery and kicks. Every lifecycle event and audit record the hub reports is
+decided here. ``Lifecycle`` is a part of ``Hub`` (hub.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from wsd import errors
+from wsd.core.outbox import Priority
+from wsd.runtime.conn import CONNECTED, DISCONNECTING, Conn
+from wsd.runtime.wsadapter import OPEN, hard_abort, ping, ping_unanswered
+
+if TYPE_CHECKING:
+    from wsd.runtime.events import Events
+    from wsd.runtime.stats import Stats
+
+log = logging.getLogger("wsd.hub")
+
+_perf = time.perf_counter
+_json_encode = msgspec.json.Encoder().encode
+
+
+class Lifecycle:
+    """When a connection is closed, pinged, recovered or kicked (a part of ``Hub``)."""
+
+    # What it uses of the hub (set by Hub.__init__ / Hub.configure).
+    loop: asyncio.AbstractEventLoop
+    events: Events
+    stats: Stats
+    engine: Any
+    conns: dict[str, Conn]
+    limiters: tuple[Any, ...]
+    heap: Any
+    high_water: int
+    heartbeat_s: float
+    missed_allowed: int
+    idle_s: float
+    slow_s: float
+    health_error_rate: float
+    drain_timeout_s: float
+    coalesce_s: float
+    last_fanout: dict[str, float]
+
+    # -- closing ----------------------------------------------------------------------------------------
+    def close(self, conn: Conn, code: int, reason: str) -> None:
+        """Start closing ``conn`` with ``code``; abort the transport if the close cannot be sent in time."""
+        if conn.closing:
+            return
+        conn.closing = True
+        conn.close_code = code
+        conn.close_reason = reason
+        conn.state = DISCONNECTING
+        self._dirty.discard(conn)
+        self.loop.create_task(self._close(conn, code, reason))
+
+    def close_timeout(self) -> float:
+        """How long a close handshake may take before the transport is aborted (seconds)."""
+        return max(0.5, self.drain_timeout_s)
+
+    async def _close(self, conn: Conn, code: int, reason: str) -> None:
+        timeout = self.close_timeout()
+        try:
+            # A close reason is at most 123 bytes of UTF-8: cut by bytes, not characters.
+            await asyncio.wait_for(conn.ws.close(code, reason.encode()[:123].decode("utf-8", "ignore")), timeout)
+        except (asyncio.TimeoutError, Exception):
+            pass
+        if conn.ws.transport is not None and not conn.ws.transport.is_closing():
+            hard_abort(conn.ws.transport)
+
+    def close_slow(self, conn: Conn, why: str) -> None:
+        if conn.closing:
+            return
+        self.stats.slow_consumers += 1
+        lost = conn.queue_depth()
+        self.events.emit("slow_consumer", connection_id=conn.id, user_id=conn.user_id, pool=conn.pool.id,
+                         reason=why, queued=lost)
+        self.events.audit("slow_consumer", connection_id=conn.id, user_id=conn.user_id, reason=why,
+                          queued=lost)
+        # Whatever is queued cannot be written: drop it now (counted) so the close frame goes out first.
+        if conn.outbox is not None and lost:
+            conn.outbox.drain_all()
+            self.stats.dropped_on_close += lost
+        self.close(conn, errors.SLOW_CONSUMER.code, f"slow consumer: {why}")
+        # A client that never reads cannot receive the close frame: abort after a short grace.
+        self.loop.call_later(2.0, self._abort_if_open, conn)
+
+    def _abort_if_open(self, conn: Conn) -> None:
+        tr = conn.ws.transport
+        if tr is not None and not tr.is_closing() and tr.get_write_buffer_size() >= self.high_water:
+            hard_abort(tr)
+
+    # -- the periodic sweep: heartbeats, idle, expiry, resends, slow consumers, health ----------------
+    async def _sweep_loop(self) -> None:
+        period = min(1.0, max(0.05, self.heartbeat_s / 4))
+        while True:
+            await asyncio.sleep(period)
+            try:
+                self.sweep(self.now(), time.time())
+            except Exception:  # the sweep must never die
+                log.exception("sweep failed")
+
+    def sweep(self, now: float, wall: float) -> None:
+        """One pass over every connection: cheap checks first, so 10,000 idle connections cost little."""
+        self.stats.tick(now, self)
+        if now - self._memory_swept >= 1.0:  # at most once a second, however short the heartbeat
+            self._memory_swept = now
+            self.sweep_memory(now)
+        idle_before = now - self.idle_s
+        slow_before = now - self.slow_s
+        rate = self.health_error_rate
+        for conn in list(self.conns.values()):
+            if conn.closing or conn.state is not CONNECTED:
+                continue
+            if wall >= conn.exp:
+                self.events.emit("token_expired", connection_id=conn.id, user_id=conn.user_id)
+                self.close(conn, errors.TOKEN_EXPIRED.code, errors.TOKEN_EXPIRED.reason)
+                continue
+            if conn.last_activity <= idle_before:
+                self.events.emit("idle_timeout", connection_id=conn.id, user_id=conn.user_id)
+                self.close(conn, errors.IDLE_TIMEOUT.code, errors.IDLE_TIMEOUT.reason)
+                continue
+            if now >= conn.ping_due:
+                self._heartbeat(conn, now, wall)
+                if conn.closing:
+                    continue
+            if conn.congested_since is not None:
+                if conn.congested_since <= slow_before:
+                    self.close_slow(conn, f"congested for {now - conn.congested_since:.1f}s")
+                    continue
+                if conn.outbox and conn.breaker is None and conn.transport.get_write_buffer_size() == 0:
+                    self.schedule_drain(conn)  # safety net: queued, room to write, nobody scheduled
+            if conn.reliable is not None:
+                self._resend_due(conn, now)
+            if conn.errors >= 5 and conn.errors > rate * conn.msgs_in:
+                self._recover(conn)
+
+    def sweep_memory(self, now: float) -> None:
+        """Free what nobody needs any more: expired sessions and unused channel instances (engine),
+        fan-out timestamps of channels quiet for longer than the coalescing window, refilled limiter buckets."""
+        self.engine.sweep()
+        last = self.last_fanout
+        if last:
+            cutoff = _perf() - self.coalesce_s
+            stale = [ch for ch, t in last.items() if t <= cutoff]
+            for ch in stale:
+                del last[ch]
+        for lim in self.limiters:
+            lim.sweep(now)
+        self.heap.maybe_trim(now)  # what was just freed goes back to the system (at most every 30 s)
+
+    def check_health(self, conn: Conn) -> None:
+        """The sweep's error-rate test for one connection, now (after a frame that cost the daemon dearly)."""
+        if not conn.closing and conn.errors >= 5 and conn.errors > self.health_error_rate * conn.msgs_in:
+            self._recover(conn)
+
+    def _recover(self, conn: Conn) -> None:
+        """The seed's attemptConnectionRecovery: reset the breaker and resync once, then give up with 1011."""
+        rate = conn.errors / max(1, conn.msgs_in)
+        if conn.health_recoveries >= 1:
+            self.events.emit("unhealthy", connection_id=conn.id, user_id=conn.user_id, error_rate=round(rate, 3))
+            self.close(conn, errors.INTERNAL.code, f"unhealthy: error rate {rate:.0%}")
+            return
+        conn.health_recoveries += 1
+        conn.errors = 0
+        if conn.breaker is not None:
+            conn.breaker.reset()
+        self.events.emit("recovery", connection_id=conn.id, user_id=conn.user_id, error_rate=round(rate, 3))
+        self.send_direct(conn, _json_encode({"type": "error", "error": {
+            "code": "unhealthy", "message": f"error rate {rate:.0%} is above {self.health_error_rate:.0%}: "
+                                            "fix the client's frames or the connection will be closed"}}),
+                         Priority.CRITICAL)
+        if conn.outbox:
+            self.schedule_drain(conn)
+
+    def _heartbeat(self, conn: Conn, now: float, wall: float) -> None:
+        if conn.ping_data is not None and ping_unanswered(conn, conn.ping_data):
+            conn.pings_missed += 1
+            if conn.pings_missed >= self.missed_allowed:
+                self.events.emit("heartbeat_timeout", connection_id=conn.id, user_id=conn.user_id,
+                                 missed=conn.pings_missed)
+                self.close(conn, errors.HEARTBEAT_TIMEOUT.code, errors.HEARTBEAT_TIMEOUT.reason)
+                self.loop.call_later(2.0, self._abort_if_still, conn)
+                return
+        conn.ping_due = now + self.heartbeat_s
+        if conn.proto.state is not OPEN:
+            return
+        self._ping_seq = (self._ping_seq + 1) & 0xFFFFFFFF
+        data = struct.pack("!I", self._ping_seq)
+        conn.ping_data = data
+        # RTT from a high-resolution clock: loop.time() (what websockets measures with) is
+        # millisecond-coarse under uvloop, so a sub-millisecond RTT would read as 0.
+        conn.ping_sent_at = time.perf_counter()
+        try:
+            ping(conn, data, self._pong_done, now)
+        except Exception:
+            conn.errors += 1
+
+    def on_pong(self, conn: Conn, data: bytes) -> None:
+        """A pong arrived (called synchronously by the connection): record the heartbeat and RTT."""
+        if data != conn.ping_data:
+            return
+        rtt_ms = (time.perf_counter() - conn.ping_sent_at) * 1000.0
+        conn.pings_missed = 0
+        conn.last_activity = self.now()  # a pong is activity: a listen-only subscriber is not idle
+        conn.last_heartbeat = time.time()
+        conn.latency_n += 1
+        # Average latency over the connection's life, weighted to the recent (EWMA).
+        conn.latency_ms = rtt_ms if conn.latency_n == 1 else conn.latency_ms * 0.8 + rtt_ms * 0.2
+
+    def _abort_if_still(self, conn: Conn) -> None:
+        tr = conn.ws.transport
+        if tr is not None and not tr.is_closing():
+            hard_abort(tr)
+
+    # -- kick --------------------------------------------------------------------------------------------
+    def select(self, ids: Iterable[str] = (), user: str = "", company: str = "", pool: str = "") -> list[Conn]:
+        ids = list(ids)
+        if ids:
+            return [c for c in (self.conns.get(i) for i in ids) if c is not None]
+        if not (user or company or pool):
+            return []
+        return [c for c in self.conns.values() if (not user or c.user_id == user)
+                and (not company or c.company_id == company) and (not pool or c.pool.id == pool)]
+
+    def kick(self, conns: list[Conn], reason: str) -> int:
+        n = 0
+        for conn in conns:
+            if conn.closing:
+                continue
+            self.events.emit("kick", connection_id=conn.id, user_id=conn.user_id, pool=conn.pool.id,
+                             reason=reason)
+            self.events.audit("kick", connection_id=conn.id, user_id=conn.user_id, reason=reason)
+            self.close(conn, errors.KICKED.code, reason or errors.KICKED.reason)
+            n += 1
+        return n
+

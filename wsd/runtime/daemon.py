@@ -29,7 +29,7 @@ from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFact
 
 import wsd
 from wsd import config as wconfig
-from wsd.control.protocol import default_socket_path
+from wsd.control.protocol import EVENT_KINDS, default_socket_path
 from wsd.core.auth import TokenSigner, TokenVerifier
 from wsd.core.ratelimit import KeyedLimiter, per_minute
 from wsd.engine.base import Engine
@@ -292,7 +292,9 @@ class Daemon:
     # -- events and audit --------------------------------------------------------------------------------
     def emit(self, kind: str, *, log_line: bool = True, **fields: Any) -> None:
         """A lifecycle or security event: kept for `wsctl events`, streamed to followers, logged
-        (unless the caller logs it itself: ``log_line=False``)."""
+        (unless the caller logs it itself: ``log_line=False``). ``kind`` is one of the protocol's EVENT_KINDS."""
+        if kind not in EVENT_KINDS:
+            raise ValueError(f"event kind {kind!r} is not in wsd/control/protocol.py EVENT_KINDS")
         self.event_seq += 1
         ev = {"seq": self.event_seq, "ts": round(time.time(), 3), "event": kind, **fields}
         self.events.append(ev)

@@ -25,7 +25,6 @@ from wsd import config as wconfig
 from wsd.control import protocol as P
 from wsd.core.channels import ChannelError, instance_parts, resolve_for_operator
 from wsd.core.outbox import PRIORITY_NAMES, Priority
-from wsd.runtime.conn import SEED_MODE
 
 if TYPE_CHECKING:
     from wsd.runtime.daemon import Daemon
@@ -434,11 +433,11 @@ class ControlServer:
                                "history_depth": h.get("depth", 0), "offset": h.get("offset", 0),
                                "epoch": h.get("epoch", "")}
         groups = []
-        from wsd.core.channels import SEED_GROUP_TYPE
+        from wsd.core.channels import GROUP_TYPE_NAMES
         for gid, g in d.config.channels.items():
             mine = [v for v in instances.values() if v["group"] == gid]
             groups.append({"group_id": gid, "name": g.name or gid, "type": g.type,
-                           "seed_type": SEED_GROUP_TYPE[g.type], "history_size": g.history_size,
+                           "type_name": GROUP_TYPE_NAMES[g.type], "history_size": g.history_size,
                            "history_ttl_s": g.history_ttl_s, "publishers": list(g.publishers),
                            "instances": len(mine), "subscribers": sum(v["subscribers"] for v in mine)})
         return {"groups": groups, "instances": sorted(instances.values(), key=lambda v: v["channel"])}
@@ -457,8 +456,8 @@ class ControlServer:
         rows = [dict(s.describe(), user_id=s.conn.user_id, pool=s.conn.pool.id) for s in subs[:limit]]
         by_mode: dict[str, int] = {}
         for s in subs:
-            by_mode[SEED_MODE[s.mode]] = by_mode.get(SEED_MODE[s.mode], 0) + 1
-        return {"total": len(subs), "by_type": by_mode, "items": rows}
+            by_mode[s.mode] = by_mode.get(s.mode, 0) + 1
+        return {"total": len(subs), "by_mode": by_mode, "items": rows}
 
     async def m_presence(self, p: dict[str, Any]) -> Any:
         _, inst = resolve_for_operator(_str(p, "channel"), self.daemon.config.channels)

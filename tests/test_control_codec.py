@@ -266,3 +266,24 @@ def test_the_daemons_tables_agree_with_the_protocol():
     assert P.CONNECTION_STATES == (conn.CONNECTING, conn.CONNECTED, conn.DISCONNECTING)
     assert P.STREAM_METHODS <= set(P.METHODS)
     assert len(set(P.EVENT_KINDS)) == len(P.EVENT_KINDS)
+
+
+def test_wsctls_tables_come_from_the_protocol():
+    """wsctl's --sort words, --priority values, dashboard columns and highlighted events are the protocol's."""
+    from wsctl import cli
+    from wsctl.tui import render as tui_render
+
+    assert [p.value for p in cli.Priority] == list(P.PRIORITIES)
+    for col in (*tui_render.WIDE_COLUMNS, *tui_render.NARROW_COLUMNS):
+        assert col.key in P.SORT_FIELDS, col
+    assert tui_render.WARN_EVENTS <= set(P.EVENT_KINDS)
+
+
+def test_every_event_kind_is_emitted_somewhere_in_the_daemon():
+    """No kind in EVENT_KINDS is dead: each appears as a literal where the runtime emits or records it."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "wsd" / "runtime"
+    text = "\n".join(p.read_text() for p in root.rglob("*.py"))
+    silent = [k for k in P.EVENT_KINDS if f'"{k}"' not in text]
+    assert not silent, f"event kinds nothing emits: {silent}"

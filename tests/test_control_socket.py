@@ -61,8 +61,8 @@ async def test_an_oversize_request_is_refused_and_the_connection_closed(wsd):
 
 
 async def test_events_subscribe_refuses_an_unknown_kind(wsd):
-    got = await _exchange(wsd.socket, [b'{"id": 9, "method": "events.subscribe", "params": {"kinds": ["kick", '
-                                       b'"bogus"]}}\n'], 1)
+    req = b'{"id": 9, "method": "events.subscribe", "params": {"kinds": ["kick", "bogus"]}}\n'
+    got = await _exchange(wsd.socket, [req], 1)
     assert got[0]["id"] == 9 and got[0]["error"]["code"] == P.E_BAD_REQUEST
     assert "'bogus'" in got[0]["error"]["message"] and "heartbeat_timeout" in got[0]["error"]["message"]
 

@@ -205,6 +205,8 @@ class Client:
         try:
             rid, data = self.codec.request(method, dict(params))
         except P.RequestTooLarge as exc:
+            if out:
+                self.close()  # the hello was not sent either: the next call starts afresh
             raise UsageFailure(exc.code, exc.message) from None
         try:
             self.sock.sendall(out + data)

@@ -9,7 +9,7 @@ import socket
 import threading
 from pathlib import Path
 
-from tests.test_wsctl import wsctl
+from tests.test_wsctl import awsctl, wsctl
 from wsd.control import protocol as P
 
 
@@ -125,3 +125,12 @@ async def test_the_dashboard_source_reports_a_daemon_of_another_protocol_version
     finally:
         await src.close()
         other.close()
+
+
+async def test_wsctl_refuses_a_request_over_the_daemons_limit_before_sending_it(wsd, tmp_path):
+    big = tmp_path / "big.json"
+    big.write_text(json.dumps({"blob": "x" * P.MAX_REQUEST_BYTES}))
+    r = await awsctl(wsd, "publish", "system-status", "--data", f"@{big}")
+    assert r.rc == 2, r
+    assert r.err == f"wsctl: error: request larger than {P.MAX_REQUEST_BYTES} bytes (the daemon's limit)\n", r
+    assert (await wsd.ctl("history.get", channel="system-status"))["messages"] == []  # nothing was published

@@ -4,6 +4,7 @@ and the real wsctl and dashboard source against a daemon that speaks another pro
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import threading
@@ -85,7 +86,7 @@ class OtherVersionDaemon:
                 conn, _ = self.sock.accept()
             except OSError:
                 return
-            with conn, conn.makefile("rb") as f:
+            with conn, conn.makefile("rb") as f, contextlib.suppress(OSError):  # the client may hang up first
                 for line in f:
                     req = json.loads(line)
                     res = {"protocol": self.version, "version": "9.0.0"} if req["method"] == "hello" else {}

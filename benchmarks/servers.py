@@ -152,7 +152,7 @@ async def start_bare(
 
 
 # Limits a benchmark must not hit: the publisher of the api path sends hundreds of requests a second
-# on one connection. ``message_burst`` is wsd's own key (not in SPEC.md), so it is dropped if refused.
+# on one connection. ``message_burst`` is a newer key an older wsd build may not know, so it is dropped if refused.
 EXTRA_LIMITS = {"messages_per_connection_per_second": 1_000_000, "message_burst": 1_000_000}
 
 

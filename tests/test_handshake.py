@@ -373,7 +373,7 @@ WELCOME_FIELDS = {"type", "connection_id", "session_id", "pool", "user_id", "com
 @pytest.mark.parametrize(("pool", "roles"),
                          [("frontend", []), ("mt5", []), ("admin", ["admin"]), ("api", [])])
 async def test_welcome_in_each_default_pool(defaults, pool, roles):
-    """Each of the four default pools greets with the SPEC section 4 welcome fields."""
+    """Each of the four default pools greets with the welcome fields of docs/protocol.md."""
     async with defaults.connect(pool, make_token("wel", "acme", roles=roles)) as ws:
         w = await welcome(ws)
     assert WELCOME_FIELDS <= set(w)

@@ -54,11 +54,9 @@ rules_app = typer.Typer(no_args_is_help=False)
 app.add_typer(rules_app, name="rules")
 
 
-class Priority(enum.StrEnum):
-    critical = "critical"
-    high = "high"
-    normal = "normal"
-    low = "low"
+# the message priorities --priority takes: the protocol's names
+Priority = enum.StrEnum("Priority", {name: name for name in P.PRIORITIES})  # type: ignore[misc]
+PRIORITY_HELP = f"{P.one_of(P.PRIORITIES)}."
 
 
 @dataclass
@@ -269,23 +267,6 @@ def pools(ctx: typer.Context) -> None:
     emit(ctx, rpc(ctx, "pools.list"), render.render_pools)
 
 
-# --sort names -> the connection row fields the daemon sorts on
-SORT_KEYS = {
-    "age": "age_s",
-    "id": "id",
-    "pool": "pool",
-    "user": "user_id",
-    "company": "company_id",
-    "state": "state",
-    "in": "msgs_in",
-    "out": "msgs_out",
-    "queue": "queue",
-    "latency": "latency_ms",
-    "drops": "drops",
-    "bytes": "bytes_out",
-    "address": "remote_address",
-    "breaker": "breaker",
-}
 
 
 @app.command()
@@ -306,8 +287,7 @@ def connections(
         str,
         typer.Option(
             "--sort",
-            help="age, id, pool, user, company, state, in, out, queue, latency, drops, bytes, address "
-            "or breaker; prefix - for descending (--sort=-out).",
+            help=f"{P.one_of(P.SORT_KEYS)}; prefix - for descending (--sort=-out).",
         ),
     ] = "age",
     limit: Annotated[int, typer.Option("--limit", min=0, help="At most this many rows.")] = 100,
@@ -320,9 +300,9 @@ def connections(
     """
     desc = sort.startswith("-")
     key = sort.lstrip("-")
-    key = SORT_KEYS.get(key, key)
-    if key not in SORT_KEYS.values():
-        raise UsageFailure("usage", f"--sort: one of {', '.join(SORT_KEYS)} (prefix - for descending)")
+    key = P.SORT_KEYS.get(key, key)  # the word, or the row field itself
+    if key not in P.SORT_FIELDS:
+        raise UsageFailure("usage", f"--sort: one of {', '.join(P.SORT_KEYS)} (prefix - for descending)")
     if state is not None and state not in P.CONNECTION_STATES:
         raise UsageFailure("usage", f"--state: one of {', '.join(P.CONNECTION_STATES)}")
     res = rpc(
@@ -486,7 +466,7 @@ def publish(
     data: Annotated[str, typer.Option("--data", metavar="JSON", help=DATA_HELP)],
     type_: Annotated[str, typer.Option("--type", help="The message type (msg_type).")] = "message",
     priority: Annotated[
-        Priority, typer.Option("--priority", metavar="PRIORITY", help="critical, high, normal or low.")
+        Priority, typer.Option("--priority", metavar="PRIORITY", help=PRIORITY_HELP)
     ] = Priority.normal,
     ttl: Annotated[
         float | None,
@@ -543,7 +523,7 @@ def broadcast(
     ] = None,
     type_: Annotated[str, typer.Option("--type", help="The message type (msg_type).")] = "broadcast",
     priority: Annotated[
-        Priority, typer.Option("--priority", metavar="PRIORITY", help="critical, high, normal or low.")
+        Priority, typer.Option("--priority", metavar="PRIORITY", help=PRIORITY_HELP)
     ] = Priority.normal,
     ttl: Annotated[
         float | None,
@@ -589,7 +569,7 @@ def send(
     data: Annotated[str, typer.Option("--data", metavar="JSON", help=DATA_HELP)],
     type_: Annotated[str, typer.Option("--type", help="The message type (msg_type).")] = "direct",
     priority: Annotated[
-        Priority, typer.Option("--priority", metavar="PRIORITY", help="critical, high, normal or low.")
+        Priority, typer.Option("--priority", metavar="PRIORITY", help=PRIORITY_HELP)
     ] = Priority.normal,
     ttl: Annotated[
         float | None,
@@ -752,7 +732,7 @@ def rules_test(
     ],
     type_: Annotated[str, typer.Option("--type", help="The message type (msg_type).")] = "message",
     priority: Annotated[
-        Priority, typer.Option("--priority", metavar="PRIORITY", help="critical, high, normal or low.")
+        Priority, typer.Option("--priority", metavar="PRIORITY", help=PRIORITY_HELP)
     ] = Priority.normal,
     data: Annotated[str, typer.Option("--data", metavar="JSON", help=DATA_HELP)] = "null",
     user: Annotated[str | None, typer.Option("--user", help="The publisher's user id (default: the channel's).")]
@@ -1035,16 +1015,17 @@ def hoist_globals(args: list[str]) -> list[str]:
     return front + rest
 
 
-def _fail(err: WsctlError, as_json: bool) -> NoReturn:
+def _fail(err: WsctlError | P.ControlFailure, as_json: bool) -> NoReturn:
+    exit_code = err.exit_code if isinstance(err, WsctlError) else 1  # the daemon refused or misbehaved
     if as_json:
-        sys.stderr.write(json.dumps({"error": err.as_dict()}, ensure_ascii=False) + "\n")
+        sys.stderr.write(json.dumps({"error": {**err.as_dict(), "exit_code": exit_code}}, ensure_ascii=False) + "\n")
     else:
         prefix = "wsctl: " if err.code == "unreachable" else "wsctl: error: "
         sys.stderr.write(prefix + render.plain(err.message) + "\n")  # may quote what a client sent
         for line in err.details:
             sys.stderr.write(f"  {render.plain(line)}\n")
     sys.stderr.flush()
-    raise SystemExit(err.exit_code)
+    raise SystemExit(exit_code)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -1058,7 +1039,7 @@ def main(argv: list[str] | None = None) -> None:
     command = typer.main.get_command(app)
     try:
         rv = command.main(args=args, prog_name=PROG, standalone_mode=False)
-    except WsctlError as err:
+    except (WsctlError, P.ControlFailure) as err:
         _fail(err, as_json)
     except click_exc.NoArgsIsHelpError as exc:
         if as_json:

@@ -1,8 +1,9 @@
 """A synchronous client for wsd's control socket, and where to find that socket.
 
 Owns: socket discovery (``--socket``, ``$WSD_SOCKET``, config ``control.socket``, the runtime dir,
-``/tmp/wsd-$UID``), the newline-delimited JSON framing, the protocol version check, and the three
-ways a call can fail (``Unreachable`` exit 3, ``RequestFailed`` exit 1, ``UsageFailure`` exit 2).
+``/tmp/wsd-$UID``), the socket I/O, and the ways a call can fail (``Unreachable`` exit 3,
+``RequestFailed`` exit 1, ``UsageFailure`` exit 2). The framing, id matching and protocol version
+check are ``wsd.control.protocol.ClientCodec``'s, shared with the dashboard.
 
 Imports nothing from the daemon except ``wsd.control.protocol``: wsctl must start fast and work
 against a daemon it does not share code with at run time. The TUI uses this client too.
@@ -10,7 +11,6 @@ against a daemon it does not share code with at run time. The TUI uses this clie
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import tomllib
@@ -45,10 +45,8 @@ class WsctlError(Exception):
         return out
 
 
-class RequestFailed(WsctlError):
-    """The daemon answered with an error (exit 1)."""
-
-    exit_code = 1
+# The daemon answered with an error (exit 1); also raised for a daemon that broke the protocol.
+RequestFailed = P.RequestFailed
 
 
 class UsageFailure(WsctlError):
@@ -148,16 +146,17 @@ def discover_socket(
 class Client:
     """One connection to the control socket; ``call`` methods, ``stream`` events.
 
-    The first request on a connection is preceded by ``hello`` (pipelined: no extra round trip) so
-    a daemon speaking another protocol version is reported plainly instead of misread.
+    The bytes go through ``wsd.control.protocol.ClientCodec``; this class only connects, writes and
+    reads. The first request on a connection is preceded by ``hello`` (pipelined: no extra round
+    trip), which the codec checks, so a daemon speaking another protocol version is reported plainly
+    instead of misread.
     """
 
     def __init__(self, path: str, timeout: float = REPLY_TIMEOUT_S) -> None:
         self.path = path
         self.timeout = timeout
         self.sock: socket.socket | None = None
-        self.file: Any = None
-        self.next_id = 1
+        self.codec: P.ClientCodec | None = None
         self.hello: dict[str, Any] | None = None
 
     def __enter__(self) -> Client:
@@ -167,12 +166,10 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-            self.file = None
         if self.sock is not None:
             self.sock.close()
             self.sock = None
+        self.codec = None
 
     def _connect(self) -> None:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -195,106 +192,74 @@ class Client:
             raise Unreachable(self.path, f"{exc.strerror or exc}") from None
         s.settimeout(self.timeout)
         self.sock = s
-        self.file = s.makefile("rb")
+        self.codec = P.ClientCodec(peer=f"wsd at {self.path}")
 
     def _send(self, method: str, params: Mapping[str, Any]) -> int:
-        assert self.sock is not None
-        rid = self.next_id
-        self.next_id += 1
-        line = json.dumps({"id": rid, "method": method, "params": dict(params)}, separators=(",", ":"))
-        data = line.encode() + b"\n"
-        if len(data) > P.MAX_REQUEST_BYTES:
-            raise UsageFailure(
-                "too_large", f"request larger than {P.MAX_REQUEST_BYTES} bytes (the daemon's limit)"
-            )
+        """Connect if needed (then ``hello`` goes first, in the same write), and send one request."""
+        out = b""
+        if self.sock is None:
+            self._connect()
+            assert self.codec is not None
+            out = self.codec.hello_request()[1]
+        assert self.sock is not None and self.codec is not None
         try:
-            self.sock.sendall(data)
+            rid, data = self.codec.request(method, dict(params))
+        except P.RequestTooLarge as exc:
+            if out:
+                self.close()  # the hello was not sent either: the next call starts afresh
+            raise UsageFailure(exc.code, exc.message) from None
+        try:
+            self.sock.sendall(out + data)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the daemon already answered (e.g. forbidden) and closed: read that reply
         except OSError as exc:
             raise Unreachable(self.path, f"{exc.strerror or exc}") from None
         return rid
 
-    def _read(self) -> dict[str, Any]:
-        try:
-            line = self.file.readline()
-        except TimeoutError:
-            raise Unreachable(self.path, f"no reply within {self.timeout:g}s") from None
-        except OSError as exc:
-            raise Unreachable(self.path, f"{exc.strerror or exc}") from None
-        if not line:
-            raise Unreachable(self.path, "the daemon closed the connection without a reply")
-        try:
-            msg = json.loads(line)
-        except ValueError:
-            raise RequestFailed("protocol", f"wsd at {self.path} sent a line that is not JSON") from None
-        if not isinstance(msg, dict):
-            raise RequestFailed("protocol", f"wsd at {self.path} sent a reply that is not an object")
-        return msg
+    def _next(self) -> P.Reply | P.Event | None:
+        """The next reply or event, reading as needed; None when the daemon closed the connection."""
+        assert self.sock is not None and self.codec is not None
+        while True:
+            ev = self.codec.next_event()
+            if isinstance(ev, (P.Reply, P.Event)):
+                return ev
+            if ev is P.CLOSED:
+                return None
+            try:
+                data = self.sock.recv(1 << 16)
+            except TimeoutError:
+                raise Unreachable(self.path, f"no reply within {self.timeout:g}s") from None
+            except OSError as exc:
+                raise Unreachable(self.path, f"{exc.strerror or exc}") from None
+            self.codec.receive_data(data)
 
-    def _reply(self, msg: dict[str, Any]) -> Any:
-        err = msg.get("error")
-        if err is not None:
-            code = str(err.get("code", "failed")) if isinstance(err, dict) else "failed"
-            text = str(err.get("message", err)) if isinstance(err, dict) else str(err)
-            first, *rest = text.split("\n")
-            if code == P.E_FORBIDDEN and "uid" in first:
-                first += " (run wsctl as the user that runs wsd, or root)"
-            raise RequestFailed(code, first, rest)
-        return msg.get("result")
-
-    def _open(self, method: str, params: Mapping[str, Any]) -> int:
-        """Connect if needed, send hello first on a new connection, then the request; check hello."""
-        first = self.sock is None
-        if first:
-            self._connect()
-            hid = self._send("hello", {})
-        rid = self._send(method, params)
-        if first:
-            reply = self._read()
-            hello = self._reply(reply)
-            if reply.get("id") != hid or not isinstance(hello, dict):
-                raise RequestFailed("protocol", f"wsd at {self.path} did not answer hello")
-            self.hello = hello
-            if hello.get("protocol") != P.PROTOCOL_VERSION:
-                raise RequestFailed(
-                    "protocol_version",
-                    f"wsd at {self.path} speaks control protocol "
-                    f"{hello.get('protocol')}, this wsctl speaks {P.PROTOCOL_VERSION}: "
-                    "use the wsctl that came with this wsd",
-                )
-        return rid
+    def _wait(self, rid: int) -> Any:
+        """The result of request ``rid``, or the daemon's error (the hello's included) raised."""
+        while True:
+            ev = self._next()
+            if ev is None:
+                raise Unreachable(self.path, "the daemon closed the connection without a reply")
+            if isinstance(ev, P.Reply):
+                assert self.codec is not None
+                self.hello = self.codec.hello
+                if ev.id == rid or ev.id is None or ev.error is not None:
+                    return ev.unwrap()
 
     def call(self, method: str, /, **params: Any) -> Any:
         """One request, one reply: the ``result``, or ``RequestFailed`` with the daemon's code."""
-        params = {k: v for k, v in params.items() if v is not None}
-        rid = self._open(method, params)
-        while True:
-            msg = self._read()
-            if msg.get("id") == rid or msg.get("id") is None:
-                return self._reply(msg)
+        return self._wait(self._send(method, params))
 
     def stream(self, method: str = "events.subscribe", /, **params: Any) -> Iterator[dict[str, Any]]:
         """Open a stream (``events.subscribe``) and yield each ``event`` until the daemon closes it."""
-        params = {k: v for k, v in params.items() if v is not None}
-        rid = self._open(method, params)
-        msg = self._read()
-        if msg.get("id") != rid:
-            self._reply(msg)
-            raise RequestFailed("protocol", f"wsd at {self.path} did not acknowledge {method}")
-        self._reply(msg)
+        self._wait(self._send(method, params))
         assert self.sock is not None
         self.sock.settimeout(None)  # a quiet daemon is not a dead one
         while True:
-            line = self.file.readline()
-            if not line:
+            ev = self._next()
+            if ev is None:
                 return
-            try:
-                msg = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(msg, dict) and isinstance(msg.get("event"), dict):
-                yield msg["event"]
+            if isinstance(ev, P.Event):
+                yield ev.data
 
 
 def call(path: str, method: str, /, **params: Any) -> Any:

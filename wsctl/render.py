@@ -23,14 +23,8 @@ from wsctl import fmt
 
 ID_WIDTH = 8
 
-#: subscription modes as words (the daemon's counts may use the upper-case names)
-MODE_WORDS = {
-    "REAL_TIME": "realtime",
-    "BATCH": "batch",
-    "ON_DEMAND": "on demand",
-    "HISTORICAL": "historical",
-    "on_demand": "on demand",
-}
+#: subscription modes (their wire names) as words
+MODE_WORDS = {"on_demand": "on demand"}
 
 
 # ------------------------------------------------------------------------------------------------ units
@@ -336,7 +330,7 @@ def render_subscriptions(r: dict[str, Any]) -> RenderableType:
     total = r.get("total", len(items))
     if not total:
         return Text("no subscriptions", style="dim")
-    by = {MODE_WORDS.get(k, k): v for k, v in (r.get("by_mode") or r.get("by_type") or {}).items()}
+    by = {MODE_WORDS.get(k, k): v for k, v in (r.get("by_mode") or {}).items()}
     foot = f"{total} subscription{'s' if total != 1 else ''}" + (f"  ({_by(by)})" if by else "")
     if len(items) < total:
         foot += f"; showing {len(items)}"
@@ -477,7 +471,7 @@ def render_metrics(r: dict[str, Any]) -> RenderableType:
     subs = kv(
         [
             ("total", f"{s.get('total', 0)} on {s.get('channels', 0)} channels"),
-            ("by mode", _by(s.get("by_mode") or {})),
+            ("by mode", _by({MODE_WORDS.get(k, k): v for k, v in (s.get("by_mode") or {}).items()})),
             (
                 "subscribes",
                 f"{fmt_count(s.get('subscribes'))}  unsubscribes {fmt_count(s.get('unsubscribes'))}",

@@ -118,7 +118,7 @@ class Priority(enum.IntEnum):
 @pytest.mark.parametrize(("given", "name"), [(Priority.CRITICAL, "critical"), ("Low", "low"), (1, "high"),
                                              (2, "normal")])
 def test_priority_name(given: Any, name: str) -> None:
-    """Priorities given as an enum member, a name or the seed's number all read as a lower-case name."""
+    """Priorities given as an enum member, a name or its number all read as a lower-case name."""
     assert priority_name(given) == name
 
 

@@ -29,10 +29,11 @@ from wsctl.tui.dialogs import BroadcastDialog, KickDialog
 from wsctl.tui.screens import ChannelsScreen, ConnectionScreen, HelpScreen, RulesScreen
 from wsctl.tui.source import DataSource, LiveSource, RequestFailed, Unavailable
 from wsctl.tui.widgets import Banner
+from wsd.control import protocol as P
 
 NARROW_BELOW = 120
 #: numeric columns sort largest first when chosen; text columns A to Z
-DESC_FIRST = frozenset({"age_s", "msgs_in", "msgs_out", "queue", "latency_ms"})
+DESC_FIRST = P.NUMERIC_SORT_FIELDS
 
 
 class MainScreen(Screen[None]):
@@ -56,7 +57,7 @@ class MainScreen(Screen[None]):
 
     def __init__(self) -> None:
         super().__init__()
-        self.sort = "-age_s"
+        self.sort = "-" + P.DEFAULT_SORT
         self.filter = ""
         self.page_offset = 0
         self.total = 0

@@ -15,13 +15,13 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Select, Static
 
 from wsctl.fmt import plain
-
 from wsctl.tui.source import RequestFailed, Unavailable
+from wsd.control import protocol as P
 
 if TYPE_CHECKING:
     from wsctl.tui.app import WsdTop
 
-PRIORITIES = ("critical", "high", "normal", "low")
+PRIORITIES = P.PRIORITIES
 
 
 class KickDialog(ModalScreen[str | None]):

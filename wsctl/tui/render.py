@@ -55,14 +55,8 @@ def bar(frac: float, width: int) -> Text:
 
 
 def clock(ts: Any, tz: dt.tzinfo | None, *, date: bool = False) -> str:
-    """A Unix time as local (or ``tz``) wall-clock text."""
-    try:
-        t = dt.datetime.fromtimestamp(float(ts), tz or None)
-    except (TypeError, ValueError, OverflowError, OSError):
-        return "-"
-    if tz is None:
-        t = t.astimezone()
-    return t.strftime("%Y-%m-%d %H:%M:%S" if date else "%H:%M:%S")
+    """A Unix time as local (or ``tz``) wall-clock text, to the second."""
+    return fmt.local_time(ts, with_date=date, millis=False, tz=tz)
 
 
 # -- header ----------------------------------------------------------------------------------------------

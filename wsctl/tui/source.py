@@ -5,8 +5,9 @@ request, ``events(backlog)`` for the live event stream, ``close()``, plus ``addr
 ``available`` for the unreachable banner. The app never knows which one it holds, so tests and
 demos run from a recording with no daemon at all.
 
-``LiveSource`` speaks the control protocol (newline-delimited JSON over the Unix socket) on one
-persistent connection for requests and a second one for ``events.subscribe``. When the daemon goes
+``LiveSource`` drives ``wsd.control.protocol.ClientCodec`` (the codec wsctl's client uses too) over
+one persistent connection for requests and a second one for ``events.subscribe``; it does only the
+asyncio I/O. When the daemon goes
 away it does not raise into the UI loop forever: requests fail fast with ``Unavailable`` while a
 backoff runs, and the next attempt after the backoff reconnects by itself. Only
 ``wsd.control.protocol`` is imported from the daemon's package.
@@ -30,13 +31,8 @@ class Unavailable(Exception):
     """The daemon cannot be reached right now (not running, socket gone, or it stopped answering)."""
 
 
-class RequestFailed(Exception):
-    """The daemon answered with an error reply."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
+# The daemon answered with an error reply (the same class wsctl's client raises).
+RequestFailed = P.RequestFailed
 
 
 class DataSource(Protocol):
@@ -89,9 +85,9 @@ class LiveSource:
         self.hello: dict[str, Any] = {}
         self.last_error = ""
         self._reader: asyncio.StreamReader | None = None
+        self._conn_codec: P.ClientCodec | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._lock = asyncio.Lock()
-        self._next_id = 0
         self._up = False
         self._closed = False
 
@@ -100,8 +96,10 @@ class LiveSource:
         return self._up
 
     async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        return await asyncio.wait_for(
-            asyncio.open_unix_connection(self.address, limit=64 * P.MAX_REQUEST_BYTES), self.timeout)
+        return await asyncio.wait_for(asyncio.open_unix_connection(self.address), self.timeout)
+
+    def _codec(self) -> P.ClientCodec:
+        return P.ClientCodec(peer=f"wsd at {self.address}")
 
     async def _connect(self) -> None:
         if self._writer is not None:
@@ -110,15 +108,17 @@ class LiveSource:
             raise Unavailable(f"cannot reach wsd at {self.address}: {self.last_error}")
         try:
             self._reader, self._writer = await self._open()
-            self.hello = await self._request("hello", {})
-        except (TimeoutError, OSError, Unavailable, ValueError, RequestFailed) as exc:
+            self._conn_codec = self._codec()
+            rid, data = self._conn_codec.hello_request()
+            self._writer.write(data)
+            await self._writer.drain()
+            await self._wait(self._reader, self._conn_codec, rid)
+            self.hello = self._conn_codec.hello or {}
+        except (TimeoutError, OSError, Unavailable, P.ControlFailure) as exc:
             self._failed(exc)
         except BaseException:
             self._drop()  # cancelled half-way through the greeting: start clean next time
             raise
-        if self.hello.get("protocol") != P.PROTOCOL_VERSION:
-            self._failed(ValueError(f"it speaks control protocol {self.hello.get('protocol')}, "
-                                    f"this wsctl speaks {P.PROTOCOL_VERSION}"))
         self.backoff.succeeded()
         self._up = True
 
@@ -133,28 +133,34 @@ class LiveSource:
             with contextlib.suppress(Exception):
                 self._writer.close()
         self._reader = self._writer = None
+        self._conn_codec = None
         self._up = False
 
-    async def _request(self, method: str, params: dict[str, Any]) -> Any:
-        assert self._reader is not None and self._writer is not None
-        self._next_id += 1
-        rid = self._next_id
-        self._writer.write(json.dumps({"id": rid, "method": method, "params": params}).encode() + b"\n")
-        await self._writer.drain()
+    async def _wait(self, reader: asyncio.StreamReader, codec: P.ClientCodec, rid: int) -> Any:
+        """The result of request ``rid``, read within the timeout; the daemon's error raised."""
         async with asyncio.timeout(self.timeout):
             while True:
-                line = await self._reader.readline()
-                if not line:
+                ev = codec.next_event()
+                if ev is P.NEED_DATA:
+                    codec.receive_data(await reader.read(1 << 16))
+                elif ev is P.CLOSED:
                     raise Unavailable("the daemon closed the control connection")
-                reply = json.loads(line)
-                # A reply to an earlier request whose caller was cancelled (an exclusive worker
-                # replaced it) is still in the stream: skip it rather than hand it to this caller.
-                if reply.get("id") != rid and not (reply.get("id") is None and "error" in reply):
-                    continue  # (an error with no id is about the connection itself: refused, bad request)
-                if "error" in reply:
-                    err = reply["error"] or {}
-                    raise RequestFailed(str(err.get("code", "failed")), str(err.get("message", "")))
-                return reply.get("result")
+                elif isinstance(ev, P.Reply) and (ev.id == rid or ev.id is None):
+                    return ev.unwrap()  # (an error with no id is about the connection: refused, bad request)
+
+    async def _request(self, method: str, params: dict[str, Any]) -> Any:
+        assert self._reader is not None and self._writer is not None and self._conn_codec is not None
+        codec = self._conn_codec
+        rid, data = codec.request(method, params)
+        try:
+            self._writer.write(data)
+            await self._writer.drain()
+            return await self._wait(self._reader, codec, rid)
+        except asyncio.CancelledError:
+            # A reply to a request whose caller was cancelled (an exclusive worker replaced it) may
+            # still come: the codec drops it rather than hand it to the next caller.
+            codec.forget(rid)
+            raise
 
     async def call(self, method: str, **params: Any) -> Any:
         """One request on the persistent connection; ``Unavailable`` if the daemon cannot be reached."""
@@ -166,11 +172,10 @@ class LiveSource:
                 return await self._request(method, params)
             except RequestFailed:
                 raise
-            except (TimeoutError, OSError, Unavailable, ValueError) as exc:
+            except (TimeoutError, OSError, Unavailable, P.ControlFailure) as exc:
                 self._failed(exc)
             except asyncio.CancelledError:
-                # The reply may still arrive; ids keep it from reaching the next caller. A request cut
-                # off half-written would leave the stream unusable, so start a fresh connection.
+                # A request cut off half-written would leave the stream unusable: start a fresh connection.
                 if self._writer is not None and self._writer.transport.get_write_buffer_size():
                     self._drop()
                 raise
@@ -183,26 +188,28 @@ class LiveSource:
             writer: asyncio.StreamWriter | None = None
             try:
                 reader, writer = await self._open()
-                req = {"id": 1, "method": "events.subscribe", "params": {"backlog": backlog}}
-                writer.write(json.dumps(req).encode() + b"\n")
+                codec = self._codec()
+                data = codec.hello_request()[1]
+                rid, sub = codec.request("events.subscribe", {"backlog": backlog})
+                writer.write(data + sub)
                 await writer.drain()
-                first = json.loads(await asyncio.wait_for(reader.readline(), self.timeout) or b"null")
-                if not isinstance(first, dict) or "error" in first:
-                    raise Unavailable(f"events.subscribe refused: {first!r}")
+                await self._wait(reader, codec, rid)
                 stream_backoff.succeeded()
                 while True:
-                    line = await reader.readline()
-                    if not line:
-                        break
-                    ev = json.loads(line).get("event")
-                    if not isinstance(ev, dict):
+                    ev = codec.next_event()
+                    if ev is P.NEED_DATA:
+                        codec.receive_data(await reader.read(1 << 16))
                         continue
-                    key = (float(ev.get("ts", 0.0)), int(ev.get("seq", 0)))
+                    if ev is P.CLOSED:
+                        break
+                    if not isinstance(ev, P.Event):
+                        continue
+                    key = (float(ev.data.get("ts", 0.0)), int(ev.data.get("seq", 0)))
                     if key <= last:
                         continue  # already shown before a reconnect replayed the backlog
                     last = key
-                    yield ev
-            except (TimeoutError, OSError, Unavailable, ValueError):
+                    yield ev.data
+            except (TimeoutError, OSError, Unavailable, ValueError, P.ControlFailure):
                 pass
             finally:
                 if writer is not None:
@@ -223,6 +230,8 @@ def _reason(exc: BaseException) -> str:
         return "connection refused"
     if isinstance(exc, asyncio.TimeoutError):
         return "timed out"
+    if isinstance(exc, P.ControlFailure):
+        return exc.message
     return str(exc) or type(exc).__name__
 
 
@@ -292,7 +301,7 @@ def _page(items: list[dict[str, Any]], params: dict[str, Any]) -> dict[str, Any]
     for k in ("pool", "state"):
         if params.get(k):
             rows = [r for r in rows if r.get(k) == params[k]]
-    sort = str(params.get("sort") or "age_s")
+    sort = str(params.get("sort") or P.DEFAULT_SORT)
     key = sort.lstrip("-")
     rows.sort(key=lambda r: (r.get(key) is None, _scalar(r.get(key))), reverse=sort.startswith("-"))
     offset, limit = int(params.get("offset") or 0), int(params.get("limit") or 100)

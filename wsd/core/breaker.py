@@ -1,6 +1,6 @@
 """Per-connection circuit breaker: CLOSED -> OPEN on repeated write failures, HALF_OPEN after a cooldown.
 
-Owns only the breaker state of SPEC section 5 ("a stuck or failing connection trips a per-connection
+Owns only the breaker state of the delivery path ("a stuck or failing connection trips a per-connection
 circuit breaker: messages queue for later delivery instead of being written, and flush when it
 half-opens"). The caller decides what a failure is (a write error, a timeout, a write buffer above its
 high-water mark via ``trip``) and keeps queueing in the Outbox while ``allow`` says no.

@@ -17,8 +17,8 @@ from typing import Any
 from wsd import errors
 
 GROUP_TYPES = ("user", "company", "global", "admin")
-# The seed's GroupType enum, by config name.
-SEED_GROUP_TYPE = {"user": "USER_SPECIFIC", "company": "COMPANY_WIDE", "global": "GLOBAL", "admin": "ADMIN_ONLY"}
+# The group types as upper-case enum-style names (`type_name` in channels.list), by config name.
+GROUP_TYPE_NAMES = {"user": "USER_SPECIFIC", "company": "COMPANY_WIDE", "global": "GLOBAL", "admin": "ADMIN_ONLY"}
 
 # Matched with fullmatch: "$" would also accept a trailing newline ("alice\n").
 _SEGMENT = re.compile(r"[A-Za-z0-9_.:@+=-]{1,128}")
@@ -126,7 +126,7 @@ def resolve_for_operator(name: str, groups: Mapping[str, Any]) -> tuple[str, str
 
 
 def may_publish(group_cfg: Any, who: Principal) -> bool:
-    """The seed's hasPermission for publishing: the pool id or one of the roles is in ``publishers``."""
+    """Whether a principal may publish into a group: the pool id or one of the roles is in ``publishers``."""
     pubs = group_cfg.publishers
     if not pubs:
         return False

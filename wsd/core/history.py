@@ -2,7 +2,7 @@
 
 Owns the numbering of a channel instance's messages (offsets 1, 2, 3, ... never reused within an
 epoch), the bounded buffer behind ``history`` requests and ``subscribe`` with ``history``, and the
-"recovered" verdict a reconnecting client gets for ``since: {offset, epoch}`` (SPEC section 4).
+"recovered" verdict a reconnecting client gets for ``since: {offset, epoch}`` (docs/protocol.md, "History positions").
 Bounded two ways: at most ``size`` entries, none older than ``ttl_s``.
 
 Pure state machine: it must not import asyncio, time or sockets. ``now`` is monotonic seconds (used

@@ -1,6 +1,6 @@
 """Per-connection outbound queue: priority classes, FIFO within a class, expiry and bounded overflow.
 
-Owns the ordering and drop policy of SPEC section 5 ("one bounded outbound queue ordered by priority,
+Owns the ordering and drop policy of the delivery path ("one bounded outbound queue ordered by priority,
 FIFO within a priority; expired messages are dropped and counted; overflow drops the lowest priority
 first and is counted"). It does not decide what to do about a connection that keeps overflowing (the
 caller watches ``dropped_overflow``) and it never writes to a socket.
@@ -48,7 +48,7 @@ class Priority(enum.IntEnum):
 
 
 _BY_NAME = {p.name.lower(): p for p in Priority}
-#: wire names by priority number (the seed's MessagePriority)
+#: wire names by priority number
 PRIORITY_NAMES = tuple(p.name.lower() for p in Priority)
 _BY_VALUE = {int(p): p for p in Priority}
 _ALL = tuple(Priority)  # index == value

@@ -1,8 +1,8 @@
 """Routing rules: which receivers a published message goes to, and how its data is reshaped.
 
 Owns ``RoutedMessage`` (a published message as routing sees it), ``Transform`` (a compiled
-``transform`` table), ``Route`` (what one matching rule contributes) and ``RuleTable`` (the seed's
-MessageRouter with its RoutingRule / MessageFilter / RoutingTarget / TransformationRule).
+``transform`` table), ``Route`` (what one matching rule contributes) and ``RuleTable`` (the message
+router: the compiled rules, each with its filter, targets and transform).
 
 Everything is compiled once, when the table is built: list filters become frozensets, expressions
 become ``Expression`` closures, transforms are precomputed and every rule's ``Route`` is built up
@@ -26,7 +26,7 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from wsd.core.expr import Expression, ExpressionError, compile_expression
-from wsd.core.outbox import PRIORITY_NAMES  # re-exported: the seed's MessagePriority by number
+from wsd.core.outbox import PRIORITY_NAMES  # re-exported: the priority names by number
 
 if TYPE_CHECKING:  # only for readers and type checkers; duck typing at run time
     from wsd.config import RuleConfig, TargetConfig, TransformConfig
@@ -43,7 +43,7 @@ _PRIORITY_LOOKUP: dict[Any, str] = {
 
 
 def priority_name(priority: Any) -> str:
-    """The lower-case name of a priority given as an enum member, a name or the seed's number."""
+    """The lower-case name of a priority given as an enum member, a name or its number."""
     kind = type(priority)
     if kind is str or kind is int:  # the common cases, without allocating
         name = _PRIORITY_LOOKUP.get(priority)

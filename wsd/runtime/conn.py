@@ -19,24 +19,25 @@ if TYPE_CHECKING:
     from wsd.core.outbox import Outbox
     from wsd.core.ratelimit import TokenBucket
 
-# The seed's ConnectionState.
+# Connection states (the first three are the protocol's CONNECTION_STATES).
 CONNECTING = "connecting"
 CONNECTED = "connected"
 DISCONNECTING = "disconnecting"
 DISCONNECTED = "disconnected"
 ERROR = "error"
 
-# The seed's SubscriptionType, by wire name.
+# Subscription modes, by wire name.
 REALTIME = "realtime"
 BATCH = "batch"
 ON_DEMAND = "on_demand"
 HISTORICAL = "historical"
 MODES = (REALTIME, BATCH, ON_DEMAND, HISTORICAL)
-SEED_MODE = {REALTIME: "REAL_TIME", BATCH: "BATCH", ON_DEMAND: "ON_DEMAND", HISTORICAL: "HISTORICAL"}
+# the modes as upper-case enum-style names (a subscription's `type` field)
+MODE_ENUM_NAMES = {REALTIME: "REAL_TIME", BATCH: "BATCH", ON_DEMAND: "ON_DEMAND", HISTORICAL: "HISTORICAL"}
 
 
 class Subscription:
-    """One connection's interest in one channel instance (the seed's Subscription)."""
+    """One connection's interest in one channel instance."""
 
     __slots__ = ("active", "channel", "conn", "created_at", "epoch", "group", "held", "id", "mode", "offset",
                  "pending", "timer", "types")
@@ -84,7 +85,7 @@ class Subscription:
 
     def describe(self) -> dict[str, Any]:
         return {"id": self.id, "channel": self.channel, "group": self.group, "mode": self.mode,
-                "type": SEED_MODE[self.mode], "types": sorted(self.types) if self.types else [],
+                "type": MODE_ENUM_NAMES[self.mode], "types": sorted(self.types) if self.types else [],
                 "active": self.active, "created_at": self.created_at,
                 "position": {"offset": self.offset, "epoch": self.epoch},
                 "held": len(self.held) if self.held else 0,
@@ -117,7 +118,7 @@ class ReliableState:
 
 
 class Conn:
-    """One WebSocket connection (the seed's WebSocketConnection with its ConnectionInfo and metrics)."""
+    """One WebSocket connection: its identity, subscriptions, outbound queue, breaker and metrics."""
 
     __slots__ = (
         "breaker", "bytes_in", "bytes_out", "claims", "closing", "company_id", "congested_since", "created_at",
@@ -199,7 +200,7 @@ class Conn:
         }
 
     def metrics(self, now: float) -> dict[str, Any]:
-        """The seed's ConnectionMetrics."""
+        """The connection's counters as `connections.get` shows them under `metrics`."""
         return {
             "messages_sent": self.msgs_out, "messages_received": self.msgs_in,
             "bytes_sent": self.bytes_out, "bytes_received": self.bytes_in,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import socket
@@ -26,7 +25,6 @@ from wsd import config as wconfig
 from wsd.control import protocol as P
 from wsd.core.channels import ChannelError, instance_parts, resolve_for_operator
 from wsd.core.outbox import PRIORITY_NAMES, Priority
-from wsd.runtime.conn import SEED_MODE
 
 if TYPE_CHECKING:
     from wsd.runtime.daemon import Daemon
@@ -109,7 +107,7 @@ def _priority(params: dict[str, Any]) -> int:
     try:
         return int(Priority.parse(params.get("priority") or "normal"))
     except ValueError:
-        raise ControlError(P.E_BAD_REQUEST, "params.priority: expected critical, high, normal or low") from None
+        raise ControlError(P.E_BAD_REQUEST, f"params.priority: expected {P.one_of(P.PRIORITIES)}") from None
 
 
 def _ttl(params: dict[str, Any]) -> float | None:
@@ -121,6 +119,7 @@ def _ttl(params: dict[str, Any]) -> float | None:
     return float(v)
 
 
+# connections.list: how each of the protocol's sort fields orders the connections
 SORTERS: dict[str, Callable[[Any], Any]] = {
     "id": lambda c: c.id, "pool": lambda c: c.pool.id, "user_id": lambda c: c.user_id,
     "company_id": lambda c: c.company_id, "state": lambda c: c.state,
@@ -130,9 +129,7 @@ SORTERS: dict[str, Callable[[Any], Any]] = {
     "remote_address": lambda c: c.remote_address, "bytes_out": lambda c: c.bytes_out,
     "drops": lambda c: c.drops_overflow + c.drops_expired,
 }
-
-SORT_KEYS = ("id", "pool", "user_id", "company_id", "state", "age_s", "msgs_in", "msgs_out", "queue", "latency_ms",
-             "breaker", "remote_address", "bytes_out", "drops")
+assert set(SORTERS) == set(P.SORT_FIELDS), "every sort field of the protocol needs a sorter, and no other"
 
 
 class ControlServer:
@@ -154,8 +151,9 @@ class ControlServer:
             "config.get": self.m_config, "events.recent": self.m_events_recent,
         }
         self.methods.update({"rules.test": self.m_rules_test, "publish.trace": self.m_publish_trace})
-        missing = set(P.METHODS) - set(self.methods) - {"events.subscribe"}
-        assert not missing, f"control methods without a handler: {missing}"
+        handled = set(self.methods) | P.STREAM_METHODS
+        assert handled == set(P.METHODS), f"control methods and handlers differ: {handled ^ set(P.METHODS)}"
+        assert P.PRIORITIES == PRIORITY_NAMES, "the protocol's priority names must be the Priority enum's"
 
     async def start(self) -> None:
         """Listen on the socket path, removing only a stale socket there, in a directory that is safe.
@@ -212,33 +210,34 @@ class ControlServer:
         task = asyncio.current_task()
         assert task is not None
         self.clients.add(task)
+        codec = P.ServerCodec(encode=_encode)
         try:
             sock = writer.get_extra_info("socket")
             uid = peer_uid(sock) if sock is not None else None
             if not peer_allowed(uid, self.uid):
                 self.daemon.emit("control_refused", uid=uid)
-                writer.write(_encode({"id": None, "error": {"code": P.E_FORBIDDEN,
-                                                            "message": f"uid {uid} may not control this wsd"}})
-                             + b"\n")
+                writer.write(codec.error(None, P.E_FORBIDDEN, f"uid {uid} may not control this wsd "
+                                                              "(run wsctl as the user that runs wsd, or root)"))
                 await writer.drain()
                 return
             while True:
-                try:
-                    line = await reader.readline()
-                except (ValueError, asyncio.LimitOverrunError):
-                    writer.write(_encode({"id": None, "error": {
-                        "code": P.E_BAD_REQUEST, "message": f"request larger than {P.MAX_REQUEST_BYTES} bytes"}})
-                        + b"\n")
-                    await writer.drain()
-                    return
-                if not line:
-                    return
-                if not line.strip():
+                req = codec.next_event()
+                if req is P.NEED_DATA:
+                    codec.receive_data(await reader.read(1 << 16))
                     continue
-                reply = await self._handle(line, writer)
-                if reply is None:
-                    return  # a stream ended
-                writer.write(_encode(reply) + b"\n")
+                if req is P.CLOSED:
+                    return
+                if isinstance(req, P.BadRequest):
+                    writer.write(req.reply)
+                    await writer.drain()
+                    if req.fatal:
+                        return
+                    continue
+                assert isinstance(req, P.Request)
+                if req.method in P.STREAM_METHODS:
+                    await self._stream_events(codec, req, writer)
+                    return  # a stream ends only with its connection
+                writer.write(await self._handle(codec, req))
                 await writer.drain()
         except (ConnectionError, asyncio.CancelledError):
             pass
@@ -248,54 +247,44 @@ class ControlServer:
             self.clients.discard(task)
             writer.close()
 
-    async def _handle(self, line: bytes, writer: asyncio.StreamWriter) -> dict[str, Any] | None:
+    async def _handle(self, codec: P.ServerCodec, req: P.Request) -> bytes:
+        """The reply line to one request: its result, or an error reply (never an exception)."""
         try:
-            req = json.loads(line)
-        except ValueError as exc:
-            return {"id": None, "error": {"code": P.E_PARSE, "message": f"invalid JSON: {exc}"}}
-        if not isinstance(req, dict):
-            return {"id": None, "error": {"code": P.E_BAD_REQUEST, "message": "a request is a JSON object"}}
-        rid = req.get("id")
-        method = req.get("method")
-        params = req.get("params") or {}
-        if not isinstance(method, str):
-            return {"id": rid, "error": {"code": P.E_BAD_REQUEST, "message": "'method' must be a string"}}
-        if not isinstance(params, dict):
-            return {"id": rid, "error": {"code": P.E_BAD_REQUEST, "message": "'params' must be an object"}}
-        if method == "events.subscribe":
-            await self._stream_events(rid, params, writer)
-            return None
-        fn = self.methods.get(method)
-        if fn is None:
-            return {"id": rid, "error": {"code": P.E_UNKNOWN_METHOD,
-                                         "message": f"unknown method {method!r}; see the 'help' method"}}
-        try:
-            return {"id": rid, "result": await fn(params)}
+            return codec.result(req.id, await self.methods[req.method](req.params))
         except ControlError as exc:
-            return {"id": rid, "error": {"code": exc.code, "message": exc.message}}
+            return codec.error(req.id, exc.code, exc.message)
         except ChannelError as exc:
-            return {"id": rid, "error": {"code": exc.code, "message": exc.message}}
+            return codec.error(req.id, exc.code, exc.message)
         except Exception as exc:
-            log.exception("control method %s failed", method)
-            return {"id": rid, "error": {"code": P.E_FAILED, "message": f"{type(exc).__name__}: {exc}"}}
+            log.exception("control method %s failed", req.method)
+            return codec.error(req.id, P.E_FAILED, f"{type(exc).__name__}: {exc}")
 
-    async def _stream_events(self, rid: Any, params: dict[str, Any], writer: asyncio.StreamWriter) -> None:
+    async def _stream_events(self, codec: P.ServerCodec, req: P.Request, writer: asyncio.StreamWriter) -> None:
+        try:
+            kinds = set(_list(req.params, "kinds"))
+            backlog = _int(req.params, "backlog", 0)
+            unknown = sorted(kinds - set(P.EVENT_KINDS))
+            if unknown:
+                raise ControlError(P.E_BAD_REQUEST, f"params.kinds: no event kind {unknown[0]!r}; "
+                                                    f"one of {', '.join(P.EVENT_KINDS)}")
+        except ControlError as exc:
+            writer.write(codec.error(req.id, exc.code, exc.message))
+            await writer.drain()
+            return
         q: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=10000)
-        kinds = set(_list(params, "kinds"))
         self.daemon.event_subscribers.add(q)
         try:
-            writer.write(_encode({"id": rid, "result": {"streaming": True}}) + b"\n")
-            backlog = _int(params, "backlog", 0)
-            if backlog:
+            writer.write(codec.result(req.id, {"streaming": True}))
+            if backlog > 0:
                 for ev in list(self.daemon.events)[-backlog:]:
                     if not kinds or ev["event"] in kinds:
-                        writer.write(_encode({"event": ev}) + b"\n")
+                        writer.write(codec.event(ev))
             await writer.drain()
             while True:
                 ev = await q.get()
                 if kinds and ev["event"] not in kinds:
                     continue
-                writer.write(_encode({"event": ev}) + b"\n")
+                writer.write(codec.event(ev))
                 await writer.drain()
         finally:
             self.daemon.event_subscribers.discard(q)
@@ -354,11 +343,12 @@ class ControlServer:
         d = self.daemon
         pool, user, company, state = _str(p, "pool"), _str(p, "user"), _str(p, "company"), _str(p, "state")
         q = _str(p, "filter").lower()
-        sort = _str(p, "sort", "age_s")
+        sort = _str(p, "sort", P.DEFAULT_SORT) or P.DEFAULT_SORT
         desc = sort.startswith("-")
-        key = sort.lstrip("-")
-        if key not in SORT_KEYS:
-            raise ControlError(P.E_BAD_REQUEST, f"params.sort: one of {', '.join(SORT_KEYS)} (prefix - for descending)")
+        key = sort.removeprefix("-")
+        if key not in SORTERS:
+            raise ControlError(P.E_BAD_REQUEST,
+                               f"params.sort: one of {', '.join(P.SORT_FIELDS)} (prefix - for descending)")
         limit = _int(p, "limit", 100)
         offset = _int(p, "offset", 0)
         if limit < 0 or offset < 0:
@@ -411,7 +401,7 @@ class ControlServer:
             "auth": c.claims.as_dict(),
             "subscriptions": [s.describe() for s in c.subs.values()],
             "queue": {"depth": c.queue_depth(), "capacity": d.config.manager.message_buffer_size,
-                      "by_priority": dict(zip(PRIORITY_NAMES,
+                      "by_priority": dict(zip(P.PRIORITIES,
                                               ob.depth_by_priority() if ob is not None else (0, 0, 0, 0))),
                       "dropped_overflow": c.drops_overflow, "dropped_expired": c.drops_expired},
             "breaker": {"state": c.breaker_state(),
@@ -443,11 +433,11 @@ class ControlServer:
                                "history_depth": h.get("depth", 0), "offset": h.get("offset", 0),
                                "epoch": h.get("epoch", "")}
         groups = []
-        from wsd.core.channels import SEED_GROUP_TYPE
+        from wsd.core.channels import GROUP_TYPE_NAMES
         for gid, g in d.config.channels.items():
             mine = [v for v in instances.values() if v["group"] == gid]
             groups.append({"group_id": gid, "name": g.name or gid, "type": g.type,
-                           "seed_type": SEED_GROUP_TYPE[g.type], "history_size": g.history_size,
+                           "type_name": GROUP_TYPE_NAMES[g.type], "history_size": g.history_size,
                            "history_ttl_s": g.history_ttl_s, "publishers": list(g.publishers),
                            "instances": len(mine), "subscribers": sum(v["subscribers"] for v in mine)})
         return {"groups": groups, "instances": sorted(instances.values(), key=lambda v: v["channel"])}
@@ -466,8 +456,8 @@ class ControlServer:
         rows = [dict(s.describe(), user_id=s.conn.user_id, pool=s.conn.pool.id) for s in subs[:limit]]
         by_mode: dict[str, int] = {}
         for s in subs:
-            by_mode[SEED_MODE[s.mode]] = by_mode.get(SEED_MODE[s.mode], 0) + 1
-        return {"total": len(subs), "by_type": by_mode, "items": rows}
+            by_mode[s.mode] = by_mode.get(s.mode, 0) + 1
+        return {"total": len(subs), "by_mode": by_mode, "items": rows}
 
     async def m_presence(self, p: dict[str, Any]) -> Any:
         _, inst = resolve_for_operator(_str(p, "channel"), self.daemon.config.channels)
@@ -480,7 +470,7 @@ class ControlServer:
         res = await d.engine.history(inst, limit=limit)
         return {"channel": inst, "position": {"offset": res.position.offset, "epoch": res.position.epoch},
                 "messages": [{"offset": x.offset, "epoch": x.epoch, "type": x.type, "ts": x.ts,
-                              "priority": PRIORITY_NAMES[x.priority], "data": x.data,
+                              "priority": P.PRIORITIES[x.priority], "data": x.data,
                               "source": x.source} for x in res.publications]}
 
     async def m_metrics(self, p: dict[str, Any]) -> Any:
@@ -623,7 +613,7 @@ class ControlServer:
         schema = hub.schemas.get(pub.group)
         problem = schema.problem(pub.data) if schema is not None else None
         result["message"] = {"channel": pub.channel, "group": pub.group, "type": pub.type,
-                             "priority": PRIORITY_NAMES[pub.priority], "user_id": pub.user_id,
+                             "priority": P.PRIORITIES[pub.priority], "user_id": pub.user_id,
                              "company_id": pub.company_id, "source": pub.source, "data": pub.data}
         result["data_schema"] = ("none" if schema is None else "valid" if problem is None
                                  else {"path": problem[0], "reason": problem[1]})

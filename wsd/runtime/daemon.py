@@ -45,12 +45,13 @@ log = logging.getLogger("wsd")
 
 
 class PoolRuntime:
-    """A pool as the runtime uses it (the seed's ConnectionPool with its PoolConfig)."""
+    """A pool as the runtime uses it: its config resolved against the server defaults."""
 
     __slots__ = ("batching", "compression", "default_subscriptions", "id", "max_connections", "networks", "origins",
                  "path", "roles", "type")
 
-    SEED_TYPES = {"frontend": "FRONTEND_POOL", "mt5_client": "MT5_CLIENT_POOL", "admin": "ADMIN_POOL",
+    # the pool type as an upper-case enum-style name (`type_name` in pools.list), by config name
+    TYPE_NAMES = {"frontend": "FRONTEND_POOL", "mt5_client": "MT5_CLIENT_POOL", "admin": "ADMIN_POOL",
                   "api": "API_POOL"}
 
     def __init__(self, pool_id: str, cfg: Any, config: Any) -> None:
@@ -67,7 +68,7 @@ class PoolRuntime:
         self.batching = cfg.batching
 
     def describe(self) -> dict[str, Any]:
-        return {"id": self.id, "type": self.type, "seed_type": self.SEED_TYPES.get(self.type, self.type),
+        return {"id": self.id, "type": self.type, "type_name": self.TYPE_NAMES.get(self.type, self.type),
                 "path": self.path, "max_connections": self.max_connections,
                 "allow_cidrs": [str(n) for n in self.networks], "allowed_origins": sorted(self.origins),
                 "roles": sorted(self.roles), "default_subscriptions": self.default_subscriptions,

@@ -14,6 +14,7 @@ import time
 from collections import deque
 from typing import Any
 
+from wsd.control.protocol import EVENT_KINDS
 from wsd.runtime.logs import redact
 
 log = logging.getLogger("wsd")
@@ -34,7 +35,9 @@ class Events:
 
     def emit(self, kind: str, *, log_line: bool = True, **fields: Any) -> None:
         """A lifecycle or security event: kept for `wsctl events`, streamed to followers, logged
-        (unless the caller logs it itself: ``log_line=False``)."""
+        (unless the caller logs it itself: ``log_line=False``). ``kind`` is one of the protocol's EVENT_KINDS."""
+        if kind not in EVENT_KINDS:
+            raise ValueError(f"event kind {kind!r} is not in wsd/control/protocol.py EVENT_KINDS")
         self.seq += 1
         ev = {"seq": self.seq, "ts": round(time.time(), 3), "event": kind, **fields}
         self.log.append(ev)

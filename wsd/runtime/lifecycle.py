@@ -163,7 +163,7 @@ class Lifecycle:
             self._recover(conn)
 
     def _recover(self, conn: Conn) -> None:
-        """The seed's attemptConnectionRecovery: reset the breaker and resync once, then give up with 1011."""
+        """Recover an unhealthy connection: reset the breaker and resync once, then give up with 1011."""
         rate = conn.errors / max(1, conn.msgs_in)
         if conn.health_recoveries >= 1:
             self.events.emit("unhealthy", connection_id=conn.id, user_id=conn.user_id, error_rate=round(rate, 3))

@@ -13,7 +13,7 @@ from typing import Any
 
 from wsd.core.schema_limits import MAX_REASON_CHARS, OVER_BUDGET, VALIDATION_BUDGET_S
 
-__all__ = ["DataSchema", "MAX_REASON_CHARS", "OVER_BUDGET", "SchemaError", "VALIDATION_BUDGET_S", "compile_schema"]
+__all__ = ["MAX_REASON_CHARS", "OVER_BUDGET", "VALIDATION_BUDGET_S", "compile_schema"]  # and, on first use: DataSchema, SchemaError
 
 
 def compile_schema(schema: Any) -> Any:

@@ -1284,3 +1284,17 @@ class Hub:
                 "unacked": unacked, "next_seq": conn.reliable.next_seq if conn.reliable else 1,
                 "reconnections": conn.reconnections}
 
+
+    # -- a shared engine's bus ------------------------------------------------------------------------
+    def on_bus_gap(self, channel: str, since: StreamPosition, position: StreamPosition) -> None:
+        """The engine's bus missed messages of ``channel`` after ``since`` that its history no longer holds:
+        each subscriber here gets a ``recovery`` push (``recovered: false``) before anything later."""
+        subs = self.by_channel.get(channel)
+        if not subs:
+            return
+        self.flush_channel(channel)  # what came before the hole goes first
+        payload = _json_encode({"type": "recovery", "channel": channel, "recovered": False,
+                                "position": {"offset": position.offset, "epoch": position.epoch},
+                                "since": {"offset": since.offset, "epoch": since.epoch}})
+        for sub in list(subs.values()):
+            self.send_direct(sub.conn, payload, Priority.CRITICAL)

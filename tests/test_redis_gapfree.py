@@ -335,3 +335,29 @@ async def test_a_killed_node_leaves_the_registry_within_seconds(wsd_factory, red
     assert time.monotonic() - t0 < 6
     p = await asyncio.to_thread(wsctl, a, "status")
     assert p.returncode == 0 and idb not in p.stdout and ida in p.stdout
+
+
+async def test_wsd_client_yields_a_gap_for_a_bus_hole_history_cannot_fill(wsd_factory, redis_server):
+    """Messages missed on the bus that were trimmed from history reach a ``wsd.client`` application as one
+    ``Gap`` (from the last message it took to the first after the hole), then the messages that follow."""
+    from wsd.client import Client, Gap
+
+    a, b, prefix = two_nodes(wsd_factory, redis_server)
+    client = Client([a.url()], token=make_token("alice", "acme"))
+    async with client:
+        sub = await client.subscribe("trading-signals")
+        items = aiter(sub)
+        await b.ctl("publish", channel=CHANNEL, type="sig", data={"i": 0})
+        first = await asyncio.wait_for(anext(items), 5)
+        assert first.offset == 1
+        r = redis_server.client()
+        r.hincrby(f"{prefix}:ch:{{{CHANNEL}}}:meta", "offset", 5)  # offsets 2..6: missed and trimmed away
+        assert store_without_bus(r, prefix, CHANNEL, 7) == 7
+        await b.ctl("publish", channel=CHANNEL, type="sig", data={"i": 8})
+        got = [await asyncio.wait_for(anext(items), 5) for _ in range(3)]
+        gap, m7, m8 = got
+        assert isinstance(gap, Gap) and gap.last is not None and gap.last.offset == 1, got
+        assert gap.resumed is None or gap.resumed.offset == 7
+        assert "no longer holds" in gap.reason
+        assert (m7.offset, m7.data, m8.offset, m8.data) == (7, {"i": 7}, 8, {"i": 8})
+        assert client.duplicates_dropped == 0

@@ -320,6 +320,7 @@ class RedisEngine(Engine):
                 log.warning("reading %s's history to fill a hole after offset %d failed: %s",
                             channel, since.offset, exc)
                 await asyncio.sleep(0.5)
+        current = ""
         try:
             held = self._filling[channel]
             if got is None:
@@ -330,6 +331,7 @@ class RedisEngine(Engine):
                 del self._last[channel]
                 return
             entries, top, epoch = got
+            current = epoch
             loop_now = asyncio.get_running_loop().time()
             if epoch == since.epoch:
                 missing = [e for e in entries if e[0] > since.offset]
@@ -347,10 +349,14 @@ class RedisEngine(Engine):
                 last[0], last[1] = missing[-1][0], epoch
             elif epoch != since.epoch and epoch:
                 last[0], last[1] = top, epoch
+            elif not epoch:
+                del self._last[channel]  # Redis holds nothing of the channel now: continuity restarts from the bus
         finally:
             # What the bus brought meanwhile follows, checked again (a later hole starts another fill).
             held = self._filling.pop(channel, [])
             for pub, scope in held:
+                if current and pub.epoch != current:
+                    continue  # of an epoch Redis no longer has (its loss was reported): stale, not a new hole
                 self._accept(pub, scope)
 
     def _gap(self, channel: str, since: StreamPosition, now: StreamPosition) -> None:

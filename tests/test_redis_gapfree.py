@@ -21,7 +21,16 @@ from typing import Any
 
 import pytest
 
-from tests.harness import REDIS_MISSING, ControlError, free_port, make_token, recv_json, request, wait_for, welcome
+from tests.harness import (
+    REDIS_MISSING,
+    ControlError,
+    free_port,
+    make_token,
+    recv_json,
+    request,
+    wait_for,
+    welcome,
+)
 
 CHANNEL = "trading-signals/acme"
 
@@ -105,7 +114,7 @@ async def collect(ws, stop: asyncio.Event, frames: list[dict[str, Any]]) -> None
     while True:
         try:
             f = await recv_json(ws, timeout=1.0)
-        except (TimeoutError, asyncio.TimeoutError):
+        except TimeoutError:
             if stop.is_set():
                 return
             continue
@@ -260,7 +269,7 @@ async def _true(v: bool) -> bool:
 def wsctl(w: Any, *args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("WSD_")}
     return subprocess.run([sys.executable, "-m", "wsctl", "--socket", w.socket, *args], capture_output=True,
-                          text=True, timeout=30, env=env)
+                          text=True, timeout=30, env=env, check=False)
 
 
 async def test_publishing_while_redis_is_away_is_refused_then_works_again(wsd_factory, redis_server):
@@ -298,7 +307,7 @@ async def test_publishing_while_redis_is_away_is_refused_then_works_again(wsd_fa
                 else:
                     await asyncio.to_thread(redis_server.start)
 
-            async def published() -> bool:
+            async def published(fault: str = fault) -> bool:
                 try:
                     await b.ctl("publish", channel=CHANNEL, type="sig", data={"after": fault})
                     return True

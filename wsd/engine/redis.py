@@ -173,8 +173,9 @@ class RedisEngine(Engine):
 
     def __init__(self, url: str, prefix: str = "wsd") -> None:
         import redis.asyncio as aioredis
-        from redis.backoff import NoBackoff
         from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+        from redis.exceptions import RedisError
 
         super().__init__()
 
@@ -211,6 +212,8 @@ class RedisEngine(Engine):
         self._nodes: list[str] = []
         self._started = time.time()
         self.bus_stats = {"fills": 0, "filled": 0, "gaps": 0, "reconnects": 0}
+        #: what a lost, paused or restarting Redis raises
+        self._unavailable: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
 
     def _meta(self, channel: str) -> str:
         return f"{self.prefix}:ch:{{{channel}}}:meta"
@@ -241,9 +244,14 @@ class RedisEngine(Engine):
                 msg = await self._pubsub.get_message(timeout=1.0)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:
+            except self._unavailable as exc:
                 if not failing:
                     log.warning("the redis bus connection failed (%s); reconnecting", exc)
+                failing = True
+                await asyncio.sleep(0.2)
+                continue
+            except Exception:
+                log.exception("redis bus read failed; retrying")
                 failing = True
                 await asyncio.sleep(0.2)
                 continue
@@ -316,10 +324,13 @@ class RedisEngine(Engine):
                 break
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:
+            except self._unavailable as exc:
                 log.warning("reading %s's history to fill a hole after offset %d failed: %s",
                             channel, since.offset, exc)
                 await asyncio.sleep(0.5)
+            except Exception:
+                log.exception("reading %s's history to fill a hole failed", channel)
+                break
         current = ""
         try:
             held = self._filling[channel]
@@ -386,7 +397,7 @@ class RedisEngine(Engine):
                 rows = await asyncio.wait_for(p.execute(), OP_TIMEOUT_S)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:
+        except self._unavailable as exc:
             log.debug("checking channel positions failed: %s", exc)
             return
         checked = self._checked
@@ -410,8 +421,10 @@ class RedisEngine(Engine):
                 await self._heartbeat()
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:
+            except self._unavailable as exc:
                 log.debug("node heartbeat failed: %s", exc)
+            except Exception:
+                log.exception("node heartbeat failed")
             try:
                 await self._check()
             except asyncio.CancelledError:

@@ -121,6 +121,7 @@ def render_status(r: dict[str, Any]) -> RenderableType:
         ("uptime", fmt_duration(r.get("uptime_s"))),
         ("listen", f"{scheme}://{listen.get('host', '?')}:{listen.get('port', '?')}"),
         ("engine", eng.get("engine", "?") if isinstance(eng, dict) else str(eng)),
+        ("nodes", ", ".join(str(n) for n in r.get("nodes") or ())),
         (
             "connections",
             f"{r.get('connections', 0)} / {r.get('max_connections', '?')}"

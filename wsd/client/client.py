@@ -622,11 +622,15 @@ class Client:
 
     def _on_recovery(self, frame: dict[str, Any]) -> None:
         sub = self._channels.get(str(frame.get("channel")))
-        if sub is None or sub._filled_on_resume or frame.get("recovered") is not False:
+        live = "since" in frame  # pushed on a live subscription: the server's bus between nodes missed messages
+        if sub is None or (sub._filled_on_resume and not live) or frame.get("recovered") is not False:
             return
         if sub._last is None or sub._last.offset == 0:
             return  # nothing was received yet: nothing can be missing before what is replayed
-        sub._pending_gap = ("resume could not replay every missed message (recovered:false)", sub._last)
+        sub._pending_gap = ("the server missed messages between its nodes that its history no longer holds "
+                            "(recovered:false)" if live else
+                            "resume could not replay every missed message (recovered:false)", sub._last)
+        sub._reset = True  # the hole is reported: the next message is not checked against the position before it
 
     def _on_unsubscribed(self, frame: dict[str, Any]) -> None:
         sub = self._channels.get(str(frame.get("channel")))

@@ -15,6 +15,7 @@ from typing import Any
 
 import msgspec
 
+from wsd.core.channels import ChannelError
 from wsd.core.history import StreamPosition
 
 log = logging.getLogger("wsd.engine")
@@ -27,6 +28,21 @@ def log_refused(size: int, limit: int) -> None:
 
 def _never(channel: str) -> bool:
     return False
+
+
+def _no_gap(channel: str, since: StreamPosition, position: StreamPosition) -> None:
+    return None
+
+
+#: the error code of a publish the shared engine could not take (it is unreachable or did not answer in time)
+ENGINE_UNAVAILABLE = "engine_unavailable"
+
+
+class EngineUnavailable(ChannelError):
+    """The engine could not take a publication: nothing was acknowledged (the caller may retry)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(ENGINE_UNAVAILABLE, message)
 
 
 class _Push(msgspec.Struct):
@@ -114,6 +130,9 @@ class Engine(abc.ABC):
         #: whether a channel instance has subscribers on this node (the hub sets it): instances in use
         #: are never freed
         self.in_use: Callable[[str], bool] = _never
+        #: called when a shared engine's bus missed messages of a channel with subscribers here that its
+        #: history can no longer fill: (channel, last position delivered here, the channel's position now)
+        self.on_gap: Callable[[str, StreamPosition, StreamPosition], None] = _no_gap
 
     def set_limits(self, limits: Any) -> None:
         """The ``[limits]`` section, at start and after each reload."""
@@ -178,3 +197,7 @@ class Engine(abc.ABC):
 
     def describe(self) -> dict[str, Any]:
         return {"engine": self.name}
+
+    def live_nodes(self) -> list[str] | None:
+        """The nodes sharing this engine that are alive (a shared engine), or None (this process only)."""
+        return None

@@ -8,6 +8,13 @@
   without persistence, an eviction) a new epoch is chosen and resuming clients are told
   ``recovered: false`` instead of getting a silent gap.
 - Sessions are plain keys with a TTL, so a client can resume on any node.
+- The bus (pub/sub) is fire-and-forget, so each node checks that it missed nothing of the channels it has
+  subscribers for: the offsets on the bus must follow each other, every channel's position is read again
+  after a bus reconnect and once a second; a hole is filled from history before anything later of that
+  channel is delivered, or reported to the subscribers (``recovery`` with ``recovered: false``).
+- A publish that Redis does not take within ``OP_TIMEOUT_S`` raises ``EngineUnavailable``; the client
+  reconnects by itself once Redis is back.
+- Each node refreshes a key with a TTL every second: the live nodes are those whose key exists.
 
 An extra: ``pip install 'wsd[redis]'``.
 """
@@ -26,9 +33,16 @@ from typing import Any
 import msgspec
 
 from wsd.core.history import StreamPosition
-from wsd.engine.base import Engine, HistoryResult, Publication, log_refused
+from wsd.engine.base import Engine, EngineUnavailable, HistoryResult, Publication, log_refused
 
 log = logging.getLogger("wsd.engine.redis")
+
+#: a publish (or another command) that Redis has not answered within this is failed, never left hanging
+OP_TIMEOUT_S = 1.5
+#: how often a node refreshes its registry key and checks its subscribed channels' positions
+CHECK_INTERVAL_S = 1.0
+#: a node whose key was not refreshed for this long is gone
+NODE_TTL_S = 3
 
 _PUBLISH = """
 local meta = KEYS[1]
@@ -159,13 +173,21 @@ class RedisEngine(Engine):
 
     def __init__(self, url: str, prefix: str = "wsd") -> None:
         import redis.asyncio as aioredis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+        from redis.exceptions import RedisError
 
         super().__init__()
 
         self.url = url
         self.prefix = prefix
         self.node_id = secrets.token_hex(4)
-        self.redis = aioredis.Redis.from_url(url, decode_responses=False)
+        # Bounded: one retry on a fresh connection (a pooled one that Redis closed), 1 s per attempt.
+        self.redis = aioredis.Redis.from_url(url, decode_responses=False, socket_timeout=1.0,
+                                             socket_connect_timeout=1.0, retry=Retry(NoBackoff(), 1))
+        # The bus has a connection of its own: it waits for messages, and reconnects when it loses Redis.
+        self._bus_client = aioredis.Redis.from_url(url, decode_responses=False, socket_connect_timeout=1.0,
+                                                   retry=Retry(NoBackoff(), 1))
         self.bus = f"{prefix}:bus".encode()
         self._script = self.redis.register_script(_PUBLISH)
         self._listener: asyncio.Task[None] | None = None
@@ -179,6 +201,19 @@ class RedisEngine(Engine):
         self._stats = {"sessions": 0, "sessions_evicted": 0, "sessions_expired": 0, "sessions_refused": 0,
                        "channels_evicted": 0, "channels_expired": 0}
         self._counting: asyncio.Task[None] | None = None
+        # Gap-free bus: the last position delivered here per channel with subscribers here, the bus messages
+        # held while a channel's hole is filled from history, the positions read at the previous check.
+        self._last: dict[str, list[Any]] = {}
+        self._filling: dict[str, list[tuple[Publication, dict[str, Any]]]] = {}
+        self._checked: dict[str, tuple[int, str]] = {}
+        self._bus_reconnected = False
+        self._watcher: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._nodes: list[str] = []
+        self._started = time.time()
+        self.bus_stats = {"fills": 0, "filled": 0, "gaps": 0, "reconnects": 0}
+        #: what a lost, paused or restarting Redis raises
+        self._unavailable: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
 
     def _meta(self, channel: str) -> str:
         return f"{self.prefix}:ch:{{{channel}}}:meta"
@@ -189,22 +224,43 @@ class RedisEngine(Engine):
     async def start(self, on_remote: Callable[..., None]) -> None:
         self._on_remote = on_remote
         await self.redis.ping()
-        self._pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        self._pubsub = self._bus_client.pubsub(ignore_subscribe_messages=True)
         await self._pubsub.subscribe(self.bus)
-        self._listener = asyncio.get_running_loop().create_task(self._listen())
-        await self.redis.sadd(f"{self.prefix}:nodes", self.node_id)
+        # Called after each reconnect of the bus connection, once it has subscribed again.
+        self._pubsub.connection.register_connect_callback(self._bus_connected)
+        loop = asyncio.get_running_loop()
+        self._listener = loop.create_task(self._listen())
+        await self._heartbeat()
+        self._watcher = loop.create_task(self._watch())
+
+    def _bus_connected(self, connection: Any) -> None:
+        self._bus_reconnected = True
 
     async def _listen(self) -> None:
         loop = asyncio.get_running_loop()
+        failing = False
         while True:
             try:
                 msg = await self._pubsub.get_message(timeout=1.0)
             except asyncio.CancelledError:
                 raise
+            except self._unavailable as exc:
+                if not failing:
+                    log.warning("the redis bus connection failed (%s); reconnecting", exc)
+                failing = True
+                await asyncio.sleep(0.2)
+                continue
             except Exception:
                 log.exception("redis bus read failed; retrying")
-                await asyncio.sleep(0.5)
+                failing = True
+                await asyncio.sleep(0.2)
                 continue
+            if failing or self._bus_reconnected:
+                # Whatever was published while the bus was away never comes: look at every channel now.
+                failing = self._bus_reconnected = False
+                self.bus_stats["reconnects"] += 1
+                log.info("the redis bus is connected again; checking the subscribed channels' positions")
+                self._spawn(self._check(at_once=True))
             if msg is None:
                 continue
             try:
@@ -213,22 +269,208 @@ class RedisEngine(Engine):
                 w = _decode(body)
                 pub = _to_pub(w, int(off_s), epoch_b.decode(), loop.time())
                 self.received += 1
-                assert self._on_remote is not None
-                self._on_remote(pub, {"broadcast": w.broadcast, "pools": tuple(w.pools),
-                                      "companies": tuple(w.companies)})
+                self._accept(pub, {"broadcast": w.broadcast, "pools": tuple(w.pools),
+                                   "companies": tuple(w.companies)})
             except Exception:
                 log.exception("bad publication on the redis bus")
+
+    def _accept(self, pub: Publication, scope: dict[str, Any]) -> None:
+        """Deliver a bus message unless it shows a hole (fill it first) or was delivered already."""
+        off = pub.offset
+        if off:
+            ch = pub.channel
+            held = self._filling.get(ch)
+            if held is not None:
+                held.append((pub, scope))  # a fill is running: it goes after what the fill delivers
+                return
+            last = self._last.get(ch)
+            if last is not None:
+                if off == last[0] + 1 and pub.epoch == last[1]:
+                    last[0] = off
+                elif off <= last[0] and pub.epoch == last[1]:
+                    return  # delivered already (by a fill)
+                else:
+                    self._start_fill(ch, [(pub, scope)])
+                    return
+            elif self.in_use(ch):
+                self._last[ch] = [off, pub.epoch]
+        self._deliver(pub, scope)
+
+    def _deliver(self, pub: Publication, scope: dict[str, Any]) -> None:
+        try:
+            assert self._on_remote is not None
+            self._on_remote(pub, scope)
+        except Exception:
+            log.exception("delivering a publication from the redis bus failed")
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _start_fill(self, channel: str, held: list[tuple[Publication, dict[str, Any]]]) -> None:
+        self._filling[channel] = held
+        self.bus_stats["fills"] += 1
+        self._spawn(self._fill(channel))
+
+    async def _fill(self, channel: str) -> None:
+        """Deliver what this node missed of ``channel`` from history, then the bus messages held meanwhile."""
+        last = self._last[channel]
+        since = StreamPosition(last[0], last[1])
+        got = None
+        for attempt in range(3):
+            try:
+                got = await asyncio.wait_for(self._read(channel, since=since), OP_TIMEOUT_S)
+                break
+            except asyncio.CancelledError:
+                raise
+            except self._unavailable as exc:
+                log.warning("reading %s's history to fill a hole after offset %d failed: %s",
+                            channel, since.offset, exc)
+                await asyncio.sleep(0.5)
+            except Exception:
+                log.exception("reading %s's history to fill a hole failed", channel)
+                break
+        current = ""
+        try:
+            held = self._filling[channel]
+            if got is None:
+                # History cannot be read: the hole is reported, delivery goes on from the next message.
+                first = held[0][0] if held else None
+                now = StreamPosition(first.offset, first.epoch) if first else since
+                self._gap(channel, since, now)
+                del self._last[channel]
+                return
+            entries, top, epoch = got
+            current = epoch
+            loop_now = asyncio.get_running_loop().time()
+            if epoch == since.epoch:
+                missing = [e for e in entries if e[0] > since.offset]
+                recovered = top <= since.offset or (bool(missing) and missing[0][0] == since.offset + 1)
+            else:
+                missing, recovered = entries, False
+            if not recovered:
+                self._gap(channel, since, StreamPosition(top, epoch))
+            for off, _, body in missing:
+                w = _decode(body)
+                self._deliver(_to_pub(w, off, epoch, loop_now), {"broadcast": w.broadcast, "pools": tuple(w.pools),
+                                                                 "companies": tuple(w.companies)})
+                self.bus_stats["filled"] += 1
+            if missing:
+                last[0], last[1] = missing[-1][0], epoch
+            elif epoch != since.epoch and epoch:
+                last[0], last[1] = top, epoch
+            elif not epoch:
+                del self._last[channel]  # Redis holds nothing of the channel now: continuity restarts from the bus
+        finally:
+            # What the bus brought meanwhile follows, checked again (a later hole starts another fill).
+            held = self._filling.pop(channel, [])
+            for pub, scope in held:
+                if current and pub.epoch != current:
+                    continue  # of an epoch Redis no longer has (its loss was reported): stale, not a new hole
+                self._accept(pub, scope)
+
+    def _gap(self, channel: str, since: StreamPosition, now: StreamPosition) -> None:
+        self.bus_stats["gaps"] += 1
+        log.warning("the redis bus missed messages of %s after offset %d (epoch %s) that history no longer "
+                    "holds: its subscribers here are told recovered:false", channel, since.offset, since.epoch)
+        try:
+            self.on_gap(channel, since, now)
+        except Exception:
+            log.exception("reporting a bus gap failed")
+
+    async def _check(self, at_once: bool = False) -> None:
+        """Read the position of every channel with subscribers here (one round trip) and fill what was missed:
+        at once (after a bus reconnect), or what was already published at the previous check (once a second:
+        a message still on its way over the bus is not taken for a miss)."""
+        last_map = self._last
+        for ch in [ch for ch in last_map if not self.in_use(ch) and ch not in self._filling]:
+            del last_map[ch]
+            self._checked.pop(ch, None)
+        chans = list(last_map)
+        if not chans:
+            return
+        try:
+            async with self.redis.pipeline(transaction=False) as p:
+                for ch in chans:
+                    p.hmget(self._meta(ch), "epoch", "offset")
+                rows = await asyncio.wait_for(p.execute(), OP_TIMEOUT_S)
+        except asyncio.CancelledError:
+            raise
+        except self._unavailable as exc:
+            log.debug("checking channel positions failed: %s", exc)
+            return
+        checked = self._checked
+        for ch, (epoch_b, off_b) in zip(chans, rows):
+            top = (int(off_b) if off_b else 0, epoch_b.decode() if epoch_b else "")
+            before = checked.get(ch)
+            checked[ch] = top
+            last = last_map.get(ch)
+            if last is None or ch in self._filling or not top[1]:
+                continue
+            ref = top if at_once else before
+            if ref is None or ref[1] != top[1]:
+                continue
+            if (ref[1] == last[1] and ref[0] > last[0]) or (ref[1] != last[1] and (at_once or ref == top)):
+                self._start_fill(ch, [])
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(CHECK_INTERVAL_S)
+            try:
+                await self._heartbeat()
+            except asyncio.CancelledError:
+                raise
+            except self._unavailable as exc:
+                log.debug("node heartbeat failed: %s", exc)
+            except Exception:
+                log.exception("node heartbeat failed")
+            try:
+                await self._check()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("checking channel positions failed")
+
+    async def _heartbeat(self) -> None:
+        """Refresh this node's registry key (it expires ``NODE_TTL_S`` after the last refresh) and read which
+        nodes are alive (their key exists); nodes whose key expired are dropped from the index."""
+        reg = f"{self.prefix}:nodes"
+        async with self.redis.pipeline(transaction=False) as p:
+            p.set(f"{self.prefix}:node:{self.node_id}", _encode({"started_at": self._started}), ex=NODE_TTL_S)
+            p.sadd(reg, self.node_id)
+            p.smembers(reg)
+            *_, members = await asyncio.wait_for(p.execute(), OP_TIMEOUT_S)
+        ids = sorted(m.decode() for m in members)
+        async with self.redis.pipeline(transaction=False) as p:
+            for i in ids:
+                p.exists(f"{self.prefix}:node:{i}")
+            alive = await asyncio.wait_for(p.execute(), OP_TIMEOUT_S)
+        gone = [i for i, a in zip(ids, alive) if not a]
+        if gone:
+            await asyncio.wait_for(self.redis.srem(reg, *gone), OP_TIMEOUT_S)
+        self._nodes = [i for i, a in zip(ids, alive) if a]
+
+    def live_nodes(self) -> list[str] | None:
+        return list(self._nodes)
 
     async def stop(self) -> None:
         if self._counting is not None:
             self._counting.cancel()
-        if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(BaseException):
-                await self._listener
+        for task in (self._watcher, self._listener, *self._tasks):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
         with contextlib.suppress(Exception):
-            await self.redis.srem(f"{self.prefix}:nodes", self.node_id)
+            async with self.redis.pipeline(transaction=False) as p:
+                p.srem(f"{self.prefix}:nodes", self.node_id)
+                p.delete(f"{self.prefix}:node:{self.node_id}")
+                await asyncio.wait_for(p.execute(), OP_TIMEOUT_S)
+        with contextlib.suppress(Exception):
             await self._pubsub.aclose()
+        with contextlib.suppress(Exception):
+            await self._bus_client.aclose()
         with contextlib.suppress(Exception):
             await self.redis.aclose()
 
@@ -241,9 +483,16 @@ class RedisEngine(Engine):
         body = _encode(w)
         channel = pub.channel or "_broadcast"
         size = history_size if pub.channel else 0
-        off, epoch = await self._script(
-            keys=[self._meta(channel), self._hist(channel), self.bus],
-            args=[secrets.token_hex(4), body, size, int(history_ttl_s), repr(pub.ts), body])
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import TimeoutError as RedisTimeoutError
+
+        try:
+            off, epoch = await asyncio.wait_for(self._script(
+                keys=[self._meta(channel), self._hist(channel), self.bus],
+                args=[secrets.token_hex(4), body, size, int(history_ttl_s), repr(pub.ts), body]), OP_TIMEOUT_S)
+        except (RedisConnectionError, RedisTimeoutError, TimeoutError, OSError) as exc:
+            raise EngineUnavailable(f"the redis engine is unavailable ({type(exc).__name__}): the message was not "
+                                    f"acknowledged; retry once redis is back") from None
         pub.offset = int(off)
         pub.epoch = epoch.decode() if isinstance(epoch, bytes) else str(epoch)
         if pub.channel and size:
@@ -295,6 +544,10 @@ class RedisEngine(Engine):
         # Only what is asked for is read: the newest `limit` (none for a subscribe without history), or what
         # follows `since`.
         entries, top, epoch = await self._read(channel, limit if since is None else None, since, limit)
+        if top and channel not in self._last:
+            # Continuity on the bus is checked from here (the first subscriber's position); the check forgets
+            # it again if nobody here subscribes.
+            self._last[channel] = [top, epoch]
         loop_now = asyncio.get_running_loop().time()
         if ttl_s is None:
             g = getattr(self, "groups", {}).get(channel.split("/", 1)[0])
@@ -385,10 +638,7 @@ class RedisEngine(Engine):
 
     def describe(self) -> dict[str, Any]:
         return {"engine": self.name, "node_id": self.node_id, "url": _redact_url(self.url),
-                "received": self.received}
-
-    async def nodes(self) -> list[str]:
-        return sorted(x.decode() for x in await self.redis.smembers(f"{self.prefix}:nodes"))
+                "received": self.received, "bus": dict(self.bus_stats)}
 
 
 def _redact_url(url: str) -> str:

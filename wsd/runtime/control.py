@@ -311,7 +311,7 @@ class ControlServer:
         return {
             "manager_id": d.config.manager.manager_id, "version": wsd.__version__,
             "uptime_s": round(time.monotonic() - d.started_mono, 1), "started_at": d.started_wall,
-            "engine": d.engine.describe(), "nodes": [d.config.manager.manager_id],
+            "engine": d.engine.describe(), "nodes": d.engine.live_nodes() or [d.config.manager.manager_id],
             "listen": {"host": d.host_override or d.config.server.host, "port": d.bound_port,
                        "tls": bool(d.config.server.tls_cert)},
             "connections": len(hub.conns), "max_connections": d.config.manager.max_connections,

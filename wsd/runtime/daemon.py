@@ -324,6 +324,7 @@ class Daemon:
         self.engine = make_engine(self.config)
         self.engine.configure(self.config.channels)
         self.hub = Hub(self.config, self.engine, self.sink, limiters=self.limiters())
+        self.engine.on_gap = self.hub.on_bus_gap  # a hole in a shared engine's bus that history cannot fill
         try:
             await self.engine.start(self.hub.on_remote)
         except Exception as exc:

@@ -16,6 +16,8 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
 from wsd import errors
 from wsd.config import data_schema_of
 from wsd.core.channels import ChannelError
@@ -631,3 +633,17 @@ class Hub(Delivery, Lifecycle):
     # -- history and sessions ---------------------------------------------------------------------
     async def history(self, channel: str, limit: int | None, since: StreamPosition | None) -> Any:
         return await self.engine.history(channel, limit=limit, since=since)
+
+    # -- a shared engine's bus ------------------------------------------------------------------------
+    def on_bus_gap(self, channel: str, since: StreamPosition, position: StreamPosition) -> None:
+        """The engine's bus missed messages of ``channel`` after ``since`` that its history no longer holds:
+        each subscriber here gets a ``recovery`` push (``recovered: false``) before anything later."""
+        subs = self.by_channel.get(channel)
+        if not subs:
+            return
+        self.flush_channel(channel)  # what came before the hole goes first
+        payload = msgspec.json.encode({"type": "recovery", "channel": channel, "recovered": False,
+                                "position": {"offset": position.offset, "epoch": position.epoch},
+                                "since": {"offset": since.offset, "epoch": since.epoch}})
+        for sub in list(subs.values()):
+            self.send_direct(sub.conn, payload, Priority.CRITICAL)

@@ -67,3 +67,12 @@ async def test_refused_opaque_tokens_are_not_logged(wsd_factory):
 
     await wait_for(three_refusals_logged, timeout=5)
     assert opaque not in w.log()
+
+
+def test_event_fields_in_the_text_log_are_words_not_python_reprs():
+    """`resumed=False`, `restart_required=[]`, `roles=['admin']` read as words in the text log."""
+    from wsd.runtime.events import log_value
+
+    assert log_value(False) == "no" and log_value(True) == "yes"
+    assert log_value([]) == "none" and log_value(["admin", "ops"]) == "admin,ops"
+    assert log_value(None) == "-" and log_value({"a": 1}) == '{"a":1}' and log_value(3) == "3"

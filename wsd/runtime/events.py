@@ -24,6 +24,20 @@ WARNING_KINDS = frozenset(("refused", "rate_limited", "slow_consumer", "heartbea
                            "handshake_limit", "descriptors_exhausted"))
 
 
+def log_value(v: Any) -> str:
+    """A field of an event as a text log line shows it: words, not Python reprs (``resumed=no``,
+    ``roles=admin,ops``, ``restart_required=none``); the log formatter escapes control characters."""
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if v is None:
+        return "-"
+    if isinstance(v, (list, tuple, set, frozenset)):
+        return ",".join(log_value(x) for x in v) or "none"
+    if isinstance(v, dict):
+        return json.dumps(v, separators=(",", ":"), default=str)
+    return str(v)
+
+
 class Events:
     """The last ``keep`` events, their followers, and the audit logger (None when no audit path is set)."""
 
@@ -49,7 +63,7 @@ class Events:
         if kind in ("connect", "disconnect"):
             level = logging.DEBUG
         if log_line and log.isEnabledFor(level):
-            log.log(level, "%s %s", kind, " ".join(f"{k}={v}" for k, v in fields.items()))
+            log.log(level, "%s %s", kind, " ".join(f"{k}={log_value(v)}" for k, v in fields.items()))
 
     def audit(self, kind: str, **fields: Any) -> None:
         lg = self.audit_logger

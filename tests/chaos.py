@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import secrets
 import shutil
 import signal
@@ -32,7 +33,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from tests.harness import BASE_CONFIG, ControlError, Wsd, free_port, make_token
 
@@ -139,7 +140,7 @@ class Proxy:
         self.connections = 0
         self._server: asyncio.Server | None = None
 
-    async def start(self) -> Proxy:
+    async def start(self) -> Self:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
         self.port = int(self._server.sockets[0].getsockname()[1])
         return self
@@ -257,7 +258,7 @@ class Chaos:
 
     # ------------------------------------------------------------------------------------------------ start/stop
 
-    async def __aenter__(self) -> Chaos:
+    async def __aenter__(self) -> Self:
         try:
             await self.start()
         except BaseException:
@@ -509,7 +510,7 @@ class Chaos:
                         if len(lost_detail) < 20:
                             lost_detail.append(f"{app.name} {ch} offset {p.offset} i={p.i} ({p.phase})")
             ordered = self.phases + [None]
-            for ph, nxt in zip(ordered, ordered[1:], strict=False):
+            for ph, nxt in itertools.pairwise(ordered):
                 end = app.counters_at[nxt] if nxt is not None else (app.client.duplicates_dropped,
                                                                     app.client.connections)
                 rows[ph]["duplicates_dropped"] += end[0] - app.counters_at[ph][0]

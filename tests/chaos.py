@@ -215,6 +215,7 @@ class App:
     items: dict[str, list[tuple[str, Any]]] = field(default_factory=dict)  # channel -> [(phase, item)]
     counters_at: dict[str, tuple[int, int]] = field(default_factory=dict)  # phase -> (duplicates, welcomes) at start
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    welcomes: list[tuple[str, bool]] = field(default_factory=list)  # (phase, resumed) of each welcome
 
     def node(self) -> str | None:
         url = self.client.url
@@ -298,6 +299,7 @@ class Chaos:
                             backoff_cap=2.0, open_timeout=3.0, request_timeout=5.0, connect_timeout=15.0,
                             ping_interval=self.ping_interval, ping_timeout=self.ping_timeout)
             app = App(name, client, [n for _, n in targets])
+            client.on_state = self._on_state(app)
             await client.start()
             for group in ("trading-signals", "notifications"):
                 sub = await client.subscribe(group)
@@ -329,6 +331,12 @@ class Chaos:
             shutil.rmtree(self.dir, ignore_errors=True)
 
     # ------------------------------------------------------------------------------------------- the two workers
+
+    def _on_state(self, app: App) -> Any:
+        def seen(state: str) -> None:
+            if state == "open":
+                app.welcomes.append((self.phase, bool(app.client.welcome.get("resumed"))))
+        return seen
 
     async def _read(self, app: App, sub: Any) -> None:
         out = app.items[sub.channel]
@@ -462,19 +470,22 @@ class Chaos:
         accepted), ``expected`` (acknowledged × applications subscribed to the channel), ``delivered`` (of those,
         received once), ``duplicates_dropped`` (the clients' counter), ``gaps`` (Gap items received),
         ``in_gap`` (not received, inside a reported Gap), ``lost`` (not received and in no Gap), ``delivered_twice``
-        and ``out_of_order`` (both must be 0), ``refused`` (publications refused, by code)."""
+        and ``out_of_order`` (both must be 0), ``reconnects`` (welcomes after the first; ``proxied_reconnects``:
+        of the proxied application), ``resumed`` (of them, ``resumed: true``), ``refused`` (publications refused)."""
         from wsd.client import Gap
 
         rows: dict[str, dict[str, Any]] = {
             ph: {"acknowledged": 0, "expected": 0, "delivered": 0, "duplicates_dropped": 0, "gaps": 0, "in_gap": 0,
                  "lost": 0, "delivered_twice": 0, "out_of_order": 0, "reconnects": 0, "proxied_reconnects": 0,
-                 "refused": 0} for ph in self.phases}
+                 "resumed": 0, "refused": 0} for ph in self.phases}
         lost_detail: list[str] = []
         for p in self.pubs:
             rows[p.phase]["acknowledged"] += 1
         for ph, n in self.refused_in.items():
             rows[ph]["refused"] += n
         for app in self.apps:
+            for ph, resumed in app.welcomes:
+                rows[ph]["resumed"] += resumed
             for ch in app.channels:
                 items = app.items[ch]
                 seen: Counter[tuple[str, int]] = Counter()

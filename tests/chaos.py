@@ -471,18 +471,20 @@ class Chaos:
         received once), ``duplicates_dropped`` (the clients' counter), ``gaps`` (Gap items received),
         ``in_gap`` (not received, inside a reported Gap), ``lost`` (not received and in no Gap), ``delivered_twice``
         and ``out_of_order`` (both must be 0), ``reconnects`` (welcomes after the first; ``proxied_reconnects``:
-        of the proxied application), ``resumed`` (of them, ``resumed: true``), ``refused`` (publications refused)."""
+        of the proxied application), ``resumed`` (of them, ``resumed: true``), ``refused`` (publications refused), ``unacknowledged_received``
+        (messages received that were not acknowledged: refused or timed out, yet stored, as the protocol allows)."""
         from wsd.client import Gap
 
         rows: dict[str, dict[str, Any]] = {
             ph: {"acknowledged": 0, "expected": 0, "delivered": 0, "duplicates_dropped": 0, "gaps": 0, "in_gap": 0,
                  "lost": 0, "delivered_twice": 0, "out_of_order": 0, "reconnects": 0, "proxied_reconnects": 0,
-                 "resumed": 0, "refused": 0} for ph in self.phases}
+                 "resumed": 0, "refused": 0, "unacknowledged_received": 0} for ph in self.phases}
         lost_detail: list[str] = []
         for p in self.pubs:
             rows[p.phase]["acknowledged"] += 1
         for ph, n in self.refused_in.items():
             rows[ph]["refused"] += n
+        acked = {(p.channel, p.epoch, p.offset) for p in self.pubs}
         for app in self.apps:
             for ph, resumed in app.welcomes:
                 rows[ph]["resumed"] += resumed
@@ -500,9 +502,12 @@ class Chaos:
                     key = (item.epoch, item.offset)
                     seen[key] += 1
                     data[key] = item.data
-                    if prev is not None and ((item.epoch == prev.epoch and item.offset <= prev.offset)
-                                             or _i(item) <= _i(prev)):
+                    # in order = offsets increasing within an epoch (the publisher's numbering may differ: a
+                    # publication refused while Redis was stopped can still be stored after a later one)
+                    if prev is not None and item.epoch == prev.epoch and item.offset <= prev.offset:
                         rows[phase]["out_of_order"] += 1
+                    if (ch, *key) not in acked:
+                        rows[phase]["unacknowledged_received"] += 1
                     prev = item
                 for p in self.pubs:
                     if p.channel != ch:
@@ -532,10 +537,6 @@ class Chaos:
         return {"phases": rows, "total": totals, "refused": dict(self.refused), "events": self.events,
                 "connections": {app.name: app.client.connections for app in self.apps},
                 "lost_detail": lost_detail}
-
-
-def _i(m: Any) -> int:
-    return int(m.data["i"]) if isinstance(m.data, dict) and "i" in m.data else -1
 
 
 def _inside(p: Pub, gap: Any) -> bool:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -31,6 +32,10 @@ from tests.chaos import FAULTS, Chaos, by_fault
 
 async def run(args: argparse.Namespace) -> dict[str, object]:
     t0 = time.monotonic()
+    task = asyncio.current_task()
+    assert task is not None
+    # SIGTERM stops the run like Ctrl-C does: the nodes, the proxies and redis-server are stopped on the way out.
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     async with Chaos(rate=args.rate, settle=args.settle, pause_s=args.pause_s, blackhole_s=args.blackhole_s,
                      down_s=args.down_s) as chaos:
         await chaos.steady()

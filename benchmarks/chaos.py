@@ -63,7 +63,11 @@ def main() -> int:
     bad = [f for f in args.faults.split(",") if f and f not in FAULTS]
     if bad:
         p.error(f"unknown fault {bad[0]!r} (known: {', '.join(FAULTS)})")
-    result = asyncio.run(run(args))
+    try:
+        result = asyncio.run(run(args))
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        print("stopped before the end: no report", file=sys.stderr)
+        return 130
     print(json.dumps(result, indent=2))
     total = result["total"]
     assert isinstance(total, dict)

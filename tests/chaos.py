@@ -471,14 +471,17 @@ class Chaos:
         received once), ``duplicates_dropped`` (the clients' counter), ``gaps`` (Gap items received),
         ``in_gap`` (not received, inside a reported Gap), ``lost`` (not received and in no Gap), ``delivered_twice``
         and ``out_of_order`` (both must be 0), ``reconnects`` (welcomes after the first; ``proxied_reconnects``:
-        of the proxied application), ``resumed`` (of them, ``resumed: true``), ``refused`` (publications refused), ``unacknowledged_received``
-        (messages received that were not acknowledged: refused or timed out, yet stored, as the protocol allows)."""
+        of the proxied application), ``resumed`` (of them, ``resumed: true``), ``refused`` (publications refused),
+        ``unacknowledged_received`` (messages received that were not acknowledged: refused or timed out, yet
+        stored, as the protocol allows) and ``unacknowledged_published`` (how many publications those were)."""
         from wsd.client import Gap
 
         rows: dict[str, dict[str, Any]] = {
             ph: {"acknowledged": 0, "expected": 0, "delivered": 0, "duplicates_dropped": 0, "gaps": 0, "in_gap": 0,
                  "lost": 0, "delivered_twice": 0, "out_of_order": 0, "reconnects": 0, "proxied_reconnects": 0,
-                 "resumed": 0, "refused": 0, "unacknowledged_received": 0} for ph in self.phases}
+                 "resumed": 0, "refused": 0, "unacknowledged_received": 0, "unacknowledged_published": 0}
+            for ph in self.phases}
+        unacked: dict[tuple[str, str, int], str] = {}  # received yet never acknowledged -> phase first seen
         lost_detail: list[str] = []
         for p in self.pubs:
             rows[p.phase]["acknowledged"] += 1
@@ -508,6 +511,7 @@ class Chaos:
                         rows[phase]["out_of_order"] += 1
                     if (ch, *key) not in acked:
                         rows[phase]["unacknowledged_received"] += 1
+                        unacked.setdefault((ch, *key), phase)
                     prev = item
                 for p in self.pubs:
                     if p.channel != ch:
@@ -533,6 +537,8 @@ class Chaos:
                 rows[ph]["reconnects"] += end[1] - app.counters_at[ph][1]
                 if app.name == PROXIED:
                     rows[ph]["proxied_reconnects"] += end[1] - app.counters_at[ph][1]
+        for ph in unacked.values():
+            rows[ph]["unacknowledged_published"] += 1
         totals = {k: sum(r[k] for r in rows.values()) for k in next(iter(rows.values()))}
         return {"phases": rows, "total": totals, "refused": dict(self.refused), "events": self.events,
                 "connections": {app.name: app.client.connections for app in self.apps},

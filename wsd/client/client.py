@@ -132,6 +132,7 @@ class Client:
                  sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep, refresh_before: float | None = 30.0,
                  open_timeout: float = 10.0, request_timeout: float = 10.0, connect_timeout: float | None = None,
                  fill_gaps: bool = True, max_size: int | None = 16 * 2**20,
+                 ping_interval: float | None = 20.0, ping_timeout: float | None = 20.0,
                  on_state: Callable[[State], Any] | None = None,
                  on_other: Callable[[Message], Any] | None = None) -> None:
         self.urls: list[str] = [urls] if isinstance(urls, str) else list(urls)
@@ -146,6 +147,8 @@ class Client:
         self.connect_timeout = connect_timeout
         self.fill_gaps = fill_gaps
         self.max_size = max_size
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
         self.on_state = on_state
         self.on_other = on_other
         self.history_fills = 0  # `history since` requests made to fill holes
@@ -274,7 +277,8 @@ class Client:
                     token = await self._token_for(fresh)
                     fresh = False
                     ws = await connect(self._target(url), additional_headers={"Authorization": f"Bearer {token}"},
-                                       open_timeout=self.open_timeout, close_timeout=2, max_size=self.max_size)
+                                       open_timeout=self.open_timeout, close_timeout=2, max_size=self.max_size,
+                                       ping_interval=self.ping_interval, ping_timeout=self.ping_timeout)
                 except InvalidStatus as exc:
                     status = exc.response.status_code
                     error = _refusal_code(exc.response.body)

@@ -316,9 +316,11 @@ async def test_publishing_while_redis_is_away_is_refused_then_works_again(wsd_fa
                     return False
 
             await wait_for(published, timeout=10, step=0.2)
-            while True:  # nothing refused was delivered; what was acknowledged is
+            while True:  # what was acknowledged is delivered; nothing refused while Redis was gone is
                 m = await recv_json(ws, timeout=5)
-                assert m["type"] == "message" and "n" not in m["data"], m
+                # A refusal means "not acknowledged", not "not published": a command already sent to a paused Redis
+                # runs when it continues (docs/reliability.md), so after the pause a refused one may arrive.
+                assert m["type"] == "message" and (fault == "pause" or "n" not in m["data"]), m
                 if m["data"] == {"after": fault}:
                     break
 

@@ -119,6 +119,9 @@ class Engine(abc.ABC):
     name: str = "abstract"
     #: True when publications travel through the engine to every node (the publisher included)
     shared: bool = False
+    #: True when sessions outlive this process (another node can resume them): the hub then writes each live
+    #: connection's session as it changes, not only when the connection closes
+    durable_sessions: bool = False
     # The bounds of what the engine keeps (``[limits]``; set_limits applies the configured values).
     max_channels: int = 10000
     max_sessions: int = 100000
@@ -187,6 +190,11 @@ class Engine(abc.ABC):
         ``ttl_s``, counted against ``owner`` (its tenant and user); False when it is larger than ``max_session_bytes``
         (nothing is kept, and an older session under that id is dropped). The owner's and the store's
         oldest sessions are evicted beyond ``max_sessions_per_user`` / ``max_sessions``."""
+
+    async def save_sessions(self, sessions: list[tuple[str, str, bytes]], ttl_s: float) -> None:
+        """Keep several sessions at once (``(session_id, owner, blob)`` each), as ``save_session`` would."""
+        for session_id, owner, blob in sessions:
+            await self.save_session(session_id, owner, blob, ttl_s)
 
     @abc.abstractmethod
     async def load_session(self, session_id: str) -> bytes | None:

@@ -170,6 +170,7 @@ def _to_pub(w: _Wire, offset: int, epoch: str, now: float) -> Publication:
 class RedisEngine(Engine):
     name = "redis"
     shared = True
+    durable_sessions = True
 
     def __init__(self, url: str, prefix: str = "wsd") -> None:
         import redis.asyncio as aioredis
@@ -599,6 +600,29 @@ class RedisEngine(Engine):
         self._stats["sessions_evicted"] += int(evicted)
         self._stats["sessions_expired"] += int(expired)
         return True
+
+    async def save_sessions(self, sessions: list[tuple[str, str, bytes]], ttl_s: float) -> None:
+        """Several sessions in one pipeline (one round trip): the live sessions' periodic write."""
+        ttl = max(1, int(ttl_s))
+        now = repr(time.time())
+        async with self.redis.pipeline(transaction=False) as p:
+            for session_id, owner, blob in sessions:
+                if len(blob) > self.max_session_bytes:
+                    self._stats["sessions_refused"] += 1
+                    log_refused(len(blob), self.max_session_bytes)
+                    p.delete(f"{self.prefix}:session:{session_id}")
+                    p.zrem(f"{self.prefix}:sessions", session_id)
+                    continue
+                await self._save_session(
+                    keys=[f"{self.prefix}:session:{session_id}", f"{self.prefix}:sessions:user:{owner}",
+                          f"{self.prefix}:sessions"],
+                    args=[blob, ttl, now, self.max_sessions_per_user, self.max_sessions, f"{self.prefix}:session:",
+                          session_id], client=p)
+            results = await p.execute()
+        for r in results:
+            if isinstance(r, list) and len(r) == 2:
+                self._stats["sessions_evicted"] += int(r[0])
+                self._stats["sessions_expired"] += int(r[1])
 
     async def load_session(self, session_id: str) -> bytes | None:
         raw = await self.redis.get(f"{self.prefix}:session:{session_id}")

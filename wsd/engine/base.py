@@ -191,10 +191,11 @@ class Engine(abc.ABC):
         (nothing is kept, and an older session under that id is dropped). The owner's and the store's
         oldest sessions are evicted beyond ``max_sessions_per_user`` / ``max_sessions``."""
 
-    async def save_sessions(self, sessions: list[tuple[str, str, bytes]], ttl_s: float) -> None:
-        """Keep several sessions at once (``(session_id, owner, blob)`` each), as ``save_session`` would."""
-        for session_id, owner, blob in sessions:
-            await self.save_session(session_id, owner, blob, ttl_s)
+    async def save_live_sessions(self, sessions: list[tuple[str, str, bytes]], ttl_s: float) -> None:
+        """Keep the sessions of live connections (``(session_id, owner, blob)`` each) for ``ttl_s``, so they can be
+        resumed if this process dies (engines with ``durable_sessions``). Live sessions are bounded by the
+        connection limits: they are not counted or evicted as disconnected ones (the save at close is)."""
+        raise NotImplementedError(f"the {self.name} engine does not keep live sessions")
 
     @abc.abstractmethod
     async def load_session(self, session_id: str) -> bytes | None:

@@ -601,28 +601,21 @@ class RedisEngine(Engine):
         self._stats["sessions_expired"] += int(expired)
         return True
 
-    async def save_sessions(self, sessions: list[tuple[str, str, bytes]], ttl_s: float) -> None:
-        """Several sessions in one pipeline (one round trip): the live sessions' periodic write."""
+    async def save_live_sessions(self, sessions: list[tuple[str, str, bytes]], ttl_s: float) -> None:
+        """Live sessions in one pipeline (one round trip): each key set with its TTL, and taken out of the
+        indexes of kept sessions (a resumed one was in them): live sessions are bounded by the connection
+        limits, not counted or evicted as disconnected ones; the save at close indexes them again."""
         ttl = max(1, int(ttl_s))
-        now = repr(time.time())
         async with self.redis.pipeline(transaction=False) as p:
             for session_id, owner, blob in sessions:
+                key = f"{self.prefix}:session:{session_id}"
                 if len(blob) > self.max_session_bytes:
-                    self._stats["sessions_refused"] += 1
-                    log_refused(len(blob), self.max_session_bytes)
-                    p.delete(f"{self.prefix}:session:{session_id}")
-                    p.zrem(f"{self.prefix}:sessions", session_id)
-                    continue
-                await self._save_session(
-                    keys=[f"{self.prefix}:session:{session_id}", f"{self.prefix}:sessions:user:{owner}",
-                          f"{self.prefix}:sessions"],
-                    args=[blob, ttl, now, self.max_sessions_per_user, self.max_sessions, f"{self.prefix}:session:",
-                          session_id], client=p)
-            results = await p.execute()
-        for r in results:
-            if isinstance(r, list) and len(r) == 2:
-                self._stats["sessions_evicted"] += int(r[0])
-                self._stats["sessions_expired"] += int(r[1])
+                    p.delete(key)  # not kept; counted and logged once, by the save when the connection closes
+                else:
+                    p.set(key, blob, ex=ttl)
+                p.zrem(f"{self.prefix}:sessions", session_id)
+                p.zrem(f"{self.prefix}:sessions:user:{owner}", session_id)
+            await p.execute()
 
     async def load_session(self, session_id: str) -> bytes | None:
         raw = await self.redis.get(f"{self.prefix}:session:{session_id}")

@@ -184,7 +184,7 @@ class Lifecycle:
 
     async def _write_sessions(self, batch: list[tuple[str, str, bytes]], written: list[Conn]) -> None:
         try:
-            await self.engine.save_sessions(batch, self.session_ttl)
+            await self.engine.save_live_sessions(batch, self.session_ttl)
         except Exception as exc:  # noqa: BLE001  # the engine is down: write them again at the next sweep
             log.warning("writing %d live sessions failed (written again at the next sweep): %s", len(batch), exc)
             for conn in written:
@@ -207,7 +207,8 @@ class Lifecycle:
         conn.session_mark = m
         conn.session_saved_at = self.now()
         try:
-            await self.engine.save_session(conn.session_id, state.owner, saved.encode(state), self.session_ttl)
+            await self.engine.save_live_sessions([(conn.session_id, state.owner, saved.encode(state))],
+                                                 self.session_ttl)
         except Exception as exc:  # noqa: BLE001  # the sweep writes it again
             log.warning("writing the session of connection %s failed (written again at the next sweep): %s",
                         conn.id, exc)
@@ -217,6 +218,9 @@ class Lifecycle:
         """The live connection of ``user_id`` on this node holding ``session_id``, if any."""
         for conn in self.by_user.get(user_id, ()):
             if conn.session_id == session_id and not conn.taken_over:
+                # One closing with 1000 or kicked ends its session: that is not resumed, so not taken over.
+                if conn.closing and conn.close_code in (1000, 4000):
+                    return None
                 return conn
         return None
 

@@ -322,3 +322,35 @@ async def test_a_takeover_across_two_redis_nodes_keeps_one_writer(wsd_factory, r
             await gone(a, w1["connection_id"])
             s = stored_session(redis_url, prefix, w1["session_id"])
             assert s is not None and CH in [x["channel"] for x in s["subs"]]
+
+
+async def test_the_client_resumes_from_what_it_received(wsd):
+    """wsd.client sends its positions when it resumes: the server replays from them, so the client needs no
+    `history since` of its own, and the application sees each message once, in order."""
+    token = make_token("alice", "acme")
+    client = Client(wsd.url(), token=token, backoff_base=0.05)
+    async with client:
+        sub = await client.subscribe("trading-signals")
+        await publish(wsd, 3, "a")
+        taken = []
+        async with asyncio.timeout(10):
+            async for item in sub:
+                taken.append(item.offset)
+                if len(taken) == 3:
+                    break
+        since = dict(client._resume_positions())
+        assert since[CH].offset == 3
+        client._conn.ws.transport.abort()  # type: ignore[union-attr]  # a dropped network: no close frame
+
+        async def resumed() -> bool:
+            return client.connections == 2 and client.state == "open"
+        await wait_for(resumed, timeout=10)
+        assert client.welcome["resumed"] is True
+        await publish(wsd, 2, "b")
+        async with asyncio.timeout(10):
+            async for item in sub:
+                taken.append(item.offset)
+                if len(taken) == 5:
+                    break
+        assert taken == [1, 2, 3, 4, 5]
+        assert client.history_fills == 0 and client.gaps == 0

@@ -289,8 +289,9 @@ async def test_positions_a_node_never_flushed_are_replayed_from_the_client_posit
         assert [(m["offset"], m.get("history", False)) for m in got] == [(3, True)]
 
 
-async def test_a_normal_close_ends_a_live_session_in_redis(wsd_factory, redis_url):  # noqa: F811
-    """1000 ends the session as it always did: the live session written to Redis is deleted."""
+@pytest.mark.parametrize("how", ["close", "kick"])
+async def test_a_normal_close_or_a_kick_ends_a_live_session_in_redis(wsd_factory, redis_url, how):  # noqa: F811
+    """1000 or a kick ends the session as it always did: the live session written to Redis is deleted."""
     prefix = "t" + secrets.token_hex(3)
     a = wsd_factory(engine_toml(redis_url, prefix))
     token = make_token("alice", "acme")
@@ -302,6 +303,9 @@ async def test_a_normal_close_ends_a_live_session_in_redis(wsd_factory, redis_ur
         async def stored() -> bool:
             return stored_session(redis_url, prefix, sid) is not None
         await wait_for(stored)
+        if how == "kick":
+            await a.ctl("kick", ids=[w1["connection_id"]], reason="bye")
+            assert (await closed_with(ws))[0] == 4000
     await gone(a, w1["connection_id"])
     assert stored_session(redis_url, prefix, sid) is None
     async with a.connect(token=token, query={"session": sid}) as ws:
@@ -354,3 +358,25 @@ async def test_the_client_resumes_from_what_it_received(wsd):
                     break
         assert taken == [1, 2, 3, 4, 5]
         assert client.history_fills == 0 and client.gaps == 0
+
+
+async def test_a_takeover_moves_unacked_reliable_messages_to_the_new_connection(wsd_factory):
+    """Reliable messages the old connection never acked are sent again, same seq, on the connection that took over."""
+    from tests.test_reliable import BASE, CONFIG
+
+    node = wsd_factory(CONFIG.replace("ack_timeout_ms = 300", "ack_timeout_ms = 5000"), base=BASE)
+    token = make_token("alice", "acme")
+    async with node.connect("mt5", token) as old:
+        w1 = await welcome(old)
+        await subscribe(old)
+        await node.ctl("publish", channel=CH, type="order", data={"o": 1})
+        m = await recv_until(old, lambda f: f.get("type") == "message")
+        assert m["seq"] == 1
+        async with node.connect("mt5", token, query={"session": w1["session_id"]}) as new:
+            assert (await welcome(new))["resumed"] is True
+            again = await recv_until(new, lambda f: f.get("type") == "message")
+            assert again["seq"] == 1 and again["data"] == {"o": 1}
+            assert (await closed_with(old))[0] == 4011
+            await node.ctl("publish", channel=CH, type="order", data={"o": 2})
+            nxt = await recv_until(new, lambda f: f.get("type") == "message" and f.get("data") == {"o": 2})
+            assert nxt["seq"] == 2

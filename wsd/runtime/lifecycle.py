@@ -55,6 +55,7 @@ class Lifecycle:
     session_ttl: float
     _session_flush: asyncio.Task[None] | None
     _sessions_flushed: float
+    _sessions_failing: bool
 
     # -- closing ----------------------------------------------------------------------------------------
     def close(self, conn: Conn, code: int, reason: str) -> None:
@@ -120,7 +121,8 @@ class Lifecycle:
         if now - self._memory_swept >= 1.0:  # at most once a second, however short the heartbeat
             self._memory_swept = now
             self.sweep_memory(now)
-        if self.engine.durable_sessions and now - self._sessions_flushed >= 1.0:
+        # Once a second: the sweep's own 1 s sleep may wake a hair early (a coarse loop clock), hence 0.9.
+        if self.engine.durable_sessions and now - self._sessions_flushed >= 0.9:
             self._sessions_flushed = now
             self.flush_sessions(now)
         idle_before = now - self.idle_s
@@ -186,9 +188,16 @@ class Lifecycle:
         try:
             await self.engine.save_live_sessions(batch, self.session_ttl)
         except Exception as exc:  # noqa: BLE001  # the engine is down: write them again at the next sweep
-            log.warning("writing %d live sessions failed (written again at the next sweep): %s", len(batch), exc)
+            if not self._sessions_failing:  # once per outage, not once a second
+                self._sessions_failing = True
+                log.warning("writing %d live sessions failed (retried every second until it works): %s",
+                            len(batch), exc)
             for conn in written:
                 conn.session_mark = None
+        else:
+            if self._sessions_failing:
+                self._sessions_failing = False
+                log.info("writing live sessions works again (%d written)", len(batch))
 
     async def settle_sessions(self) -> None:
         """Wait for the live-session write in flight, so a write that follows is not overtaken by an older one."""

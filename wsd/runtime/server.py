@@ -451,7 +451,7 @@ class Endpoint:
                     await d.engine.save_session(conn.session_id, state.owner, saved.encode(state), hub.session_ttl)
                 except Exception:
                     log.exception("saving session failed")
-            elif d.engine.durable_sessions and conn.session_saved_at:
+            elif d.engine.durable_sessions and (conn.session_saved_at or conn.resumed):
                 try:  # its live session was written: the session ends, as it always has on 1000 or a kick
                     await hub.settle_sessions()
                     await d.engine.drop_session(conn.session_id)

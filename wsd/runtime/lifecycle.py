@@ -122,7 +122,7 @@ class Lifecycle:
             self._memory_swept = now
             self.sweep_memory(now)
         # Once a second: the sweep's own 1 s sleep may wake a hair early (a coarse loop clock), hence 0.9.
-        if self.engine.durable_sessions and now - self._sessions_flushed >= 0.9:
+        if self.engine.durable_sessions and self.session_ttl > 0 and now - self._sessions_flushed >= 0.9:
             self._sessions_flushed = now
             self.flush_sessions(now)
         idle_before = now - self.idle_s
@@ -208,8 +208,8 @@ class Lifecycle:
 
     async def persist_session(self, conn: Conn) -> None:
         """Write ``conn``'s live session now (its subscriptions changed), with a durable engine."""
-        if not self.engine.durable_sessions or conn.closing or conn.taken_over:
-            return
+        if not self.engine.durable_sessions or self.session_ttl <= 0 or conn.closing or conn.taken_over:
+            return  # (a session TTL of 0 means no resume at all)
         await self.settle_sessions()
         m = saved.mark(conn)
         state = saved.capture(conn)

@@ -342,7 +342,7 @@ class Endpoint:
             except ValueError as exc:
                 return self.refuse(conn, errors.H_BAD_REQUEST, str(exc), remote, pool.id, user_id=user)
         if want:
-            holder = hub.session_holder(want, user)
+            holder = hub.session_holder(want, user) if hub.session_ttl > 0 else None  # 0: no resume
             if holder is not None and holder.company_id == claims.company_id:
                 # Still open here (the client reconnected before the server saw the old connection drop):
                 # taken over once the handshake is accepted, from the old connection's own state.

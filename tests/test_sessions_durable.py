@@ -312,7 +312,33 @@ async def test_a_normal_close_or_a_kick_ends_a_live_session_in_redis(wsd_factory
         assert (await welcome(ws))["resumed"] is False
 
 
-async def test_a_takeover_across_two_redis_nodes_keeps_one_writer(wsd_factory, redis_url):  # noqa: F811
+async def test_a_resume_on_another_node_takes_over_the_session_still_open(wsd_factory, redis_url):  # noqa: F811
+    """A client that reconnects to node B while node A still holds its old connection: B resumes the session
+    (from Redis) at once and A closes the old connection with 4011, keeping nothing of its own."""
+    prefix = "t" + secrets.token_hex(3)
+    a = wsd_factory(engine_toml(redis_url, prefix))
+    b = wsd_factory(engine_toml(redis_url, prefix))
+    token = make_token("alice", "acme")
+    async with a.connect(token=token) as old:
+        w1 = await welcome(old)
+        sid = w1["session_id"]
+        await subscribe(old)
+        await publish(b, 2, "a")
+        got = await messages(old, 2)
+        since = since_param({CH: (2, got[0]["epoch"])})
+        async with b.connect(token=token, query={"session": sid, "since": since}) as new:
+            w2 = await welcome(new)
+            assert w2["resumed"] is True and w2["session_id"] == sid and CH in w2["subscriptions"]
+            assert await closed_with(old) == (4011, "session taken over")
+            await gone(a, w1["connection_id"])
+            await publish(b, 1, "live")
+            got = await up_to_sentinel(b, new, "x")
+            assert [(m["offset"], m.get("history", False)) for m in got] == [(3, False)]
+            s = stored_session(redis_url, prefix, sid)  # A neither dropped nor overwrote it on its way out
+            assert s is not None and CH in [x["channel"] for x in s["subs"]]
+
+
+async def test_a_takeover_on_one_redis_node_keeps_the_session_stored(wsd_factory, redis_url):  # noqa: F811
     """On one node of a Redis pair the takeover works as on the memory engine and the session stays stored."""
     prefix = "t" + secrets.token_hex(3)
     a = wsd_factory(engine_toml(redis_url, prefix))

@@ -30,6 +30,10 @@ def _never(channel: str) -> bool:
     return False
 
 
+def _no_takeover(session_id: str, owner: str) -> None:
+    pass
+
+
 def _no_gap(channel: str, since: StreamPosition, position: StreamPosition) -> None:
     return None
 
@@ -136,6 +140,9 @@ class Engine(abc.ABC):
         #: called when a shared engine's bus missed messages of a channel with subscribers here that its
         #: history can no longer fill: (channel, last position delivered here, the channel's position now)
         self.on_gap: Callable[[str, StreamPosition, StreamPosition], None] = _no_gap
+        #: called when another node resumed a session (session id, owner): a connection here still holding it
+        #: must end (the hub sets it)
+        self.on_takeover: Callable[[str, str], None] = _no_takeover
 
     def set_limits(self, limits: Any) -> None:
         """The ``[limits]`` section, at start and after each reload."""
@@ -196,6 +203,10 @@ class Engine(abc.ABC):
         resumed if this process dies (engines with ``durable_sessions``). Live sessions are bounded by the
         connection limits: they are not counted or evicted as disconnected ones (the save at close is)."""
         raise NotImplementedError(f"the {self.name} engine does not keep live sessions")
+
+    async def announce_takeover(self, session_id: str, owner: str) -> None:
+        """Tell the other nodes that this node resumed ``session_id`` of ``owner`` (shared engines): a
+        connection of theirs still holding it ends (``on_takeover`` there)."""
 
     @abc.abstractmethod
     async def load_session(self, session_id: str) -> bytes | None:

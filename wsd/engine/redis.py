@@ -190,6 +190,8 @@ class RedisEngine(Engine):
         self._bus_client = aioredis.Redis.from_url(url, decode_responses=False, socket_connect_timeout=1.0,
                                                    retry=Retry(NoBackoff(), 1))
         self.bus = f"{prefix}:bus".encode()
+        #: takeover notices: "<node id> <session id> <owner>" from the node that resumed the session
+        self.takeovers = f"{prefix}:takeover".encode()
         self._script = self.redis.register_script(_PUBLISH)
         self._listener: asyncio.Task[None] | None = None
         self._on_remote: Callable[..., None] | None = None
@@ -226,7 +228,7 @@ class RedisEngine(Engine):
         self._on_remote = on_remote
         await self.redis.ping()
         self._pubsub = self._bus_client.pubsub(ignore_subscribe_messages=True)
-        await self._pubsub.subscribe(self.bus)
+        await self._pubsub.subscribe(self.bus, self.takeovers)
         # Called after each reconnect of the bus connection, once it has subscribed again.
         self._pubsub.connection.register_connect_callback(self._bus_connected)
         loop = asyncio.get_running_loop()
@@ -264,6 +266,9 @@ class RedisEngine(Engine):
                 self._spawn(self._check(at_once=True))
             if msg is None:
                 continue
+            if msg.get("channel") == self.takeovers:
+                self._takeover_notice(msg["data"])
+                continue
             try:
                 raw: bytes = msg["data"]
                 off_s, epoch_b, body = raw.split(b":", 2)
@@ -274,6 +279,21 @@ class RedisEngine(Engine):
                                    "companies": tuple(w.companies)})
             except Exception:
                 log.exception("bad publication on the redis bus")
+
+    def _takeover_notice(self, raw: bytes) -> None:
+        try:
+            node, session_id, owner = raw.decode().split(" ", 2)
+        except (UnicodeDecodeError, ValueError):
+            log.warning("bad takeover notice on the redis bus")
+            return
+        if node != self.node_id:
+            try:
+                self.on_takeover(session_id, owner)
+            except Exception:
+                log.exception("handling a takeover notice failed")
+
+    async def announce_takeover(self, session_id: str, owner: str) -> None:
+        await self.redis.publish(self.takeovers, f"{self.node_id} {session_id} {owner}".encode())
 
     def _accept(self, pub: Publication, scope: dict[str, Any]) -> None:
         """Deliver a bus message unless it shows a hole (fill it first) or was delivered already."""

@@ -233,6 +233,19 @@ class Lifecycle:
                 return conn
         return None
 
+    def take_over(self, conn: Conn) -> None:
+        """``conn``'s session was resumed by another connection: close it with 4011; it neither keeps nor
+        ends the session (the other connection owns it now)."""
+        conn.taken_over = True
+        self.close(conn, errors.TAKEN_OVER.code, errors.TAKEN_OVER.reason)
+
+    def on_takeover(self, session_id: str, owner: str) -> None:
+        """Another node resumed ``session_id`` of ``owner`` (tenant/user): end a connection here still holding it."""
+        company, _, user = owner.partition("/")
+        conn = self.session_holder(session_id, user)
+        if conn is not None and conn.company_id == company:
+            self.take_over(conn)
+
     def sweep_memory(self, now: float) -> None:
         """Free what nobody needs any more: expired sessions and unused channel instances (engine),
         fan-out timestamps of channels quiet for longer than the coalescing window, refilled limiter buckets."""

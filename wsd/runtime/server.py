@@ -417,9 +417,18 @@ class Endpoint:
                 # Taken only now that the handshake is accepted: a refused resume leaves it for the next try.
                 # (A durable engine keeps it: it is written again as this connection's live session.)
                 await d.engine.drop_session(conn.session_id)
+            if session is not None and adm.session is not None and d.engine.shared:
+                # Resumed from the engine: a connection of another node may still hold the session (its client
+                # reconnected elsewhere before that node saw the drop). It ends there with 4011.
+                try:
+                    await d.engine.announce_takeover(conn.session_id, session.owner)
+                except Exception as exc:  # noqa: BLE001  # that connection then ends by itself (missed pongs)
+                    log.warning("announcing the takeover of a session failed: %s", exc)
             await self._start(conn, session, adm.since or {})
             # The live session reaches a durable engine at once (subscriptions), then as positions move.
             await hub.persist_session(conn)
+            if adm.session is not None:
+                conn.session_mark = None  # and again at the next sweep: after any late write of the old holder
             async for message in ws:
                 await self.on_frame(conn, message)
         except ConnectionClosed:
@@ -470,8 +479,7 @@ class Endpoint:
         old = hub.session_holder(conn.session_id, conn.user_id)
         if old is not None and old.company_id == conn.company_id:
             state = saved.capture(old)
-            old.taken_over = True
-            hub.close(old, errors.TAKEN_OVER.code, errors.TAKEN_OVER.reason)
+            hub.take_over(old)
             return state
         # It closed while this handshake went on: its session was kept (or ended) as any other.
         await hub.settle_sessions()

@@ -145,6 +145,21 @@ async def test_the_client_stops_when_its_session_is_taken_over(wsd):
             assert len(conns["items"]) == 1
 
 
+async def test_a_takeover_is_not_refused_by_the_per_user_connection_limit(wsd_factory):
+    """A takeover replaces the old connection: at max_connections_per_user it is admitted, a new one is not."""
+    from tests.harness import BASE_CONFIG
+
+    node = wsd_factory(base=BASE_CONFIG.replace("max_connections_per_user = 1000", "max_connections_per_user = 1"))
+    token = make_token("alice", "acme")
+    async with node.connect(token=token) as old:
+        w1 = await welcome(old)
+        status, _, body = handshake(node.port, f"/ws/frontend?token={token}")
+        assert status == 429 and json.loads(body)["error"] == "too_many_connections"
+        async with node.connect(token=token, query={"session": w1["session_id"]}) as new:
+            assert (await welcome(new))["resumed"] is True
+            assert (await closed_with(old))[0] == 4011
+
+
 # -- resume from the client's position ---------------------------------------------------------------------
 
 async def test_resume_replays_from_the_position_the_client_gives(wsd):

@@ -320,17 +320,24 @@ class Endpoint:
             return self.refuse(conn, errors.H_RATE_LIMITED, "too many connections per minute for this user",
                                remote, pool.id, retry_after=retry, user_id=user)
         hub = d.hub
-        if hub.user_connections(user) >= d.config.limits.max_connections_per_user:
-            return self.refuse(conn, errors.H_USER_FULL, "too many open connections for this user", remote,
-                               pool.id, retry_after=60, user_id=user)
-        if len(hub.conns) >= d.config.manager.max_connections:
-            return self.refuse(conn, errors.H_MANAGER_FULL, "manager is full", remote, pool.id, user_id=user)
-        if hub.pool_counts.get(pool.id, 0) >= pool.max_connections:
+        want = query.get("session", [""])[0]
+        # A connection of this user and tenant here still holding the session: the client reconnected before the
+        # server saw the old connection drop. It is taken over once the handshake is accepted, so this one
+        # replaces it rather than adds one: the connection limits do not refuse it.
+        holder = hub.session_holder(want, user) if want and hub.session_ttl > 0 else None  # TTL 0: no resume
+        if holder is not None and holder.company_id != claims.company_id:
+            holder = None
+        if holder is None:
+            if hub.user_connections(user) >= d.config.limits.max_connections_per_user:
+                return self.refuse(conn, errors.H_USER_FULL, "too many open connections for this user", remote,
+                                   pool.id, retry_after=60, user_id=user)
+            if len(hub.conns) >= d.config.manager.max_connections:
+                return self.refuse(conn, errors.H_MANAGER_FULL, "manager is full", remote, pool.id, user_id=user)
+        if (holder is None or holder.pool is not pool) and hub.pool_counts.get(pool.id, 0) >= pool.max_connections:
             return self.refuse(conn, errors.H_POOL_FULL, f"pool {pool.id} is full", remote, pool.id, user_id=user)
         session = None
         session_id = None
         takeover = False
-        want = query.get("session", [""])[0]
         since_s = query.get("since", [""])[0]
         since: dict[str, StreamPosition] = {}
         if since_s:
@@ -342,11 +349,8 @@ class Endpoint:
             except ValueError as exc:
                 return self.refuse(conn, errors.H_BAD_REQUEST, str(exc), remote, pool.id, user_id=user)
         if want:
-            holder = hub.session_holder(want, user) if hub.session_ttl > 0 else None  # 0: no resume
-            if holder is not None and holder.company_id == claims.company_id:
-                # Still open here (the client reconnected before the server saw the old connection drop):
-                # taken over once the handshake is accepted, from the old connection's own state.
-                takeover, session_id = True, want
+            if holder is not None:
+                takeover, session_id = True, want  # from the old connection's own state
             else:
                 # Only read here: the session is taken by the handler once the handshake is accepted, so a
                 # refusal after this point (by websockets, or a full manager) leaves it to a later resume.
@@ -398,7 +402,7 @@ class Endpoint:
         # The handshake's request and response (headers, the token in them) are not needed once
         # admitted: letting them go saves ~4 KiB per idle connection and keeps no token in memory.
         forget_handshake(ws)
-        if len(hub.conns) >= d.config.manager.max_connections:
+        if len(hub.conns) >= d.config.manager.max_connections and not adm.takeover:
             await ws.close(errors.TRY_AGAIN.code, errors.TRY_AGAIN.reason)
             return
         session = adm.session

@@ -406,7 +406,8 @@ class Endpoint:
             await ws.close(errors.TRY_AGAIN.code, errors.TRY_AGAIN.reason)
             return
         session = adm.session
-        if adm.takeover:
+        # (also a session resumed from the engine that another connection here resumed meanwhile)
+        if adm.takeover or (session is not None and hub.session_holder(conn.session_id, conn.user_id) is not None):
             session = await self._take_over(conn)
         hub.register(conn)
         ws.wsd_conn = conn  # type: ignore[attr-defined]

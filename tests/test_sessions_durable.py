@@ -141,8 +141,10 @@ async def test_the_client_stops_when_its_session_is_taken_over(wsd):
                     async for _ in sub:
                         pass
             assert client.state == "closed" and client.connections == 1
-            conns = await wsd.ctl("connections.list")
-            assert len(conns["items"]) == 1
+
+            async def only_the_new_one() -> bool:
+                return (await wsd.ctl("connections.list"))["total"] == 1
+            await wait_for(only_the_new_one)  # the client did not come back
 
 
 async def test_a_takeover_is_not_refused_by_the_per_user_connection_limit(wsd_factory):
@@ -348,7 +350,8 @@ async def test_a_resume_on_another_node_takes_over_the_session_still_open(wsd_fa
             await gone(a, w1["connection_id"])
             await publish(b, 1, "live")
             got = await up_to_sentinel(b, new, "x")
-            assert [(m["offset"], m.get("history", False)) for m in got] == [(3, False)]
+            # (live, or from history when the node's bus check saw the position move before the bus message came)
+            assert [(m["type"], m["offset"]) for m in got] == [("message", 3)]
             s = stored_session(redis_url, prefix, sid)  # A neither dropped nor overwrote it on its way out
             assert s is not None and CH in [x["channel"] for x in s["subs"]]
 

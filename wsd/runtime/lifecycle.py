@@ -219,8 +219,10 @@ class Lifecycle:
             await self.engine.save_live_sessions([(conn.session_id, state.owner, saved.encode(state))],
                                                  self.session_ttl)
         except Exception as exc:  # noqa: BLE001  # the sweep writes it again
-            log.warning("writing the session of connection %s failed (written again at the next sweep): %s",
-                        conn.id, exc)
+            if not self._sessions_failing:  # once per outage (the sweep's next success says it is over)
+                self._sessions_failing = True
+                log.warning("writing the session of connection %s failed (retried every second until it "
+                            "works): %s", conn.id, exc)
             conn.session_mark = None
 
     def session_holder(self, session_id: str, user_id: str) -> Conn | None:

@@ -30,6 +30,8 @@ NOT_ADMITTED = Close(4003, "the refreshed token is not admitted in this pool", F
 RATE_LIMITED = Close(4008, "message rate limit exceeded", True)
 SLOW_CONSUMER = Close(4009, "slow consumer", True)
 IDLE_TIMEOUT = Close(4010, "idle timeout", True)
+#: another connection resumed this connection's session: it won, this one must not reconnect
+TAKEN_OVER = Close(4011, "session taken over", False)
 HEARTBEAT_TIMEOUT = Close(1011, "heartbeat timeout", True)
 #: never sent: what a client (and the handler) sees when the connection dropped without a close frame
 ABNORMAL = Close(1006, "connection dropped", True)
@@ -37,7 +39,7 @@ ABNORMAL = Close(1006, "connection dropped", True)
 CLOSE_CODES: dict[int, Close] = {
     c.code: c
     for c in (NORMAL, SHUTDOWN, PROTOCOL_ERROR, NOT_UTF8, POLICY, TOO_BIG, INTERNAL, TRY_AGAIN, KICKED, TOKEN_EXPIRED, NOT_ADMITTED, RATE_LIMITED,
-              SLOW_CONSUMER, IDLE_TIMEOUT)
+              SLOW_CONSUMER, IDLE_TIMEOUT, TAKEN_OVER)
 }
 
 # Error codes in ``{"ok": false, "error": {"code": ...}}`` replies and handshake bodies.

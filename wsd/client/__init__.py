@@ -15,8 +15,9 @@ from wsd.client.types import (
                               NotAdmitted,
                               Position,
                               RequestError,
+                              TakenOver,
 )
 
 __all__ = ["CLOSE_ACTIONS", "Backoff", "Client", "ClientClosed", "ClientError", "CloseAction", "ConnectionLost", "Gap",
            "History", "Kicked", "Message", "NotAdmitted", "Position", "RequestError", "State", "Subscription",
-           "close_action", "token_exp"]
+           "TakenOver", "close_action", "token_exp"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import inspect
 import itertools
@@ -30,6 +31,7 @@ from wsd.client.types import (
     NotAdmitted,
     Position,
     RequestError,
+    TakenOver,
     message_from,
     position_from,
 )
@@ -44,6 +46,8 @@ _END = object()
 log = logging.getLogger("wsd.client")
 _decode = msgspec.json.Decoder().decode
 _encode = msgspec.json.Encoder().encode
+#: The longest ``since`` query parameter the server takes (docs/protocol.md, "Session resume").
+SINCE_MAX_CHARS = 6144
 
 
 def token_exp(token: str) -> float | None:
@@ -172,6 +176,7 @@ class Client:
         self._closing = False
         self._ids = itertools.count(1)
         self._attempt = 0
+        self._sent_since: set[str] = set()  # channels whose position the last resume attempt told the server
 
     @property
     def positions(self) -> dict[str, Position]:
@@ -262,9 +267,24 @@ class Client:
         if self.session_id is None:
             return url
         parts = urlsplit(url)
-        query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "session"]
+        query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k not in ("session", "since")]
         query.append(("session", self.session_id))
+        since = self._resume_positions()
+        self._sent_since = set(since)
+        if since:
+            # What this client really has, per channel: the server replays from here, not from what it wrote.
+            blob = _encode({ch: [p.offset, p.epoch] for ch, p in since.items()})
+            text = base64.urlsafe_b64encode(blob).rstrip(b"=").decode()
+            if len(text) <= SINCE_MAX_CHARS:
+                query.append(("since", text))
+            else:  # too long for a request line: the server replays from what it wrote, the fill does the rest
+                self._sent_since = set()
         return urlunsplit(parts._replace(query=urlencode(query)))
+
+    def _resume_positions(self) -> dict[str, Position]:
+        """Per live subscription, the last message received (handed to the application's queue, so kept)."""
+        return {sub.channel: sub._last for sub in self._subs
+                if sub.channel and sub._last is not None and sub._last.epoch and sub.mode != "historical"}
 
     async def _run(self) -> None:
         idx, penalty, fresh = 0, 0, False
@@ -295,7 +315,8 @@ class Client:
                     code, reason = await self._serve(ws, url)
                     action = close_action(code)
                     if not action.reconnect:
-                        kind = {"kicked": Kicked, "not_admitted": NotAdmitted}.get(action.error, ClientClosed)
+                        stop = {"kicked": Kicked, "not_admitted": NotAdmitted, "taken_over": TakenOver}
+                        kind = stop.get(action.error, ClientClosed)
                         raise kind(f"closed by the server with {code} ({action.why}): {reason}", code, reason)
                     self._set_state("connecting")
                     fresh = action.fresh_token
@@ -595,8 +616,10 @@ class Client:
         for sub in list(self._subs):
             sub._filled_on_resume = False
             if sub.channel in restored:
-                # The server replays from what it wrote; what it wrote into the dying socket is fetched here.
-                if self.fill_gaps and sub._last is not None and sub.mode != "historical":
+                # An older server replays from what it wrote; what it wrote into the dying socket is fetched here.
+                # Not needed when the server was told the position: its replay starts there.
+                if self.fill_gaps and sub._last is not None and sub.mode != "historical" \
+                        and sub.channel not in self._sent_since:
                     await self._fill(conn, sub, sub._last, None)
                     sub._filled_on_resume = True
                 continue

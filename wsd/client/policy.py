@@ -16,7 +16,7 @@ class CloseAction:
     fresh_token: bool = False  # fetch a new token from the callable before reconnecting
     failover: bool = False  # try the next URL first (this node is going away or full)
     penalty: bool = False  # keep growing the backoff across reconnects (the server asked us to slow down)
-    error: str = ""  # when stopping: "kicked", "not_admitted", "closed" or "protocol"
+    error: str = ""  # when stopping: "kicked", "not_admitted", "taken_over", "closed" or "protocol"
 
 
 #: The server's close codes (docs/protocol.md, "Close codes") and what the client does about each.
@@ -36,6 +36,7 @@ CLOSE_ACTIONS: dict[int, CloseAction] = {
     4008: CloseAction(True, "message rate limit exceeded", penalty=True),
     4009: CloseAction(True, "slow consumer"),
     4010: CloseAction(True, "idle timeout"),
+    4011: CloseAction(False, "session taken over by another connection", error="taken_over"),
 }
 
 #: A code the table does not know: reconnect with backoff (new codes may be added by the server).

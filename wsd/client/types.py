@@ -93,6 +93,10 @@ class NotAdmitted(ClientClosed):
     """The pool does not admit this token (4003 after a refresh, or a 401/403/404 handshake refusal)."""
 
 
+class TakenOver(ClientClosed):
+    """Another connection resumed this client's session (4011): that one won; this client does not reconnect."""
+
+
 class RequestError(ClientError):
     """The server answered a request with an error reply: ``code`` and ``message`` as in docs/protocol.md."""
 

@@ -30,6 +30,10 @@ def _never(channel: str) -> bool:
     return False
 
 
+def _no_takeover(session_id: str, owner: str) -> None:
+    pass
+
+
 def _no_gap(channel: str, since: StreamPosition, position: StreamPosition) -> None:
     return None
 
@@ -119,6 +123,9 @@ class Engine(abc.ABC):
     name: str = "abstract"
     #: True when publications travel through the engine to every node (the publisher included)
     shared: bool = False
+    #: True when sessions outlive this process (another node can resume them): the hub then writes each live
+    #: connection's session as it changes, not only when the connection closes
+    durable_sessions: bool = False
     # The bounds of what the engine keeps (``[limits]``; set_limits applies the configured values).
     max_channels: int = 10000
     max_sessions: int = 100000
@@ -133,6 +140,9 @@ class Engine(abc.ABC):
         #: called when a shared engine's bus missed messages of a channel with subscribers here that its
         #: history can no longer fill: (channel, last position delivered here, the channel's position now)
         self.on_gap: Callable[[str, StreamPosition, StreamPosition], None] = _no_gap
+        #: called when another node resumed a session (session id, owner): a connection here still holding it
+        #: must end (the hub sets it)
+        self.on_takeover: Callable[[str, str], None] = _no_takeover
 
     def set_limits(self, limits: Any) -> None:
         """The ``[limits]`` section, at start and after each reload."""
@@ -187,6 +197,16 @@ class Engine(abc.ABC):
         ``ttl_s``, counted against ``owner`` (its tenant and user); False when it is larger than ``max_session_bytes``
         (nothing is kept, and an older session under that id is dropped). The owner's and the store's
         oldest sessions are evicted beyond ``max_sessions_per_user`` / ``max_sessions``."""
+
+    async def save_live_sessions(self, sessions: list[tuple[str, str, bytes]], ttl_s: float) -> None:
+        """Keep the sessions of live connections (``(session_id, owner, blob)`` each) for ``ttl_s``, so they can be
+        resumed if this process dies (engines with ``durable_sessions``). Live sessions are bounded by the
+        connection limits: they are not counted or evicted as disconnected ones (the save at close is)."""
+        raise NotImplementedError(f"the {self.name} engine does not keep live sessions")
+
+    async def announce_takeover(self, session_id: str, owner: str) -> None:
+        """Tell the other nodes that this node resumed ``session_id`` of ``owner`` (shared engines): a
+        connection of theirs still holding it ends (``on_takeover`` there)."""
 
     @abc.abstractmethod
     async def load_session(self, session_id: str) -> bytes | None:

@@ -170,6 +170,7 @@ def _to_pub(w: _Wire, offset: int, epoch: str, now: float) -> Publication:
 class RedisEngine(Engine):
     name = "redis"
     shared = True
+    durable_sessions = True
 
     def __init__(self, url: str, prefix: str = "wsd") -> None:
         import redis.asyncio as aioredis
@@ -189,6 +190,8 @@ class RedisEngine(Engine):
         self._bus_client = aioredis.Redis.from_url(url, decode_responses=False, socket_connect_timeout=1.0,
                                                    retry=Retry(NoBackoff(), 1))
         self.bus = f"{prefix}:bus".encode()
+        #: takeover notices: "<node id> <session id> <owner>" from the node that resumed the session
+        self.takeovers = f"{prefix}:takeover".encode()
         self._script = self.redis.register_script(_PUBLISH)
         self._listener: asyncio.Task[None] | None = None
         self._on_remote: Callable[..., None] | None = None
@@ -225,7 +228,7 @@ class RedisEngine(Engine):
         self._on_remote = on_remote
         await self.redis.ping()
         self._pubsub = self._bus_client.pubsub(ignore_subscribe_messages=True)
-        await self._pubsub.subscribe(self.bus)
+        await self._pubsub.subscribe(self.bus, self.takeovers)
         # Called after each reconnect of the bus connection, once it has subscribed again.
         self._pubsub.connection.register_connect_callback(self._bus_connected)
         loop = asyncio.get_running_loop()
@@ -263,6 +266,9 @@ class RedisEngine(Engine):
                 self._spawn(self._check(at_once=True))
             if msg is None:
                 continue
+            if msg.get("channel") == self.takeovers:
+                self._takeover_notice(msg["data"])
+                continue
             try:
                 raw: bytes = msg["data"]
                 off_s, epoch_b, body = raw.split(b":", 2)
@@ -273,6 +279,21 @@ class RedisEngine(Engine):
                                    "companies": tuple(w.companies)})
             except Exception:
                 log.exception("bad publication on the redis bus")
+
+    def _takeover_notice(self, raw: bytes) -> None:
+        try:
+            node, session_id, owner = raw.decode().split(" ", 2)
+        except (UnicodeDecodeError, ValueError):
+            log.warning("bad takeover notice on the redis bus")
+            return
+        if node != self.node_id:
+            try:
+                self.on_takeover(session_id, owner)
+            except Exception:
+                log.exception("handling a takeover notice failed")
+
+    async def announce_takeover(self, session_id: str, owner: str) -> None:
+        await self.redis.publish(self.takeovers, f"{self.node_id} {session_id} {owner}".encode())
 
     def _accept(self, pub: Publication, scope: dict[str, Any]) -> None:
         """Deliver a bus message unless it shows a hole (fill it first) or was delivered already."""
@@ -599,6 +620,22 @@ class RedisEngine(Engine):
         self._stats["sessions_evicted"] += int(evicted)
         self._stats["sessions_expired"] += int(expired)
         return True
+
+    async def save_live_sessions(self, sessions: list[tuple[str, str, bytes]], ttl_s: float) -> None:
+        """Live sessions in one pipeline (one round trip): each key set with its TTL, and taken out of the
+        indexes of kept sessions (a resumed one was in them): live sessions are bounded by the connection
+        limits, not counted or evicted as disconnected ones; the save at close indexes them again."""
+        ttl = max(1, int(ttl_s))
+        async with self.redis.pipeline(transaction=False) as p:
+            for session_id, owner, blob in sessions:
+                key = f"{self.prefix}:session:{session_id}"
+                if len(blob) > self.max_session_bytes:
+                    p.delete(key)  # not kept; counted and logged once, by the save when the connection closes
+                else:
+                    p.set(key, blob, ex=ttl)
+                p.zrem(f"{self.prefix}:sessions", session_id)
+                p.zrem(f"{self.prefix}:sessions:user:{owner}", session_id)
+            await p.execute()
 
     async def load_session(self, session_id: str) -> bytes | None:
         raw = await self.redis.get(f"{self.prefix}:session:{session_id}")

@@ -127,7 +127,7 @@ class Conn:
         "ping_data", "ping_due", "ping_sent_at", "pings_missed", "pool", "principal", "proto", "protocol_version",
         "rate", "reconnections", "reliable", "remote_address", "session_id", "state", "subprotocol", "subs",
         "token_source", "transport", "user_agent", "user_id", "ws", "close_code", "close_reason",
-        "health_recoveries", "resumed",
+        "health_recoveries", "resumed", "session_mark", "session_saved_at", "taken_over",
     )
 
     def __init__(self, conn_id: str, ws: ServerConnection, pool: Any, claims: Claims, principal: Principal,
@@ -180,6 +180,11 @@ class Conn:
         self.close_reason = ""
         self.health_recoveries = 0
         self.resumed = False
+        # The live session as last written to a durable engine (see Lifecycle.flush_sessions): a mark of
+        # its positions (None: never written, or must be written again) and when (monotonic; 0: never).
+        self.session_mark: int | None = None
+        self.session_saved_at = 0.0
+        self.taken_over = False  # another connection resumed this session: it owns the session now
 
     def queue_depth(self) -> int:
         return len(self.outbox) if self.outbox is not None else 0

@@ -325,6 +325,7 @@ class Daemon:
         self.engine.configure(self.config.channels)
         self.hub = Hub(self.config, self.engine, self.sink, limiters=self.limiters())
         self.engine.on_gap = self.hub.on_bus_gap  # a hole in a shared engine's bus that history cannot fill
+        self.engine.on_takeover = self.hub.on_takeover  # another node resumed a session held here
         try:
             await self.engine.start(self.hub.on_remote)
         except Exception as exc:

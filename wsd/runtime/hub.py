@@ -93,6 +93,9 @@ class Hub(Delivery, Lifecycle):
         self.last_fanout: dict[str, float] = {}
         self.heap = HeapTrimmer()
         self._memory_swept = 0.0
+        self._session_flush: asyncio.Task[None] | None = None
+        self._sessions_flushed = 0.0
+        self._sessions_failing = False
         self.configure(config, limiters=limiters)
 
     # -- configuration -------------------------------------------------------------------------------

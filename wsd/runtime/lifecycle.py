@@ -6,6 +6,7 @@ decided here. ``Lifecycle`` is a part of ``Hub`` (hub.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import struct
 import time
@@ -16,6 +17,7 @@ import msgspec
 
 from wsd import errors
 from wsd.core.outbox import Priority
+from wsd.runtime import session as saved
 from wsd.runtime.conn import CONNECTED, DISCONNECTING, Conn
 from wsd.runtime.wsadapter import OPEN, hard_abort, ping, ping_unanswered
 
@@ -38,6 +40,7 @@ class Lifecycle:
     stats: Stats
     engine: Any
     conns: dict[str, Conn]
+    by_user: dict[str, set[Conn]]
     limiters: tuple[Any, ...]
     heap: Any
     high_water: int
@@ -49,6 +52,10 @@ class Lifecycle:
     drain_timeout_s: float
     coalesce_s: float
     last_fanout: dict[str, float]
+    session_ttl: float
+    _session_flush: asyncio.Task[None] | None
+    _sessions_flushed: float
+    _sessions_failing: bool
 
     # -- closing ----------------------------------------------------------------------------------------
     def close(self, conn: Conn, code: int, reason: str) -> None:
@@ -114,6 +121,10 @@ class Lifecycle:
         if now - self._memory_swept >= 1.0:  # at most once a second, however short the heartbeat
             self._memory_swept = now
             self.sweep_memory(now)
+        # Once a second: the sweep's own 1 s sleep may wake a hair early (a coarse loop clock), hence 0.9.
+        if self.engine.durable_sessions and self.session_ttl > 0 and now - self._sessions_flushed >= 0.9:
+            self._sessions_flushed = now
+            self.flush_sessions(now)
         idle_before = now - self.idle_s
         slow_before = now - self.slow_s
         rate = self.health_error_rate
@@ -142,6 +153,100 @@ class Lifecycle:
                 self._resend_due(conn, now)
             if conn.errors >= 5 and conn.errors > rate * conn.msgs_in:
                 self._recover(conn)
+
+    # -- live sessions in a durable engine -------------------------------------------------------------
+    # With an engine whose sessions outlive this process (Redis), a live connection's session is written as
+    # it changes, so a client of a node that dies resumes on another: at once when its subscriptions change
+    # (persist_session), and its positions by this sweep, at most once a second per connection, all dirty
+    # sessions in one batch (one Redis pipeline). Dirtiness is found here by comparing a mark of the positions
+    # (session.mark), not flagged where positions move: the fan-out loop moves them inline for every receiver,
+    # and even a flag there would be per-receiver work on the hot path. An unchanged session is written again
+    # once a third of the session TTL has passed, which keeps it from expiring while the connection lives.
+    def flush_sessions(self, now: float) -> None:
+        """Write every live session whose positions moved (or whose TTL needs refreshing), in one batch."""
+        task = self._session_flush
+        if task is not None and not task.done():
+            return  # the engine is slow: the next sweep writes what changes meanwhile
+        refresh_before = now - self.session_ttl / 3
+        batch: list[tuple[str, str, bytes]] = []
+        written: list[Conn] = []
+        for conn in self.conns.values():
+            if conn.closing or conn.state is not CONNECTED or not conn.session_saved_at:
+                continue  # closing: the handler writes or drops it; not started yet: _start writes it
+            m = saved.mark(conn)
+            if m == conn.session_mark and conn.session_saved_at > refresh_before:
+                continue
+            state = saved.capture(conn)
+            batch.append((conn.session_id, state.owner, saved.encode(state)))
+            conn.session_mark = m
+            conn.session_saved_at = now
+            written.append(conn)
+        if batch:
+            self._session_flush = self.loop.create_task(self._write_sessions(batch, written))
+
+    async def _write_sessions(self, batch: list[tuple[str, str, bytes]], written: list[Conn]) -> None:
+        try:
+            await self.engine.save_live_sessions(batch, self.session_ttl)
+        except Exception as exc:  # noqa: BLE001  # the engine is down: write them again at the next sweep
+            if not self._sessions_failing:  # once per outage, not once a second
+                self._sessions_failing = True
+                log.warning("writing %d live sessions failed (retried every second until it works): %s",
+                            len(batch), exc)
+            for conn in written:
+                conn.session_mark = None
+        else:
+            if self._sessions_failing:
+                self._sessions_failing = False
+                log.info("writing live sessions works again (%d written)", len(batch))
+
+    async def settle_sessions(self) -> None:
+        """Wait for the live-session write in flight, so a write that follows is not overtaken by an older one."""
+        task = self._session_flush
+        if task is not None and not task.done():
+            with contextlib.suppress(Exception):
+                await asyncio.shield(task)
+
+    async def persist_session(self, conn: Conn) -> None:
+        """Write ``conn``'s live session now (its subscriptions changed), with a durable engine."""
+        if not self.engine.durable_sessions or self.session_ttl <= 0 or conn.closing or conn.taken_over:
+            return  # (a session TTL of 0 means no resume at all)
+        await self.settle_sessions()
+        m = saved.mark(conn)
+        state = saved.capture(conn)
+        conn.session_mark = m
+        conn.session_saved_at = self.now()
+        try:
+            await self.engine.save_live_sessions([(conn.session_id, state.owner, saved.encode(state))],
+                                                 self.session_ttl)
+        except Exception as exc:  # noqa: BLE001  # the sweep writes it again
+            if not self._sessions_failing:  # once per outage (the sweep's next success says it is over)
+                self._sessions_failing = True
+                log.warning("writing the session of connection %s failed (retried every second until it "
+                            "works): %s", conn.id, exc)
+            conn.session_mark = None
+
+    def session_holder(self, session_id: str, user_id: str) -> Conn | None:
+        """The live connection of ``user_id`` on this node holding ``session_id``, if any."""
+        for conn in self.by_user.get(user_id, ()):
+            if conn.session_id == session_id and not conn.taken_over:
+                # One closing with 1000 or kicked ends its session: that is not resumed, so not taken over.
+                if conn.closing and conn.close_code in (1000, 4000):
+                    return None
+                return conn
+        return None
+
+    def take_over(self, conn: Conn) -> None:
+        """``conn``'s session was resumed by another connection: close it with 4011; it neither keeps nor
+        ends the session (the other connection owns it now)."""
+        conn.taken_over = True
+        self.close(conn, errors.TAKEN_OVER.code, errors.TAKEN_OVER.reason)
+
+    def on_takeover(self, session_id: str, owner: str) -> None:
+        """Another node resumed ``session_id`` of ``owner`` (tenant/user): end a connection here still holding it."""
+        company, _, user = owner.partition("/")
+        conn = self.session_holder(session_id, user)
+        if conn is not None and conn.company_id == company:
+            self.take_over(conn)
 
     def sweep_memory(self, now: float) -> None:
         """Free what nobody needs any more: expired sessions and unused channel instances (engine),

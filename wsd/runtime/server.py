@@ -7,6 +7,8 @@ also logged and emitted as an event (browsers only ever see 1006 for a refused h
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import logging
 import secrets
@@ -14,7 +16,7 @@ import socket
 import time
 from collections.abc import Callable, Coroutine
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import parse_qs, urlsplit
 
 import msgspec
@@ -48,8 +50,8 @@ _encode = msgspec.json.Encoder().encode
 class Admission:
     """What the handshake established, handed to the connection handler."""
 
-    __slots__ = ("claims", "pool", "principal", "remote", "session", "session_id", "subprotocol", "token_source",
-                 "user_agent")
+    __slots__ = ("claims", "pool", "principal", "remote", "session", "session_id", "since", "subprotocol",
+                 "takeover", "token_source", "user_agent")
 
     def __init__(self, **kw: Any) -> None:
         for k in self.__slots__:
@@ -108,6 +110,33 @@ def _newest_within(chosen: list[tuple[Any, bytes]], max_messages: int, max_bytes
         size += len(p) + 1
         k += 1
     return chosen, False
+
+
+#: The longest ``since`` query parameter taken (characters of base64url): a request line stays well under 8 KiB.
+SINCE_MAX_CHARS = 6144
+_since_decode = msgspec.json.Decoder(dict[str, tuple[Annotated[int, msgspec.Meta(ge=0)], str]]).decode
+
+
+def parse_since(text: str, max_entries: int) -> dict[str, StreamPosition]:
+    """The positions a resuming client has processed: ``since`` is base64url (padding optional) of a JSON
+    object ``{"<channel>": [offset, "epoch"], ...}``. Raises ValueError with a message for the client."""
+    if len(text) > SINCE_MAX_CHARS:
+        raise ValueError(f"since is {len(text)} characters; at most {SINCE_MAX_CHARS}")
+    try:
+        if "+" in text or "/" in text:
+            raise ValueError
+        raw = base64.b64decode(text + "=" * (-len(text) % 4), altchars=b"-_", validate=True)
+    except (ValueError, binascii.Error):
+        raise ValueError("since is not base64url") from None
+    try:
+        got = _since_decode(raw)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ValueError('since must be a JSON object {"<channel>": [offset, "epoch"], ...}: '
+                         + frames.explain(str(exc))) from None
+    if len(got) > max_entries:
+        raise ValueError(f"since names {len(got)} channels; at most {max_entries} "
+                         "(limits.max_subscriptions_per_connection)")
+    return {ch: StreamPosition(off, ep) for ch, (off, ep) in got.items()}
 
 
 # Headers a handshake carries at most once; a duplicate is refused with 400 rather than guessed at.
@@ -291,28 +320,49 @@ class Endpoint:
             return self.refuse(conn, errors.H_RATE_LIMITED, "too many connections per minute for this user",
                                remote, pool.id, retry_after=retry, user_id=user)
         hub = d.hub
-        if hub.user_connections(user) >= d.config.limits.max_connections_per_user:
-            return self.refuse(conn, errors.H_USER_FULL, "too many open connections for this user", remote,
-                               pool.id, retry_after=60, user_id=user)
-        if len(hub.conns) >= d.config.manager.max_connections:
-            return self.refuse(conn, errors.H_MANAGER_FULL, "manager is full", remote, pool.id, user_id=user)
-        if hub.pool_counts.get(pool.id, 0) >= pool.max_connections:
+        want = query.get("session", [""])[0]
+        # A connection of this user and tenant here still holding the session: the client reconnected before the
+        # server saw the old connection drop. It is taken over once the handshake is accepted, so this one
+        # replaces it rather than adds one: the connection limits do not refuse it.
+        holder = hub.session_holder(want, user) if want and hub.session_ttl > 0 else None  # TTL 0: no resume
+        if holder is not None and holder.company_id != claims.company_id:
+            holder = None
+        if holder is None:
+            if hub.user_connections(user) >= d.config.limits.max_connections_per_user:
+                return self.refuse(conn, errors.H_USER_FULL, "too many open connections for this user", remote,
+                                   pool.id, retry_after=60, user_id=user)
+            if len(hub.conns) >= d.config.manager.max_connections:
+                return self.refuse(conn, errors.H_MANAGER_FULL, "manager is full", remote, pool.id, user_id=user)
+        if (holder is None or holder.pool is not pool) and hub.pool_counts.get(pool.id, 0) >= pool.max_connections:
             return self.refuse(conn, errors.H_POOL_FULL, f"pool {pool.id} is full", remote, pool.id, user_id=user)
         session = None
         session_id = None
-        want = query.get("session", [""])[0]
+        takeover = False
+        since_s = query.get("since", [""])[0]
+        since: dict[str, StreamPosition] = {}
+        if since_s:
+            if not want:
+                return self.refuse(conn, errors.H_BAD_REQUEST, "since is only taken with session", remote, pool.id,
+                                   user_id=user)
+            try:
+                since = parse_since(since_s, d.config.limits.max_subscriptions_per_connection)
+            except ValueError as exc:
+                return self.refuse(conn, errors.H_BAD_REQUEST, str(exc), remote, pool.id, user_id=user)
         if want:
-            # Only read here: the session is taken (deleted) by the handler once the handshake is accepted,
-            # so a refusal after this point (by websockets, or a full manager) leaves it to a later resume.
-            blob = await d.engine.load_session(want)
-            state = saved.decode(blob) if blob is not None else None
-            # A session is only ever resumed by the same user and tenant that left it.
-            if state is not None and state.user_id == user and state.company_id == claims.company_id:
-                session, session_id = state, want
+            if holder is not None:
+                takeover, session_id = True, want  # from the old connection's own state
+            else:
+                # Only read here: the session is taken by the handler once the handshake is accepted, so a
+                # refusal after this point (by websockets, or a full manager) leaves it to a later resume.
+                blob = await d.engine.load_session(want)
+                state = saved.decode(blob) if blob is not None else None
+                # A session is only ever resumed by the same user and tenant that left it.
+                if state is not None and state.user_id == user and state.company_id == claims.company_id:
+                    session, session_id = state, want
         is_admin = d.config.auth.admin_role in claims.roles
         principal = Principal(user, claims.company_id, frozenset(claims.roles), pool.id, pool.type, is_admin)
         adm = Admission(claims=claims, pool=pool, principal=principal, remote=remote, session=session,
-                        session_id=session_id or secrets.token_urlsafe(18),
+                        session_id=session_id or secrets.token_urlsafe(18), since=since, takeover=takeover,
                         subprotocol=SUBPROTOCOL if SUBPROTOCOL in offered else "",
                         token_source=source, user_agent=headers.get("User-Agent", ""))
         conn.wsd_admission = adm  # type: ignore[attr-defined]
@@ -352,23 +402,38 @@ class Endpoint:
         # The handshake's request and response (headers, the token in them) are not needed once
         # admitted: letting them go saves ~4 KiB per idle connection and keeps no token in memory.
         forget_handshake(ws)
-        if len(hub.conns) >= d.config.manager.max_connections:
+        if len(hub.conns) >= d.config.manager.max_connections and not adm.takeover:
             await ws.close(errors.TRY_AGAIN.code, errors.TRY_AGAIN.reason)
             return
+        session = adm.session
+        # (also a session resumed from the engine that another connection here resumed meanwhile)
+        if adm.takeover or (session is not None and hub.session_holder(conn.session_id, conn.user_id) is not None):
+            session = await self._take_over(conn)
         hub.register(conn)
         ws.wsd_conn = conn  # type: ignore[attr-defined]
         ws.wsd_hub = hub  # type: ignore[attr-defined]
-        session = adm.session
         if session is not None:
             conn.resumed = True
             conn.reconnections = session.reconnections + 1
         d.emit("connect", connection_id=conn.id, pool=conn.pool.id, user_id=conn.user_id,
                company_id=conn.company_id, remote=conn.remote_address, resumed=conn.resumed)
         try:
-            if session is not None:
+            if session is not None and not d.engine.durable_sessions:
                 # Taken only now that the handshake is accepted: a refused resume leaves it for the next try.
+                # (A durable engine keeps it: it is written again as this connection's live session.)
                 await d.engine.drop_session(conn.session_id)
-            await self._start(conn, session)
+            if session is not None and adm.session is not None and d.engine.shared:
+                # Resumed from the engine: a connection of another node may still hold the session (its client
+                # reconnected elsewhere before that node saw the drop). It ends there with 4011.
+                try:
+                    await d.engine.announce_takeover(conn.session_id, session.owner)
+                except Exception as exc:  # noqa: BLE001  # that connection then ends by itself (missed pongs)
+                    log.warning("announcing the takeover of a session failed: %s", exc)
+            await self._start(conn, session, adm.since or {})
+            # The live session reaches a durable engine at once (subscriptions), then as positions move.
+            await hub.persist_session(conn)
+            if adm.session is not None:
+                conn.session_mark = None  # and again at the next sweep: after any late write of the old holder
             async for message in ws:
                 await self.on_frame(conn, message)
         except ConnectionClosed:
@@ -391,19 +456,50 @@ class Endpoint:
                 code = conn.close_code
             reason = ws.close_reason or conn.close_reason
             hub.stats.closed(code)
-            if code not in (errors.NORMAL.code, errors.KICKED.code):
+            if conn.taken_over:
+                pass  # the connection that took the session over owns it now: neither kept nor dropped here
+            elif code not in (errors.NORMAL.code, errors.KICKED.code):
                 try:
                     state = saved.capture(conn)
+                    await hub.settle_sessions()  # a live-session write in flight must not land after this one
                     await d.engine.save_session(conn.session_id, state.owner, saved.encode(state), hub.session_ttl)
                 except Exception:
                     log.exception("saving session failed")
+            elif d.engine.durable_sessions and (conn.session_saved_at or conn.resumed):
+                try:  # its live session was written: the session ends, as it always has on 1000 or a kick
+                    await hub.settle_sessions()
+                    await d.engine.drop_session(conn.session_id)
+                except Exception:
+                    log.exception("dropping session failed")
             hub.unregister(conn)
             d.emit("disconnect", connection_id=conn.id, pool=conn.pool.id, user_id=conn.user_id, code=code,
                    reason=reason)
 
-    async def _start(self, conn: Conn, session: saved.Session | None) -> None:
+    async def _take_over(self, conn: Conn) -> saved.Session | None:
+        """Resume the session that another connection of this user still holds on this node: that connection
+        is closed with 4011 and its state (subscriptions, positions, unacked messages) moves to ``conn``.
+        Messages it had queued but not written are behind its positions, so the replay sends them again."""
         d = self.daemon
         hub = d.hub
+        old = hub.session_holder(conn.session_id, conn.user_id)
+        if old is not None and old.company_id == conn.company_id:
+            state = saved.capture(old)
+            hub.take_over(old)
+            return state
+        # It closed while this handshake went on: its session was kept (or ended) as any other.
+        await hub.settle_sessions()
+        blob = await d.engine.load_session(conn.session_id)
+        state = saved.decode(blob) if blob is not None else None
+        if state is not None and state.user_id == conn.user_id and state.company_id == conn.company_id:
+            return state
+        conn.session_id = secrets.token_urlsafe(18)
+        return None
+
+    async def _start(self, conn: Conn, session: saved.Session | None,
+                     since: dict[str, StreamPosition] | None = None) -> None:
+        d = self.daemon
+        hub = d.hub
+        since_of = since
         restored: list[saved.SavedSub] = []
         for s in session.subs if session else []:
             # Permission is checked again on resume: the new token may carry fewer roles than the old one.
@@ -459,6 +555,11 @@ class Endpoint:
             sub = hub.add_subscription(conn, s.channel, group, s.mode, types)
             sub.pending = []
             since = StreamPosition(s.offset, s.epoch)
+            told = since_of.get(s.channel) if since_of else None
+            if told is not None and told.epoch:
+                # The client says what it has processed: replay from there, not from what was written to the
+                # old connection (which may have died in the network with messages in flight).
+                since = told
             if sub.mode == HISTORICAL:
                 # History only, no live feed: nothing was missed while away.
                 sub.pending = None
@@ -652,11 +753,12 @@ class Endpoint:
             # No history wanted: still read the channel's position (shared engines keep it outside
             # this process), holding live messages meanwhile so the reply comes first.
             await self._replay(conn, sub, None, 0, reply=(f.id, result))
-            return None
-        since = f.history.since if f.history is not None else None
-        limit = f.history.limit if f.history is not None else None
-        sp = StreamPosition(since.offset, since.epoch) if since is not None else None
-        await self._replay(conn, sub, sp, limit, reply=(f.id, result))
+        else:
+            since = f.history.since if f.history is not None else None
+            limit = f.history.limit if f.history is not None else None
+            sp = StreamPosition(since.offset, since.epoch) if since is not None else None
+            await self._replay(conn, sub, sp, limit, reply=(f.id, result))
+        await hub.persist_session(conn)  # a durable engine has the new subscription at once
         return None
 
     async def op_unsubscribe(self, conn: Conn, f: frames.Unsubscribe) -> None:
@@ -664,7 +766,9 @@ class Endpoint:
         _, inst = resolve(f.channel, conn.principal, d.config.channels)
         if not d.hub.remove_subscription(conn, inst):
             return self.error(conn, f.id, errors.NOT_SUBSCRIBED, f"not subscribed to {inst}")
-        return self.reply(conn, f.id, {"channel": inst})
+        self.reply(conn, f.id, {"channel": inst})
+        await d.hub.persist_session(conn)
+        return None
 
     async def op_history(self, conn: Conn, f: frames.History) -> None:
         d = self.daemon
@@ -808,6 +912,7 @@ class Endpoint:
                                            "message": f"after refresh: {message}"}), Priority.CRITICAL)
         if dropped:
             d.audit("subscriptions_revoked", connection_id=conn.id, user_id=conn.user_id, channels=dropped)
+            await hub.persist_session(conn)
         d.emit("token_refreshed", connection_id=conn.id, user_id=conn.user_id, exp=claims.exp,
                unsubscribed=len(dropped))
         return self.reply(conn, f.id, {"exp": claims.exp})

@@ -81,3 +81,12 @@ def capture(conn: Conn) -> Session:
     return Session(user_id=conn.user_id, company_id=conn.company_id, pool=conn.pool.id, subs=subs,
                    unacked=unacked, next_seq=rs.next_seq if rs is not None else 1,
                    reconnections=conn.reconnections)
+
+
+def mark(conn: Conn) -> int:
+    """A fingerprint of what moves in ``conn``'s session between writes: each subscription's position and the
+    reliable state. Equal marks: nothing to write. Computed by the sweep (once a second per connection), not
+    by the fan-out loop, which moves positions inline for every receiver and must stay free of extra work."""
+    rs = conn.reliable
+    return hash((tuple([(s.channel, s.offset, s.epoch) for s in conn.subs.values()]),
+                 (rs.next_seq, len(rs.unacked)) if rs is not None else None))

@@ -411,7 +411,7 @@ class Endpoint:
             session = await self._take_over(conn)
         hub.register(conn)
         ws.wsd_conn = conn  # type: ignore[attr-defined]
-        ws.wsd_hub = hub  # type: ignore[attr-defined]
+        WsdServerConnection.wsd_hub = hub  # one hub for every connection: a class attribute, no per-connection slot
         if session is not None:
             conn.resumed = True
             conn.reconnections = session.reconnections + 1

@@ -196,7 +196,7 @@ class Endpoint:
                 else "handshakes_in_progress", "limit": limit}, None, overflow=("*", "handshakes_in_progress"))
             transport.abort()
             return
-        conn.wsd_slot = ip
+        conn.wsd_hs.slot = ip
 
     def descriptors_exhausted(self, detail: str, remote: str = "") -> None:
         """Count descriptor exhaustion and log it (the first in full, then one summary per interval)."""
@@ -365,7 +365,7 @@ class Endpoint:
                         session_id=session_id or secrets.token_urlsafe(18), since=since, takeover=takeover,
                         subprotocol=SUBPROTOCOL if SUBPROTOCOL in offered else "",
                         token_source=source, user_agent=headers.get("User-Agent", ""))
-        conn.wsd_admission = adm  # type: ignore[attr-defined]
+        conn.wsd_hs.admission = adm  # type: ignore[attr-defined]
         sndbuf = d.config.manager.socket_send_buffer_bytes
         if sndbuf:
             sock = conn.transport.get_extra_info("socket")
@@ -384,12 +384,13 @@ class Endpoint:
     async def handler(self, ws: ServerConnection) -> None:
         d = self.daemon
         hub = d.hub
-        adm: Admission | None = getattr(ws, "wsd_admission", None)
+        hs = getattr(ws, "wsd_hs", None)
+        adm: Admission | None = hs.admission if hs is not None else None
         if adm is None:
             await ws.close(errors.INTERNAL.code, "no admission")
             return
-        ws.wsd_admission = None  # type: ignore[attr-defined]
-        hub.stats.observe_handshake(time.perf_counter() - ws.wsd_accepted)  # type: ignore[attr-defined]
+        hub.stats.observe_handshake(time.perf_counter() - hs.accepted)
+        ws.wsd_hs = None  # type: ignore[attr-defined]  # (its slot was released when the handshake ended)
         now = d.loop.time()
         conn = Conn(hub.new_id(), ws, adm.pool, adm.claims, adm.principal, adm.session_id, now, time.time())
         conn.remote_address = adm.remote

@@ -116,26 +116,35 @@ def json_reject(status: Any, text: str) -> Response:
 READ_SLICE = 16 * 1024
 
 
+class Handshake:
+    """A connection's state while its handshake runs: its in-progress slot, when it was accepted, and the
+    endpoint's ``Admission`` once the request is admitted (the handler takes it and drops this object)."""
+
+    __slots__ = ("accepted", "admission", "slot")
+
+    def __init__(self, accepted: float) -> None:
+        self.accepted = accepted  # perf_counter at accept: the handshake duration histogram's start
+        self.slot: str | None = None  # the address holding a handshake-in-progress slot, until the handshake ends
+        self.admission: Any = None
+
+
 class WsdServerConnection(ServerConnection):
     """websockets' server connection, telling the hub when its transport fills up and drains."""
 
-    wsd_conn: Conn | None = None
+    wsd_conn: Conn | None = None  # the admitted connection
+    wsd_hs: Handshake | None = None  # what the handshake needs, until the handler takes over
     wsd_hub: Any = None  # class-wide: the one hub (set when the first connection registers)
-    wsd_admission: Any = None  # the endpoint's Admission, until the handler takes it
-    wsd_slot: str | None = None  # the address holding a handshake-in-progress slot, until the handshake ends
     wsd_endpoint: Any = None  # class-wide: set by the daemon's Endpoint
-    wsd_accepted: float = 0.0
 
     def __init__(self, protocol: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(protocol, *args, **kwargs)
-        # Per-connection attributes, set here with the object's others. websockets' connection has 25; CPython
-        # shares one key table between instances' __dict__s only up to 30 keys, and past that every instance
-        # gets a dict of its own (measured: 296 -> 1,584 bytes per connection). So: four here, never more; what
-        # is the same for every connection lives on the class, and the rest on our own Conn (slots).
+        # Two attributes of our own, set here with the object's others. websockets' connection ends up with 27
+        # (25 here, ``recv_messages`` and ``transport`` at connection_made); CPython shares one key table between
+        # instances' __dict__s only up to 30 keys, and past that every instance gets a dict of its own (measured:
+        # 296 -> 1,584 bytes per connection). What is the same for every connection lives on the class, what
+        # only the handshake needs on a short-lived ``Handshake``, and the rest on our own Conn (slots).
         self.wsd_conn = None
-        self.wsd_admission = None
-        self.wsd_slot = None
-        self.wsd_accepted = time.perf_counter()  # the handshake duration histogram's start
+        self.wsd_hs = Handshake(time.perf_counter())
         # websockets refuses malformed or oversized requests itself (400, 414, 426, 431) in plain text:
         # give those the same JSON body as our own refusals.
         protocol.reject = json_reject
@@ -206,9 +215,10 @@ class WsdServerConnection(ServerConnection):
         super().connection_lost(exc)
 
     def _release_slot(self) -> None:
-        ip = self.wsd_slot
+        hs = self.wsd_hs
+        ip = hs.slot if hs is not None else None
         if ip is not None:
-            self.wsd_slot = None
+            hs.slot = None
             ep = WsdServerConnection.wsd_endpoint
             if ep is not None:
                 ep.inflight.leave(ip)

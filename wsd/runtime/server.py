@@ -16,7 +16,7 @@ import socket
 import time
 from collections.abc import Callable, Coroutine
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 import msgspec
@@ -114,7 +114,8 @@ def _newest_within(chosen: list[tuple[Any, bytes]], max_messages: int, max_bytes
 
 #: The longest ``since`` query parameter taken (characters of base64url): a request line stays well under 8 KiB.
 SINCE_MAX_CHARS = 6144
-_since_decode = msgspec.json.Decoder(dict[str, tuple[Annotated[int, msgspec.Meta(ge=0)], str]]).decode
+# Offsets are bounded as in a frame's `history.since` (a larger one no engine can address).
+_since_decode = msgspec.json.Decoder(dict[str, tuple[frames.Offset, str]]).decode
 
 
 def parse_since(text: str, max_entries: int) -> dict[str, StreamPosition]:

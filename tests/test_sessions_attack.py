@@ -5,12 +5,17 @@ Real daemons, real clients.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import secrets
+from typing import Any
 
 import pytest
+from websockets.exceptions import ConnectionClosed
 
-from tests.harness import handshake, make_token
-from tests.test_sessions_durable import CH, since_param
+from tests.harness import closed_with, handshake, make_token, wait_for, welcome
+from tests.test_redis_engine import engine_toml, redis_url  # noqa: F401  # the redis_url fixture
+from tests.test_sessions_durable import CH, gone, since_param, stored_session, subscribe
 
 
 @pytest.mark.parametrize("offset", [2**53, 2**63, 2**70])
@@ -23,3 +28,51 @@ def test_a_since_offset_beyond_what_a_frame_takes_is_refused_with_400(wsd, offse
     assert status == 400, (status, body)
     reply = json.loads(body)
     assert reply["error"] == "bad_request" and "since" in reply["message"] and "<=" in reply["message"]
+
+
+async def _resume(node: Any, token: str, sid: str) -> tuple[Any, dict[str, Any] | None]:
+    """A resume, and its welcome (None: taken over before it was sent)."""
+    ws = await node.connect(token=token, query={"session": sid}).__aenter__()
+    try:
+        return ws, await welcome(ws)
+    except ConnectionClosed:
+        assert ws.close_code == 4011
+        return ws, None
+
+
+async def test_two_resumes_at_once_keep_the_subscriptions(wsd_factory, redis_url):  # noqa: F811
+    """Two reconnects of the same session at the same moment (a client retrying, or two tabs): one takes the
+    session over from the other, which may still be restoring it. The one that wins has every subscription,
+    and so has the session stored in Redis."""
+    prefix = "t" + secrets.token_hex(3)
+    node = wsd_factory(engine_toml(redis_url, prefix))
+    token = make_token("alice", "acme")
+    async with node.connect(token=token) as ws:
+        w1 = await welcome(ws)
+        sid = w1["session_id"]
+        await subscribe(ws)
+        ws.transport.abort()
+    await gone(node, w1["connection_id"])
+    for _ in range(4):
+        (a, wa), (b, wb) = await asyncio.gather(_resume(node, token, sid), _resume(node, token, sid))
+        try:
+            # The later one took the session over: the earlier one is closed with 4011.
+            done, _ = await asyncio.wait([asyncio.ensure_future(a.wait_closed()),
+                                          asyncio.ensure_future(b.wait_closed())],
+                                         timeout=5, return_when=asyncio.FIRST_COMPLETED)
+            assert done, "neither connection was taken over"
+            loser, winner = (a, wb) if a.close_code is not None else (b, wa)
+            assert (await closed_with(loser))[0] == 4011
+            assert winner is not None and winner["resumed"], winner
+            assert CH in winner["subscriptions"], winner
+
+            async def restored(cid: str = winner["connection_id"]) -> bool:
+                info = await node.ctl("connections.get", id=cid)
+                return CH in [s["channel"] for s in info["subscriptions"]]
+            await wait_for(restored)
+        finally:
+            a.transport.abort()
+            b.transport.abort()
+        await gone(node, winner["connection_id"])
+    s = stored_session(redis_url, prefix, sid)
+    assert s is not None and CH in [x["channel"] for x in s["subs"]], s

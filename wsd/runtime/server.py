@@ -416,6 +416,7 @@ class Endpoint:
         if session is not None:
             conn.resumed = True
             conn.reconnections = session.reconnections + 1
+            conn.restoring = session  # until _start has it all back (a takeover meanwhile takes the rest from it)
         d.emit("connect", connection_id=conn.id, pool=conn.pool.id, user_id=conn.user_id,
                company_id=conn.company_id, remote=conn.remote_address, resumed=conn.resumed)
         try:
@@ -431,6 +432,7 @@ class Endpoint:
                 except Exception as exc:  # noqa: BLE001  # that connection then ends by itself (missed pongs)
                     log.warning("announcing the takeover of a session failed: %s", exc)
             await self._start(conn, session, adm.since or {})
+            conn.restoring = None
             # The live session reaches a durable engine at once (subscriptions), then as positions move.
             await hub.persist_session(conn)
             if adm.session is not None:
@@ -462,6 +464,8 @@ class Endpoint:
             elif code not in (errors.NORMAL.code, errors.KICKED.code):
                 try:
                     state = saved.capture(conn)
+                    if conn.restoring is not None:  # it went while restoring: what it had not yet is kept too
+                        state = saved.merge(state, conn.restoring)
                     await hub.settle_sessions()  # a live-session write in flight must not land after this one
                     await d.engine.save_session(conn.session_id, state.owner, saved.encode(state), hub.session_ttl)
                 except Exception:
@@ -485,6 +489,8 @@ class Endpoint:
         old = hub.session_holder(conn.session_id, conn.user_id)
         if old is not None and old.company_id == conn.company_id:
             state = saved.capture(old)
+            if old.restoring is not None:  # it is still restoring the session: what it has not yet is taken too
+                state = saved.merge(state, old.restoring)
             hub.take_over(old)
             return state
         # It closed while this handshake went on: its session was kept (or ended) as any other.

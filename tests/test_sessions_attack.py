@@ -14,6 +14,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 
 from tests.harness import closed_with, handshake, make_token, wait_for, welcome
+from tests.rawws import OP_CLOSE, OP_TEXT, RawWs, close_code
 from tests.test_redis_engine import engine_toml, redis_url  # noqa: F401  # the redis_url fixture
 from tests.test_sessions_durable import CH, gone, since_param, stored_session, subscribe
 
@@ -76,3 +77,34 @@ async def test_two_resumes_at_once_keep_the_subscriptions(wsd_factory, redis_url
         await gone(node, winner["connection_id"])
     s = stored_session(redis_url, prefix, sid)
     assert s is not None and CH in [x["channel"] for x in s["subs"]], s
+
+
+async def test_a_kicked_client_that_holds_back_the_close_cannot_resume_its_session(wsd_factory, redis_url):  # noqa: F811
+    """A kick ends the session. A client that does not answer the close frame keeps its connection closing
+    for the drain timeout; resuming meanwhile (on this node or another) must not bring the session back."""
+    prefix = "t" + secrets.token_hex(3)
+    a = wsd_factory(engine_toml(redis_url, prefix))
+    b = wsd_factory(engine_toml(redis_url, prefix))
+    token = make_token("alice", "acme")
+    raw = await RawWs.open(a.port, f"/ws/frontend?token={token}")
+    try:
+        w1 = await raw.read_json()
+        sid = w1["session_id"]
+        await raw.send_frame(OP_TEXT, json.dumps({"op": "subscribe", "id": 1, "channel": "trading-signals"}).encode())
+
+        async def stored() -> bool:
+            s = stored_session(redis_url, prefix, sid)
+            return s is not None and CH in [x["channel"] for x in s["subs"]]
+        await wait_for(stored)
+        await a.ctl("kick", ids=[w1["connection_id"]], reason="bye")
+        while True:  # the close frame arrives; it is not answered
+            op, payload = await raw.read_frame()
+            if op == OP_CLOSE:
+                assert close_code(payload) == 4000
+                break
+        for node in (a, b):
+            async with node.connect(token=token, query={"session": sid}) as ws:
+                w = await welcome(ws)
+                assert w["resumed"] is False and w["session_id"] != sid and CH not in w["subscriptions"], w
+    finally:
+        raw.close()

@@ -352,6 +352,8 @@ class Endpoint:
         if want:
             if holder is not None:
                 takeover, session_id = True, want  # from the old connection's own state
+            elif hub.session_ending(want, user, claims.company_id):
+                pass  # closing with 1000 or kicked: the session is over (a new one is started)
             else:
                 # Only read here: the session is taken by the handler once the handshake is accepted, so a
                 # refusal after this point (by websockets, or a full manager) leaves it to a later resume.

@@ -108,3 +108,34 @@ async def test_a_kicked_client_that_holds_back_the_close_cannot_resume_its_sessi
                 assert w["resumed"] is False and w["session_id"] != sid and CH not in w["subscriptions"], w
     finally:
         raw.close()
+
+
+async def test_a_takeover_storm_leaves_one_connection_and_one_subscription(wsd_factory, redis_url):  # noqa: F811
+    """Clients resuming the same session over and over, several at once: each takeover replaces a connection,
+    so in the end one connection holds the session, with one subscription to each of its channels."""
+    from tests.harness import BASE_CONFIG
+
+    prefix = "t" + secrets.token_hex(3)
+    node = wsd_factory(engine_toml(redis_url, prefix),
+                       base=BASE_CONFIG.replace("max_connections_per_user = 1000", "max_connections_per_user = 2"))
+    token = make_token("alice", "acme")
+    first = await node.connect(token=token).__aenter__()
+    w1 = await welcome(first)
+    sid = w1["session_id"]
+    await subscribe(first)
+    held = [first]
+    try:
+        for _ in range(6):
+            got = await asyncio.gather(*[_resume(node, token, sid) for _ in range(3)])
+            held += [ws for ws, _ in got]
+
+        async def settled() -> bool:
+            conns = await node.ctl("connections.list", user="alice")
+            presence = await node.ctl("presence.get", channel=CH)
+            return conns["total"] == 1 and presence["connections"] == 1
+        await wait_for(settled)
+        open_ = [ws for ws in held if ws.close_code is None]
+        assert len(open_) == 1
+    finally:
+        for ws in held:
+            ws.transport.abort()

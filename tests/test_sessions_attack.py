@@ -139,3 +139,17 @@ async def test_a_takeover_storm_leaves_one_connection_and_one_subscription(wsd_f
     finally:
         for ws in held:
             ws.transport.abort()
+
+
+async def test_the_same_user_id_in_another_company_does_not_share_the_connection_limit(wsd_factory):
+    """User ids are per tenant: bob of acme holding his connections does not refuse (nor reveal to) bob of globex."""
+    from tests.harness import BASE_CONFIG
+
+    node = wsd_factory(base=BASE_CONFIG.replace("max_connections_per_user = 1000", "max_connections_per_user = 1"))
+    async with node.connect(token=make_token("bob", "acme")) as ws:
+        await welcome(ws)
+        status, _, body = handshake(node.port, f"/ws/frontend?token={make_token('bob', 'acme')}")
+        assert status == 429 or status == 503, (status, body)  # acme's bob is at his limit
+        async with node.connect(token=make_token("bob", "globex")) as other:
+            w = await welcome(other)
+            assert w["company_id"] == "globex"

@@ -316,7 +316,7 @@ class Endpoint:
         if pool.roles and not pool.roles.intersection(claims.roles):
             return self.refuse(conn, errors.H_ROLE_FORBIDDEN, f"pool {pool.id} needs one of the roles "
                                f"{sorted(pool.roles)}", remote, pool.id, user_id=user)
-        ok, retry = d.user_limiter.try_take(user, now)
+        ok, retry = d.user_limiter.try_take(f"{claims.company_id}/{user}", now)  # user ids are per tenant
         if not ok:
             return self.refuse(conn, errors.H_RATE_LIMITED, "too many connections per minute for this user",
                                remote, pool.id, retry_after=retry, user_id=user)
@@ -329,7 +329,7 @@ class Endpoint:
         if holder is not None and holder.company_id != claims.company_id:
             holder = None
         if holder is None:
-            if hub.user_connections(user) >= d.config.limits.max_connections_per_user:
+            if hub.user_connections(user, claims.company_id) >= d.config.limits.max_connections_per_user:
                 return self.refuse(conn, errors.H_USER_FULL, "too many open connections for this user", remote,
                                    pool.id, retry_after=60, user_id=user)
             if len(hub.conns) >= d.config.manager.max_connections:

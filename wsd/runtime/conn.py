@@ -127,7 +127,7 @@ class Conn:
         "ping_data", "ping_due", "ping_sent_at", "pings_missed", "pool", "principal", "proto", "protocol_version",
         "rate", "reconnections", "reliable", "remote_address", "session_id", "state", "subprotocol", "subs",
         "token_source", "transport", "user_agent", "user_id", "ws", "close_code", "close_reason",
-        "health_recoveries", "resumed", "session_mark", "session_saved_at", "taken_over", "unread",
+        "health_recoveries", "restoring", "resumed", "session_mark", "session_saved_at", "taken_over", "unread",
     )
 
     def __init__(self, conn_id: str, ws: ServerConnection, pool: Any, claims: Claims, principal: Principal,
@@ -186,6 +186,9 @@ class Conn:
         self.session_saved_at = 0.0
         self.taken_over = False  # another connection resumed this session: it owns the session now
         self.unread = b""  # received bytes not yet handed to websockets' parser (WsdServerConnection.data_received)
+        # The session this connection resumes, until its subscriptions and reliable state are all back: a
+        # takeover meanwhile moves what is restored so far and, from this, what is not yet.
+        self.restoring: Any = None
 
     def queue_depth(self) -> int:
         return len(self.outbox) if self.outbox is not None else 0

@@ -174,9 +174,12 @@ class Hub(Delivery, Lifecycle):
             self.events.audit("undelivered_on_close", connection_id=conn.id, user_id=conn.user_id,
                               count=lost, code=conn.close_code)
 
-    def user_connections(self, user_id: str) -> int:
+    def user_connections(self, user_id: str, company_id: str | None = None) -> int:
+        """Open connections of ``user_id`` (of ``company_id`` only, when given: user ids are per tenant)."""
         s = self.by_user.get(user_id)
-        return len(s) if s else 0
+        if not s:
+            return 0
+        return len(s) if company_id is None else sum(1 for c in s if c.company_id == company_id)
 
     # -- subscriptions ------------------------------------------------------------------------------
     def add_subscription(self, conn: Conn, channel: str, group: str, mode: str, types: frozenset[str] | None

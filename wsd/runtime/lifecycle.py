@@ -235,6 +235,12 @@ class Lifecycle:
                 return conn
         return None
 
+    def session_ending(self, session_id: str, user_id: str, company_id: str) -> bool:
+        """A connection here holding ``session_id`` is closing with 1000 or kicked: its session ends, so it is
+        not resumed (even while the close handshake goes on and the engine still has it)."""
+        return any(c.session_id == session_id and c.company_id == company_id and not c.taken_over
+                   and c.closing and c.close_code in (1000, 4000) for c in self.by_user.get(user_id, ()))
+
     def take_over(self, conn: Conn) -> None:
         """``conn``'s session was resumed by another connection: close it with 4011; it neither keeps nor
         ends the session (the other connection owns it now)."""
@@ -345,6 +351,17 @@ class Lifecycle:
                              reason=reason)
             self.events.audit("kick", connection_id=conn.id, user_id=conn.user_id, reason=reason)
             self.close(conn, errors.KICKED.code, reason or errors.KICKED.reason)
+            if self.engine.durable_sessions and self.session_ttl > 0 and not conn.taken_over:
+                # A kick ends the session now, not when the close handshake is over: a client that holds back
+                # its answer must not resume the live session meanwhile (here, or on another node).
+                self.loop.create_task(self._end_session(conn.session_id))
             n += 1
         return n
+
+    async def _end_session(self, session_id: str) -> None:
+        try:
+            await self.settle_sessions()
+            await self.engine.drop_session(session_id)
+        except Exception as exc:  # noqa: BLE001  # the handler drops it again once the connection is gone
+            log.warning("ending the session of a kicked connection failed: %s", exc)
 

@@ -16,7 +16,7 @@ import socket
 import time
 from collections.abc import Callable, Coroutine
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 import msgspec
@@ -114,7 +114,8 @@ def _newest_within(chosen: list[tuple[Any, bytes]], max_messages: int, max_bytes
 
 #: The longest ``since`` query parameter taken (characters of base64url): a request line stays well under 8 KiB.
 SINCE_MAX_CHARS = 6144
-_since_decode = msgspec.json.Decoder(dict[str, tuple[Annotated[int, msgspec.Meta(ge=0)], str]]).decode
+# Offsets are bounded as in a frame's `history.since` (a larger one no engine can address).
+_since_decode = msgspec.json.Decoder(dict[str, tuple[frames.Offset, str]]).decode
 
 
 def parse_since(text: str, max_entries: int) -> dict[str, StreamPosition]:
@@ -315,7 +316,7 @@ class Endpoint:
         if pool.roles and not pool.roles.intersection(claims.roles):
             return self.refuse(conn, errors.H_ROLE_FORBIDDEN, f"pool {pool.id} needs one of the roles "
                                f"{sorted(pool.roles)}", remote, pool.id, user_id=user)
-        ok, retry = d.user_limiter.try_take(user, now)
+        ok, retry = d.user_limiter.try_take(f"{claims.company_id}/{user}", now)  # user ids are per tenant
         if not ok:
             return self.refuse(conn, errors.H_RATE_LIMITED, "too many connections per minute for this user",
                                remote, pool.id, retry_after=retry, user_id=user)
@@ -328,7 +329,7 @@ class Endpoint:
         if holder is not None and holder.company_id != claims.company_id:
             holder = None
         if holder is None:
-            if hub.user_connections(user) >= d.config.limits.max_connections_per_user:
+            if hub.user_connections(user, claims.company_id) >= d.config.limits.max_connections_per_user:
                 return self.refuse(conn, errors.H_USER_FULL, "too many open connections for this user", remote,
                                    pool.id, retry_after=60, user_id=user)
             if len(hub.conns) >= d.config.manager.max_connections:
@@ -351,6 +352,8 @@ class Endpoint:
         if want:
             if holder is not None:
                 takeover, session_id = True, want  # from the old connection's own state
+            elif hub.session_ending(want, user, claims.company_id):
+                pass  # closing with 1000 or kicked: the session is over (a new one is started)
             else:
                 # Only read here: the session is taken by the handler once the handshake is accepted, so a
                 # refusal after this point (by websockets, or a full manager) leaves it to a later resume.
@@ -416,6 +419,7 @@ class Endpoint:
         if session is not None:
             conn.resumed = True
             conn.reconnections = session.reconnections + 1
+            conn.restoring = session  # until _start has it all back (a takeover meanwhile takes the rest from it)
         d.emit("connect", connection_id=conn.id, pool=conn.pool.id, user_id=conn.user_id,
                company_id=conn.company_id, remote=conn.remote_address, resumed=conn.resumed)
         try:
@@ -431,6 +435,7 @@ class Endpoint:
                 except Exception as exc:  # noqa: BLE001  # that connection then ends by itself (missed pongs)
                     log.warning("announcing the takeover of a session failed: %s", exc)
             await self._start(conn, session, adm.since or {})
+            conn.restoring = None
             # The live session reaches a durable engine at once (subscriptions), then as positions move.
             await hub.persist_session(conn)
             if adm.session is not None:
@@ -462,6 +467,8 @@ class Endpoint:
             elif code not in (errors.NORMAL.code, errors.KICKED.code):
                 try:
                     state = saved.capture(conn)
+                    if conn.restoring is not None:  # it went while restoring: what it had not yet is kept too
+                        state = saved.merge(state, conn.restoring)
                     await hub.settle_sessions()  # a live-session write in flight must not land after this one
                     await d.engine.save_session(conn.session_id, state.owner, saved.encode(state), hub.session_ttl)
                 except Exception:
@@ -485,6 +492,8 @@ class Endpoint:
         old = hub.session_holder(conn.session_id, conn.user_id)
         if old is not None and old.company_id == conn.company_id:
             state = saved.capture(old)
+            if old.restoring is not None:  # it is still restoring the session: what it has not yet is taken too
+                state = saved.merge(state, old.restoring)
             hub.take_over(old)
             return state
         # It closed while this handshake went on: its session was kept (or ended) as any other.

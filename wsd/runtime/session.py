@@ -83,6 +83,16 @@ def capture(conn: Conn) -> Session:
                    reconnections=conn.reconnections)
 
 
+def merge(live: Session, base: Session) -> Session:
+    """``live`` (captured from a connection still restoring ``base``) completed with what it has not restored
+    yet: the subscriptions of ``base`` it does not hold, and the reliable state of ``base`` if it has none yet."""
+    have = {s.channel for s in live.subs}
+    subs = live.subs + [s for s in base.subs if s.channel not in have]
+    if live.next_seq < base.next_seq:  # its reliable state is not back yet
+        return msgspec.structs.replace(live, subs=subs, unacked=base.unacked, next_seq=base.next_seq)
+    return msgspec.structs.replace(live, subs=subs)
+
+
 def mark(conn: Conn) -> int:
     """A fingerprint of what moves in ``conn``'s session between writes: each subscription's position and the
     reliable state. Equal marks: nothing to write. Computed by the sweep (once a second per connection), not

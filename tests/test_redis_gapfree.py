@@ -400,3 +400,79 @@ async def test_a_late_message_of_a_lost_epoch_is_dropped_once(redis_server):
         assert eng.bus_stats["fills"] == 1 and eng.bus_stats["gaps"] == 0
     finally:
         await eng.stop()
+
+
+def lose_the_last_two(redis_server: RedisServer, prefix: str) -> None:
+    """Redis comes back with older data in the same epoch (appendfsync everysec after a crash, an RDB snapshot, an
+    asynchronous replica promoted): offsets 4 and 5 are forgotten, so Redis would hand them out again."""
+    r = redis_server.client()
+    r.hset(f"{prefix}:ch:{{{CHANNEL}}}:meta", "offset", 3)
+    r.ltrim(f"{prefix}:ch:{{{CHANNEL}}}:hist", 0, 2)
+
+
+def publish_as_a_fresh_node(redis_server: RedisServer, prefix: str, i: int) -> tuple[int, str]:
+    """Publish exactly as a node that never saw the channel does (the script without a known position)."""
+    from wsd.engine.redis import _PUBLISH, _encode, _Wire
+
+    body = _encode(_Wire(secrets.token_hex(8), CHANNEL, "trading-signals", "sig", 2, {"i": i}, time.time(), None,
+                         "test", "", "acme"))
+    off, epoch = redis_server.client().eval(
+        _PUBLISH, 3, f"{prefix}:ch:{{{CHANNEL}}}:meta", f"{prefix}:ch:{{{CHANNEL}}}:hist", f"{prefix}:bus",
+        secrets.token_hex(4), body, 100, 0, repr(time.time()), body)
+    return int(off), epoch.decode()
+
+
+@pytest.mark.parametrize("publisher", ["node", "fresh"])
+async def test_offsets_redis_hands_out_again_start_a_new_epoch_and_a_gap(wsd_factory, redis_server, publisher):
+    """Redis forgets the last offsets of an epoch and hands them out again: the publications that follow carry a
+    new epoch, and the subscriber gets a ``Gap`` naming the hole and every later message, never a silent drop.
+    Whether the publishing node knows the channel (it passes what it saw to the publish script) or not (the
+    subscriber's node sees the bus go back, or its position check sees Redis behind, and starts the epoch)."""
+    from wsd.client import Client, Gap, Message
+
+    a, b, prefix = two_nodes(wsd_factory, redis_server)
+    client = Client([a.url()], token=make_token("alice", "acme"))
+    async with client:
+        sub = await client.subscribe("trading-signals")
+        items = aiter(sub)
+        first = [await b.ctl("publish", channel=CHANNEL, type="sig", data={"i": i}) for i in range(5)]
+        epoch = first[0]["epoch"]
+        got = [await asyncio.wait_for(anext(items), 5) for _ in range(5)]
+        assert [(m.offset, m.data["i"]) for m in got] == [(n, n - 1) for n in range(1, 6)]
+        lose_the_last_two(redis_server, prefix)
+        after = []
+        for i in range(5, 8):
+            if publisher == "node":
+                res = await b.ctl("publish", channel=CHANNEL, type="sig", data={"i": i})
+                after.append((res["offset"], res["epoch"]))
+            else:
+                after.append(publish_as_a_fresh_node(redis_server, prefix, i))
+        items_after: list[Any] = []
+        while True:  # until the last publication is delivered or nothing more comes
+            try:
+                item = await asyncio.wait_for(anext(items), 5)
+            except TimeoutError:
+                break
+            items_after.append(item)
+            if isinstance(item, Message) and item.data == {"i": 7} and item.epoch != epoch:
+                break
+        gaps = [x for x in items_after if isinstance(x, Gap)]
+        msgs = [x for x in items_after if isinstance(x, Message)]
+        assert gaps, f"offsets handed out again were dropped without a Gap: {items_after}"
+        gap_at = items_after.index(gaps[0])
+        assert gaps[0].last is not None and (gaps[0].last.offset, gaps[0].last.epoch) == (5, epoch)
+        assert all(m.epoch != epoch for m in msgs), "a message of the stale epoch was delivered after offset 5"
+        assert all(items_after.index(m) > gap_at for m in msgs)
+        if publisher == "node":
+            # the publishing node saw offset 5: the first publication already starts the new epoch
+            assert all(e != epoch for _, e in after), after
+            assert [m.data["i"] for m in msgs] == [5, 6, 7]
+            assert [o for o, _ in after] == [1, 2, 3]
+        # whatever was handed out again, the channel has moved to a new epoch: what follows carries it
+        later = await b.ctl("publish", channel=CHANNEL, type="sig", data={"i": 8})
+        assert later["epoch"] != epoch
+        nxt = await asyncio.wait_for(anext(items), 5)
+        while isinstance(nxt, Gap):
+            nxt = await asyncio.wait_for(anext(items), 5)
+        assert isinstance(nxt, Message) and nxt.data == {"i": 8} and nxt.epoch == later["epoch"]
+        assert client.duplicates_dropped == 0

@@ -7,6 +7,10 @@
 - Each channel has an epoch kept next to its offset; if Redis loses the channel's keys (a restart
   without persistence, an eviction) a new epoch is chosen and resuming clients are told
   ``recovered: false`` instead of getting a silent gap.
+- An offset is never used twice in an epoch: when Redis comes back with older data (the last writes lost) and
+  hands out an offset a node has already seen, a new epoch starts (the publish script, given what the node saw;
+  or the subscriber's node, seeing the bus go back or Redis behind it) and the subscribers are told
+  ``recovered: false``.
 - Sessions are plain keys with a TTL, so a client can resume on any node.
 - The bus (pub/sub) is fire-and-forget, so each node checks that it missed nothing of the channels it has
   subscribers for: the offsets on the bus must follow each other, every channel's position is read again
@@ -56,6 +60,16 @@ local off = 0
 local size = tonumber(ARGV[3])
 if size > 0 then
   off = redis.call('HINCRBY', meta, 'offset', 1)
+  for i = 7, #ARGV - 1, 2 do
+    if epoch == ARGV[i] and off <= tonumber(ARGV[i + 1]) then
+      -- Redis handed out again an offset already used in this epoch (it came back with older data): a new epoch
+      epoch = ARGV[1]
+      off = 1
+      redis.call('HSET', meta, 'epoch', epoch, 'offset', off)
+      redis.call('DEL', hist)
+      break
+    end
+  end
   redis.call('RPUSH', hist, off .. ':' .. ARGV[5] .. ':' .. ARGV[2])
   redis.call('LTRIM', hist, -size, -1)
   local ttl = tonumber(ARGV[4])
@@ -66,6 +80,18 @@ if size > 0 then
 end
 redis.call('PUBLISH', KEYS[3], off .. ':' .. epoch .. ':' .. ARGV[6])
 return {off, epoch}
+"""
+
+# Start a new epoch if the channel's epoch is still ARGV[1] (one whose offsets Redis hands out again): offset 0,
+# history dropped. KEYS: meta, hist. ARGV: stale epoch, new epoch. Returns the channel's epoch.
+_RENEW = """
+local e = redis.call('HGET', KEYS[1], 'epoch')
+if e and e == ARGV[1] then
+  redis.call('HSET', KEYS[1], 'epoch', ARGV[2], 'offset', 0)
+  redis.call('DEL', KEYS[2])
+  return ARGV[2]
+end
+return e
 """
 
 # Read what follows a position: the entries after offset ARGV[1] when ARGV[2] is the channel's epoch (the list
@@ -197,6 +223,7 @@ class RedisEngine(Engine):
         self._on_remote: Callable[..., None] | None = None
         self._save_session = self.redis.register_script(_SAVE_SESSION)
         self._read_since = self.redis.register_script(_READ_SINCE)
+        self._renew = self.redis.register_script(_RENEW)
         # Positions of channel instances this node published to (position(), channels()): bounded by
         # max_channels (least recently published first) and forgotten once their history would have expired.
         self._known: dict[str, dict[str, Any]] = {}
@@ -209,6 +236,9 @@ class RedisEngine(Engine):
         self._last: dict[str, list[Any]] = {}
         self._filling: dict[str, list[tuple[Publication, dict[str, Any]]]] = {}
         self._checked: dict[str, tuple[int, str]] = {}
+        # The last (offset, epoch) the bus brought per channel in _last: the bus keeps each channel's order, so a
+        # message at or below it in the same epoch is an offset Redis handed out again (it lost data).
+        self._bus_top: dict[str, tuple[int, str]] = {}
         self._bus_reconnected = False
         self._watcher: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -275,8 +305,13 @@ class RedisEngine(Engine):
                 w = _decode(body)
                 pub = _to_pub(w, int(off_s), epoch_b.decode(), loop.time())
                 self.received += 1
+                reused = False
+                if pub.offset and pub.channel in self._last:
+                    top = self._bus_top.get(pub.channel)
+                    reused = top is not None and top[1] == pub.epoch and pub.offset <= top[0]
+                    self._bus_top[pub.channel] = (pub.offset, pub.epoch)
                 self._accept(pub, {"broadcast": w.broadcast, "pools": tuple(w.pools),
-                                   "companies": tuple(w.companies)})
+                                   "companies": tuple(w.companies)}, reused)
             except Exception:
                 log.exception("bad publication on the redis bus")
 
@@ -295,23 +330,27 @@ class RedisEngine(Engine):
     async def announce_takeover(self, session_id: str, owner: str) -> None:
         await self.redis.publish(self.takeovers, f"{self.node_id} {session_id} {owner}".encode())
 
-    def _accept(self, pub: Publication, scope: dict[str, Any]) -> None:
-        """Deliver a bus message unless it shows a hole (fill it first) or was delivered already."""
+    def _accept(self, pub: Publication, scope: dict[str, Any], reused: bool = False) -> None:
+        """Deliver a bus message unless it shows a hole (fill it first), an offset handed out again (start a new
+        epoch, report the loss) or was delivered already."""
         off = pub.offset
         if off:
             ch = pub.channel
             held = self._filling.get(ch)
             if held is not None:
-                held.append((pub, scope))  # a fill is running: it goes after what the fill delivers
+                held.append((pub, scope, reused))  # a fill is running: it goes after what the fill delivers
                 return
             last = self._last.get(ch)
             if last is not None:
+                if reused and pub.epoch == last[1]:
+                    self._start_fill(ch, [], stale=pub.epoch)
+                    return
                 if off == last[0] + 1 and pub.epoch == last[1]:
                     last[0] = off
                 elif off <= last[0] and pub.epoch == last[1]:
                     return  # delivered already (by a fill)
                 else:
-                    self._start_fill(ch, [(pub, scope)])
+                    self._start_fill(ch, [(pub, scope, False)])
                     return
             elif self.in_use(ch):
                 self._last[ch] = [off, pub.epoch]
@@ -329,18 +368,26 @@ class RedisEngine(Engine):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _start_fill(self, channel: str, held: list[tuple[Publication, dict[str, Any]]]) -> None:
+    def _start_fill(self, channel: str, held: list[tuple[Publication, dict[str, Any], bool]],
+                    stale: str = "") -> None:
         self._filling[channel] = held
         self.bus_stats["fills"] += 1
-        self._spawn(self._fill(channel))
+        self._spawn(self._fill(channel, stale))
 
-    async def _fill(self, channel: str) -> None:
-        """Deliver what this node missed of ``channel`` from history, then the bus messages held meanwhile."""
+    async def _fill(self, channel: str, stale: str = "") -> None:
+        """Deliver what this node missed of ``channel`` from history, then the bus messages held meanwhile.
+        With ``stale`` (an epoch whose offsets Redis hands out again) a new epoch is started first and the loss
+        reported."""
         last = self._last[channel]
         since = StreamPosition(last[0], last[1])
         got = None
+        renewed = not stale
         for attempt in range(3):
             try:
+                if not renewed:
+                    await asyncio.wait_for(self._renew(keys=[self._meta(channel), self._hist(channel)],
+                                                       args=[stale, secrets.token_hex(4)]), OP_TIMEOUT_S)
+                    renewed = True
                 got = await asyncio.wait_for(self._read(channel, since=since), OP_TIMEOUT_S)
                 break
             except asyncio.CancelledError:
@@ -365,9 +412,11 @@ class RedisEngine(Engine):
             entries, top, epoch = got
             current = epoch
             loop_now = asyncio.get_running_loop().time()
-            if epoch == since.epoch:
+            if epoch == since.epoch and not stale:
                 missing = [e for e in entries if e[0] > since.offset]
                 recovered = top <= since.offset or (bool(missing) and missing[0][0] == since.offset + 1)
+            elif epoch == since.epoch:
+                missing, recovered = [], False  # no new epoch could be started: the loss is still reported
             else:
                 missing, recovered = entries, False
             if not recovered:
@@ -386,10 +435,10 @@ class RedisEngine(Engine):
         finally:
             # What the bus brought meanwhile follows, checked again (a later hole starts another fill).
             held = self._filling.pop(channel, [])
-            for pub, scope in held:
+            for pub, scope, reused in held:
                 if current and pub.epoch != current:
                     continue  # of an epoch Redis no longer has (its loss was reported): stale, not a new hole
-                self._accept(pub, scope)
+                self._accept(pub, scope, reused)
 
     def _gap(self, channel: str, since: StreamPosition, now: StreamPosition) -> None:
         self.bus_stats["gaps"] += 1
@@ -408,9 +457,13 @@ class RedisEngine(Engine):
         for ch in [ch for ch in last_map if not self.in_use(ch) and ch not in self._filling]:
             del last_map[ch]
             self._checked.pop(ch, None)
+        for ch in [ch for ch in self._bus_top if ch not in last_map]:
+            del self._bus_top[ch]
         chans = list(last_map)
         if not chans:
             return
+        # What was delivered before the read: Redis's position cannot be behind it (unless it lost data).
+        delivered = {ch: (last_map[ch][0], last_map[ch][1]) for ch in chans}
         try:
             async with self.redis.pipeline(transaction=False) as p:
                 for ch in chans:
@@ -428,6 +481,11 @@ class RedisEngine(Engine):
             checked[ch] = top
             last = last_map.get(ch)
             if last is None or ch in self._filling or not top[1]:
+                continue
+            if top[1] == last[1] == delivered[ch][1] and top[0] < delivered[ch][0]:
+                # Redis is behind what was delivered in this epoch (it came back with older data): the offsets
+                # after its position would be handed out again
+                self._start_fill(ch, [], stale=top[1])
                 continue
             ref = top if at_once else before
             if ref is None or ref[1] != top[1]:
@@ -510,7 +568,8 @@ class RedisEngine(Engine):
         try:
             off, epoch = await asyncio.wait_for(self._script(
                 keys=[self._meta(channel), self._hist(channel), self.bus],
-                args=[secrets.token_hex(4), body, size, int(history_ttl_s), repr(pub.ts), body]), OP_TIMEOUT_S)
+                args=[secrets.token_hex(4), body, size, int(history_ttl_s), repr(pub.ts), body,
+                      *self._seen(channel)]), OP_TIMEOUT_S)
         except (RedisConnectionError, RedisTimeoutError, TimeoutError, OSError) as exc:
             raise EngineUnavailable(f"the redis engine is unavailable ({type(exc).__name__}): the message was not "
                                     f"acknowledged; retry once redis is back") from None
@@ -523,6 +582,21 @@ class RedisEngine(Engine):
                 self._forget_oldest()
             known[pub.channel] = {"offset": pub.offset, "epoch": pub.epoch,
                                   "until": time.monotonic() + (history_ttl_s if history_ttl_s > 0 else float("inf"))}
+
+    def _seen(self, channel: str) -> list[Any]:
+        """The highest offsets this node saw of ``channel`` (published, delivered, on the bus) as epoch, offset
+        pairs: the publish script starts a new epoch when Redis hands out one of them again."""
+        out: list[Any] = []
+        k = self._known.get(channel)
+        if k:
+            out += [k["epoch"], k["offset"]]
+        last = self._last.get(channel)
+        if last is not None and last[1]:
+            out += [last[1], last[0]]
+        top = self._bus_top.get(channel)
+        if top is not None:
+            out += [top[1], top[0]]
+        return out
 
     def _forget_oldest(self) -> None:
         """Forget one position: the least recently published among the 64 oldest that has no subscriber here,

@@ -103,6 +103,12 @@ class RedisServer:
                 self.proc.kill()
                 self.proc.wait(5)
 
+    def client(self) -> Any:
+        """A redis-py client of this server (for tests that reach into what the nodes store)."""
+        import redis
+
+        return redis.Redis(host="127.0.0.1", port=self.port)
+
 
 # --------------------------------------------------------------------------------------------------------- proxy
 

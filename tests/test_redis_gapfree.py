@@ -11,20 +11,18 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.chaos import RedisServer  # the one private redis-server of the tests
 from tests.harness import (
     REDIS_MISSING,
     ControlError,
-    free_port,
     make_token,
     recv_json,
     request,
@@ -35,57 +33,13 @@ from tests.harness import (
 CHANNEL = "trading-signals/acme"
 
 
-class RedisServer:
-    """A private redis-server that a test can pause, kill and start again on the same port."""
-
-    def __init__(self, workdir: Path, aof: bool = True) -> None:
-        exe = shutil.which("redis-server")
-        if not exe:
-            pytest.skip(REDIS_MISSING)
-        self.exe = exe
-        self.port = free_port()
-        self.dir = workdir
-        self.aof = aof
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        persist = ["--appendonly", "yes", "--appendfsync", "always"] if self.aof else ["--appendonly", "no"]
-        self.proc = subprocess.Popen([self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      *persist, "--dir", str(self.dir)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.terminate()
-            self.proc.wait(10)
-
-    def client(self) -> Any:
-        import redis
-
-        return redis.Redis(host="127.0.0.1", port=self.port)
-
-
 @pytest.fixture
 def redis_server(tmp_path) -> Iterator[RedisServer]:
+    if shutil.which("redis-server") is None:
+        pytest.skip(REDIS_MISSING)
     d = tmp_path / "redis"
     d.mkdir()
-    r = RedisServer(d)
+    r = RedisServer(d)  # AOF with appendfsync always, restartable on its port and directory
     r.start()
     yield r
     r.stop()

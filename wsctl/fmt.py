@@ -70,13 +70,20 @@ def compact_json(v: Any) -> str:
 # ------------------------------------------------------------------------------------------------ numbers
 
 
+def number(x: Any) -> float | None:
+    """``x`` as a float, or None for nothing (None, a bool, text that is no number): shown as ``-``."""
+    if x is None or isinstance(x, bool):
+        return None
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return None
+
+
 def count(n: Any) -> str:
     """1234 -> 1.2k, 1234567 -> 1.2M; small numbers as they are; ``-`` for nothing."""
-    if n is None or isinstance(n, bool):
-        return "-"
-    try:
-        v = float(n)
-    except (TypeError, ValueError):
+    v = number(n)
+    if v is None:
         return "-"
     for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
         if abs(v) >= div:
@@ -97,11 +104,8 @@ def rate(per_s: Any, unit: str = "msg/s") -> str:
 
 def size(n: Any) -> str:
     """Bytes in binary units with one decimal: 512 -> '512 B', 1536 -> '1.5 KiB', 56623104 -> '54.0 MiB'."""
-    if n is None or isinstance(n, bool):
-        return "-"
-    try:
-        v = float(n)
-    except (TypeError, ValueError):
+    v = number(n)
+    if v is None:
         return "-"
     if abs(v) < 1024:
         return f"{int(v)} B"
@@ -114,12 +118,10 @@ def size(n: Any) -> str:
 
 def duration(s: Any) -> str:
     """Seconds as the two largest units: 4.2 -> '4.2s', 192 -> '3m12s', 7500 -> '2h05m', 266400 -> '3d02h'."""
-    if s is None or isinstance(s, bool):
+    v = number(s)
+    if v is None:
         return "-"
-    try:
-        f = max(0.0, float(s))
-    except (TypeError, ValueError):
-        return "-"
+    f = max(0.0, v)
     if f < 10 and f != int(f):
         return f"{f:.1f}s"
     n = int(f)
@@ -134,11 +136,8 @@ def duration(s: Any) -> str:
 
 def ms(x: Any) -> str:
     """A latency in milliseconds: 0.42 -> '0.4 ms', 42 -> '42 ms', 1500 -> '1.50 s'."""
-    if x is None or isinstance(x, bool):
-        return "-"
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
+    v = number(x)
+    if v is None:
         return "-"
     if v >= 1000:
         return f"{v / 1000:.2f} s"
@@ -149,12 +148,8 @@ def ms(x: Any) -> str:
 
 def percent(x: Any) -> str:
     """A ratio (0..1) as a percentage: 0.015 -> '1.5%'."""
-    if x is None or isinstance(x, bool):
-        return "-"
-    try:
-        return f"{float(x) * 100:.1f}%"
-    except (TypeError, ValueError):
-        return "-"
+    v = number(x)
+    return "-" if v is None else f"{v * 100:.1f}%"
 
 
 def cpu(x: Any) -> str:

@@ -369,6 +369,15 @@ def test_socket_path_on_a_regular_file_is_refused_and_the_file_kept():
     assert f.read_text() == "precious\n"
 
 
+def test_socket_path_that_cannot_be_bound_names_the_path():
+    # /proc refuses new files even to root; an over-long path is refused by AF_UNIX itself.
+    for sock in ("/proc/wsd-attack.sock", str(short_dir() / ("d" * 120) / "x.sock")):
+        p = serve_fails(sock)
+        assert p.returncode == 1
+        err = [ln for ln in p.stderr.splitlines() if ln.startswith("wsd: error:")]
+        assert len(err) == 1 and sock in err[0] and "control socket" in err[0], p.stderr
+
+
 def test_socket_in_a_world_writable_directory_without_sticky_bit_is_refused():
     d = short_dir() / "open"
     d.mkdir()

@@ -179,6 +179,8 @@ class ControlServer:
         old = os.umask(0o177)
         try:
             self.server = await asyncio.start_unix_server(self._client, path, limit=P.MAX_REQUEST_BYTES)
+        except OSError as exc:  # bind's own error names no path: say which socket could not be made
+            raise RuntimeError(f"cannot create the control socket {path}: {exc.strerror or exc}") from None
         finally:
             os.umask(old)
         os.chmod(path, 0o600)

@@ -242,6 +242,9 @@ def test_usage_errors_are_exit_2(tmp_path):
     assert r.rc == 2 and r.err.startswith("wsctl: error: No such command 'frobnicate'"), r
     r = wsctl(None, "--socket", sock, "publish", "system-status")
     assert r.rc == 2 and "--data" in r.err and len(r.err.strip().splitlines()) == 1, r
+    assert r.err.startswith("wsctl: error: --data: required"), r  # says what is wrong, not an empty reason
+    r = wsctl(None, "--socket", sock, "publish", "--data", "1")
+    assert r.rc == 2 and r.err.startswith("wsctl: error: CHANNEL: required"), r
     r = wsctl(None, "--socket", sock, "token", "--user", "a", "--ttl", "soon")
     assert r.rc == 2 and "--ttl" in r.err and "not a duration" in r.err, r
     r = wsctl(None, "--socket", sock, "--json", "kick")

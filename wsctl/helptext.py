@@ -80,6 +80,8 @@ def bad_value(exc: Any) -> str | None:
         return None
     opts = [o for o in getattr(p, "opts", []) if o.startswith("-")]
     name = max(opts, key=len) if opts else str(p.metavar or p.name or "value").upper()
+    if type(exc).__name__ == "MissingParameter":  # typer may vendor click: match by name; it has no message
+        return f"{name}: required"
     desc = getattr(p, "type_descriptor", None)
     choices = getattr(desc, "choices", None)
     if choices:

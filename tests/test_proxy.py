@@ -436,16 +436,24 @@ async def test_bad_proxy_preambles_close_the_connection_and_are_recorded(start, 
     assert "Traceback" not in w.log(), w.log()
 
 
-async def test_trusted_peer_that_sends_nothing_is_closed_by_the_handshake_deadline(start):
-    """A trusted proxy's connection that never sends its preamble holds one in-progress slot until the handshake
-    deadline, like any idle socket — and is not held to the per-address bound (handshakes_in_progress_per_ip=2:
-    5 idle proxy connections do not stop a 6th from completing)."""
+async def test_trusted_proxy_is_not_held_to_the_per_address_handshake_bound(start):
+    """A trusted proxy's connections carry many clients: handshakes_in_progress_per_ip = 2 does not apply to
+    them (5 idle proxy connections do not stop a 6th from completing), only handshakes_in_progress does; an
+    untrusted address still meets its bound."""
     w = start(limits={"handshakes_in_progress_per_ip": 2}, trusted_proxies=["127.0.0.2/32"], proxy_protocol=True)
     idle = [sock_from("127.0.0.2", w.port) for _ in range(5)]
     try:
         with sock_from("127.0.0.2", w.port) as s:
             s.sendall(v2("198.51.100.7") + upgrade_request(w.port, f"/ws/api?token={make_token()}"))
             assert response_of(s)[0] == 101
+    finally:
+        for s in idle:
+            s.close()
+    idle = [sock_from("127.0.0.3", w.port) for _ in range(2)]
+    try:
+        with sock_from("127.0.0.3", w.port) as s:
+            s.sendall(upgrade_request(w.port, f"/ws/api?token={make_token()}"))
+            assert response_of(s) == (None, b"")  # the third handshake in progress from 127.0.0.3: closed
     finally:
         for s in idle:
             s.close()

@@ -53,6 +53,9 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_message_bytes: int = 65536
     allowed_origins: list[str] = []
     backlog: int = 4096
+    trusted_proxies: list[str] = []
+    forwarded_header: Literal["x-forwarded-for", "forwarded", "none"] = "x-forwarded-for"
+    proxy_protocol: bool = False
 
 
 class ControlConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

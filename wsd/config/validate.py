@@ -127,6 +127,19 @@ def _check_server(s: ServerConfig, errs: Problems) -> None:
                 s.tls_cert, s.tls_key, password=lambda: b"")
         except (ssl.SSLError, OSError) as exc:
             errs.add("server.tls_cert", f"certificate and key do not load as a pair: {exc}")
+    _check_proxies(s, errs)
+
+
+def _check_proxies(s: ServerConfig, errs: Problems) -> None:
+    for i, cidr in enumerate(s.trusted_proxies):
+        _check_cidr(errs, f"server.trusted_proxies[{i}]", cidr)
+    if s.proxy_protocol and not s.trusted_proxies:
+        errs.add("server.proxy_protocol", "needs server.trusted_proxies: the addresses of the proxies that send "
+                 "the PROXY header (no one else's connection is read as carrying one)")
+    if s.proxy_protocol and s.tls_cert:
+        errs.add("server.proxy_protocol", "cannot be combined with server.tls_cert: the PROXY header comes before "
+                 "the TLS handshake, and wsd's TLS listener reads the handshake first; terminate TLS at the proxy "
+                 "(or pass TLS through without the PROXY protocol)")
 
 
 def _check_channels(channels: dict[str, ChannelConfig], errs: Problems) -> None:

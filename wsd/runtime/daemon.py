@@ -31,6 +31,7 @@ from wsd import config as wconfig
 from wsd import errors
 from wsd.control.protocol import default_socket_path
 from wsd.core.auth import TokenSigner, TokenVerifier
+from wsd.core.forwarded import TrustedProxies
 from wsd.core.net import ip_in
 from wsd.core.ratelimit import KeyedLimiter, per_minute
 from wsd.engine.base import Engine
@@ -243,6 +244,8 @@ class Daemon:
             compress_settings={"memLevel": comp.memory_level},
         )]
         self.metrics_networks = [ipaddress.ip_network(c, strict=False) for c in cfg.http.metrics_allow]
+        self.proxies = TrustedProxies([ipaddress.ip_network(c, strict=False) for c in cfg.server.trusted_proxies],
+                                      cfg.server.forwarded_header)
         self.sink.set_audit(cfg.audit.path, cfg.audit.max_bytes, cfg.audit.backups)
 
     def _keys(self, cfg: Any) -> tuple[str, str]:

@@ -26,7 +26,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from wsd import errors
-from wsd.core import frames
+from wsd.core import frames, proxyproto
 from wsd.core.auth import SUBPROTOCOL, AuthError, extract_token
 from wsd.core.channels import ChannelError, Principal, instance_parts, may_publish, resolve
 from wsd.core.history import StreamPosition
@@ -38,7 +38,13 @@ from wsd.runtime.conn import BATCH, HISTORICAL, ON_DEMAND, Conn, ReliableState, 
 from wsd.runtime.gate import InProgress, Repeats
 from wsd.runtime.hub import HISTORY_TAIL, Outgoing
 from wsd.runtime.logs import redact
-from wsd.runtime.wsadapter import WsdServerConnection, forget_handshake, json_response, offer_extensions
+from wsd.runtime.wsadapter import (
+    WsdServerConnection,
+    forget_handshake,
+    hard_abort,
+    json_response,
+    offer_extensions,
+)
 
 if TYPE_CHECKING:
     from wsd.runtime.daemon import Daemon
@@ -188,7 +194,8 @@ class Endpoint:
         inflight = self.inflight
         inflight.per_ip = lim.handshakes_in_progress_per_ip
         inflight.total = lim.handshakes_in_progress
-        full = inflight.try_enter(ip)
+        trusted = d.proxies.trusts(ip)  # a proxy's connections carry many clients: only the total bounds them
+        full = inflight.try_enter(ip, per_ip=not trusted)
         if full:
             d.hub.stats.refuse("handshakes_in_progress")
             limit = inflight.per_ip if full == "per_ip" else inflight.total
@@ -198,6 +205,30 @@ class Endpoint:
             transport.abort()
             return
         conn.wsd_hs.slot = ip
+        if trusted and d.config.server.proxy_protocol:
+            conn.wsd_hs.proxy = b""  # it must start with a PROXY preamble (proxy_preamble reads it)
+
+    def proxy_preamble(self, conn: WsdServerConnection, hs: Any, data: bytes) -> bytes:
+        """Bytes from a trusted proxy before its PROXY preamble is read: what follows the preamble (b"" while
+        it is incomplete). A malformed one closes the connection, counted and recorded."""
+        buf = hs.proxy + data
+        try:
+            pre = proxyproto.parse(buf)
+        except proxyproto.ProxyHeaderError as exc:
+            hs.proxy = None
+            peer = conn.remote_address[0] if conn.remote_address else ""
+            self.daemon.hub.stats.refuse("proxy_header")
+            self.record((peer, "proxy_header"), "refused", {
+                "status": 0, "code": "proxy_header", "reason": f"{exc}: connection closed", "remote": peer,
+                "pool": "", "user_id": ""}, "handshake_refused", overflow=("*", "proxy_header"))
+            hard_abort(conn.transport)
+            return b""
+        if pre is None:
+            hs.proxy = buf
+            return b""
+        hs.proxy = None
+        hs.relayed = pre.source
+        return buf[pre.length:]
 
     def descriptors_exhausted(self, detail: str, remote: str = "") -> None:
         """Count descriptor exhaustion and log it (the first in full, then one summary per interval)."""
@@ -269,7 +300,13 @@ class Endpoint:
             if d.ready and not d.draining:
                 return json_response(200, {"status": "ready"})
             return json_response(503, {"status": "draining" if d.draining else "starting"})
-        remote = conn.remote_address[0] if conn.remote_address else ""
+        peer = conn.remote_address[0] if conn.remote_address else ""
+        hs = getattr(conn, "wsd_hs", None)
+        try:  # the client behind trusted proxies (server.trusted_proxies); any other peer is the client
+            remote = d.proxies.client(peer, hs.relayed if hs is not None else None,
+                                      request.headers.get_all(d.proxies.header) if d.proxies.header else ())
+        except ValueError as exc:
+            return self.refuse(conn, errors.H_BAD_REQUEST, str(exc), peer)
         if path == "/metrics":
             if not d.metrics_allowed(remote):
                 return json_response(403, {"error": "forbidden", "message": "metrics not allowed from here"})

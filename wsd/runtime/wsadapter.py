@@ -120,12 +120,14 @@ class Handshake:
     """A connection's state while its handshake runs: its in-progress slot, when it was accepted, and the
     endpoint's ``Admission`` once the request is admitted (the handler takes it and drops this object)."""
 
-    __slots__ = ("accepted", "admission", "slot")
+    __slots__ = ("accepted", "admission", "proxy", "relayed", "slot")
 
     def __init__(self, accepted: float) -> None:
         self.accepted = accepted  # perf_counter at accept: the handshake duration histogram's start
         self.slot: str | None = None  # the address holding a handshake-in-progress slot, until the handshake ends
         self.admission: Any = None
+        self.proxy: bytes | None = None  # a PROXY preamble expected: what of it has arrived (server.proxy_protocol)
+        self.relayed: str | None = None  # the client's address the PROXY preamble gave
 
 
 class WsdServerConnection(ServerConnection):
@@ -173,6 +175,11 @@ class WsdServerConnection(ServerConnection):
         """
         c = self.wsd_conn
         if c is None:
+            hs = self.wsd_hs
+            if hs is not None and hs.proxy is not None:  # a PROXY preamble first (server.proxy_protocol)
+                data = WsdServerConnection.wsd_endpoint.proxy_preamble(self, hs, data)
+                if not data:
+                    return
             super().data_received(data)
             return
         if c.unread:

@@ -1,0 +1,107 @@
+"""Unit tests for wsd.core.forwarded: the client's address behind trusted proxies."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from wsd.core.forwarded import TrustedProxies, forwarded_for, parse_node
+
+
+def tp(*cidrs: str, header: str = "x-forwarded-for") -> TrustedProxies:
+    return TrustedProxies([ipaddress.ip_network(c) for c in cidrs], header)
+
+
+@pytest.mark.parametrize("text, ip", [
+    ("192.0.2.1", "192.0.2.1"), (" 192.0.2.1:4711 ", "192.0.2.1"), ("2001:DB8::1", "2001:db8::1"),
+    ("[2001:db8::1]", "2001:db8::1"), ("[2001:db8::1]:4711", "2001:db8::1"), ("unknown", None),
+    ("_hidden", None),
+])
+def test_parse_node(text, ip):
+    assert parse_node(text, "X") == ip
+
+
+@pytest.mark.parametrize("text", ["", "1.2.3", "1.2.3.4:", "1.2.3.4:x", "[::1", "[::1]x", "[::1]:99999",
+                                  "example.com", "1.2.3.4:80:80x"])
+def test_parse_node_refuses(text):
+    with pytest.raises(ValueError, match="X-Forwarded-For: not an address"):
+        parse_node(text, "X-Forwarded-For")
+
+
+def test_nobody_trusted_means_the_peer_whatever_it_sends():
+    assert tp().client("203.0.113.5", None, ["10.9.9.9"]) == "203.0.113.5"
+    assert tp("10.0.0.0/8").client("203.0.113.5", None, ["10.9.9.9", "garbage"]) == "203.0.113.5"
+
+
+def test_walk_from_the_right_stops_at_the_first_untrusted():
+    t = tp("10.0.0.0/8", "2001:db8:ffff::/48")
+    # the client wrote 6.6.6.6 itself; the edge proxy appended the client's real address, then an inner proxy
+    assert t.client("10.0.0.2", None, ["6.6.6.6, 198.51.100.4, 10.0.0.1"]) == "198.51.100.4"
+    # several header lines are one list, in order
+    assert t.client("10.0.0.2", None, ["6.6.6.6", "198.51.100.4", "10.0.0.1"]) == "198.51.100.4"
+    assert t.client("2001:db8:ffff::1", None, ["2001:db8::77"]) == "2001:db8::77"
+
+
+def test_garbage_left_of_the_client_is_never_read():
+    assert tp("10.0.0.0/8").client("10.0.0.2", None, ["not an address, 198.51.100.4"]) == "198.51.100.4"
+
+
+def test_malformed_entry_the_walk_reaches_is_an_error():
+    with pytest.raises(ValueError, match="X-Forwarded-For: not an address: 'bogus'"):
+        tp("10.0.0.0/8").client("10.0.0.2", None, ["198.51.100.4, bogus"])
+
+
+def test_all_trusted_gives_the_leftmost():
+    assert tp("10.0.0.0/8").client("10.0.0.2", None, ["10.1.1.1, 10.0.0.1"]) == "10.1.1.1"
+
+
+def test_unknown_ends_at_the_proxy_that_wrote_it():
+    assert tp("10.0.0.0/8").client("10.0.0.2", None, ["6.6.6.6, unknown"]) == "10.0.0.2"
+
+
+def test_empty_elements_are_skipped_and_no_header_means_the_peer():
+    t = tp("10.0.0.0/8")
+    assert t.client("10.0.0.2", None, ["198.51.100.4,, "]) == "198.51.100.4"
+    assert t.client("10.0.0.2", None, []) == "10.0.0.2"
+
+
+def test_ipv4_mapped_peer_counts_as_its_ipv4():
+    assert tp("127.0.0.0/8").client("::ffff:127.0.0.1", None, ["198.51.100.4"]) == "198.51.100.4"
+
+
+def test_proxy_protocol_source_comes_before_the_header():
+    t = tp("10.0.0.0/8")
+    # the PROXY preamble's source is an ordinary client: a header it sent is not read
+    assert t.client("10.0.0.2", "198.51.100.4", ["6.6.6.6"]) == "198.51.100.4"
+    # the preamble came from another trusted proxy (an inner hop): the header is read
+    assert t.client("10.0.0.2", "10.0.0.9", ["198.51.100.4"]) == "198.51.100.4"
+
+
+def test_header_none_reads_no_header():
+    assert tp("10.0.0.0/8", header="none").client("10.0.0.2", None, ["198.51.100.4"]) == "10.0.0.2"
+
+
+def test_forwarded_rfc7239():
+    t = tp("10.0.0.0/8", header="forwarded")
+    v = ['for=6.6.6.6;proto=http, for="[2001:db8:cafe::17]:4711";by=10.0.0.1', "for=10.0.0.1;proto=https"]
+    assert t.client("10.0.0.2", None, v) == "2001:db8:cafe::17"
+    assert t.client("10.0.0.2", None, ['For="198.51.100.4:80"']) == "198.51.100.4"
+    assert t.client("10.0.0.2", None, ["for=_secret"]) == "10.0.0.2"
+    assert t.client("10.0.0.2", None, ["proto=https"]) == "10.0.0.2"  # no for=: unknown
+    # a comma inside a quoted string does not split elements
+    assert t.client("10.0.0.2", None, ['for=198.51.100.4;x="a,b"']) == "198.51.100.4"
+
+
+@pytest.mark.parametrize("value, words", [
+    ("for", "name=value"), ("for=1.2.3.4;for=1.2.3.5", "more than one for"), ('for="1.2.3.4', "unterminated"),
+    ("for=[::1]", "token or a quoted"), ("for=nope", "Forwarded: not an address"),
+])
+def test_forwarded_malformed(value, words):
+    with pytest.raises(ValueError, match=words):
+        tp("10.0.0.0/8", header="forwarded").client("10.0.0.2", None, [value])
+
+
+def test_forwarded_for_unquotes():
+    assert forwarded_for('for="\\[::1\\]"') == "::1"  # a quoted-pair is the character
+    assert forwarded_for('for="198.51.100.4"') == "198.51.100.4"

@@ -522,6 +522,7 @@ export class WsdClient {
     this._sentSince = new Set(); // channels whose position the last resume attempt told the server
     this._watchers = new Set(); // wake-ups on open / stop
     this._wake = null; // ends the backoff sleep early (close)
+    this._abort = null; // ends the connection attempt in flight (close)
   }
 
   /** Per subscribed channel, the position of the last message the application took. */
@@ -549,6 +550,7 @@ export class WsdClient {
     this._closing = true;
     const conn = this._conn;
     if (conn) this._lose(conn, 1000, "closed by the application");
+    if (this._abort) this._abort(1000, "closed by the application"); // a connection attempt in flight
     if (this._wake) this._wake();
     if (this._run) await this._run;
     this._finish(null);
@@ -714,6 +716,7 @@ export class WsdClient {
       const finish = (code, reason) => {
         if (done) return;
         done = true;
+        this._abort = null;
         clearTimeout(openTimer);
         detach();
         try {
@@ -772,6 +775,7 @@ export class WsdClient {
       ws.addEventListener("message", onMessage);
       ws.addEventListener("close", onClose);
       ws.addEventListener("error", onError);
+      this._abort = finish;
       if (this._closing) finish(1000, "closed by the application");
     });
   }

@@ -2,6 +2,7 @@
 // WSD_PORT, WSD_SOCKET (its control socket, used to publish, kick, send, read connections and mint tokens).
 
 import assert from "node:assert/strict";
+import net from "node:net";
 import { test } from "node:test";
 
 import {
@@ -338,9 +339,31 @@ test("messages outside the subscriptions go to onOther", async () => {
   await c.close();
 });
 
-test("start() gives up after connectTimeout when nothing answers", async () => {
-  const port = await closedPort();
-  const c = new WsdClient(url("api", port), { token: "x", backoffBase: 0.05, backoffCap: 0.1, connectTimeout: 0.5 });
-  await assert.rejects(c.start(), (e) => e instanceof ClientError && /not connected within/.test(e.message));
+test("start() gives up after connectTimeout when the handshake never completes, without waiting for it", async () => {
+  const held = [];
+  const silent = net.createServer((sock) => held.push(sock)); // accepts TCP, never answers the upgrade request
+  await new Promise((r) => silent.listen(0, "127.0.0.1", r));
+  const c = new WsdClient(url("api", silent.address().port), { token: "x", openTimeout: 30, connectTimeout: 0.5 });
+  const t0 = Date.now();
+  await assert.rejects(c.start(), (e) => e instanceof ClientError && /not connected within 0.5s/.test(e.message));
+  assert.ok(Date.now() - t0 < 3000, `start() took ${Date.now() - t0} ms`);
   assert.equal(c.state, "closed");
+  await assert.rejects(c.publish("trading-signals", {}), ClientClosed);
+  for (const sock of held) sock.destroy();
+  await new Promise((r) => silent.close(r));
+});
+
+test("a refused handshake (a bad token) is retried with backoff: start() reports it after connectTimeout", async () => {
+  // Browsers (and Node's WebSocket) do not expose the HTTP status of a refused handshake: 1006 is all they see.
+  let attempts = 0;
+  const Counting = class extends WebSocket {
+    constructor(...args) {
+      super(...args);
+      attempts += 1;
+    }
+  };
+  const c = new WsdClient(url("api"), { token: "not-a-jwt", backoffBase: 0.05, backoffCap: 0.1, connectTimeout: 1,
+    WebSocket: Counting });
+  await assert.rejects(c.start(), /not connected within 1s/);
+  assert.ok(attempts >= 2, `${attempts} attempts`);
 });

@@ -229,7 +229,7 @@ function isObject(v) {
   return v !== null && typeof v === "object" && !Array.isArray(v);
 }
 
-// ------------------------------------------------------------------------------- decryption (ENCRYPTION.md)
+// ---------------------------------------------------------------- decryption (docs/client-js.md, "Encrypted messages")
 
 /**
  * The application's decryption keys (kid -> 32 bytes, as a Uint8Array, an ArrayBuffer or standard base64) and

@@ -1,5 +1,5 @@
 // Pure parts: backoff, the close-code table against docs/protocol.md, token exp, and decryption of A256GCM
-// envelopes built here with WebCrypto exactly as the encryption contract says.
+// envelopes built here with WebCrypto as docs/client-js.md ("Encrypted messages") describes the wire format.
 
 import assert from "node:assert/strict";
 import { readFileSync } from "node:fs";
@@ -71,7 +71,7 @@ const KEY = crypto.getRandomValues(new Uint8Array(32));
 const OTHER = crypto.getRandomValues(new Uint8Array(32));
 const b64url = (bytes) => Buffer.from(bytes).toString("base64url");
 
-/** The frame the daemon sends for an encrypted group (ENCRYPTION.md). */
+/** The frame the daemon sends for an encrypted group: AES-256-GCM, 12-byte IV, the channel name as AAD. */
 async function sealed(data, { key = KEY, kid = "2026-12", channel = "trading-signals/acme", aad = channel } = {}) {
   const iv = crypto.getRandomValues(new Uint8Array(12));
   const k = await crypto.subtle.importKey("raw", key, "AES-GCM", false, ["encrypt"]);

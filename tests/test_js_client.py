@@ -88,6 +88,7 @@ def test_js_client_pure_parts() -> None:
     run_node(["test/unit.test.js"], {}, timeout=60)
 
 
+@pytest.mark.timeout(300)  # one Node run of about 20 tests, some waiting out token lifetimes
 def test_js_client_against_a_daemon(wsd_factory) -> None:
     """Delivery, batches, dedupe, acks, gaps, resume after a dropped or stalled network, URL failover, kick,
     takeover, 4001 and token refresh, 4003, onOther: clients/js/test/daemon.test.js."""
@@ -99,6 +100,7 @@ def test_js_client_against_a_daemon(wsd_factory) -> None:
         raise
 
 
+@pytest.mark.timeout(120)
 def test_js_client_survives_a_killed_redis_node(wsd_factory, redis_url) -> None:  # noqa: F811
     """Two nodes on Redis: the client's node is killed (-9); it fails over to the other URL, resumes its session
     and gets what was published meanwhile exactly once, with no Gap: clients/js/test/redis.test.js."""

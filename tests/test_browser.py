@@ -1,6 +1,6 @@
-"""examples/browser in headless Chromium: the page (served by `python -m http.server`, as its README says) shows
-live messages and the connection state; after a restart of its daemon (Redis engine) it resumes, shows what was
-published meanwhile exactly once and marks no gap; after Redis lost the channel it marks a gap visibly.
+"""examples/browser in headless Chromium: the page (served by `python -m http.server`, as its README says)
+shows live messages and the connection state; after a restart of its daemon (Redis engine) it resumes, shows
+what was published meanwhile exactly once and marks no gap; after Redis lost the channel it marks a gap.
 
 Drives Debian's /usr/bin/chromium through the Python `playwright` package (`executable_path`: no browser
 download). Skipped when either is missing, failed instead under WSD_CI_REQUIRE_TOOLS=1."""
@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "browser"
 CHROMIUM = os.environ.get("WSD_CHROMIUM", "/usr/bin/chromium")
 #: The launch flags: no sandbox (containers, root), nothing that talks to the network on its own.
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync"]
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 def tool_missing(why: str) -> None:
@@ -45,7 +45,7 @@ def wsctl(w: Wsd, *args: str) -> str:
 
 
 def publish(w: Wsd, data: dict[str, Any]) -> None:
-    """What `wsctl publish trading-signals/acme --type trading_signal --data ...` does, without starting a process."""
+    """What `wsctl publish trading-signals/acme --type trading_signal --data ...` does, without a process."""
     # Playwright's sync API runs an event loop in this thread: a plain blocking socket instead of Wsd.ctl.
     with socket.socket(socket.AF_UNIX) as s:
         s.settimeout(10)
@@ -87,7 +87,7 @@ def test_example_config_allows_the_origin_the_readme_serves_from() -> None:
 @pytest.mark.timeout(240)  # three daemon starts and a browser, on a loaded 2-core machine
 def test_dashboard_resumes_after_a_daemon_restart_and_marks_a_gap(tmp_path: Path) -> None:
     if not Path(CHROMIUM).exists():
-        tool_missing(f"{CHROMIUM} is missing: apt-get install chromium (the browser test drives Debian's Chromium)")
+        tool_missing(f"{CHROMIUM} is missing: apt-get install chromium (the browser test drives it)")
     try:
         from playwright.sync_api import expect, sync_playwright
     except ImportError:
@@ -124,7 +124,8 @@ def test_dashboard_resumes_after_a_daemon_restart_and_marks_a_gap(tmp_path: Path
             try:
                 page = ctx.new_page()
                 page.on("console", lambda m: console.append(f"{m.type}: {m.text}"))
-                page.goto(f"{origin}/examples/browser/#url=ws://127.0.0.1:{ws_port}/ws/frontend&token={token}")
+                ws_url = f"ws://127.0.0.1:{ws_port}/ws/frontend"
+                page.goto(f"{origin}/examples/browser/#url={ws_url}&token={token}")
                 state = page.locator("#state")
                 expect(state).to_have_attribute("data-state", "open", timeout=15000)
                 publish(a, {"m": 1})
@@ -146,8 +147,8 @@ def test_dashboard_resumes_after_a_daemon_restart_and_marks_a_gap(tmp_path: Path
                 expect(page.locator("li.gap")).to_have_count(0)
                 assert "connections 2" in page.locator("#stats").inner_text()
 
-                # Redis loses everything while A is down: the session and the channel's history are gone (a new
-                # epoch), so what the page missed cannot be replayed: it marks a gap, then goes on.
+                # Redis loses everything while A is down: the session and the channel's history are gone
+                # (a new epoch), so what the page missed cannot be replayed: it marks a gap, then goes on.
                 a.stop()
                 b.stop()
                 expect(state).to_have_attribute("data-state", "connecting", timeout=10000)

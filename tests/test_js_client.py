@@ -1,9 +1,9 @@
-"""The JavaScript client (clients/js/wsd-client.js) against real daemons: pytest starts the daemons (and a private
-redis-server), then runs Node's own test runner on clients/js/test/*.test.js with the daemons' addresses in
-WSD_* variables, and asserts its exit status (its output is shown on failure).
+"""The JavaScript client (clients/js/wsd-client.js) against real daemons: pytest starts the daemons (and a
+private redis-server), then runs Node's own test runner on clients/js/test/*.test.js with the daemons'
+addresses in WSD_* variables, and asserts its exit status (its output is shown on failure).
 
-Needs Node 20+ (its WebSocket behind --experimental-websocket; Node 22+ has it by default): skipped without node,
-failed instead under WSD_CI_REQUIRE_TOOLS=1."""
+Needs Node 20+ (its WebSocket behind --experimental-websocket; Node 22+ has it by default): skipped without
+node, failed instead under WSD_CI_REQUIRE_TOOLS=1."""
 
 from __future__ import annotations
 
@@ -60,9 +60,10 @@ target = { type = "channel", reliable_delivery = true, max_retries = 5, ack_time
 def node_or_skip() -> str:
     """The node binary (20 or newer), else skip (fail under WSD_CI_REQUIRE_TOOLS=1)."""
     exe = shutil.which("node")
-    why = "node is not on PATH: install Node.js 20 or newer (apt-get install nodejs) to run the JavaScript client tests"
+    why = "node is not on PATH: install Node.js 20 or newer (apt-get install nodejs) for the JS client tests"
     if exe:
-        version = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30).stdout.strip()
+        version = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30).stdout
+        version = version.strip()
         major = int(version.lstrip("v").split(".")[0] or 0) if version.startswith("v") else 0
         if major >= 20:
             return exe
@@ -77,14 +78,16 @@ def run_node(files: list[str], env: dict[str, str], timeout: float = 240) -> Non
     exe = node_or_skip()
     # --experimental-websocket: Node 20's global WebSocket (undici); accepted and redundant on Node 22+.
     cmd = [exe, "--experimental-websocket", "--test", "--test-concurrency=1", "--test-reporter=spec", *files]
-    proc = subprocess.run(cmd, cwd=JS, env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=JS, env={**os.environ, **env}, capture_output=True, text=True,
+                          timeout=timeout)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"node --test {' '.join(files)} exited {proc.returncode}:\n{out}"
     assert "# fail 0" in out.replace("ℹ fail 0", "# fail 0") and "pass 0\n" not in out, out
 
 
 def test_js_client_pure_parts() -> None:
-    """Backoff, the close-code table (against docs/protocol.md and wsd/client/policy.py), tokens, decryption."""
+    """Backoff, the close-code table (against docs/protocol.md and wsd/client/policy.py), tokens,
+    decryption."""
     run_node(["test/unit.test.js"], {}, timeout=60)
 
 
@@ -102,10 +105,10 @@ def test_js_client_against_a_daemon(wsd_factory) -> None:
 
 @pytest.mark.timeout(120)
 def test_js_client_survives_a_killed_redis_node(wsd_factory, redis_url) -> None:  # noqa: F811
-    """Two nodes on Redis: the client's node is killed (-9); it fails over to the other URL, resumes its session
-    and gets what was published meanwhile exactly once, with no Gap: clients/js/test/redis.test.js."""
+    """Two nodes on Redis: the client's node is killed (-9); it fails over to the other URL, resumes its
+    session and gets what was published meanwhile exactly once, with no Gap: clients/js/test/redis.test.js."""
     toml = CONFIG + engine_toml(redis_url, "j" + secrets.token_hex(3))
     a, b = wsd_factory(toml), wsd_factory(toml)
     assert a.proc is not None
-    run_node(["test/redis.test.js"], {"WSD_PORT_A": str(a.port), "WSD_PORT_B": str(b.port), "WSD_SOCKET_B": b.socket,
-                                      "WSD_PID_A": str(a.proc.pid)})
+    run_node(["test/redis.test.js"], {"WSD_PORT_A": str(a.port), "WSD_PORT_B": str(b.port),
+                                      "WSD_SOCKET_B": b.socket, "WSD_PID_A": str(a.proc.pid)})

@@ -60,14 +60,15 @@ target = { type = "channel", reliable_delivery = true, max_retries = 5, ack_time
 def node_or_skip() -> str:
     """The node binary (20 or newer), else skip (fail under WSD_CI_REQUIRE_TOOLS=1)."""
     exe = shutil.which("node")
-    why = "node is not on PATH: install Node.js 20 or newer (apt-get install nodejs) for the JS client tests"
+    why = "node is not on PATH: install Node.js 20.10 or newer for the JavaScript client tests"
     if exe:
         version = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30).stdout
         version = version.strip()
-        major = int(version.lstrip("v").split(".")[0] or 0) if version.startswith("v") else 0
-        if major >= 20:
+        parts = version.lstrip("v").split(".")
+        major_minor = (int(parts[0]), int(parts[1])) if version.startswith("v") and len(parts) > 1 else (0, 0)
+        if major_minor >= (20, 10):  # 20.10: the first with --experimental-websocket
             return exe
-        why = f"node {version} is too old: the JavaScript client tests need Node.js 20 or newer"
+        why = f"node {version} is too old: the JavaScript client tests need Node.js 20.10 or newer"
     if os.environ.get("WSD_CI_REQUIRE_TOOLS") == "1":
         pytest.fail(why)
     pytest.skip(why)

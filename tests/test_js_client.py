@@ -1,0 +1,115 @@
+"""The JavaScript client (clients/js/wsd-client.js) against real daemons: pytest starts the daemons (and a
+private redis-server), then runs Node's own test runner on clients/js/test/*.test.js with the daemons'
+addresses in WSD_* variables, and asserts its exit status (its output is shown on failure).
+
+Needs Node 20+ (its WebSocket behind --experimental-websocket; Node 22+ has it by default): skipped without
+node, failed instead under WSD_CI_REQUIRE_TOOLS=1."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.test_redis_engine import engine_toml, redis_url  # noqa: F401  # the Redis fixture
+
+ROOT = Path(__file__).resolve().parent.parent
+JS = ROOT / "clients" / "js"
+
+CONFIG = """
+[pools.frontend]
+type = "frontend"
+path = "/ws/frontend"
+default_subscriptions = ["system-status"]
+batching = { enabled = true, interval_ms = 100, max_messages = 100 }
+
+[pools.api]
+type = "api"
+path = "/ws/api"
+
+[pools.admin]
+type = "admin"
+path = "/ws/admin"
+roles = ["admin"]
+
+[channels.system-status]
+type = "global"
+publishers = ["admin"]
+
+[channels.admin-events]
+type = "admin"
+publishers = ["admin"]
+
+[channels.trading-signals]
+type = "company"
+history_size = 3
+publishers = ["api", "admin"]
+
+[[routing.rules]]
+id = "orders"
+priority = 10
+filter = { message_types = ["order"] }
+target = { type = "channel", reliable_delivery = true, max_retries = 5, ack_timeout_ms = 5000 }
+"""
+
+
+def node_or_skip() -> str:
+    """The node binary (20 or newer), else skip (fail under WSD_CI_REQUIRE_TOOLS=1)."""
+    exe = shutil.which("node")
+    why = "node is not on PATH: install Node.js 20.10 or newer for the JavaScript client tests"
+    if exe:
+        version = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30).stdout
+        version = version.strip()
+        parts = version.lstrip("v").split(".")
+        major_minor = (int(parts[0]), int(parts[1])) if version.startswith("v") and len(parts) > 1 else (0, 0)
+        if major_minor >= (20, 10):  # 20.10: the first with --experimental-websocket
+            return exe
+        why = f"node {version} is too old: the JavaScript client tests need Node.js 20.10 or newer"
+    if os.environ.get("WSD_CI_REQUIRE_TOOLS") == "1":
+        pytest.fail(why)
+    pytest.skip(why)
+
+
+def run_node(files: list[str], env: dict[str, str], timeout: float = 240) -> None:
+    """Run ``node --test`` on ``files`` (relative to clients/js) and fail with its output unless it passed."""
+    exe = node_or_skip()
+    # --experimental-websocket: Node 20's global WebSocket (undici); accepted and redundant on Node 22+.
+    cmd = [exe, "--experimental-websocket", "--test", "--test-concurrency=1", "--test-reporter=spec", *files]
+    proc = subprocess.run(cmd, cwd=JS, env={**os.environ, **env}, capture_output=True, text=True,
+                          timeout=timeout)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"node --test {' '.join(files)} exited {proc.returncode}:\n{out}"
+    assert "# fail 0" in out.replace("ℹ fail 0", "# fail 0") and "pass 0\n" not in out, out
+
+
+def test_js_client_pure_parts() -> None:
+    """Backoff, the close-code table (against docs/protocol.md and wsd/client/policy.py), tokens,
+    decryption."""
+    run_node(["test/unit.test.js"], {}, timeout=60)
+
+
+@pytest.mark.timeout(300)  # one Node run of about 20 tests, some waiting out token lifetimes
+def test_js_client_against_a_daemon(wsd_factory) -> None:
+    """Delivery, batches, dedupe, acks, gaps, resume after a dropped or stalled network, URL failover, kick,
+    takeover, 4001 and token refresh, 4003, onOther: clients/js/test/daemon.test.js."""
+    w = wsd_factory(CONFIG)
+    try:
+        run_node(["test/daemon.test.js"], {"WSD_PORT": str(w.port), "WSD_SOCKET": w.socket})
+    except AssertionError:
+        print(w.log()[-5000:])
+        raise
+
+
+@pytest.mark.timeout(120)
+def test_js_client_survives_a_killed_redis_node(wsd_factory, redis_url) -> None:  # noqa: F811
+    """Two nodes on Redis: the client's node is killed (-9); it fails over to the other URL, resumes its
+    session and gets what was published meanwhile exactly once, with no Gap: clients/js/test/redis.test.js."""
+    toml = CONFIG + engine_toml(redis_url, "j" + secrets.token_hex(3))
+    a, b = wsd_factory(toml), wsd_factory(toml)
+    assert a.proc is not None
+    run_node(["test/redis.test.js"], {"WSD_PORT_A": str(a.port), "WSD_PORT_B": str(b.port),
+                                      "WSD_SOCKET_B": b.socket, "WSD_PID_A": str(a.proc.pid)})

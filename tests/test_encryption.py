@@ -517,7 +517,10 @@ async def test_keys_never_show_in_config_output(wsd_factory, key1):
         assert str(path) in r.out and text not in r.out
     raw = await w.ctl("config.get")
     assert text not in json.dumps(raw) and key.hex() not in json.dumps(raw)
-    assert text not in w.log()
+    # a traced publication reports receivers, not data; the log never holds plaintext or key
+    traced = ok(await awsctl(w, "--json", "publish", "sig/acme", "--trace", "--data", json.dumps({"n": SECRET_WORD})))
+    assert traced.json()["offset"] == 1 and SECRET_WORD not in traced.out
+    assert text not in w.log() and SECRET_WORD not in w.log()
 
 
 # ----------------------------------------------------------------------------------------------------- keygen

@@ -302,6 +302,27 @@ async def test_a_reload_with_a_bad_key_is_refused_and_encryption_goes_on(wsd_fac
         assert [(m.data, m.key_id) for m in page] == [({"n": 1}, "k1")]
 
 
+async def test_a_reload_that_changes_the_key_behind_an_id_is_refused(wsd_factory, key1):
+    """An overwritten key file would make the history written under its id unreadable: a key id names one key."""
+    path1, key_1 = key1
+    w = wsd_factory(config({"k1": path1}, "k1"))
+    path1.write_text(base64.b64encode(os.urandom(32)).decode() + "\n")
+    res = await awsctl(w, "reload")
+    assert res.rc != 0
+    assert f'encryption.keys.k1: "{path1}" holds another key than the one running under this id' in res.err + res.out
+    w.signal(signal.SIGHUP)  # the same refusal, logged
+
+    async def logged() -> bool:
+        return w.log().count("holds another key than the one running under this id") >= 2
+
+    await wait_for(logged, 10)
+    async with Client(w.url("api"), make_token("pub", "acme"), **FAST) as p:
+        await p.publish("sig", {"n": 1})
+    async with Client(w.url("frontend"), make_token("bob", "acme"), keys={"k1": key_1}, **FAST) as c:
+        page = await c.history("sig")
+        assert [(m.data, m.decrypt_error) for m in page] == [({"n": 1}, None)]  # still the running key
+
+
 # ----------------------------------------------------------------------------------------------------- Redis
 
 

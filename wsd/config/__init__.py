@@ -20,7 +20,7 @@ Modules, each depending only on those above it:
 """
 
 from wsd.config.auth import resolved_auth, resolved_private_key, resolved_public_key, resolved_secret
-from wsd.config.encryption import encryption_keys, sealers_of
+from wsd.config.encryption import encryption_keys, rekeyed, sealers_of
 from wsd.config.load import Loaded, load, load_config
 from wsd.config.model import (
     REDACTED,
@@ -93,6 +93,7 @@ __all__ = [
     "encryption_keys",
     "load",
     "load_config",
+    "rekeyed",
     "resolved_auth",
     "resolved_private_key",
     "resolved_public_key",

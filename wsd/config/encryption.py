@@ -131,6 +131,26 @@ def encryption_keys(cfg: Config) -> dict[str, bytes]:
     return cfg.encryption._resolved[1]  # type: ignore[attr-defined,no-any-return]
 
 
+def rekeyed(running: Config, new: Config) -> list[str]:
+    """Error lines for the key ids of ``new`` whose key differs from the one ``running`` holds under that id.
+
+    A key id names one key for ever: messages in history and on their way carry it, and clients look their key
+    up by it, so a reload that changes the key behind an id (a key file overwritten) is refused; a new key takes
+    a new id."""
+    try:
+        old = encryption_keys(running)
+    except ConfigError:
+        return []  # the running config's files changed since: nothing to compare with
+    new_keys = encryption_keys(new)
+    out = []
+    for kid, key in new_keys.items():
+        if kid in old and old[kid] != key:
+            out.append(f"{key_path('encryption.keys', kid)}: {json.dumps(new.encryption.keys[kid])} holds another "
+                       f"key than the one running under this id; a key id names one key (messages in history carry "
+                       f"it): give the new key a new id")
+    return out
+
+
 def sealers_of(cfg: Config) -> dict[str, Sealer]:
     """group id -> the Sealer of its ``encrypt`` key, for the encrypted channel groups of ``cfg``."""
     groups = {gid: ch.encrypt for gid, ch in cfg.channels.items() if ch.encrypt}
@@ -141,4 +161,4 @@ def sealers_of(cfg: Config) -> dict[str, Sealer]:
     return {gid: made[kid] for gid, kid in groups.items()}
 
 
-__all__ = ["check_encryption", "encryption_keys", "sealers_of"]
+__all__ = ["check_encryption", "encryption_keys", "rekeyed", "sealers_of"]

@@ -76,6 +76,10 @@ def load(path: str | os.PathLike[str] | None, env: Mapping[str, str] | None = No
     for ch in cfg.channels.values():  # [channels.<id>] data_schema_file: relative to the config file too
         if isinstance(ch, ChannelConfig) and ch.data_schema_file:
             ch.data_schema_file = os.path.normpath(os.path.join(base, os.path.expanduser(ch.data_schema_file)))
+    keys = cfg.encryption.keys  # [encryption.keys] files: relative to the config file too
+    for kid, file in keys.items():
+        if isinstance(file, str) and file:
+            keys[kid] = os.path.normpath(os.path.join(base, os.path.expanduser(file)))
     auth = validate(cfg, errs, from_file=path is not None, raw=raw)
     if errs.items:
         raise ConfigError(errs.lines())

@@ -131,6 +131,8 @@ class ChannelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, di
     # A JSON Schema that published ``data`` must satisfy: inline, or a JSON file (not both).
     data_schema: dict[str, Any] | None = None
     data_schema_file: str = ""
+    # The key id (in [encryption.keys]) that encrypts the data of messages published to this group; "" = none.
+    encrypt: str = ""
 
 
 class FilterConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -190,6 +192,12 @@ class HttpConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     metrics_allow: list[str] = msgspec.field(default_factory=lambda: ["127.0.0.1/32", "::1/128"])
 
 
+# ``dict=True``: the loader keeps the keys it read from the files with the section (wsd.config.encryption).
+class EncryptionConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, dict=True):
+    # key id -> the file holding that key (the base64 of 32 random bytes; `wsd keygen PATH` writes one)
+    keys: dict[str, str] = {}
+
+
 class LogConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["text", "json"] = "text"
@@ -231,6 +239,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     audit: AuditConfig = msgspec.field(default_factory=AuditConfig)
     http: HttpConfig = msgspec.field(default_factory=HttpConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
+    encryption: EncryptionConfig = msgspec.field(default_factory=EncryptionConfig)
     source_path: str = ""
 
 

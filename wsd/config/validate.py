@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 from wsd.config.auth import check_auth
+from wsd.config.encryption import check_encryption
 from wsd.config.model import (
     ChannelConfig,
     Config,
@@ -46,6 +47,7 @@ def validate(cfg: Config, errs: Problems, *, from_file: bool, raw: dict[str, Any
     _check_channels(cfg.channels, errs)
     _check_pools(cfg, errs, pools_from_file="pools" in raw)
     _check_routing(cfg, errs)
+    check_encryption(cfg, errs)
     _check_engine(cfg.engine, errs)
     _at_least(errs, "audit.max_bytes", cfg.audit.max_bytes, 1024)
     _at_least(errs, "audit.backups", cfg.audit.backups, 0)

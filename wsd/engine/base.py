@@ -61,12 +61,12 @@ _IN_PAYLOAD = object()
 class Publication:
     """One published message, as stored in history and delivered to connections."""
 
-    __slots__ = ("_data", "channel", "company_id", "epoch", "expires_at", "group", "id", "offset", "payload",
+    __slots__ = ("_data", "channel", "company_id", "enc", "epoch", "expires_at", "group", "id", "offset", "payload",
                  "priority", "source", "ts", "ttl_s", "type", "user_id")
 
     def __init__(self, *, id: str, channel: str, group: str, type: str, priority: int, data: Any, ts: float,
                  ttl_s: float | None = None, source: str = "", user_id: str = "", company_id: str = "",
-                 offset: int = 0, epoch: str = "", expires_at: float | None = None) -> None:
+                 offset: int = 0, epoch: str = "", expires_at: float | None = None, enc: str = "") -> None:
         self.id = id
         self.channel = channel
         self.group = group
@@ -81,6 +81,8 @@ class Publication:
         self.offset = offset
         self.epoch = epoch
         self.expires_at = expires_at
+        #: "A256GCM" when ``data`` is the envelope of encrypted data (wsd.core.encryption), else ""
+        self.enc = enc
         #: the encoded ``message`` push (JSON bytes), set once when it is first encoded (fan-out or a read
         #: of history) so history is served without encoding each stored message again
         self.payload: bytes | None = None

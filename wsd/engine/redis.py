@@ -170,6 +170,7 @@ class _Wire(msgspec.Struct, array_like=True):
     broadcast: bool = False
     pools: list[str] = []
     companies: list[str] = []
+    enc: str = ""  # "A256GCM": data is an encrypted envelope (last, so entries stored before it still decode)
 
 
 _decode = msgspec.json.Decoder(_Wire).decode
@@ -190,7 +191,7 @@ def _to_pub(w: _Wire, offset: int, epoch: str, now: float) -> Publication:
         expires = now + w.ttl_s - max(0.0, time.time() - w.ts)
     return Publication(id=w.id, channel=w.channel, group=w.group, type=w.type, priority=w.priority, data=w.data,
                        ts=w.ts, ttl_s=w.ttl_s, source=w.source, user_id=w.user_id, company_id=w.company_id,
-                       offset=offset, epoch=epoch, expires_at=expires)
+                       offset=offset, epoch=epoch, expires_at=expires, enc=w.enc)
 
 
 class RedisEngine(Engine):
@@ -558,7 +559,7 @@ class RedisEngine(Engine):
         scope = scope or {}
         w = _Wire(pub.id, pub.channel, pub.group, pub.type, int(pub.priority), pub.data, pub.ts, pub.ttl_s,
                   pub.source, pub.user_id, pub.company_id, bool(scope.get("broadcast")),
-                  list(scope.get("pools", ())), list(scope.get("companies", ())))
+                  list(scope.get("pools", ())), list(scope.get("companies", ())), pub.enc)
         body = _encode(w)
         channel = pub.channel or "_broadcast"
         size = history_size if pub.channel else 0

@@ -473,7 +473,8 @@ class ControlServer:
         return {"channel": inst, "position": {"offset": res.position.offset, "epoch": res.position.epoch},
                 "messages": [{"offset": x.offset, "epoch": x.epoch, "type": x.type, "ts": x.ts,
                               "priority": P.PRIORITIES[x.priority], "data": x.data,
-                              "source": x.source} for x in res.publications]}
+                              "source": x.source, **({"enc": x.enc} if x.enc else {})}
+                             for x in res.publications]}
 
     async def m_metrics(self, p: dict[str, Any]) -> Any:
         from wsd.runtime.metrics import metrics_snapshot

@@ -437,6 +437,9 @@ class Daemon:
             return {"ok": False, "errors": ["no config file: the daemon runs on its embedded default"]}
         try:
             cfg = wconfig.load_config(self.config_path)
+            rekeyed = wconfig.rekeyed(self.config, cfg)
+            if rekeyed:
+                raise wconfig.ConfigError(rekeyed)
         except wconfig.ConfigError as exc:
             self.emit("reload_failed", log_line=False, errors=exc.errors)
             log.error("reload refused, keeping the running config:\n%s", "\n".join(exc.errors))

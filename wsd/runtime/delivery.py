@@ -76,8 +76,10 @@ def stored_push(pub: Publication) -> bytes:
 
 def encode_push(pub: Publication, data: Any = None, seq: int | None = None, history: bool = False) -> bytes:
     msg: dict[str, Any] = {"type": "message", "channel": pub.channel, "offset": pub.offset, "epoch": pub.epoch,
-                           "msg_type": pub.type, "priority": PRIORITY_NAMES[pub.priority], "ts": pub.ts,
-                           "data": pub.data if data is None else data}
+                           "msg_type": pub.type, "priority": PRIORITY_NAMES[pub.priority], "ts": pub.ts}
+    if pub.enc:
+        msg["enc"] = pub.enc
+    msg["data"] = pub.data if data is None else data
     if seq is not None:
         msg["seq"] = seq
     if history:

@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from wsd import errors
-from wsd.config import data_schema_of
+from wsd.config import data_schema_of, sealers_of
 from wsd.core.channels import ChannelError
+from wsd.core.encryption import ALGORITHM
 from wsd.core.frames import unpublishable
 from wsd.core.history import StreamPosition
 from wsd.core.outbox import PRIORITY_NAMES, Priority
@@ -122,6 +123,7 @@ class Hub(Delivery, Lifecycle):
         self.rules = RuleTable(cfg.routing.rules)
         self.schemas = {gid: schema for gid, ch in cfg.channels.items()
                         if (schema := data_schema_of(ch)) is not None}
+        self.sealers = sealers_of(cfg)  # encrypted channel groups: group id -> Sealer of its current key
         engine = self.engine
         engine.configure(cfg.channels)
         engine.set_limits(cfg.limits)
@@ -245,12 +247,19 @@ class Hub(Delivery, Lifecycle):
             schema = self.schemas.get(group)
             if schema is not None:
                 self._check_data(schema, channel, msg_type, data, source)
+        enc = ""
+        if channel and self.sealers:
+            sealer = self.sealers.get(group)
+            if sealer is not None:
+                # Once per publication, before anything is stored or sent: history, the engine and every
+                # receiver get the same envelope (the schema above checked the plaintext).
+                data, enc = sealer.seal(channel, data), ALGORITHM
         now = self.now()
         wall = time.time()
         pub = Publication(id=secrets.token_hex(8), channel=channel, group=group, type=msg_type,
                           priority=priority, data=data, ts=round(wall, 6), ttl_s=ttl_s, source=source,
                           user_id=user_id, company_id=company_id,
-                          expires_at=(now + ttl_s) if ttl_s else None)
+                          expires_at=(now + ttl_s) if ttl_s else None, enc=enc)
         self.stats.published += 1
         engine = self.engine
         gcfg = self.groups.get(group) if channel else None

@@ -105,3 +105,19 @@ def test_forwarded_malformed(value, words):
 def test_forwarded_for_unquotes():
     assert forwarded_for('for="\\[::1\\]"') == "::1"  # a quoted-pair is the character
     assert forwarded_for('for="198.51.100.4"') == "198.51.100.4"
+
+
+@pytest.mark.parametrize("text", ["fe80::1%eth0", "[fe80::1%25x]:80", "fe80::1%a\x9b31m", "fe80::1%" + "x" * 500])
+def test_parse_node_refuses_a_zone_index(text):
+    """``ipaddress`` takes ``fe80::1%<anything but / and %>`` (a zone index): a client's address never has one,
+    and each spelling would be another per-address limiter key and arbitrary text in the records."""
+    with pytest.raises(ValueError, match="X-Forwarded-For: not an address"):
+        parse_node(text, "X-Forwarded-For")
+
+
+def test_an_ipv4_mapped_hop_is_its_ipv4_address():
+    """A proxy on a dual-stack socket writes ``::ffff:198.51.100.4``: the same client as ``198.51.100.4`` (one
+    limiter key, one address in ``wsctl connections``), not ``::ffff:c633:6404``."""
+    assert parse_node("::ffff:198.51.100.4", "X") == "198.51.100.4"
+    assert parse_node("[::ffff:198.51.100.4]:80", "X") == "198.51.100.4"
+    assert tp("10.0.0.0/8").client("10.0.0.2", None, ["::ffff:198.51.100.4, ::ffff:10.0.0.1"]) == "198.51.100.4"

@@ -12,12 +12,11 @@ Pure: no sockets, no HTTP library; the caller hands in the header's values (ever
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Sequence
 from typing import Any
 
-from wsd.core.net import ip_in
+from wsd.core.net import client_address, ip_in
 
 __all__ = ["HEADERS", "TrustedProxies", "forwarded_for", "parse_node"]
 
@@ -31,7 +30,8 @@ _TCHAR = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHI
 def parse_node(text: str, what: str) -> str | None:
     """One hop's address: normalized IP text; None for ``unknown`` or an obfuscated ``_name``.
 
-    Taken: ``192.0.2.1``, ``192.0.2.1:4711``, ``2001:db8::1``, ``[2001:db8::1]``, ``[2001:db8::1]:4711``.
+    Taken: ``192.0.2.1``, ``192.0.2.1:4711``, ``2001:db8::1``, ``[2001:db8::1]``, ``[2001:db8::1]:4711``;
+    an IPv4-mapped address reads as its IPv4 address, a zone index (``fe80::1%eth0``) is refused.
     Raises ValueError naming ``what`` (the header) otherwise.
     """
     t = text.strip()
@@ -48,7 +48,7 @@ def parse_node(text: str, what: str) -> str | None:
         if not _port_ok(":" + port):
             raise ValueError(f"{what}: not an address: {_shown(t)}")
     try:
-        return str(ipaddress.ip_address(host))
+        return client_address(host)
     except ValueError:
         raise ValueError(f"{what}: not an address: {_shown(t)}") from None
 

@@ -481,3 +481,17 @@ def test_config_checks_name_the_key(tmp_path):
     assert any(e.startswith("server.proxy_protocol: cannot be combined with server.tls_cert") for e in errs), errs
     errs = errors_of('forwarded_header = "x-real-ip"')
     assert any(e.startswith("server.forwarded_header:") for e in errs), errs
+
+
+def test_config_check_refuses_trusting_every_address(tmp_path):
+    """A careless ``trusted_proxies = ["0.0.0.0/0"]`` (or ``::/0``) lets every client claim any address and lifts
+    the per-address handshake bound for everyone: `wsd config check` refuses it, one line naming the key."""
+    p = tmp_path / "c.toml"
+    p.write_text(f'[auth]\nsecret = "{"x" * 40}"\n[server]\ntrusted_proxies = ["10.0.0.0/8", "0.0.0.0/0", "::/0"]\n')
+    r = subprocess.run([sys.executable, "-m", "wsd", "config", "check", str(p)], capture_output=True, text=True,
+                       timeout=60, env=dict(os.environ, PYTHONPATH=os.environ.get("PYTHONPATH", "")))
+    assert r.returncode != 0
+    lines = [line.removeprefix("error: ") for line in r.stderr.strip().splitlines()]
+    assert any(line.startswith("server.trusted_proxies[1]: trusts every address") for line in lines), r.stderr
+    assert any(line.startswith("server.trusted_proxies[2]: trusts every address") for line in lines), r.stderr
+    assert not any("trusted_proxies[0]" in line for line in lines)

@@ -522,6 +522,7 @@ export class WsdClient {
     this._sentSince = new Set(); // channels whose position the last resume attempt told the server
     this._watchers = new Set(); // wake-ups on open / stop
     this._wake = null; // ends the backoff sleep early (close)
+    this._closed = new Promise((resolve) => { this._signalClose = resolve; }); // settles at close()
     this._abort = null; // ends the connection attempt in flight (close)
   }
 
@@ -548,6 +549,7 @@ export class WsdClient {
   /** Close with 1000 (the session ends); subscriptions end after what they hold. */
   async close() {
     this._closing = true;
+    this._signalClose();
     const conn = this._conn;
     if (conn) this._lose(conn, 1000, "closed by the application");
     if (this._abort) this._abort(1000, "closed by the application"); // a connection attempt in flight
@@ -656,7 +658,10 @@ export class WsdClient {
       while (!this._closing) {
         const url = this.urls[idx];
         this._setState("connecting");
-        const token = await this._tokenFor(fresh);
+        // A token function may never settle: close() must not wait for it (nor start() with connectTimeout).
+        const asked = this._tokenFor(fresh);
+        asked.catch(() => {}); // what it throws after close() is of no interest
+        const token = await Promise.race([asked, this._closed]);
         fresh = false;
         if (this._closing) break;
         const { welcomed, code, reason } = await this._serve(url, token);
@@ -689,10 +694,14 @@ export class WsdClient {
   }
 
   _backoffSleep(s) {
+    let timer = null;
     return new Promise((resolve) => {
       this._wake = resolve;
-      Promise.resolve(this._sleep(s)).then(resolve, resolve);
+      // The default sleep's timer is ours to cancel: after close() it must not keep Node running until it fires.
+      if (this._sleep === defaultSleep) timer = setTimeout(resolve, seconds(s));
+      else Promise.resolve(this._sleep(s)).then(resolve, resolve);
     }).finally(() => {
+      if (timer) clearTimeout(timer);
       this._wake = null;
     });
   }

@@ -1240,6 +1240,12 @@ export class WsdClient {
         this._deliver(conn, sub, m);
       }
       if (!page.more || !page.next) return;
+      if (page.next.epoch === since.epoch && !(page.next.offset > since.offset)) {
+        // A page that does not move on (a buggy or hostile server): asking again would loop for ever.
+        this._hole(conn, sub, `history since offset ${since.offset} of epoch ${since.epoch} did not move on `
+          + `(next: offset ${page.next.offset} of epoch ${page.next.epoch})`, sub._last, true);
+        return;
+      }
       since = page.next;
     }
   }

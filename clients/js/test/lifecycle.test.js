@@ -88,3 +88,75 @@ test("close() during a reconnect backoff stops the client for good and leaves no
   assert.ok(took < 5000, `the process took ${took} ms to exit after close(): a timer outlived the client`);
   assert.deepEqual(JSON.parse(r.stdout.trim().split("\n").pop()), { sockets: 1, state: "closed" });
 });
+
+// -------------------------------------------------------------------------------------- a hostile or buggy server
+
+/**
+ * A scripted server behind the `WebSocket` option (any constructor with the browser's API): each socket is
+ * welcomed at once; `answer(ws, frame)` replies to what the client sends; `ws.push(obj)` sends it a frame.
+ */
+function scripted(answer) {
+  const sockets = [];
+  class Scripted extends EventTarget {
+    constructor(url) {
+      super();
+      this.url = url;
+      this.sent = [];
+      sockets.push(this);
+      setTimeout(() => this.push({ type: "welcome", session_id: "s1", resumed: false, subscriptions: [] }), 1);
+    }
+
+    push(obj) {
+      if (this.closed) return;
+      this.dispatchEvent(Object.assign(new Event("message"), { data: typeof obj === "string" ? obj : JSON.stringify(obj) }));
+    }
+
+    send(text) {
+      const frame = JSON.parse(text);
+      this.sent.push(frame);
+      setTimeout(() => answer(this, frame), 0);
+    }
+
+    close(code) {
+      if (this.closed) return;
+      this.closed = true;
+      setTimeout(() => this.dispatchEvent(Object.assign(new Event("close"), { code: code ?? 1005, reason: "" })), 0);
+    }
+  }
+  return { sockets, WebSocket: Scripted };
+}
+
+const at = (offset, epoch = "e1") => ({ offset, epoch });
+const message = (offset, epoch = "e1") => ({ type: "message", channel: "ch/a", offset, epoch, msg_type: "m",
+  data: { offset } });
+
+test("a history reply whose next does not move on ends the fill with a Gap instead of asking forever", async () => {
+  let history = 0;
+  const { sockets, WebSocket } = scripted((ws, f) => {
+    if (f.op === "subscribe") ws.push({ id: f.id, ok: true, result: { channel: "ch/a", position: at(1) } });
+    if (f.op === "history") {
+      history += 1;
+      ws.push({ id: f.id, ok: true, result: { channel: "ch/a", messages: [], more: true, next: f.since,
+        position: at(9) } });
+    }
+  });
+  const client = new WsdClient("ws://wsd.invalid/ws/api", { token: "t", WebSocket, pingInterval: null });
+  try {
+    await client.start();
+    const sub = await client.subscribe("ch/a");
+    const items = [];
+    sub.on("message", (m) => items.push(`m${m.offset}`));
+    sub.on("gap", (g) => items.push(`gap ${g.reason}`));
+    sockets[0].push(message(2));
+    sockets[0].push(message(5)); // 3 and 4 missing: a fill, whose pages never get past offset 2
+    const deadline = Date.now() + 3000;
+    while (items.length < 3 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+    assert.deepEqual(items.slice(0, 2), ["m2", "gap history since offset 2 of epoch e1 did not move on "
+      + "(next: offset 2 of epoch e1)"]);
+    assert.equal(items[2], "m5");
+    await new Promise((r) => setTimeout(r, 200));
+    assert.equal(history, 1, `${history} history requests for one hole`);
+  } finally {
+    await client.close();
+  }
+});

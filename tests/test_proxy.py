@@ -363,6 +363,23 @@ async def test_forwarded_rfc7239_header(start):
         await wait_for(lambda: _has_remote(w, "2001:db8::17"))
 
 
+async def test_overlong_forwarded_header_from_the_proxy_is_400_naming_it(start):
+    """A client behind a pass-through proxy can make its Forwarded header as long as the proxy allows: past
+    8192 characters (two full header lines here) it is 400 naming the header, not parsed; the daemon answers the
+    next request at once."""
+    w = start(trusted_proxies=["127.0.0.2/32"], forwarded_header="forwarded")
+    line = "Forwarded: " + ",".join(["for=127.0.0.2"] * 570)
+    with sock_from("127.0.0.2", w.port) as s:
+        s.sendall(upgrade_request(w.port, f"/ws/api?token={make_token()}", line, line, "Forwarded: for=192.0.2.9"))
+        status, body = response_of(s)
+    assert status == 400, body
+    assert json.loads(body)["message"] == "Forwarded: longer than 8192 characters (every line of it)"
+    with sock_from("127.0.0.2", w.port) as s:
+        s.sendall(upgrade_request(w.port, f"/ws/api?token={make_token()}", line, "Forwarded: for=192.0.2.9"))
+        assert response_of(s)[0] == 101
+        await wait_for(lambda: _has_remote(w, "192.0.2.9"))
+
+
 async def test_proxy_protocol_v1_v2_local_and_ipv6(start, tmp_path):
     """proxy_protocol = true, trusted 127.0.0.2: v1 and v2 preambles give the client's address (IPv4 and IPv6),
     even split across writes and with the request in the same write; LOCAL means the proxy itself; the

@@ -18,10 +18,14 @@ from typing import Any
 
 from wsd.core.net import client_address, ip_in
 
-__all__ = ["HEADERS", "TrustedProxies", "forwarded_for", "parse_node"]
+__all__ = ["HEADERS", "MAX_CHARS", "TrustedProxies", "forwarded_for", "parse_node"]
 
 #: ``server.forwarded_header`` values -> the HTTP header read ("" = none)
 HEADERS = {"x-forwarded-for": "X-Forwarded-For", "forwarded": "Forwarded", "none": ""}
+
+#: the longest forwarded header (every line of it) read: some 500 hops, more than any chain of proxies. Beyond
+#: it, 400 before parsing: websockets lets 128 lines of 8 KiB through, which took the parser ~0.4 s per handshake.
+MAX_CHARS = 8192
 
 _QUOTED_PAIR = re.compile(r"\\(.)")
 _TCHAR = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
@@ -139,6 +143,8 @@ class TrustedProxies:
         if not self.header or not values:
             return addr
         joined = ",".join(values)
+        if len(joined) > MAX_CHARS:
+            raise ValueError(f"{self.header}: longer than {MAX_CHARS} characters (every line of it)")
         if self.header == "Forwarded":
             for element in reversed(_elements(joined)):
                 if not element.strip():

@@ -410,6 +410,28 @@ async def test_proxy_protocol_v1_v2_local_and_ipv6(start, tmp_path):
         s.close()
 
 
+async def test_proxy_header_without_a_client_address_does_not_let_the_client_choose_one(start):
+    """proxy_protocol with the default forwarded_header: a PROXY header naming no client (v1 UNKNOWN, v2
+    AF_UNSPEC / AF_UNIX, LOCAL) is followed by the client's own bytes (TCP mode), so its X-Forwarded-For is not
+    read: the pool allowlist sees the proxy's address and refuses, and the connection shows the proxy's."""
+    w = start('[pools.frontend]\ntype = "frontend"\npath = "/ws/frontend"\nallow_cidrs = ["198.51.100.0/24"]\n'
+              '[pools.api]\ntype = "api"\npath = "/ws/api"\n', trusted_proxies=["127.0.0.2/32"], proxy_protocol=True)
+    tok = make_token()
+    spoof = "X-Forwarded-For: 198.51.100.9"
+    unspec = V2_SIGNATURE + bytes([0x21, 0x00]) + struct.pack("!H", 0)
+    unix = V2_SIGNATURE + bytes([0x21, 0x31]) + struct.pack("!H", 216) + b"\x00" * 216
+    for pre in (b"PROXY UNKNOWN\r\n", b"PROXY UNKNOWN 1.2.3.4 5.6.7.8 1 2\r\n", unspec, unix, v2("127.0.0.9", cmd=0)):
+        with sock_from("127.0.0.2", w.port) as s:
+            s.sendall(pre + upgrade_request(w.port, f"/ws/frontend?token={tok}", spoof))
+            status, body = response_of(s)
+        assert status == 403 and "address 127.0.0.2 not allowed" in json.loads(body)["message"], (pre, body)
+    with sock_from("127.0.0.2", w.port) as s:
+        s.sendall(b"PROXY UNKNOWN\r\n" + upgrade_request(w.port, f"/ws/api?token={tok}", spoof))
+        assert response_of(s)[0] == 101
+        await wait_for(lambda: _has_remote(w, "127.0.0.2"))
+        assert await remotes(w) == {"127.0.0.2"}
+
+
 async def test_bad_proxy_preambles_close_the_connection_and_are_recorded(start, tmp_path):
     """From the trusted peer: no preamble, a malformed v1 line, a bad v2 version, TLS bytes, an overlong line
     — each connection is closed without a reply, counted (proxy_header) and audited; the daemon stays up.

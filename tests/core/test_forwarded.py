@@ -136,3 +136,12 @@ def test_an_overlong_forwarded_header_is_refused_before_it_is_parsed(header):
     with pytest.raises(ValueError, match=rf"^{name}: longer than {MAX_CHARS} characters"):
         t.client("10.0.0.2", None, [fits, fits])
     assert t.client("203.0.113.5", None, [fits] * 128) == "203.0.113.5"
+
+
+def test_a_preamble_without_an_address_ends_the_walk_at_the_proxy():
+    """relayed "": a PROXY header that named no client (LOCAL, v1 UNKNOWN, v2 AF_UNSPEC / AF_UNIX). In TCP mode
+    the bytes after it are the client's own: its X-Forwarded-For must not be read, or it chooses its address."""
+    t = tp("10.0.0.0/8")
+    assert t.client("10.0.0.2", "", ["6.6.6.6"]) == "10.0.0.2"
+    assert tp("10.0.0.0/8", header="forwarded").client("10.0.0.2", "", ["for=6.6.6.6"]) == "10.0.0.2"
+    assert t.client("10.0.0.2", None, ["6.6.6.6"]) == "6.6.6.6"  # no PROXY header at all: the header is read

@@ -130,11 +130,15 @@ class TrustedProxies:
         return bool(self.networks) and ip_in(ip, self.networks)
 
     def client(self, peer: str, relayed: str | None, values: Sequence[str]) -> str:
-        """The client's address: ``peer`` (the TCP peer), ``relayed`` (from a PROXY preamble, or None) and
-        ``values`` (every line of the forwarded header, in order). Raises ValueError (a one-line reason
-        naming the header) when an entry the walk reaches is malformed."""
+        """The client's address: ``peer`` (the TCP peer), ``relayed`` (from a PROXY preamble: None without
+        one, "" for one that named no client) and ``values`` (every line of the forwarded header, in order).
+        Raises ValueError (a one-line reason naming the header) when an entry the walk reaches is malformed."""
         addr = peer
         if not self.trusts(addr):
+            return addr
+        if relayed == "":
+            # LOCAL, UNKNOWN, AF_UNSPEC / AF_UNIX: an unknown hop, as ``unknown`` in a header. What follows the
+            # preamble is the client's own bytes (TCP mode): its forwarded header is not the proxy's word.
             return addr
         if relayed is not None:
             addr = relayed

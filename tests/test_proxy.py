@@ -365,12 +365,13 @@ async def test_forwarded_rfc7239_header(start):
 
 async def test_overlong_forwarded_header_from_the_proxy_is_400_naming_it(start):
     """A client behind a pass-through proxy can make its Forwarded header as long as the proxy allows: past
-    8192 characters (two full header lines here) it is 400 naming the header, not parsed; the daemon answers the
-    next request at once."""
+    8192 characters (two full header lines here) it is 400 naming the header, not parsed; the daemon answers
+    the next request at once."""
     w = start(trusted_proxies=["127.0.0.2/32"], forwarded_header="forwarded")
     line = "Forwarded: " + ",".join(["for=127.0.0.2"] * 570)
     with sock_from("127.0.0.2", w.port) as s:
-        s.sendall(upgrade_request(w.port, f"/ws/api?token={make_token()}", line, line, "Forwarded: for=192.0.2.9"))
+        s.sendall(upgrade_request(w.port, f"/ws/api?token={make_token()}", line, line,
+                                  "Forwarded: for=192.0.2.9"))
         status, body = response_of(s)
     assert status == 400, body
     assert json.loads(body)["message"] == "Forwarded: longer than 8192 characters (every line of it)"
@@ -412,15 +413,17 @@ async def test_proxy_protocol_v1_v2_local_and_ipv6(start, tmp_path):
 
 async def test_proxy_header_without_a_client_address_does_not_let_the_client_choose_one(start):
     """proxy_protocol with the default forwarded_header: a PROXY header naming no client (v1 UNKNOWN, v2
-    AF_UNSPEC / AF_UNIX, LOCAL) is followed by the client's own bytes (TCP mode), so its X-Forwarded-For is not
-    read: the pool allowlist sees the proxy's address and refuses, and the connection shows the proxy's."""
-    w = start('[pools.frontend]\ntype = "frontend"\npath = "/ws/frontend"\nallow_cidrs = ["198.51.100.0/24"]\n'
-              '[pools.api]\ntype = "api"\npath = "/ws/api"\n', trusted_proxies=["127.0.0.2/32"], proxy_protocol=True)
+    AF_UNSPEC / AF_UNIX, LOCAL) is followed by the client's own bytes (TCP mode), so its X-Forwarded-For is
+    not read: the pool allowlist sees the proxy's address and refuses; the connection shows the proxy's."""
+    w = start('[pools.frontend]\ntype = "frontend"\npath = "/ws/frontend"\n'
+              'allow_cidrs = ["198.51.100.0/24"]\n[pools.api]\ntype = "api"\npath = "/ws/api"\n',
+              trusted_proxies=["127.0.0.2/32"], proxy_protocol=True)
     tok = make_token()
     spoof = "X-Forwarded-For: 198.51.100.9"
     unspec = V2_SIGNATURE + bytes([0x21, 0x00]) + struct.pack("!H", 0)
     unix = V2_SIGNATURE + bytes([0x21, 0x31]) + struct.pack("!H", 216) + b"\x00" * 216
-    for pre in (b"PROXY UNKNOWN\r\n", b"PROXY UNKNOWN 1.2.3.4 5.6.7.8 1 2\r\n", unspec, unix, v2("127.0.0.9", cmd=0)):
+    for pre in (b"PROXY UNKNOWN\r\n", b"PROXY UNKNOWN 1.2.3.4 5.6.7.8 1 2\r\n", unspec, unix,
+                v2("127.0.0.9", cmd=0)):
         with sock_from("127.0.0.2", w.port) as s:
             s.sendall(pre + upgrade_request(w.port, f"/ws/frontend?token={tok}", spoof))
             status, body = response_of(s)
@@ -523,12 +526,15 @@ def test_config_checks_name_the_key(tmp_path):
 
 
 def test_config_check_refuses_trusting_every_address(tmp_path):
-    """A careless ``trusted_proxies = ["0.0.0.0/0"]`` (or ``::/0``) lets every client claim any address and lifts
-    the per-address handshake bound for everyone: `wsd config check` refuses it, one line naming the key."""
+    """A careless ``trusted_proxies = ["0.0.0.0/0"]`` (or ``::/0``) lets every client claim any address and
+    lifts the per-address handshake bound for everyone: `wsd config check` refuses it, one line naming the
+    key."""
     p = tmp_path / "c.toml"
-    p.write_text(f'[auth]\nsecret = "{"x" * 40}"\n[server]\ntrusted_proxies = ["10.0.0.0/8", "0.0.0.0/0", "::/0"]\n')
-    r = subprocess.run([sys.executable, "-m", "wsd", "config", "check", str(p)], capture_output=True, text=True,
-                       timeout=60, env=dict(os.environ, PYTHONPATH=os.environ.get("PYTHONPATH", "")))
+    p.write_text(f'[auth]\nsecret = "{"x" * 40}"\n[server]\n'
+                 'trusted_proxies = ["10.0.0.0/8", "0.0.0.0/0", "::/0"]\n')
+    env = dict(os.environ, PYTHONPATH=os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-m", "wsd", "config", "check", str(p)], capture_output=True,
+                       text=True, timeout=60, env=env)
     assert r.returncode != 0
     lines = [line.removeprefix("error: ") for line in r.stderr.strip().splitlines()]
     assert any(line.startswith("server.trusted_proxies[1]: trusts every address") for line in lines), r.stderr

@@ -121,7 +121,8 @@ def test_fed_byte_by_byte_gives_the_same_answer():
 
 
 def test_v1_zone_index_is_refused_and_ipv4_mapped_is_ipv4():
-    """A zone index (``fe80::1%eth0``) is no client's address; an IPv4-mapped source reads as its IPv4 address."""
+    """A zone index (``fe80::1%eth0``) is no client's address; an IPv4-mapped source reads as its IPv4
+    address."""
     with pytest.raises(ProxyHeaderError, match="source address"):
         parse(b"PROXY TCP6 fe80::1%eth0 ::1 1 2\r\n")
     assert parse(b"PROXY TCP6 ::ffff:198.51.100.4 ::1 1 2\r\n").source == "198.51.100.4"

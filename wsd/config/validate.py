@@ -138,8 +138,8 @@ def _check_proxies(s: ServerConfig, errs: Problems) -> None:
         except (TypeError, ValueError):
             continue
         if every:
-            errs.add(f"server.trusted_proxies[{i}]", f"trusts every address ({cidr}): any client could claim any "
-                     "address and escape the per-address limits; list the proxies' own addresses")
+            errs.add(f"server.trusted_proxies[{i}]", f"trusts every address ({cidr}): any client could claim "
+                     "any address and escape the per-address limits; list the proxies' own addresses")
     if s.proxy_protocol and not s.trusted_proxies:
         errs.add("server.proxy_protocol", "needs server.trusted_proxies: the addresses of the proxies that send "
                  "the PROXY header (no one else's connection is read as carrying one)")

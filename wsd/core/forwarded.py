@@ -23,8 +23,9 @@ __all__ = ["HEADERS", "MAX_CHARS", "TrustedProxies", "forwarded_for", "parse_nod
 #: ``server.forwarded_header`` values -> the HTTP header read ("" = none)
 HEADERS = {"x-forwarded-for": "X-Forwarded-For", "forwarded": "Forwarded", "none": ""}
 
-#: the longest forwarded header (every line of it) read: some 500 hops, more than any chain of proxies. Beyond
-#: it, 400 before parsing: websockets lets 128 lines of 8 KiB through, which took the parser ~0.4 s per handshake.
+#: the longest forwarded header (every line of it) read: some 500 hops, more than any chain of proxies.
+#: Beyond it, 400 before parsing: websockets lets 128 lines of 8 KiB through, which took the parser ~0.4 s
+#: of the event loop per handshake.
 MAX_CHARS = 8192
 
 _QUOTED_PAIR = re.compile(r"\\(.)")
@@ -132,13 +133,14 @@ class TrustedProxies:
     def client(self, peer: str, relayed: str | None, values: Sequence[str]) -> str:
         """The client's address: ``peer`` (the TCP peer), ``relayed`` (from a PROXY preamble: None without
         one, "" for one that named no client) and ``values`` (every line of the forwarded header, in order).
-        Raises ValueError (a one-line reason naming the header) when an entry the walk reaches is malformed."""
+        Raises ValueError (a one-line reason naming the header) when an entry the walk reaches is
+        malformed."""
         addr = peer
         if not self.trusts(addr):
             return addr
         if relayed == "":
-            # LOCAL, UNKNOWN, AF_UNSPEC / AF_UNIX: an unknown hop, as ``unknown`` in a header. What follows the
-            # preamble is the client's own bytes (TCP mode): its forwarded header is not the proxy's word.
+            # LOCAL, UNKNOWN, AF_UNSPEC / AF_UNIX: an unknown hop, as ``unknown`` in a header. What follows
+            # the preamble is the client's own bytes (TCP mode): its forwarded header is not the proxy's word.
             return addr
         if relayed is not None:
             addr = relayed

@@ -108,7 +108,8 @@ function scripted(answer) {
 
     push(obj) {
       if (this.closed) return;
-      this.dispatchEvent(Object.assign(new Event("message"), { data: typeof obj === "string" ? obj : JSON.stringify(obj) }));
+      const data = typeof obj === "string" ? obj : JSON.stringify(obj);
+      this.dispatchEvent(Object.assign(new Event("message"), { data }));
     }
 
     send(text) {

@@ -94,7 +94,8 @@ def test_js_client_pure_parts() -> None:
 
 def test_js_client_lifecycle_against_what_it_cannot_control() -> None:
     """A token function that never settles (start/close still settle), close() during a reconnect backoff
-    (Node exits at once), a server whose history pages never move on: clients/js/test/lifecycle.test.js."""
+    (Node exits at once), a server whose history pages never move on, junk frames, an epoch change, a drop
+    mid-request: clients/js/test/lifecycle.test.js."""
     run_node(["test/lifecycle.test.js"], {}, timeout=90)
 
 

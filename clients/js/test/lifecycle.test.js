@@ -1,13 +1,14 @@
-// The client's lifecycle against what it cannot control: a token function that never settles, close() during
-// a reconnect backoff (no server listening: Node's own WebSocket is refused), and a server that answers history
-// requests with a position that never moves on. No daemon needed (tests/test_js_client.py runs this file).
+// The client against what it cannot control: a token function that never settles, close() during a reconnect
+// backoff (no server listening: Node's own WebSocket is refused), and a buggy or hostile server (history pages
+// that never move on, junk frames, an epoch change, a drop mid-request). No daemon needed
+// (tests/test_js_client.py runs this file).
 
 import assert from "node:assert/strict";
 import { spawnSync } from "node:child_process";
 import net from "node:net";
 import { test } from "node:test";
 
-import { ClientError, WsdClient } from "../wsd-client.js";
+import { ClientError, ConnectionLost, WsdClient } from "../wsd-client.js";
 
 const CLIENT = new URL("../wsd-client.js", import.meta.url).href;
 
@@ -157,6 +158,42 @@ test("a history reply whose next does not move on ends the fill with a Gap inste
     assert.equal(items[2], "m5");
     await new Promise((r) => setTimeout(r, 200));
     assert.equal(history, 1, `${history} history requests for one hole`);
+  } finally {
+    await client.close();
+  }
+});
+
+test("junk from the server is ignored; an epoch change is a Gap; a drop mid-request settles the request", async () => {
+  let publishes = 0;
+  const { sockets, WebSocket } = scripted((ws, f) => {
+    if (f.op === "subscribe") ws.push({ id: f.id, ok: true, result: { channel: "ch/a", position: at(1) } });
+    if (f.op === "history") ws.push({ id: f.id, ok: true, result: { channel: "ch/a", messages: [], more: false } });
+    if (f.op === "publish") publishes += 1; // never answered: the connection drops first
+  });
+  const client = new WsdClient("ws://wsd.invalid/ws/api", { token: "t", WebSocket, pingInterval: null,
+    backoffBase: 0.01, backoffCap: 0.01 });
+  try {
+    await client.start();
+    const sub = await client.subscribe("ch/a");
+    const items = [];
+    sub.on("message", (m) => items.push(`m${m.offset}@${m.epoch}`));
+    sub.on("gap", (g) => items.push(`gap ${g.reason}`));
+    const ws = sockets[0];
+    for (const junk of ["not json", "[1,2]", "null", "42", '"text"', { id: 999, ok: true, result: {} },
+      { type: "batch", messages: "x" }, { type: "batch", messages: [{ type: "batch", messages: [message(2)] }] },
+      { type: "no-such-frame" }, { type: "message", channel: { a: 1 }, offset: 2 }]) ws.push(junk);
+    ws.push(message(2));
+    ws.push(message(1, "e2")); // the channel's history was lost: a new epoch
+    ws.push(message(2, "e2"));
+    const deadline = Date.now() + 3000;
+    while (items.length < 4 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+    assert.deepEqual(items, ["m2@e1", "gap epoch changed from e1 to e2: the channel's history was lost", "m1@e2",
+      "m2@e2"]);
+    assert.equal(client.state, "open");
+    const pending = client.publish("ch/a", { n: 1 });
+    while (publishes < 1 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10));
+    ws.close(1006);
+    await assert.rejects(bounded(pending, 3000, "publish() on a dropped connection"), ConnectionLost);
   } finally {
     await client.close();
   }

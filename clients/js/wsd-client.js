@@ -420,22 +420,36 @@ export class Subscription {
     return { value: item, done: false };
   }
 
+  /** Call a listener: true, false when it threw, or for an async one a promise of that (a rejection is reported
+   * like a throw, never left unhandled: Node would stop the process for it). */
   _call(fn, arg, what) {
+    let got;
     try {
-      fn(arg);
-      return true;
+      got = fn(arg);
     } catch (err) {
       report(what, err);
       return false;
     }
+    if (got == null || typeof got.then !== "function") return true;
+    return Promise.resolve(got).then(() => true, (err) => {
+      report(what, err);
+      return false;
+    });
   }
 
   _dispatch([item, session]) {
     let ok = true;
-    for (const fn of this._listeners[item.kind].slice()) ok = this._call(fn, item, `${item.kind} listener`) && ok;
+    const waiting = [];
+    for (const fn of this._listeners[item.kind].slice()) {
+      const r = this._call(fn, item, `${item.kind} listener`);
+      if (r === false) ok = false;
+      else if (r !== true) waiting.push(r);
+    }
     if (item instanceof Message) {
       this.processed = item.position;
-      if (item.seq != null && ok) this._client._ack(item.seq, session); // not acked when a listener threw
+      if (item.seq == null || !ok) return; // not acked when a listener threw
+      if (!waiting.length) this._client._ack(item.seq, session);
+      else Promise.all(waiting).then((oks) => oks.every(Boolean) && this._client._ack(item.seq, session));
     }
   }
 

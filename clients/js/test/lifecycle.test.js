@@ -198,3 +198,45 @@ test("junk from the server is ignored; an epoch change is a Gap; a drop mid-requ
     await client.close();
   }
 });
+
+test("an async listener that rejects is reported like one that throws (not acked), not left to crash Node",
+  async () => {
+  const { sockets, WebSocket } = scripted((ws, f) => {
+    if (f.op === "subscribe") ws.push({ id: f.id, ok: true, result: { channel: "ch/a", position: at(1) } });
+  });
+  const unhandled = [];
+  const onUnhandled = (err) => unhandled.push(err);
+  process.on("unhandledRejection", onUnhandled);
+  const logged = [];
+  const consoleError = console.error;
+  console.error = (...args) => logged.push(args.map(String).join(" "));
+  const client = new WsdClient("ws://wsd.invalid/ws/api", { token: "t", WebSocket, pingInterval: null });
+  try {
+    await client.start();
+    const sub = await client.subscribe("ch/a");
+    const seen = [];
+    sub.on("message", async (m) => {
+      seen.push(m.offset);
+      await new Promise((r) => setTimeout(r, 10));
+      if (m.offset !== 2) throw new Error(`cannot store ${m.offset}`);
+    });
+    sub.on("gap", async () => { throw new Error("gap listener failed"); });
+    sockets[0].push({ ...message(2), seq: 10 });
+    sockets[0].push({ ...message(3), seq: 11 });
+    sockets[0].push({ ...message(1, "e2"), seq: 12 });
+    const deadline = Date.now() + 3000;
+    while (logged.length < 3 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+    await new Promise((r) => setTimeout(r, 50));
+    assert.deepEqual(seen, [2, 3, 1]);
+    assert.deepEqual(unhandled, []);
+    assert.equal(logged.length, 3, logged.join("\n")); // messages 3 and 1, the gap
+    // acked once its listener's promise resolved; never when it rejected (the server sends it again)
+    assert.deepEqual(sockets[0].sent.filter((f) => f.op === "ack").map((f) => f.seq), [10]);
+    assert.ok(logged.every((line) => line.startsWith("wsd-client: ")), logged.join("\n"));
+    assert.equal(client.state, "open");
+  } finally {
+    console.error = consoleError;
+    process.off("unhandledRejection", onUnhandled);
+    await client.close();
+  }
+});

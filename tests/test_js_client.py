@@ -92,6 +92,13 @@ def test_js_client_pure_parts() -> None:
     run_node(["test/unit.test.js"], {}, timeout=60)
 
 
+def test_js_client_lifecycle_against_what_it_cannot_control() -> None:
+    """A token function that never settles (start/close still settle), close() during a reconnect backoff
+    (Node exits at once), a server whose history pages never move on, junk frames, an epoch change, a drop
+    mid-request: clients/js/test/lifecycle.test.js."""
+    run_node(["test/lifecycle.test.js"], {}, timeout=90)
+
+
 @pytest.mark.timeout(300)  # one Node run of about 20 tests, some waiting out token lifetimes
 def test_js_client_against_a_daemon(wsd_factory) -> None:
     """Delivery, batches, dedupe, acks, gaps, resume after a dropped or stalled network, URL failover, kick,

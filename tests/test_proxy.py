@@ -363,6 +363,24 @@ async def test_forwarded_rfc7239_header(start):
         await wait_for(lambda: _has_remote(w, "2001:db8::17"))
 
 
+async def test_overlong_forwarded_header_from_the_proxy_is_400_naming_it(start):
+    """A client behind a pass-through proxy can make its Forwarded header as long as the proxy allows: past
+    8192 characters (two full header lines here) it is 400 naming the header, not parsed; the daemon answers
+    the next request at once."""
+    w = start(trusted_proxies=["127.0.0.2/32"], forwarded_header="forwarded")
+    line = "Forwarded: " + ",".join(["for=127.0.0.2"] * 570)
+    with sock_from("127.0.0.2", w.port) as s:
+        s.sendall(upgrade_request(w.port, f"/ws/api?token={make_token()}", line, line,
+                                  "Forwarded: for=192.0.2.9"))
+        status, body = response_of(s)
+    assert status == 400, body
+    assert json.loads(body)["message"] == "Forwarded: longer than 8192 characters (every line of it)"
+    with sock_from("127.0.0.2", w.port) as s:
+        s.sendall(upgrade_request(w.port, f"/ws/api?token={make_token()}", line, "Forwarded: for=192.0.2.9"))
+        assert response_of(s)[0] == 101
+        await wait_for(lambda: _has_remote(w, "192.0.2.9"))
+
+
 async def test_proxy_protocol_v1_v2_local_and_ipv6(start, tmp_path):
     """proxy_protocol = true, trusted 127.0.0.2: v1 and v2 preambles give the client's address (IPv4 and IPv6),
     even split across writes and with the request in the same write; LOCAL means the proxy itself; the
@@ -391,6 +409,30 @@ async def test_proxy_protocol_v1_v2_local_and_ipv6(start, tmp_path):
     assert statuses == [101, 429]
     for s in keep:
         s.close()
+
+
+async def test_proxy_header_without_a_client_address_does_not_let_the_client_choose_one(start):
+    """proxy_protocol with the default forwarded_header: a PROXY header naming no client (v1 UNKNOWN, v2
+    AF_UNSPEC / AF_UNIX, LOCAL) is followed by the client's own bytes (TCP mode), so its X-Forwarded-For is
+    not read: the pool allowlist sees the proxy's address and refuses; the connection shows the proxy's."""
+    w = start('[pools.frontend]\ntype = "frontend"\npath = "/ws/frontend"\n'
+              'allow_cidrs = ["198.51.100.0/24"]\n[pools.api]\ntype = "api"\npath = "/ws/api"\n',
+              trusted_proxies=["127.0.0.2/32"], proxy_protocol=True)
+    tok = make_token()
+    spoof = "X-Forwarded-For: 198.51.100.9"
+    unspec = V2_SIGNATURE + bytes([0x21, 0x00]) + struct.pack("!H", 0)
+    unix = V2_SIGNATURE + bytes([0x21, 0x31]) + struct.pack("!H", 216) + b"\x00" * 216
+    for pre in (b"PROXY UNKNOWN\r\n", b"PROXY UNKNOWN 1.2.3.4 5.6.7.8 1 2\r\n", unspec, unix,
+                v2("127.0.0.9", cmd=0)):
+        with sock_from("127.0.0.2", w.port) as s:
+            s.sendall(pre + upgrade_request(w.port, f"/ws/frontend?token={tok}", spoof))
+            status, body = response_of(s)
+        assert status == 403 and "address 127.0.0.2 not allowed" in json.loads(body)["message"], (pre, body)
+    with sock_from("127.0.0.2", w.port) as s:
+        s.sendall(b"PROXY UNKNOWN\r\n" + upgrade_request(w.port, f"/ws/api?token={tok}", spoof))
+        assert response_of(s)[0] == 101
+        await wait_for(lambda: _has_remote(w, "127.0.0.2"))
+        assert await remotes(w) == {"127.0.0.2"}
 
 
 async def test_bad_proxy_preambles_close_the_connection_and_are_recorded(start, tmp_path):
@@ -481,3 +523,20 @@ def test_config_checks_name_the_key(tmp_path):
     assert any(e.startswith("server.proxy_protocol: cannot be combined with server.tls_cert") for e in errs), errs
     errs = errors_of('forwarded_header = "x-real-ip"')
     assert any(e.startswith("server.forwarded_header:") for e in errs), errs
+
+
+def test_config_check_refuses_trusting_every_address(tmp_path):
+    """A careless ``trusted_proxies = ["0.0.0.0/0"]`` (or ``::/0``) lets every client claim any address and
+    lifts the per-address handshake bound for everyone: `wsd config check` refuses it, one line naming the
+    key."""
+    p = tmp_path / "c.toml"
+    p.write_text(f'[auth]\nsecret = "{"x" * 40}"\n[server]\n'
+                 'trusted_proxies = ["10.0.0.0/8", "0.0.0.0/0", "::/0"]\n')
+    env = dict(os.environ, PYTHONPATH=os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-m", "wsd", "config", "check", str(p)], capture_output=True,
+                       text=True, timeout=60, env=env)
+    assert r.returncode != 0
+    lines = [line.removeprefix("error: ") for line in r.stderr.strip().splitlines()]
+    assert any(line.startswith("server.trusted_proxies[1]: trusts every address") for line in lines), r.stderr
+    assert any(line.startswith("server.trusted_proxies[2]: trusts every address") for line in lines), r.stderr
+    assert not any("trusted_proxies[0]" in line for line in lines)

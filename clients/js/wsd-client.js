@@ -420,22 +420,36 @@ export class Subscription {
     return { value: item, done: false };
   }
 
+  /** Call a listener: true, false when it threw, or for an async one a promise of that (a rejection is reported
+   * like a throw, never left unhandled: Node would stop the process for it). */
   _call(fn, arg, what) {
+    let got;
     try {
-      fn(arg);
-      return true;
+      got = fn(arg);
     } catch (err) {
       report(what, err);
       return false;
     }
+    if (got == null || typeof got.then !== "function") return true;
+    return Promise.resolve(got).then(() => true, (err) => {
+      report(what, err);
+      return false;
+    });
   }
 
   _dispatch([item, session]) {
     let ok = true;
-    for (const fn of this._listeners[item.kind].slice()) ok = this._call(fn, item, `${item.kind} listener`) && ok;
+    const waiting = [];
+    for (const fn of this._listeners[item.kind].slice()) {
+      const r = this._call(fn, item, `${item.kind} listener`);
+      if (r === false) ok = false;
+      else if (r !== true) waiting.push(r);
+    }
     if (item instanceof Message) {
       this.processed = item.position;
-      if (item.seq != null && ok) this._client._ack(item.seq, session); // not acked when a listener threw
+      if (item.seq == null || !ok) return; // not acked when a listener threw
+      if (!waiting.length) this._client._ack(item.seq, session);
+      else Promise.all(waiting).then((oks) => oks.every(Boolean) && this._client._ack(item.seq, session));
     }
   }
 
@@ -522,6 +536,7 @@ export class WsdClient {
     this._sentSince = new Set(); // channels whose position the last resume attempt told the server
     this._watchers = new Set(); // wake-ups on open / stop
     this._wake = null; // ends the backoff sleep early (close)
+    this._closed = new Promise((resolve) => { this._signalClose = resolve; }); // settles at close()
     this._abort = null; // ends the connection attempt in flight (close)
   }
 
@@ -548,6 +563,7 @@ export class WsdClient {
   /** Close with 1000 (the session ends); subscriptions end after what they hold. */
   async close() {
     this._closing = true;
+    this._signalClose();
     const conn = this._conn;
     if (conn) this._lose(conn, 1000, "closed by the application");
     if (this._abort) this._abort(1000, "closed by the application"); // a connection attempt in flight
@@ -656,7 +672,10 @@ export class WsdClient {
       while (!this._closing) {
         const url = this.urls[idx];
         this._setState("connecting");
-        const token = await this._tokenFor(fresh);
+        // A token function may never settle: close() must not wait for it (nor start() with connectTimeout).
+        const asked = this._tokenFor(fresh);
+        asked.catch(() => {}); // what it throws after close() is of no interest
+        const token = await Promise.race([asked, this._closed]);
         fresh = false;
         if (this._closing) break;
         const { welcomed, code, reason } = await this._serve(url, token);
@@ -689,10 +708,14 @@ export class WsdClient {
   }
 
   _backoffSleep(s) {
+    let timer = null;
     return new Promise((resolve) => {
       this._wake = resolve;
-      Promise.resolve(this._sleep(s)).then(resolve, resolve);
+      // The default sleep's timer is ours to cancel: after close() it must not keep Node running until it fires.
+      if (this._sleep === defaultSleep) timer = setTimeout(resolve, seconds(s));
+      else Promise.resolve(this._sleep(s)).then(resolve, resolve);
     }).finally(() => {
+      if (timer) clearTimeout(timer);
       this._wake = null;
     });
   }
@@ -1231,6 +1254,12 @@ export class WsdClient {
         this._deliver(conn, sub, m);
       }
       if (!page.more || !page.next) return;
+      if (page.next.epoch === since.epoch && !(page.next.offset > since.offset)) {
+        // A page that does not move on (a buggy or hostile server): asking again would loop for ever.
+        this._hole(conn, sub, `history since offset ${since.offset} of epoch ${since.epoch} did not move on `
+          + `(next: offset ${page.next.offset} of epoch ${page.next.epoch})`, sub._last, true);
+        return;
+      }
       since = page.next;
     }
   }

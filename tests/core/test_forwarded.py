@@ -6,7 +6,7 @@ import ipaddress
 
 import pytest
 
-from wsd.core.forwarded import TrustedProxies, forwarded_for, parse_node
+from wsd.core.forwarded import MAX_CHARS, TrustedProxies, forwarded_for, parse_node
 
 
 def tp(*cidrs: str, header: str = "x-forwarded-for") -> TrustedProxies:
@@ -105,3 +105,46 @@ def test_forwarded_malformed(value, words):
 def test_forwarded_for_unquotes():
     assert forwarded_for('for="\\[::1\\]"') == "::1"  # a quoted-pair is the character
     assert forwarded_for('for="198.51.100.4"') == "198.51.100.4"
+
+
+@pytest.mark.parametrize("text", ["fe80::1%eth0", "[fe80::1%25x]:80", "fe80::1%a\x9b31m",
+                                  "fe80::1%" + "x" * 500])
+def test_parse_node_refuses_a_zone_index(text):
+    """``ipaddress`` takes ``fe80::1%<anything but / and %>`` (a zone index): a client's address never has
+    one, and each spelling would be another per-address limiter key and arbitrary text in the records."""
+    with pytest.raises(ValueError, match="X-Forwarded-For: not an address"):
+        parse_node(text, "X-Forwarded-For")
+
+
+def test_an_ipv4_mapped_hop_is_its_ipv4_address():
+    """A proxy on a dual-stack socket writes ``::ffff:198.51.100.4``: the same client as ``198.51.100.4`` (one
+    limiter key, one address in ``wsctl connections``), not ``::ffff:c633:6404``."""
+    assert parse_node("::ffff:198.51.100.4", "X") == "198.51.100.4"
+    assert parse_node("[::ffff:198.51.100.4]:80", "X") == "198.51.100.4"
+    chain = ["::ffff:198.51.100.4, ::ffff:10.0.0.1"]
+    assert tp("10.0.0.0/8").client("10.0.0.2", None, chain) == "198.51.100.4"
+
+
+@pytest.mark.parametrize("header", ["x-forwarded-for", "forwarded"])
+def test_an_overlong_forwarded_header_is_refused_before_it_is_parsed(header):
+    """128 header lines of 8 KiB each (what websockets lets through) took the Forwarded parser ~0.4 s of the
+    event loop per handshake; a chain longer than MAX_CHARS is no proxy's: a one-line error naming the header.
+    From an untrusted peer nothing is read, whatever its length."""
+    name = "X-Forwarded-For" if header == "x-forwarded-for" else "Forwarded"
+    entry = "192.0.2.1" if header == "x-forwarded-for" else "for=192.0.2.1"
+    t = tp("10.0.0.0/8", header=header)
+    fits = ",".join([entry] * (MAX_CHARS // (len(entry) + 1)))
+    assert t.client("10.0.0.2", None, [fits]) == "192.0.2.1"
+    with pytest.raises(ValueError, match=rf"^{name}: longer than {MAX_CHARS} characters"):
+        t.client("10.0.0.2", None, [fits, fits])
+    assert t.client("203.0.113.5", None, [fits] * 128) == "203.0.113.5"
+
+
+def test_a_preamble_without_an_address_ends_the_walk_at_the_proxy():
+    """relayed "": a PROXY header that named no client (LOCAL, v1 UNKNOWN, v2 AF_UNSPEC / AF_UNIX). In TCP
+    mode the bytes after it are the client's own: its X-Forwarded-For must not be read, or it chooses its
+    address."""
+    t = tp("10.0.0.0/8")
+    assert t.client("10.0.0.2", "", ["6.6.6.6"]) == "10.0.0.2"
+    assert tp("10.0.0.0/8", header="forwarded").client("10.0.0.2", "", ["for=6.6.6.6"]) == "10.0.0.2"
+    assert t.client("10.0.0.2", None, ["6.6.6.6"]) == "6.6.6.6"  # no PROXY header at all: the header is read

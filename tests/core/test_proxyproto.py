@@ -118,3 +118,16 @@ def test_fed_byte_by_byte_gives_the_same_answer():
     for whole in (b"PROXY TCP4 203.0.113.7 10.0.0.1 1 2\r\n", v2(body=inet("203.0.113.7", "10.0.0.1", 1, 2))):
         got = [parse(whole[:i]) for i in range(1, len(whole) + 1)]
         assert all(g is None for g in got[:-1]) and got[-1] is not None and got[-1].source == "203.0.113.7"
+
+
+def test_v1_zone_index_is_refused_and_ipv4_mapped_is_ipv4():
+    """A zone index (``fe80::1%eth0``) is no client's address; an IPv4-mapped source reads as its IPv4
+    address."""
+    with pytest.raises(ProxyHeaderError, match="source address"):
+        parse(b"PROXY TCP6 fe80::1%eth0 ::1 1 2\r\n")
+    assert parse(b"PROXY TCP6 ::ffff:198.51.100.4 ::1 1 2\r\n").source == "198.51.100.4"
+
+
+def test_v2_ipv4_mapped_source_is_ipv4():
+    pre = parse(v2(body=inet("::ffff:198.51.100.4", "::1", 40000, 443), fam=0x21))
+    assert pre is not None and pre.source == "198.51.100.4"

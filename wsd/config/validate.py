@@ -135,6 +135,13 @@ def _check_server(s: ServerConfig, errs: Problems) -> None:
 def _check_proxies(s: ServerConfig, errs: Problems) -> None:
     for i, cidr in enumerate(s.trusted_proxies):
         _check_cidr(errs, f"server.trusted_proxies[{i}]", cidr)
+        try:
+            every = ipaddress.ip_network(cidr, strict=False).prefixlen == 0
+        except (TypeError, ValueError):
+            continue
+        if every:
+            errs.add(f"server.trusted_proxies[{i}]", f"trusts every address ({cidr}): any client could claim "
+                     "any address and escape the per-address limits; list the proxies' own addresses")
     if s.proxy_protocol and not s.trusted_proxies:
         errs.add("server.proxy_protocol", "needs server.trusted_proxies: the addresses of the proxies that send "
                  "the PROXY header (no one else's connection is read as carrying one)")

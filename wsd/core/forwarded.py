@@ -12,17 +12,21 @@ Pure: no sockets, no HTTP library; the caller hands in the header's values (ever
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Sequence
 from typing import Any
 
-from wsd.core.net import ip_in
+from wsd.core.net import client_address, ip_in
 
-__all__ = ["HEADERS", "TrustedProxies", "forwarded_for", "parse_node"]
+__all__ = ["HEADERS", "MAX_CHARS", "TrustedProxies", "forwarded_for", "parse_node"]
 
 #: ``server.forwarded_header`` values -> the HTTP header read ("" = none)
 HEADERS = {"x-forwarded-for": "X-Forwarded-For", "forwarded": "Forwarded", "none": ""}
+
+#: the longest forwarded header (every line of it) read: some 500 hops, more than any chain of proxies.
+#: Beyond it, 400 before parsing: websockets lets 128 lines of 8 KiB through, which took the parser ~0.4 s
+#: of the event loop per handshake.
+MAX_CHARS = 8192
 
 _QUOTED_PAIR = re.compile(r"\\(.)")
 _TCHAR = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
@@ -31,7 +35,8 @@ _TCHAR = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHI
 def parse_node(text: str, what: str) -> str | None:
     """One hop's address: normalized IP text; None for ``unknown`` or an obfuscated ``_name``.
 
-    Taken: ``192.0.2.1``, ``192.0.2.1:4711``, ``2001:db8::1``, ``[2001:db8::1]``, ``[2001:db8::1]:4711``.
+    Taken: ``192.0.2.1``, ``192.0.2.1:4711``, ``2001:db8::1``, ``[2001:db8::1]``, ``[2001:db8::1]:4711``;
+    an IPv4-mapped address reads as its IPv4 address, a zone index (``fe80::1%eth0``) is refused.
     Raises ValueError naming ``what`` (the header) otherwise.
     """
     t = text.strip()
@@ -48,7 +53,7 @@ def parse_node(text: str, what: str) -> str | None:
         if not _port_ok(":" + port):
             raise ValueError(f"{what}: not an address: {_shown(t)}")
     try:
-        return str(ipaddress.ip_address(host))
+        return client_address(host)
     except ValueError:
         raise ValueError(f"{what}: not an address: {_shown(t)}") from None
 
@@ -126,11 +131,16 @@ class TrustedProxies:
         return bool(self.networks) and ip_in(ip, self.networks)
 
     def client(self, peer: str, relayed: str | None, values: Sequence[str]) -> str:
-        """The client's address: ``peer`` (the TCP peer), ``relayed`` (from a PROXY preamble, or None) and
-        ``values`` (every line of the forwarded header, in order). Raises ValueError (a one-line reason
-        naming the header) when an entry the walk reaches is malformed."""
+        """The client's address: ``peer`` (the TCP peer), ``relayed`` (from a PROXY preamble: None without
+        one, "" for one that named no client) and ``values`` (every line of the forwarded header, in order).
+        Raises ValueError (a one-line reason naming the header) when an entry the walk reaches is
+        malformed."""
         addr = peer
         if not self.trusts(addr):
+            return addr
+        if relayed == "":
+            # LOCAL, UNKNOWN, AF_UNSPEC / AF_UNIX: an unknown hop, as ``unknown`` in a header. What follows
+            # the preamble is the client's own bytes (TCP mode): its forwarded header is not the proxy's word.
             return addr
         if relayed is not None:
             addr = relayed
@@ -139,6 +149,8 @@ class TrustedProxies:
         if not self.header or not values:
             return addr
         joined = ",".join(values)
+        if len(joined) > MAX_CHARS:
+            raise ValueError(f"{self.header}: longer than {MAX_CHARS} characters (every line of it)")
         if self.header == "Forwarded":
             for element in reversed(_elements(joined)):
                 if not element.strip():

@@ -20,6 +20,8 @@ import ipaddress
 import struct
 from typing import NamedTuple
 
+from wsd.core.net import client_address
+
 __all__ = ["V1_MAX", "V2_SIGNATURE", "Preamble", "ProxyHeaderError", "parse"]
 
 #: the 12 bytes every version 2 header starts with
@@ -75,6 +77,7 @@ def _v1(buf: bytes) -> Preamble | None:
     for what, text in (("source", src), ("destination", dst)):
         try:
             ip = ipaddress.ip_address(text)
+            client_address(text)  # no zone index
         except ValueError:
             raise ProxyHeaderError(f"PROXY v1 {what} address is not an IP address: {text[:45]!r}") from None
         if ip.version != version:
@@ -85,7 +88,7 @@ def _v1(buf: bytes) -> Preamble | None:
                 or int(text) > 65535:
             raise ProxyHeaderError(f"PROXY v1 {what} port is not a port number 0-65535: {text[:10]!r}")
         ports.append(int(text))
-    return Preamble(1, "PROXY", str(ipaddress.ip_address(src)), ports[0], end + 2)
+    return Preamble(1, "PROXY", client_address(src), ports[0], end + 2)
 
 
 def _v2(buf: bytes) -> Preamble | None:
@@ -114,7 +117,7 @@ def _v2(buf: bytes) -> Preamble | None:
     if family == 2:  # AF_INET6: 16 + 16 + 2 + 2
         if size < 36:
             raise ProxyHeaderError(f"PROXY v2 IPv6 addresses need 36 bytes, the header has {size}")
-        return Preamble(2, "PROXY", str(ipaddress.IPv6Address(body[:16])), struct.unpack_from("!H", body, 32)[0],
-                        total)
+        source = client_address(str(ipaddress.IPv6Address(body[:16])))  # an IPv4-mapped one as IPv4
+        return Preamble(2, "PROXY", source, struct.unpack_from("!H", body, 32)[0], total)
     # AF_UNSPEC or AF_UNIX: no IP address of the client; the connection's own peer stands for it
     return Preamble(2, "PROXY", None, 0, total)

@@ -227,7 +227,7 @@ class Endpoint:
             hs.proxy = buf
             return b""
         hs.proxy = None
-        hs.relayed = pre.source
+        hs.relayed = pre.source if pre.source is not None else ""  # "": no client named, the walk ends here
         return buf[pre.length:]
 
     def descriptors_exhausted(self, detail: str, remote: str = "") -> None:

@@ -127,7 +127,7 @@ class Handshake:
         self.slot: str | None = None  # the address holding a handshake-in-progress slot, until the handshake ends
         self.admission: Any = None
         self.proxy: bytes | None = None  # a PROXY preamble expected: what of it has arrived (server.proxy_protocol)
-        self.relayed: str | None = None  # the client's address the PROXY preamble gave
+        self.relayed: str | None = None  # the client's address the PROXY preamble gave ("": it named none)
 
 
 class WsdServerConnection(ServerConnection):

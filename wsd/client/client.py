@@ -790,6 +790,10 @@ class Client:
                 self._deliver(conn, sub, m)
             if stop or not page.more or page.next is None:
                 return
+            if page.next.epoch == since.epoch and page.next.offset <= since.offset:  # a server that never moves on
+                self._hole(conn, sub, f"history since offset {since.offset}: the next page does not move on",
+                           sub._last, pending=True)
+                return
             since = page.next
 
 

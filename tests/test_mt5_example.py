@@ -130,9 +130,11 @@ class Mt5Client(RawWs):
         await self.send_text(obj)
         return await self.handle_until(lambda f: f.get("id") == obj["id"] and "ok" in f)
 
-    def since(self) -> str:
-        """The `since` query value: base64url, no padding, of {"channel": [offset, "epoch"], ...}."""
-        raw = json.dumps({ch: [o, e] for ch, (o, e) in self.last.items()}, separators=(",", ":")).encode()
+    def since(self, channel: str) -> str:
+        """The `since` query value for the one channel the sketch tracks: base64url, no padding, of
+        {"channel": [offset, "epoch"]}."""
+        offset, epoch = self.last[channel]
+        raw = json.dumps({channel: [offset, epoch]}, separators=(",", ":")).encode()
         return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
@@ -191,7 +193,7 @@ async def test_the_mt5_client_as_documented(wsd_factory: Callable[..., Wsd]) -> 
                     data={"symbol": "EURUSD", "side": "sell", "price": px})
 
     # resume with the session and the positions processed: the missed signals come first, then live ones
-    r = await Mt5Client.connect_mt5(w, token, session=session, since=c.since())
+    r = await Mt5Client.connect_mt5(w, token, session=session, since=c.since("trading-signals/acme"))
     r.last = dict(c.last)
     assert r.status == 101, r.body
     welcome = await r.next_json()

@@ -311,3 +311,55 @@ def test_systemd_analyze_verifies_the_unit(tmp_path: Path) -> None:
     out = subprocess.run([tool, "verify", "--man=no", str(bad)], capture_output=True, text=True, timeout=60)
     said = out.stdout + out.stderr
     assert "Unknown key 'ProtectClok'" in said and "lots" in said, said
+
+
+# -- the control socket under systemd's RuntimeDirectory= ------------------------------------------------------
+
+
+def test_default_control_socket_is_in_the_runtime_directory(tmp_path: Path) -> None:
+    """With $RUNTIME_DIRECTORY (systemd RuntimeDirectory=wsd) and no control.socket, the daemon's control socket
+    is $RUNTIME_DIRECTORY/wsd.sock, and wsctl reaches it there."""
+    from tests.harness import BASE_CONFIG, free_port
+
+    runtime = Path(tempfile.mkdtemp(prefix="wsdr-"))
+    try:
+        cfg = tmp_path / "wsd.toml"
+        cfg.write_text(BASE_CONFIG)
+        env = dict(os.environ, PYTHONPATH=str(ROOT), RUNTIME_DIRECTORY=str(runtime))
+        for k in ("WSD_SOCKET", "WSD_CONTROL_SOCKET"):
+            env.pop(k, None)
+        sock = runtime / "wsd.sock"
+        with open(tmp_path / "wsd.log", "wb") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "wsd", "serve", "-c", str(cfg), "--port", str(free_port())],
+                                    stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            deadline = time.monotonic() + 20
+            while not sock.exists():
+                assert proc.poll() is None, (tmp_path / "wsd.log").read_text()
+                assert time.monotonic() < deadline, (tmp_path / "wsd.log").read_text()
+                time.sleep(0.05)
+            out = subprocess.run([sys.executable, "-m", "wsctl", "--socket", str(sock), "--json", "status"],
+                                 capture_output=True, text=True, timeout=30, env=env)
+            assert out.returncode == 0, out.stderr
+            assert str(sock) in out.stdout
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(20) == 0
+        assert not sock.exists()  # removed at stop
+    finally:
+        shutil.rmtree(runtime, ignore_errors=True)
+
+
+def test_wsctl_looks_in_run_wsd_after_the_user_runtime_dir(tmp_path: Path) -> None:
+    """wsctl's default candidates: $XDG_RUNTIME_DIR/wsd/wsd.sock, /run/wsd/wsd.sock, /tmp/wsd-$UID/wsd.sock; with
+    none present it names where a wsd started by this user would be (never /run/wsd)."""
+    from wsctl.client import default_candidates, discover_socket
+
+    tmp = f"/tmp/wsd-{os.getuid()}/wsd.sock"
+    assert default_candidates({}) == ["/run/wsd/wsd.sock", tmp]
+    (tmp_path / "xdg").mkdir()
+    env = {"XDG_RUNTIME_DIR": str(tmp_path / "xdg")}
+    assert default_candidates(env) == [str(tmp_path / "xdg" / "wsd" / "wsd.sock"), "/run/wsd/wsd.sock", tmp]
+    if not os.path.exists("/run/wsd/wsd.sock") and not os.path.exists(tmp):
+        assert discover_socket(None, None, env).path == str(tmp_path / "xdg" / "wsd" / "wsd.sock")
+        assert discover_socket(None, None, {}).path == tmp

@@ -474,8 +474,11 @@ class Daemon:
     # -- reload --------------------------------------------------------------------------------------------
     def reload(self) -> dict[str, Any]:
         """Re-read the config file (SIGHUP, `wsctl reload`); the service manager sees RELOADING=1, then
-        READY=1 whatever the outcome, with a refused reload's reason in STATUS=."""
-        self.notifier.reloading()
+        READY=1 whatever the outcome, with a refused reload's reason in STATUS=. Only while serving: a
+        `wsctl reload` before the listener is up, or during the drain, must not say READY=1."""
+        serving = self.ready and not self.draining
+        if serving:
+            self.notifier.reloading()
         res: dict[str, Any] = {"ok": False, "errors": ["reload failed"]}
         try:
             res = self._reload()
@@ -488,7 +491,8 @@ class Daemon:
                 errs = res["errors"] or ["refused"]
                 more = f" (+{len(errs) - 1} more)" if len(errs) > 1 else ""
                 self.status_note = f"reload refused, running the previous config: {errs[0]}{more}"
-            self.notifier.ready(self.service_status())
+            if serving:
+                self.notifier.ready(self.service_status())
 
     def _reload(self) -> dict[str, Any]:
         if not self.config_path:

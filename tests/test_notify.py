@@ -15,6 +15,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -363,3 +364,75 @@ def test_wsctl_looks_in_run_wsd_after_the_user_runtime_dir(tmp_path: Path) -> No
     if not os.path.exists("/run/wsd/wsd.sock") and not os.path.exists(tmp):
         assert discover_socket(None, None, env).path == str(tmp_path / "xdg" / "wsd" / "wsd.sock")
         assert discover_socket(None, None, {}).path == tmp
+
+
+# -- MemoryDenyWriteExecute= ---------------------------------------------------------------------------------------
+
+SITECUSTOMIZE = '''
+import ctypes, mmap, os
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.prctl(65, 1, 0, 0, 0) != 0:  # PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN (Linux 6.3+)
+    raise SystemExit("PR_SET_MDWE unsupported")
+try:
+    mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    raise SystemExit("PR_SET_MDWE set but a writable+executable mapping was allowed")
+except PermissionError:
+    pass
+'''
+
+
+def _mdwe_supported() -> bool:
+    code = "import ctypes; print(ctypes.CDLL(None, use_errno=True).prctl(65, 1, 0, 0, 0))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    return out.stdout.strip() == "0"
+
+
+def test_daemon_runs_without_writable_executable_memory(tmp_path: Path) -> None:
+    """The unit sets MemoryDenyWriteExecute=yes: the daemon must never need memory both writable and executable.
+    Run it under the kernel's PR_SET_MDWE (the same refusal, set before any module of wsd is imported) with what
+    loads native code: uvloop, msgspec, TLS, RS256 tokens (cryptography), permessage-deflate; and reload it."""
+    if not _mdwe_supported():
+        pytest.skip("the kernel has no PR_SET_MDWE (Linux 6.3+)")
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from websockets.asyncio.client import connect
+
+    from tests.harness import BASE_CONFIG, SECRET
+    from tests.test_tls import TlsWsd
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    priv = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption()).decode()
+    (tmp_path / "jwt.pub.pem").write_bytes(key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    keys = ROOT / "examples" / "configs" / "keys"
+    config = (BASE_CONFIG.replace('algorithms = ["HS256"]', 'algorithms = ["RS256"]')
+              .replace(f'secret = "{SECRET}"', f'public_key_file = "{tmp_path / "jwt.pub.pem"}"')
+              .replace("[manager]\n", "[manager]\nenable_compression = true\n"))
+    w = TlsWsd(tmp_path, config, env={"PYTHONPATH": f"{site}:{ROOT}",
+                                      "WSD_SERVER_TLS_CERT": str(keys / "tls-example.crt.pem"),
+                                      "WSD_SERVER_TLS_KEY": str(keys / "tls-example.key.pem")})
+    w.client_ctx = ssl_context = ssl.create_default_context(cafile=str(keys / "tls-example.crt.pem"))
+    try:
+        w.start()
+        token = make_token("alice", "acme", secret=priv, algorithm="RS256")
+
+        async def session() -> None:
+            async with connect(f"wss://127.0.0.1:{w.port}/ws/frontend?token={token}", ssl=ssl_context,
+                               compression="deflate", open_timeout=10) as ws:
+                assert '"welcome"' in await ws.recv()
+                assert "permessage-deflate" in (ws.response.headers.get("Sec-WebSocket-Extensions") or "")
+                await ws.send('{"op":"subscribe","id":1,"channel":"trading-signals"}')
+                assert '"ok":true' in await ws.recv()
+                await w.ctl("publish", channel="trading-signals/acme", type="t", data={"x": "y" * 500})
+                assert '"y' in await ws.recv()
+
+        asyncio.run(session())
+        w.signal(signal.SIGHUP)
+        asyncio.run(session())
+    finally:
+        assert w.stop() == 0, w.log()
+    assert "Traceback" not in w.log() and "PR_SET_MDWE" not in w.log()

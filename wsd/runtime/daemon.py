@@ -169,6 +169,7 @@ class Daemon:
         # The service manager (systemd Type=notify): READY/RELOADING/STOPPING, STATUS, the watchdog.
         self.notifier = Notifier()
         self.status_note = ""  # said in STATUS= until the next good reload (a refused one)
+        self.scheme = "ws"  # wss once TLS is on: what STATUS= says it listens on
         self._service_task: asyncio.Task[None] | None = None
 
     # -- running values -----------------------------------------------------------------------------------
@@ -421,7 +422,7 @@ class Daemon:
         else:
             host = self.config.server.host
             host = f"[{host}]" if ":" in host else host
-            text = f"{conns}; listening on {getattr(self, 'scheme', 'ws')}://{host}:{self.bound_port}"
+            text = f"{conns}; listening on {self.scheme}://{host}:{self.bound_port}"
         return f"{self.status_note}; {text}" if self.status_note else text
 
     async def _service_loop(self) -> None:

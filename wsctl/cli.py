@@ -48,7 +48,7 @@ app = typer.Typer(
     "Global options go before or after the command; --json makes every command print JSON.",
     epilog="Exit status: 0 ok, 1 the request failed, 2 usage error, 3 wsd not reachable. "
     "Socket: --socket, $WSD_SOCKET, config control.socket (-c / $WSD_CONFIG), "
-    "$XDG_RUNTIME_DIR/wsd/wsd.sock, /tmp/wsd-$UID/wsd.sock. See man wsctl.",
+    "$XDG_RUNTIME_DIR/wsd/wsd.sock, /run/wsd/wsd.sock, /tmp/wsd-$UID/wsd.sock. See man wsctl.",
 )
 rules_app = typer.Typer(no_args_is_help=False)
 app.add_typer(rules_app, name="rules")

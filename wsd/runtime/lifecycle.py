@@ -327,6 +327,12 @@ class Lifecycle:
         # Average latency over the connection's life, weighted to the recent (EWMA).
         conn.latency_ms = rtt_ms if conn.latency_n == 1 else conn.latency_ms * 0.8 + rtt_ms * 0.2
 
+    def on_app_ping(self, conn: Conn) -> None:
+        """A ``{"op":"ping"}`` request: the answer of a client that cannot see ping frames (an MQL5 terminal, a
+        browser tab's app-level keepalive) counts as a heartbeat, so its connection is not closed for missed pongs."""
+        conn.pings_missed = 0
+        conn.last_heartbeat = time.time()
+
     def _abort_if_still(self, conn: Conn) -> None:
         tr = conn.ws.transport
         if tr is not None and not tr.is_closing():

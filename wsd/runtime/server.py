@@ -907,6 +907,7 @@ class Endpoint:
             self.error(conn, f.id, errors.NOT_FOUND, f"no unacked message with seq {f.seq}")
 
     async def op_ping(self, conn: Conn, f: frames.Ping) -> None:
+        self.daemon.hub.on_app_ping(conn)
         return self.reply(conn, f.id, {"pong": time.time()})
 
     async def op_refresh(self, conn: Conn, f: frames.Refresh) -> None:

@@ -690,6 +690,18 @@ class Endpoint:
                                                                                       "message": message}}),
                                     Priority.CRITICAL)
 
+    def _owed_ack(self, conn: Conn, message: str | bytes) -> bool:
+        """Past the message rate, an ``ack`` that settles an unacked reliable message is still taken: it is owed for
+        what the server chose to send, so a burst of reliable messages cannot get its careful client closed with
+        4008. Bounded by what was sent (each settles one message); any other frame is charged as usual."""
+        if isinstance(message, bytes) or len(message) > 256:
+            return False
+        try:
+            frame = frames.decoder.decode(message)
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+            return False
+        return isinstance(frame, frames.Ack) and self.daemon.hub.ack(conn, frame.seq)
+
     async def on_frame(self, conn: Conn, message: str | bytes) -> None:
         if conn.closing:
             # A close is decided (rate limit, kick, expiry, ...): what the peer still sends is not
@@ -707,6 +719,8 @@ class Endpoint:
             lim = d.config.limits
             bucket = conn.rate = TokenBucket(lim.messages_per_connection_per_second, lim.message_burst, now)
         if not bucket.try_take(now):
+            if conn.reliable is not None and conn.reliable.unacked and self._owed_ack(conn, message):
+                return
             d.emit("rate_limited", connection_id=conn.id, user_id=conn.user_id, pool=conn.pool.id)
             d.audit("message_rate_limited", connection_id=conn.id, user_id=conn.user_id)
             hub.close(conn, errors.RATE_LIMITED.code, errors.RATE_LIMITED.reason)

@@ -31,6 +31,7 @@ from wsd import config as wconfig
 from wsd import errors
 from wsd.control.protocol import default_socket_path
 from wsd.core.auth import TokenSigner, TokenVerifier
+from wsd.core.capacity import Share
 from wsd.core.forwarded import TrustedProxies
 from wsd.core.net import ip_in
 from wsd.core.ratelimit import KeyedLimiter, per_minute

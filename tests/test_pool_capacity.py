@@ -227,3 +227,24 @@ def test_builtin_pools_with_a_small_limit_say_why(tmp_path: Path):
     assert r.returncode != 0
     assert "error: pools.mt5.min_connections: reserves 1000 connections, more than manager.max_connections " \
            "(500) (the built-in pools apply because the file has no [pools])" in r.stderr, r.stderr
+
+
+async def test_a_concurrent_burst_never_takes_a_reservation(wsd_factory):
+    """30 frontend handshakes at once against 7 seats nobody reserved: at most 7 stay (the rest get 503, or
+    1013 when a concurrent handshake took the seat after theirs was admitted), and mt5 still gets its 3."""
+    w = wsd_factory(pools(frontend=(0, 100), mt5=(3, 10), api=(0, 100)), base=base(10))
+    c = Clients(w)
+    try:
+        results = await asyncio.gather(*(c.try_add("frontend") for _ in range(30)), return_exceptions=True)
+        admitted = [r for r in results if r == (101, {})]
+        refused = [r for r in results if isinstance(r, tuple) and r[0] == 503]
+        closed = [r for r in results if isinstance(r, BaseException)]  # 1013 before the welcome
+        assert len(admitted) + len(refused) + len(closed) == 30, results
+        assert all(r[1]["error"] in ("pool_full", "manager_full") for r in refused)
+        assert 1 <= len(admitted) <= 7, results
+        await settle(w, {"frontend": len(admitted)})
+        for _ in range(3):
+            await c.add("mt5")
+        assert (await counts(w))["frontend"] == len(admitted) <= 7
+    finally:
+        await c.close_all()

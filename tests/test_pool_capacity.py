@@ -40,7 +40,8 @@ def pools(frontend: tuple[int, int], mt5: tuple[int, int], api: tuple[int, int] 
 def run(*cmd: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("WSD_")}
     env["PYTHONPATH"] = str(ROOT)
-    return subprocess.run([sys.executable, *cmd], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    return subprocess.run([sys.executable, *cmd], capture_output=True, text=True, timeout=timeout, env=env,
+                          cwd=ROOT)
 
 
 async def wsctl(w: Wsd, *args: str) -> subprocess.CompletedProcess[str]:
@@ -74,7 +75,8 @@ class Clients:
         assert status == 101, body
 
     async def fill(self, pool: str, limit: int = 50) -> int:
-        """Connect to ``pool`` until refused (the caller checks the refusal with ``try_add``): how many got in."""
+        """Connect to ``pool`` until refused (the caller checks the refusal with ``try_add``): how many
+        got in."""
         for got in range(limit):
             status, _ = await self.try_add(pool)
             if status != 101:
@@ -201,11 +203,14 @@ async def test_reload_changes_the_numbers_and_kicks_nobody(wsd_factory):
         await c.close_all()
 
 
-@pytest.mark.parametrize("toml, key, words", ids=["one-over", "sum-over", "above-ceiling", "negative", "not-int"],
+@pytest.mark.parametrize("toml, key, words",
+                         ids=["one-over", "sum-over", "above-ceiling", "negative", "not-int"],
                          argvalues=[
-    (pools(frontend=(0, 10), mt5=(11, 20)), "pools.mt5.min_connections", "more than manager.max_connections (10)"),
+    (pools(frontend=(0, 10), mt5=(11, 20)), "pools.mt5.min_connections",
+     "more than manager.max_connections (10)"),
     (pools(frontend=(6, 10), mt5=(6, 20)), "pools", "add up to 12"),
-    (pools(frontend=(0, 10), mt5=(5, 4)), "pools.mt5.min_connections", "ceiling pools.mt5.max_connections (4)"),
+    (pools(frontend=(0, 10), mt5=(5, 4)), "pools.mt5.min_connections",
+     "ceiling pools.mt5.max_connections (4)"),
     (pools(frontend=(-1, 10), mt5=(0, 4)), "pools.frontend.min_connections", "at least 0"),
     (pools(frontend=(0, 10), mt5=(0, 4)).replace("min_connections = 0", 'min_connections = "x"', 1),
      "pools.frontend.min_connections", "expected int"),

@@ -188,8 +188,8 @@ def render_pools(r: dict[str, Any]) -> RenderableType:
 def capacity_line(cap: dict[str, Any]) -> str:
     """The shared capacity in one line: free of shared, and what the limit and the reservations are."""
     return (f"shared free {fmt_count(cap.get('shared_free'))} of {fmt_count(cap.get('shared'))} "
-            f"(manager limit {fmt_count(cap.get('max_connections'))}, reserved {fmt_count(cap.get('reserved'))}, "
-            f"open {fmt_count(cap.get('connections'))})")
+            f"(manager limit {fmt_count(cap.get('max_connections'))}, "
+            f"reserved {fmt_count(cap.get('reserved'))}, open {fmt_count(cap.get('connections'))})")
 
 
 def render_connections(r: dict[str, Any], filtered: bool = False) -> RenderableType:

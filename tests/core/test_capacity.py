@@ -93,7 +93,7 @@ def test_no_reservations_is_the_old_behaviour():
 
 def test_random_admissions_never_break_a_reservation_or_the_limit():
     """Whatever the order of arrivals and departures, the total stays within the limit, every pool
-    within its ceiling, and a pool below its reservation is never refused while the total is below the limit."""
+    within its ceiling, and a pool below its reservation is never refused."""
     rnd = random.Random(7)
     pools = list(SHARES)
     used = dict.fromkeys(pools, 0)

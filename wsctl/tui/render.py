@@ -145,7 +145,8 @@ def pools_table(pools: Sequence[dict[str, Any]], rates: dict[str, float | None],
 
 
 def shared_capacity(cap: Any) -> Text:
-    """The pools panel's subtitle: the shared capacity free (``capacity`` of pools.list; '' from older daemons)."""
+    """The pools panel's subtitle: the shared capacity free (``capacity`` of pools.list; '' from older
+    daemons)."""
     if not isinstance(cap, dict):
         return Text("")
     free, shared = int(cap.get("shared_free") or 0), int(cap.get("shared") or 0)

@@ -201,7 +201,8 @@ def default_pools() -> dict[str, PoolConfig]:
     """The four built-in pools, used when the config file has no ``[pools]``."""
     return {
         "frontend": PoolConfig(type="frontend", path="/ws/frontend", default_subscriptions=["system-status"]),
-        "mt5": PoolConfig(type="mt5_client", path="/ws/mt5", min_connections=1000, allowed_origins=[], compression=False,
+        "mt5": PoolConfig(type="mt5_client", path="/ws/mt5", min_connections=1000, allowed_origins=[],
+                          compression=False,
                           batching=BatchingConfig(enabled=False)),
         "admin": PoolConfig(type="admin", path="/ws/admin", roles=["admin"]),
         "api": PoolConfig(type="api", path="/ws/api"),

@@ -226,8 +226,8 @@ def _check_pools(cfg: Config, errs: Problems, *, pools_from_file: bool) -> None:
         _at_least(errs, f"{path}.max_connections", pool.max_connections, 1)
         _at_least(errs, f"{path}.min_connections", pool.min_connections, 0)
         if pool.min_connections > pool.max_connections >= 1:
-            errs.add(f"{path}.min_connections", f"the reservation ({pool.min_connections}) is more than the pool's "
-                     f"ceiling {path}.max_connections ({pool.max_connections})")
+            errs.add(f"{path}.min_connections", f"the reservation ({pool.min_connections}) is more than the "
+                     f"pool's ceiling {path}.max_connections ({pool.max_connections})")
         for i, cidr in enumerate(pool.allow_cidrs):
             _check_cidr(errs, f"{path}.allow_cidrs[{i}]", cidr)
         _check_origins(errs, f"{path}.allowed_origins", pool.allowed_origins)

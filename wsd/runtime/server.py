@@ -271,8 +271,8 @@ class Endpoint:
 
     # -- handshake ----------------------------------------------------------------------------------------
     def capacity_refusal(self, pool_id: str, leaving: str = "") -> str:
-        """Which connection limit refuses one more connection in ``pool_id`` ('' = none; see wsd.core.capacity).
-        ``leaving``: the pool of a connection this one replaces."""
+        """Which connection limit refuses one more connection in ``pool_id`` ('' = none; see
+        wsd.core.capacity). ``leaving``: the pool of a connection this one replaces."""
         d = self.daemon
         used: dict[str, int] = d.hub.pool_counts
         if leaving:
@@ -282,9 +282,10 @@ class Endpoint:
 
     def pool_full_text(self, pool: Any, refusal: str) -> str:
         if refusal == capacity.POOL_CEILING:
-            return f"pool {pool.id} is full: at its ceiling of {pool.max_connections} connections (max_connections)"
-        return (f"pool {pool.id} is full: the shared capacity is exhausted (the pool is past its reservation of "
-                f"{pool.min_connections}; the rest of manager.max_connections = "
+            return (f"pool {pool.id} is full: at its ceiling of {pool.max_connections} connections "
+                    "(max_connections)")
+        return (f"pool {pool.id} is full: the shared capacity is exhausted (the pool is past its "
+                f"reservation of {pool.min_connections}; the rest of manager.max_connections = "
                 f"{self.daemon.config.manager.max_connections} is in use or reserved by other pools)")
 
     def refuse(self, conn: ServerConnection, spec: tuple[int, str], message: str, remote: str, pool: str = "",
@@ -387,15 +388,16 @@ class Endpoint:
             if hub.user_connections(user, claims.company_id) >= d.config.limits.max_connections_per_user:
                 return self.refuse(conn, errors.H_USER_FULL, "too many open connections for this user", remote,
                                    pool.id, retry_after=60, user_id=user)
-        # A takeover within the pool replaces a connection: no limit refuses it. From another pool it moves one.
+        # A takeover within the pool replaces a connection: no limit refuses it. From another pool it
+        # moves one.
         moving = holder is not None and holder.pool.id != pool.id
         if holder is None or moving:
             refusal = self.capacity_refusal(pool.id, leaving=holder.pool.id if moving and holder else "")
             if refusal == capacity.MANAGER_FULL:
                 return self.refuse(conn, errors.H_MANAGER_FULL, "manager is full", remote, pool.id, user_id=user)
             if refusal:
-                return self.refuse(conn, errors.H_POOL_FULL, self.pool_full_text(pool, refusal), remote, pool.id,
-                                   user_id=user, detail={"limit": refusal})
+                return self.refuse(conn, errors.H_POOL_FULL, self.pool_full_text(pool, refusal), remote,
+                                   pool.id, user_id=user, detail={"limit": refusal})
         session = None
         session_id = None
         takeover = False

@@ -17,7 +17,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import InvalidStatus
 
-from tests.harness import BASE_CONFIG, Wsd, make_token, request, wait_for, welcome
+from tests.harness import BASE_CONFIG, Wsd, closed_with, make_token, request, wait_for, welcome
 from wsd.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,6 +54,7 @@ class Clients:
     def __init__(self, w: Wsd) -> None:
         self.w = w
         self.open: dict[str, list[ClientConnection]] = {}
+        self.welcomes: dict[int, dict[str, Any]] = {}  # by id() of the client
         self.n = 0
 
     async def try_add(self, pool: str) -> tuple[int, dict[str, Any]]:
@@ -66,7 +67,7 @@ class Clients:
             resp = exc.response
             assert resp.headers["Content-Type"].startswith("application/json")
             return resp.status_code, json.loads(resp.body)
-        await welcome(ws)
+        self.welcomes[id(ws)] = await welcome(ws)
         self.open.setdefault(pool, []).append(ws)
         return 101, {}
 
@@ -251,5 +252,28 @@ async def test_a_concurrent_burst_never_takes_a_reservation(wsd_factory):
         for _ in range(3):
             await c.add("mt5")
         assert (await counts(w))["frontend"] == len(admitted) <= 7
+    finally:
+        await c.close_all()
+
+
+async def test_a_resume_into_another_pool_moves_its_seat(wsd_factory):
+    """With no shared capacity left, a client still connected in frontend resumes its session in api: the
+    old connection is taken over (4011), so its seat moves instead of a new one being needed."""
+    w = wsd_factory(pools(frontend=(0, 100), mt5=(3, 10), api=(0, 100)), base=base(10))
+    c = Clients(w)
+    try:
+        assert await c.fill("frontend") == 7
+        status, body = await c.try_add("api")
+        assert (status, body["limit"]) == (503, "shared"), body
+        old = c.open["frontend"][0]
+        hello = c.welcomes[id(old)]
+        new = await w.connect("api", make_token(hello["user_id"]), query={"session": hello["session_id"]})
+        try:
+            assert (await welcome(new))["pool"] == "api"
+            assert (await closed_with(old))[0] == 4011
+            await settle(w, {"frontend": 6, "api": 1})
+            assert (await w.ctl("pools.list"))["capacity"]["shared_free"] == 0
+        finally:
+            await new.close()
     finally:
         await c.close_all()

@@ -154,29 +154,42 @@ def render_status(r: dict[str, Any]) -> RenderableType:
 
 
 def render_pools(r: dict[str, Any]) -> RenderableType:
+    # CONNS is open / ceiling (max_connections); RSV the pool's reservation (min_connections)
     t = table(
         "POOL",
         "TYPE",
         "PATH",
+        "RSV",
         "CONNS",
         "IN",
         "OUT",
         "DROPS",
         "ERR%",
-        right=("CONNS", "IN", "OUT", "DROPS", "ERR%"),
+        right=("RSV", "CONNS", "IN", "OUT", "DROPS", "ERR%"),
     )
     for p in r.get("pools", []):
         t.add_row(
             clip(p.get("id", ""), 10),
             clip(p.get("type", ""), 10),
             clip(p.get("path", ""), 14),
+            fmt_count(p.get("min_connections")) if p.get("min_connections") else "-",
             f"{fmt_count(p.get('connections'))}/{fmt_count(p.get('max_connections'))}",
             fmt_count(p.get("msgs_in")),
             fmt_count(p.get("msgs_out")),
             fmt_count(p.get("drops")),
             fmt_pct(p.get("error_rate")),
         )
-    return t
+    cap = r.get("capacity")
+    if not isinstance(cap, dict):  # an older daemon
+        return t
+    return Group(t, Text(capacity_line(cap), style="dim"))
+
+
+def capacity_line(cap: dict[str, Any]) -> str:
+    """The shared capacity in one line: free of shared, and what the limit and the reservations are."""
+    return (f"shared free {fmt_count(cap.get('shared_free'))} of {fmt_count(cap.get('shared'))} "
+            f"(manager limit {fmt_count(cap.get('max_connections'))}, "
+            f"reserved {fmt_count(cap.get('reserved'))}, open {fmt_count(cap.get('connections'))})")
 
 
 def render_connections(r: dict[str, Any], filtered: bool = False) -> RenderableType:

@@ -64,6 +64,7 @@ class MainScreen(Screen[None]):
         self.narrow = False
         self.status: dict[str, Any] = {}
         self.pools: list[dict[str, Any]] = []
+        self.capacity: dict[str, Any] | None = None  # the shared connection capacity (pools.list)
         self.rows: list[dict[str, Any]] = []  # the page on screen, in table order
         self._keys: list[str] = []
         self._last_rows: list[dict[str, Any]] = []
@@ -175,6 +176,7 @@ class MainScreen(Screen[None]):
         self._prev_totals = (now, totals)
         self.status = status
         self.pools = pools.get("pools", [])
+        self.capacity = pools.get("capacity")
         samples = status.get("samples") or []
         if samples:
             self._samples = deque(samples, maxlen=app.window)
@@ -201,7 +203,9 @@ class MainScreen(Screen[None]):
             return
         self.query_one("#header", Static).update(render.header(self.status, narrow=self.narrow))
         pools = render.pools_table(self.pools, self._rates, narrow=self.narrow)
-        self.query_one("#pools", Static).update(pools)
+        panel = self.query_one("#pools", Static)
+        panel.update(pools)
+        panel.border_subtitle = render.shared_capacity(self.capacity)
         s = list(self._samples)
         series = {
             "out": [float(x.get("out", 0)) for x in s], "in": [float(x.get("in", 0)) for x in s],

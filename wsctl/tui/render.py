@@ -107,9 +107,12 @@ def _lat_style(lat: dict[str, Any]) -> str:
 # -- pools -----------------------------------------------------------------------------------------------
 def pools_table(pools: Sequence[dict[str, Any]], rates: dict[str, float | None], *, narrow: bool = False
                 ) -> Table:
-    """One row per pool: connections / max with a bar, msgs/s, totals, drops, queued, error rate."""
+    """One row per pool: its reservation, connections / ceiling with a bar, msgs/s, totals, drops, queued,
+    error rate."""
     t = Table(box=None, padding=(0, 1), expand=True, show_edge=False, header_style="bold")
     t.add_column("pool", no_wrap=True)
+    if not narrow:
+        t.add_column("rsv", justify="right", no_wrap=True)
     t.add_column("conns", justify="right", no_wrap=True)
     t.add_column("", no_wrap=True, width=6 if narrow else 12)
     t.add_column("msgs/s", justify="right", no_wrap=True)
@@ -124,8 +127,11 @@ def pools_table(pools: Sequence[dict[str, Any]], rates: dict[str, float | None],
         n = int(p.get("connections") or 0)
         drops = int(p.get("drops") or 0)
         err = float(p.get("error_rate") or 0)
-        row: list[RenderableType] = [
-            fmt.text(p.get("id", "?"), style="bold"),
+        rsv = int(p.get("min_connections") or 0)
+        row: list[RenderableType] = [fmt.text(p.get("id", "?"), style="bold")]
+        if not narrow:
+            row.append(Text(count(rsv) if rsv else "-", style="" if rsv else "dim"))
+        row += [
             Text(f"{count(n)}/{count(cap)}" if not narrow else count(n)),
             bar(n / cap if cap else 0.0, 6 if narrow else 12),
             Text(rate(rates.get(str(p.get("id"))))),
@@ -136,6 +142,17 @@ def pools_table(pools: Sequence[dict[str, Any]], rates: dict[str, float | None],
                 Text(percent(err), style="red" if err >= 0.01 else "")]
         t.add_row(*row)
     return t
+
+
+def shared_capacity(cap: Any) -> Text:
+    """The pools panel's subtitle: the shared capacity free (``capacity`` of pools.list; '' from older
+    daemons)."""
+    if not isinstance(cap, dict):
+        return Text("")
+    free, shared = int(cap.get("shared_free") or 0), int(cap.get("shared") or 0)
+    return Text.assemble(("shared free ", "dim"), (f"{count(free)}/{count(shared)}",
+                                                   "bold red" if shared and free < shared * 0.1 else ""),
+                         (" reserved ", "dim"), (count(cap.get("reserved")), ""))
 
 
 def pool_rates(prev: dict[str, int] | None, cur: dict[str, int], seconds: float) -> dict[str, float | None]:

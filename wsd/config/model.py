@@ -113,6 +113,7 @@ class PoolConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     type: PoolType
     path: str
     max_connections: int = 10000
+    min_connections: int = 0
     allow_cidrs: list[str] = []
     allowed_origins: list[str] | None = None
     roles: list[str] = []
@@ -208,7 +209,8 @@ def default_pools() -> dict[str, PoolConfig]:
     """The four built-in pools, used when the config file has no ``[pools]``."""
     return {
         "frontend": PoolConfig(type="frontend", path="/ws/frontend", default_subscriptions=["system-status"]),
-        "mt5": PoolConfig(type="mt5_client", path="/ws/mt5", allowed_origins=[], compression=False,
+        "mt5": PoolConfig(type="mt5_client", path="/ws/mt5", min_connections=1000, allowed_origins=[],
+                          compression=False,
                           batching=BatchingConfig(enabled=False)),
         "admin": PoolConfig(type="admin", path="/ws/admin", roles=["admin"]),
         "api": PoolConfig(type="api", path="/ws/api"),

@@ -233,6 +233,10 @@ def _check_pools(cfg: Config, errs: Problems, *, pools_from_file: bool) -> None:
         else:
             seen[p] = path
         _at_least(errs, f"{path}.max_connections", pool.max_connections, 1)
+        _at_least(errs, f"{path}.min_connections", pool.min_connections, 0)
+        if pool.min_connections > pool.max_connections >= 1:
+            errs.add(f"{path}.min_connections", f"the reservation ({pool.min_connections}) is more than the "
+                     f"pool's ceiling {path}.max_connections ({pool.max_connections})")
         for i, cidr in enumerate(pool.allow_cidrs):
             _check_cidr(errs, f"{path}.allow_cidrs[{i}]", cidr)
         _check_origins(errs, f"{path}.allowed_origins", pool.allowed_origins)
@@ -247,6 +251,25 @@ def _check_pools(cfg: Config, errs: Problems, *, pools_from_file: bool) -> None:
                          f"no channel group {json.dumps(group)} in [channels]{hint}")
         _at_least(errs, f"{path}.batching.interval_ms", pool.batching.interval_ms, 1)
         _at_least(errs, f"{path}.batching.max_messages", pool.batching.max_messages, 1)
+    _check_reservations(cfg, errs, pools_from_file=pools_from_file)
+
+
+def _check_reservations(cfg: Config, errs: Problems, *, pools_from_file: bool) -> None:
+    """The pools' reservations (min_connections) must fit in manager.max_connections together."""
+    limit = cfg.manager.max_connections
+    reserving = {pid: p.min_connections for pid, p in cfg.pools.items() if p.min_connections > 0}
+    total = sum(reserving.values())
+    if limit < 1 or total <= limit:
+        return
+    hint = "" if pools_from_file else " (the built-in pools apply because the file has no [pools])"
+    if len(reserving) == 1:
+        pid = next(iter(reserving))
+        errs.add(f"{key_path('pools', pid)}.min_connections", f"reserves {total} connections, more than "
+                 f"manager.max_connections ({limit}){hint}")
+    else:
+        parts = ", ".join(f"{key_path('pools', pid)}.min_connections = {n}" for pid, n in reserving.items())
+        errs.add("pools", f"the reservations add up to {total} ({parts}), more than manager.max_connections "
+                 f"({limit}){hint}")
 
 
 def _check_routing(cfg: Config, errs: Problems) -> None:

@@ -82,7 +82,7 @@ METHODS: dict[str, str] = {
     "hello": "protocol version, daemon version and manager id",
     "help": "the method list with one line each",
     "status": "manager summary: uptime, connections by pool and state, rates, latency, RSS, CPU",
-    "pools.list": "every pool with counts, rates, drops and error rate",
+    "pools.list": "every pool with counts, reservation, ceiling, rates, drops, error rate; the shared capacity",
     "connections.list": "connections, filtered (pool, user, company, state), sorted, paged (offset, limit)",
     "connections.get": "one connection whole: info, claims (no token), subscriptions, queue, breaker, metrics",
     "channels.list": "channel groups and instances with subscriber counts and history depth",

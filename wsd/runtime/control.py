@@ -327,7 +327,7 @@ class ControlServer:
         }
 
     async def m_pools(self, p: dict[str, Any]) -> Any:
-        from wsd.runtime.metrics import pool_totals
+        from wsd.runtime.metrics import pool_capacity, pool_totals
 
         d = self.daemon
         totals = pool_totals(d)
@@ -337,9 +337,10 @@ class ControlServer:
             row = pool.describe()
             row.update({"connections": t["connections"], "msgs_in": t["messages_received"],
                         "msgs_out": t["messages_sent"], "drops": t["drops"], "errors": t["errors"],
-                        "error_rate": t["error_rate"], "queued": t["queued"]})
+                        "error_rate": t["error_rate"], "queued": t["queued"],
+                        "shared_used": max(0, t["connections"] - pool.min_connections)})
             rows.append(row)
-        return {"pools": rows}
+        return {"pools": rows, "capacity": pool_capacity(d)}
 
     async def m_connections(self, p: dict[str, Any]) -> Any:
         d = self.daemon

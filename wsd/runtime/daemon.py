@@ -31,6 +31,7 @@ from wsd import config as wconfig
 from wsd import errors
 from wsd.control.protocol import default_socket_path
 from wsd.core.auth import TokenSigner, TokenVerifier
+from wsd.core.capacity import Share
 from wsd.core.forwarded import TrustedProxies
 from wsd.core.net import ip_in
 from wsd.core.ratelimit import KeyedLimiter, per_minute
@@ -49,8 +50,8 @@ log = logging.getLogger("wsd")
 class PoolRuntime:
     """A pool as the runtime uses it: its config resolved against the server defaults."""
 
-    __slots__ = ("batching", "compression", "default_subscriptions", "id", "max_connections", "networks", "origins",
-                 "path", "roles", "type")
+    __slots__ = ("batching", "compression", "default_subscriptions", "id", "max_connections", "min_connections",
+                 "networks", "origins", "path", "roles", "type")
 
     # the pool type as an upper-case enum-style name (`type_name` in pools.list), by config name
     TYPE_NAMES = {"frontend": "FRONTEND_POOL", "mt5_client": "MT5_CLIENT_POOL", "admin": "ADMIN_POOL",
@@ -61,6 +62,7 @@ class PoolRuntime:
         self.type = cfg.type
         self.path = cfg.path
         self.max_connections = cfg.max_connections
+        self.min_connections = cfg.min_connections
         self.networks = [ipaddress.ip_network(c, strict=False) for c in cfg.allow_cidrs]
         origins = cfg.allowed_origins if cfg.allowed_origins is not None else config.server.allowed_origins
         self.origins = frozenset(origins)
@@ -72,6 +74,7 @@ class PoolRuntime:
     def describe(self) -> dict[str, Any]:
         return {"id": self.id, "type": self.type, "type_name": self.TYPE_NAMES.get(self.type, self.type),
                 "path": self.path, "max_connections": self.max_connections,
+                "min_connections": self.min_connections,
                 "allow_cidrs": [str(n) for n in self.networks], "allowed_origins": sorted(self.origins),
                 "roles": sorted(self.roles), "default_subscriptions": self.default_subscriptions,
                 "compression": self.compression,
@@ -237,6 +240,8 @@ class Daemon:
         self.config = cfg
         self.pools = {pid: PoolRuntime(pid, p, cfg) for pid, p in cfg.pools.items()}
         self.pools_by_path = {p.path: p for p in self.pools.values()}
+        # each pool's reservation and ceiling, for the admission (wsd.core.capacity)
+        self.shares = {pid: Share(p.min_connections, p.max_connections) for pid, p in self.pools.items()}
         key, sign_key = self._keys(cfg)
         self.verifier = TokenVerifier(cfg.auth, key)
         self.signer = TokenSigner(cfg.auth, sign_key) if sign_key else None

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from wsd.core.capacity import shared_free
+
 if TYPE_CHECKING:
     from wsd.runtime.daemon import Daemon
 
@@ -53,6 +55,16 @@ def pool_totals(d: Daemon) -> dict[str, dict[str, Any]]:
             p["avg_latency_ms"] = round(lat_sum.get(pid, 0.0) / p["connections"], 3)
         p["error_rate"] = round(p["errors"] / p["messages_received"], 4) if p["messages_received"] else 0.0
     return pools
+
+
+def pool_capacity(d: Daemon) -> dict[str, Any]:
+    """The shared connection capacity (``capacity`` in pools.list; see wsd.core.capacity): the daemon-wide
+    limit, what the pools reserve, the connections open and what is left for pools past their reservation."""
+    used = d.hub.pool_counts
+    limit = d.config.manager.max_connections
+    reserved = sum(s.reserved for s in d.shares.values())
+    return {"max_connections": limit, "reserved": reserved, "shared": max(0, limit - reserved),
+            "connections": len(d.hub.conns), "shared_free": shared_free(limit, d.shares, used)}
 
 
 def memory_metrics(d: Daemon) -> dict[str, Any]:

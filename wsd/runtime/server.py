@@ -26,7 +26,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from wsd import errors
-from wsd.core import frames, proxyproto
+from wsd.core import capacity, frames, proxyproto
 from wsd.core.auth import SUBPROTOCOL, AuthError, extract_token
 from wsd.core.channels import ChannelError, Principal, instance_parts, may_publish, resolve
 from wsd.core.history import StreamPosition
@@ -270,8 +270,27 @@ class Endpoint:
             self._schedule_flush()
 
     # -- handshake ----------------------------------------------------------------------------------------
+    def capacity_refusal(self, pool_id: str, leaving: str = "") -> str:
+        """Which connection limit refuses one more connection in ``pool_id`` ('' = none; see
+        wsd.core.capacity). ``leaving``: the pool of a connection this one replaces."""
+        d = self.daemon
+        used: dict[str, int] = d.hub.pool_counts
+        if leaving:
+            used = dict(used)
+            used[leaving] = max(0, used.get(leaving, 0) - 1)
+        return capacity.decide(d.config.manager.max_connections, d.shares, used, pool_id)
+
+    def pool_full_text(self, pool: Any, refusal: str) -> str:
+        if refusal == capacity.POOL_CEILING:
+            return (f"pool {pool.id} is full: at its ceiling of {pool.max_connections} connections "
+                    "(max_connections)")
+        return (f"pool {pool.id} is full: the shared capacity is exhausted (the pool is past its "
+                f"reservation of {pool.min_connections}; the rest of manager.max_connections = "
+                f"{self.daemon.config.manager.max_connections} is in use or reserved by other pools)")
+
     def refuse(self, conn: ServerConnection, spec: tuple[int, str], message: str, remote: str, pool: str = "",
-               retry_after: float | None = None, user_id: str = "") -> Response:
+               retry_after: float | None = None, user_id: str = "", detail: dict[str, Any] | None = None
+               ) -> Response:
         status, code = spec
         self.daemon.hub.stats.refuse(code)
         # A flood of one refusal from one address is one record, then one summary with the count per interval.
@@ -281,7 +300,7 @@ class Endpoint:
         headers = {}
         if retry_after is not None:
             headers["Retry-After"] = str(max(1, int(min(retry_after, 3600.0) + 0.999)))
-        return json_response(status, {"error": code, "message": message}, headers)
+        return json_response(status, {"error": code, "message": message, **(detail or {})}, headers)
 
     async def process_request(self, conn: ServerConnection, request: Request) -> Response | None:
         try:
@@ -369,10 +388,16 @@ class Endpoint:
             if hub.user_connections(user, claims.company_id) >= d.config.limits.max_connections_per_user:
                 return self.refuse(conn, errors.H_USER_FULL, "too many open connections for this user", remote,
                                    pool.id, retry_after=60, user_id=user)
-            if len(hub.conns) >= d.config.manager.max_connections:
+        # A takeover within the pool replaces a connection: no limit refuses it. From another pool it
+        # moves one.
+        moving = holder is not None and holder.pool.id != pool.id
+        if holder is None or moving:
+            refusal = self.capacity_refusal(pool.id, leaving=holder.pool.id if moving and holder else "")
+            if refusal == capacity.MANAGER_FULL:
                 return self.refuse(conn, errors.H_MANAGER_FULL, "manager is full", remote, pool.id, user_id=user)
-        if (holder is None or holder.pool is not pool) and hub.pool_counts.get(pool.id, 0) >= pool.max_connections:
-            return self.refuse(conn, errors.H_POOL_FULL, f"pool {pool.id} is full", remote, pool.id, user_id=user)
+            if refusal:
+                return self.refuse(conn, errors.H_POOL_FULL, self.pool_full_text(pool, refusal), remote,
+                                   pool.id, user_id=user, detail={"limit": refusal})
         session = None
         session_id = None
         takeover = False
@@ -445,7 +470,8 @@ class Endpoint:
         # the token in its target included, in its generator frame until the connection ends: measured with
         # gc.get_referrers; the bare websockets server keeps the same.)
         forget_handshake(ws)
-        if len(hub.conns) >= d.config.manager.max_connections and not adm.takeover:
+        # Handshakes run concurrently: the limits are checked again now that this one is about to count.
+        if not adm.takeover and self.capacity_refusal(adm.pool.id):
             await ws.close(errors.TRY_AGAIN.code, errors.TRY_AGAIN.reason)
             return
         session = adm.session

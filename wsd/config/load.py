@@ -64,6 +64,10 @@ def load(path: str | os.PathLike[str] | None, env: Mapping[str, str] | None = No
     if not isinstance(cfg, Config):  # cannot happen: tomllib always returns a table
         raise ConfigError(errs.lines())
     cfg.source_path = source
+    if "pools" not in raw and "mt5" in cfg.pools:
+        # The built-in mt5 pool reserves a tenth of the manager's limit (1000 of the default 10000), so a file
+        # that only lowers manager.max_connections still loads.
+        cfg.pools["mt5"].min_connections = min(cfg.pools["mt5"].min_connections, cfg.manager.max_connections // 10)
     base = os.path.dirname(source) if source else os.getcwd()
     for section, key in PATH_KEYS:
         obj = getattr(cfg, section)

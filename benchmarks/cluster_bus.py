@@ -1,7 +1,7 @@
 """The Redis bus across nodes: what each node receives from Redis against what its own subscribers need.
 
     python benchmarks/cluster_bus.py [--nodes 4] [--users 1000] [--publications 2000] [--rate 200]
-                                     [--code PATH] [--baseline PATH]
+                                     [--code PATH] [--baseline PATH] [--runs N]
 
 One private redis-server, ``--nodes`` wsd nodes on it (Redis engine), ``--users`` users each connected to one
 node (user i to node i mod nodes) and subscribed to their own ``notifications`` channel; then ``--publications``
@@ -211,17 +211,34 @@ async def run_once(code: Path, args: argparse.Namespace) -> dict[str, Any]:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _median(values: list[Any]) -> Any:
+    v = sorted(x for x in values if x is not None)
+    return v[len(v) // 2] if v else None
+
+
+def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"bus_input_total": _median([r["bus_input_total"] for r in runs]),
+            "bus_input_per_publication": _median([r["bus_input_per_publication"] for r in runs]),
+            "p50_ms": _median([r["latency_ms"]["p50"] for r in runs]),
+            "p99_ms": _median([r["latency_ms"]["p99"] for r in runs]),
+            "lost": sum(r["lost"] for r in runs)}
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
-    if args.baseline is not None:
-        out["baseline"] = await run_once(args.baseline, args)
-    out["this"] = await run_once(args.code, args)
-    if args.baseline is not None:
-        b, t = out["baseline"], out["this"]
+    base: list[dict[str, Any]] = []
+    this: list[dict[str, Any]] = []
+    for _ in range(args.runs):  # alternated, so a noisy neighbour weighs on both alike
+        if args.baseline is not None:
+            base.append(await run_once(args.baseline, args))
+        this.append(await run_once(args.code, args))
+    out["this"] = {"median": _summary(this), "runs": this}
+    if base:
+        out["baseline"] = {"median": _summary(base), "runs": base}
+        b, t = out["baseline"]["median"], out["this"]["median"]
         out["ratio"] = {
             "bus_input": round(t["bus_input_total"] / b["bus_input_total"], 3) if b["bus_input_total"] else None,
-            "p99": round(t["latency_ms"]["p99"] / b["latency_ms"]["p99"], 3)
-            if b["latency_ms"]["p99"] and t["latency_ms"]["p99"] else None}
+            "p99": round(t["p99_ms"] / b["p99_ms"], 3) if b["p99_ms"] and t["p99_ms"] else None}
     return out
 
 
@@ -233,6 +250,7 @@ def main() -> int:
     p.add_argument("--rate", type=float, default=200.0, help="publications per second (all nodes together)")
     p.add_argument("--code", type=Path, default=ROOT, help="the checkout the nodes run (default: this one)")
     p.add_argument("--baseline", type=Path, default=None, help="another checkout to run first, for comparison")
+    p.add_argument("--runs", type=int, default=1, help="runs of each (alternated); medians are reported")
     args = p.parse_args()
     if shutil.which("redis-server") is None:
         p.error("redis-server is not on PATH")

@@ -381,10 +381,11 @@ class RuleTable:
             self.messages_unrouted += 1
         return routes
 
-    def may_reach_beyond(self, msg: RoutedMessage) -> bool:
-        """Whether a rule may send ``msg`` to connections that do not subscribe to its channel: one whose target
-        is not ``channel`` and whose filter lists match. Enabled or not (rules are switched per node), and
-        without its expression (it may match): a shared engine then carries ``msg`` to every node."""
+    def may_reach_beyond(self, msg: Any) -> bool:
+        """Whether a rule may send ``msg`` (a publication or a RoutedMessage: its type, channel, group, user_id,
+        company_id) to connections that do not subscribe to its channel: one whose target is not ``channel`` and
+        whose filter lists match. Enabled or not (rules are switched per node), and without its expression (it may
+        match): a shared engine then carries ``msg`` to every node."""
         for rule in self._beyond:
             if rule.types is not None and msg.type not in rule.types:
                 continue

@@ -233,3 +233,59 @@ def test_the_publish_script_touches_one_hash_slot():
     tag = "{" + ch + "}"
     assert tag in eng._meta(ch) and tag in eng._hist(ch) and tag.encode() in eng.channel_bus(ch)
     assert json.dumps(eng.channel_bus(ch).decode()) == '"wsd:ch:{notifications/acme/alice}:bus"'
+
+
+async def test_a_late_subscribe_confirmation_is_caught_up_from_history(redis_server):
+    """Redis confirms a channel's SUBSCRIBE late (here: redis-py sends it only when the test lets it): the first
+    subscriber's position is read anyway after the bounded wait, and what is published between that read and the
+    confirmation is delivered from history once the confirmation comes, in order, before what follows."""
+    from wsd.engine.base import Publication
+    from wsd.engine.redis import OP_TIMEOUT_S, RedisEngine
+
+    prefix = "t" + secrets.token_hex(3)
+    ch = "trading-signals/acme"
+    node = RedisEngine(redis_server.url, prefix)
+    other = RedisEngine(redis_server.url, prefix)
+    node.in_use = lambda c: c == ch  # a subscriber here
+    got: list[tuple[int, Any]] = []
+    await node.start(lambda pub, scope=None: got.append((pub.offset, pub.data)))
+    await other.start(lambda pub, scope=None: None)
+    gate = asyncio.Event()
+    send = node._pubsub.subscribe
+
+    async def held_subscribe(*names: Any) -> Any:  # the library call, held back: Redis confirms late
+        await gate.wait()
+        return await send(*names)
+
+    node._pubsub.subscribe = held_subscribe
+    try:
+        async def publish(i: int) -> int:
+            p = Publication(id=str(i), channel=ch, group="trading-signals", type="sig", priority=2, data={"i": i},
+                            ts=time.time(), company_id="acme")
+            await other.publish(p, 100, 0)
+            return p.offset
+
+        assert [await publish(i) for i in range(3)] == [1, 2, 3]
+        t0 = time.monotonic()
+        res = await node.history(ch, limit=0)  # the first subscriber's position read
+        assert time.monotonic() - t0 >= OP_TIMEOUT_S * 0.9 and res.position.offset == 3
+        assert [await publish(i) for i in range(3, 5)] == [4, 5]  # before the bus is confirmed
+        gate.set()
+
+        async def caught_up() -> bool:
+            return [o for o, _ in got] == [4, 5]
+
+        await wait_for(caught_up, timeout=5)
+        assert await publish(5) == 6
+
+        async def live() -> bool:
+            return [o for o, _ in got] == [4, 5, 6]
+
+        await wait_for(live, timeout=5)
+        assert [d["i"] for _, d in got] == [3, 4, 5]
+        assert node.bus_stats["late_confirms"] == 1 and node.bus_stats["filled"] == 2
+        assert node.bus_stats["gaps"] == 0
+    finally:
+        gate.set()
+        await other.stop()
+        await node.stop()

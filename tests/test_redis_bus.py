@@ -157,7 +157,7 @@ async def test_a_subscriber_arriving_during_a_stream_misses_nothing(wsd_factory,
     """Node B publishes a steady stream to channels nobody subscribes to; a first subscriber of each arrives on
     node A in the middle of it. Each gets every publication after the position its subscribe reply names, once
     and in order, with no recovery: the window between its arrival and Redis confirming A's SUBSCRIBE loses
-    nothing. A second subscriber with ``since`` a position before it gets history from there, then live."""
+    nothing. A second subscriber with ``since`` a position just before it gets history from there, then live."""
     (a, b), prefix = nodes(wsd_factory, redis_server)
     companies = [f"c{i}" for i in range(6)]
     acked: dict[str, list[tuple[int, str]]] = {c: [] for c in companies}
@@ -169,6 +169,7 @@ async def test_a_subscriber_arriving_during_a_stream_misses_nothing(wsd_factory,
             r = await b.ctl("publish", channel=f"trading-signals/{company}", type="sig", data={"i": i})
             acked[company].append((r["offset"], r["epoch"]))
             i += 1
+            await asyncio.sleep(0.005)
 
     async def read_to(ws: Any, last: int, frames: list[dict[str, Any]]) -> None:
         while not frames or frames[-1]["offset"] < last:
@@ -190,14 +191,16 @@ async def test_a_subscriber_arriving_during_a_stream_misses_nothing(wsd_factory,
             await welcome(ws)
             res = await subscribed(ws)
             results.append((c, ws, res["position"]["offset"], []))
+            if late is None:
+                # a second subscriber of the first channel, from just before the first one's position: history
+                # (well within the 100 messages the channel keeps), then live
+                late = await a.connect(pool="api", token=make_token("late", c)).__aenter__()
+                await welcome(late)
+                since = {"offset": results[0][2] - 1, "epoch": acked[c][0][1]}
+                r = await request(late, {"op": "subscribe", "id": 1, "channel": "trading-signals",
+                                         "history": {"since": since}})
+                assert r["ok"] and r["result"]["recovered"] is True, r
             await asyncio.sleep(0.05)
-        # a second subscriber of the first channel, from offset 2: history, then live
-        late = await a.connect(pool="api", token=make_token("late", companies[0])).__aenter__()
-        await welcome(late)
-        epoch = acked[companies[0]][0][1]
-        r = await request(late, {"op": "subscribe", "id": 1, "channel": "trading-signals",
-                                 "history": {"since": {"offset": 2, "epoch": epoch}}})
-        assert r["ok"] and r["result"]["recovered"] is True, r
         await asyncio.sleep(0.5)
     finally:
         stop.set()
@@ -211,7 +214,7 @@ async def test_a_subscriber_arriving_during_a_stream_misses_nothing(wsd_factory,
             assert start >= 5 and offsets == list(range(start + 1, last + 1)), f"{c}: from {start}: {offsets}"
         frames = []
         await read_to(late, acked[companies[0]][-1][0], frames)
-        assert [m["offset"] for m in frames] == list(range(3, acked[companies[0]][-1][0] + 1))
+        assert [m["offset"] for m in frames] == list(range(results[0][2], acked[companies[0]][-1][0] + 1))
     finally:
         for _, ws, _, _ in results:
             await ws.close()

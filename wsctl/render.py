@@ -531,7 +531,26 @@ def render_metrics(r: dict[str, Any]) -> RenderableType:
         ],
         title="held",
     )
-    return Group(mgr, Text(""), pools, Text(""), routing, Text(""), subs, Text(""), queues, Text(""), held)
+    parts = [mgr, Text(""), pools, Text(""), routing, Text(""), subs, Text(""), queues, Text(""), held]
+    b = r.get("bus") or {}
+    if b:  # a shared engine: what this node received from its bus
+        parts += [Text(""), kv(
+            [
+                (
+                    "messages",
+                    f"channel buses {fmt_count(b.get('messages_channel'))}  "
+                    f"shared {fmt_count(b.get('messages_shared'))}",
+                ),
+                (
+                    "channel buses",
+                    f"{fmt_count(b.get('channels'))} subscribed  subscribes {fmt_count(b.get('subscribes'))}  "
+                    f"unsubscribes {fmt_count(b.get('unsubscribes'))}",
+                ),
+                ("holes", f"fills {fmt_count(b.get('fills'))}  gaps {fmt_count(b.get('gaps'))}"),
+            ],
+            title="bus",
+        )]
+    return Group(*parts)
 
 
 def _rule_filter(rule: dict[str, Any], with_expression: bool = True) -> str:

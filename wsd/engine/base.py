@@ -220,6 +220,11 @@ class Engine(abc.ABC):
     def describe(self) -> dict[str, Any]:
         return {"engine": self.name}
 
+    def bus_metrics(self) -> dict[str, Any] | None:
+        """A shared engine's bus: messages received per kind, the channels subscribed, fills and gaps (None:
+        no bus, this process only)."""
+        return None
+
     def live_nodes(self) -> list[str] | None:
         """The nodes sharing this engine that are alive (a shared engine), or None (this process only)."""
         return None

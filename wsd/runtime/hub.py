@@ -269,6 +269,8 @@ class Hub(Delivery, Lifecycle):
             # A shared engine numbers the message and hands it to every node, this one included, so all
             # nodes deliver one channel's messages in the same order; the count is not known here.
             scope = {"broadcast": broadcast, "pools": tuple(pools), "companies": tuple(companies)}
+            if channel and not broadcast and self.rules.may_reach_beyond(pub):
+                scope["wide"] = True  # to every node, not only those with subscribers of the channel
             await engine.publish(pub, size, ttl, scope)
             return {"id": pub.id, "channel": channel, "offset": pub.offset, "epoch": pub.epoch,
                     "delivered": None, "shared": True}

@@ -102,6 +102,7 @@ def metrics_snapshot(d: Daemon) -> dict[str, Any]:
                           "channels": len(hub.by_channel), "subscribes": st.subscribes,
                           "unsubscribes": st.unsubscribes},
         "memory": memory_metrics(d),
+        "bus": d.engine.bus_metrics() or {},
         "queues": {"queued": sum(c.queue_depth() for c in hub.conns.values()),
                    "congested": sum(1 for c in hub.conns.values() if c.congested_since is not None),
                    "dropped_overflow": st.dropped_overflow,
@@ -186,6 +187,24 @@ class _Collector:
         for lname, n in mem["limiter_keys"].items():
             gg.add_metric([lname], n)
         yield gg
+        bus = m["bus"]
+        if bus:
+            c = CounterMetricFamily("wsd_bus_messages", "Messages received from the shared engine's bus, by bus: "
+                                    "the channels' own (only those with subscribers here) or the shared one",
+                                    labels=["bus"])
+            c.add_metric(["channel"], bus["messages_channel"])
+            c.add_metric(["shared"], bus["messages_shared"])
+            yield c
+            for key, help_ in (("subscribes", "Channel buses subscribed to (first subscriber here)"),
+                               ("unsubscribes", "Channel buses left (no subscriber here for the grace period)"),
+                               ("fills", "Holes in the bus filled from history (or reported)"),
+                               ("gaps", "Holes in the bus history no longer held: reported to subscribers")):
+                c = CounterMetricFamily(f"wsd_bus_{key}", help_)
+                c.add_metric([], bus[key])
+                yield c
+            gg = GaugeMetricFamily("wsd_bus_channels", "Channel buses this node subscribes to")
+            gg.add_metric([], bus["channels"])
+            yield gg
         st = self.d.hub.stats
         st.move_samples()  # what the sweep has not moved yet
         yield from st.delivery_hist.collect()

@@ -699,8 +699,12 @@ class Endpoint:
             sub.restart(sub.offset, res.position.epoch)
         pending = sub.pending or []
         sub.pending = None
+        # Live messages held meanwhile that the position read covers (published before it, in its epoch) were
+        # sent from history or precede the position the client was given: a shared engine's bus can bring them
+        # after the read.
+        top = 0 if hold else res.position.offset
         for out in pending:
-            if out.offset and out.offset <= last:
+            if out.offset and (out.offset <= last or (out.offset <= top and out.epoch == res.position.epoch)):
                 continue  # already sent from history: no duplicates
             if sub.mode == BATCH or sub.mode == ON_DEMAND:
                 hub.deliver_sub(sub, out)

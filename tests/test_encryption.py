@@ -520,6 +520,31 @@ def test_each_bad_encryption_config_is_refused_naming_the_key(tmp_path, what, ch
     assert len(lines) == 1, lines  # one line: the problem, with its key path
 
 
+def test_the_commented_example_in_the_default_config_works_once_uncommented(tmp_path):
+    """What `wsd config init` writes carries a commented [encryption] example and a group's `encrypt`: uncommented
+    (with a key file made by `wsd keygen`), it checks and encrypts trading-signals with that key id, as
+    docs/configuration.md describes."""
+    from wsd.config import default_config_toml, load_config
+
+    text = default_config_toml("s" * 64)
+    path = tmp_path / "2026-12.key"
+    keygen(path)
+    lines = text.splitlines()
+    example = [i for i, line in enumerate(lines) if line in (
+        '# encrypt = "2026-12"', "# [encryption.keys]") or line.startswith('# "2026-12" = "/etc/wsd/keys/2026-12.key"')]
+    assert len(example) == 3, "the commented encryption example in default.toml changed"
+    for i in example:
+        lines[i] = lines[i][2:].replace("/etc/wsd/keys/2026-12.key", str(path))
+    uncommented = "\n".join(lines) + "\n"
+    f = tmp_path / "wsd.toml"
+    f.write_text(uncommented)
+    cfg = load_config(f, env={})
+    assert cfg.channels["trading-signals"].encrypt == "2026-12"
+    assert cfg.encryption.keys == {"2026-12": str(path)}
+    assert wsd_cmd("config", "check", str(f)).returncode == 0
+    assert load_config(None, env={}).encryption.keys == {}  # commented out: off by default
+
+
 def test_the_environment_cannot_set_encryption(tmp_path):
     keygen(tmp_path / "k1.key")
     f = tmp_path / "wsd.toml"

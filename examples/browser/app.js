@@ -44,7 +44,7 @@ function showStats() {
 
 /** "kid=base64, kid2=base64" (a key file's text after its key id) -> {kid: base64}; a key is never shown. */
 function parseKeys(text) {
-  const keys = {};
+  const keys = Object.create(null); // a key id may be any of A-Z a-z 0-9 _ . : - (even "__proto__")
   for (const item of String(text || "").split(/[\s,]+/).filter(Boolean)) {
     const eq = item.indexOf("="); // a key id has no "="; the base64 after it may end with "="
     if (eq < 1) throw new TypeError("keys: give each as KEY_ID=BASE64 (the text of its key file)");

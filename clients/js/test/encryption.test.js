@@ -5,7 +5,7 @@
 
 import assert from "node:assert/strict";
 import { readFileSync, writeFileSync } from "node:fs";
-import { test } from "node:test";
+import { after, test } from "node:test";
 
 import { Keyring, Message, WsdClient } from "../wsd-client.js";
 import { ctl, env, take, token, waitFor } from "./helpers.js";
@@ -23,11 +23,20 @@ const bytes = (text) => Uint8Array.from(Buffer.from(text.trim(), "base64"));
 // Plaintext the daemon's JSON encoder writes as raw UTF-8 (not \u escapes), floats, nesting, an empty string.
 const VALUE = { px: 1.0849, qty: -3, note: "é€ 中文 😀 \"q\" \\ /", tags: ["a", "", null, true], deep: { x: [1.5e-7] } };
 
+const made = [];
+
 async function client(user, pool, options = {}) {
   const c = new WsdClient(url(pool), { token: await token(SOCKET, user), ...FAST, ...options });
+  made.push(c);
   await c.start();
   return c;
 }
+
+// A failed assertion leaves its clients open (reconnecting for ever once the daemon stops): close them all, so
+// the process ends whatever happened.
+after(async () => {
+  for (const c of made) await c.close().catch(() => {});
+});
 
 const isEnvelope = (d, kid) => Object.keys(d).sort().join() === "ct,iv,kid" && d.kid === kid
   && /^[A-Za-z0-9_-]+$/.test(d.iv) && /^[A-Za-z0-9_-]+$/.test(d.ct);

@@ -175,3 +175,90 @@ def test_dashboard_resumes_after_a_daemon_restart_and_marks_a_gap(tmp_path: Path
         for w in daemons:
             w.stop()
         redis.stop()
+
+
+ENCRYPTED_GROUPS = """
+[channels.system-status]
+type = "global"
+publishers = ["admin"]
+
+[channels.trading-signals]
+type = "company"
+history_size = 20
+publishers = ["api", "admin"]
+encrypt = "k1"
+
+[encryption.keys]
+k1 = "{key}"
+"""
+
+
+@pytest.mark.timeout(180)
+def test_dashboard_decrypts_an_encrypted_group_with_the_key_given_after_the_hash(tmp_path: Path) -> None:
+    """The README's `#...&keys=KID=BASE64`: the page decrypts what the daemon encrypted (history and live); without
+    the key, or with a wrong one, every message is still listed, marked with the reason; a key that is not 32 bytes
+    is an error naming its key id, never the key."""
+    if not Path(CHROMIUM).exists():
+        tool_missing(f"{CHROMIUM} is missing: apt-get install chromium (the browser test drives it)")
+    try:
+        from playwright.sync_api import expect, sync_playwright
+    except ImportError:
+        tool_missing("the Python package playwright is missing: pip install -e '.[test]'")
+    import base64
+
+    # a key whose base64 has "+", "/" and "=": the address must carry them through (URLSearchParams reads + as " ")
+    while "+" not in (text := base64.b64encode(os.urandom(32)).decode()) or "/" not in text:
+        pass
+    key_file = tmp_path / "k1.key"
+    key_file.write_text(text + "\n")
+    key_file.chmod(0o600)
+    wrong = base64.b64encode(os.urandom(32)).decode()
+    http_port = free_port()
+    origin = f"http://127.0.0.1:{http_port}"
+    env = {"WSD_AUTH_SECRET": SECRET, "WSD_SERVER_ALLOWED_ORIGINS": origin, "PYTHONPATH": str(ROOT)}
+    config = (EXAMPLE / "wsd.toml").read_text() + ENCRYPTED_GROUPS.format(key=key_file)
+    (tmp_path / "d").mkdir()
+    w = Wsd(tmp_path / "d", config, env=env).start()
+    static = serve_static(http_port)
+    console: list[str] = []
+    try:
+        publish(w, {"m": 1, "s": "é€"})  # in history before the page connects
+        token = wsctl(w, "token", "--user", "alice", "--company", "acme").strip()
+        base = f"{origin}/examples/browser/#url=ws://127.0.0.1:{w.port}/ws/frontend&token={token}"
+        with sync_playwright() as pw:
+            ctx = pw.chromium.launch_persistent_context(str(tmp_path / "profile"), executable_path=CHROMIUM,
+                                                        headless=True, args=FLAGS)
+            try:
+                pages = {}
+                for name, keys in (("right", f"k1={text}"), ("none", None), ("wrong", f"k1={wrong}")):
+                    page = ctx.new_page()
+                    page.on("console", lambda m: console.append(f"{m.type}: {m.text}"))
+                    page.goto(base + (f"&keys={keys}" if keys else ""))
+                    expect(page.locator("#state")).to_have_attribute("data-state", "open", timeout=15000)
+                    pages[name] = page
+                publish(w, {"m": 2})
+                right = pages["right"]
+                expect(right.locator("li.msg.decrypted")).to_have_count(2, timeout=10000)
+                rows = right.locator("li.msg").all_inner_texts()  # newest first
+                assert '{"m":2}' in rows[0] and '{"m":1,"s":"é€"}' in rows[1], rows
+                assert all("(decrypted, key k1)" in r for r in rows), rows
+                expect(right.locator("li.decrypt-error")).to_have_count(0)
+                for name, reason in (("none", "no key for kid 'k1'"), ("wrong", "authentication failed")):
+                    marked = pages[name].locator("li.msg.decrypt-error")
+                    expect(marked).to_have_count(2, timeout=10000)  # still listed, both
+                    for r in marked.all_inner_texts():
+                        assert f"(not decrypted: {reason})" in r and '"m"' not in r, r
+                bad = ctx.new_page()
+                bad.goto(base + "&keys=k1=AAAA")
+                expect(bad.locator("#error")).to_contain_text('keys["k1"] must hold 32 bytes', timeout=10000)
+                assert "AAAA" not in bad.locator("#error").inner_text()
+                expect(bad.locator("#state")).to_have_attribute("data-state", "closed")
+            except Exception:
+                print("browser console:\n" + "\n".join(console) + f"\n--- wsd\n{w.log()[-3000:]}")
+                raise
+            finally:
+                ctx.close()
+    finally:
+        static.terminate()
+        static.wait(10)
+        w.stop()

@@ -251,7 +251,11 @@ def test_aad_binds_the_channel_and_envelopes_are_checked():
         assert open_envelope(keys, "sig/acme", "A256GCM", broken) == (broken, "k1", "malformed")
     for broken in ("text", None, [1], {"iv": env["iv"], "ct": env["ct"]}, {"kid": 3}):
         assert open_envelope(keys, "sig/acme", "A256GCM", broken) == (broken, None, "malformed")
-    assert open_envelope(keys, "sig/acme", "A128CBC", env) == (env, "k1", "unsupported enc 'A128CBC'")
+    assert open_envelope(keys, "sig/acme", "A128CBC", env) == (env, "k1", "malformed")  # as the JS client says
+    # the daemon writes base64url without padding: padding or another alphabet is malformed (as in the JS client)
+    for iv in (env["iv"] + "=", env["iv"].replace("-", "+").replace("_", "/") + "+/", " " + env["iv"],
+               env["iv"][:8] + "!" + env["iv"][8:]):
+        assert open_envelope(keys, "sig/acme", "A256GCM", dict(env, iv=iv))[2] == "malformed", iv
     assert open_envelope(keys, "sig/acme", None, {"kid": "k1"}) == ({"kid": "k1"}, None, None)  # plain stays plain
     assert "key" not in repr(Sealer("k1", key)).replace("kid", "")
 
@@ -514,6 +518,31 @@ def test_each_bad_encryption_config_is_refused_naming_the_key(tmp_path, what, ch
     want = expected.format(d=tmp_path)
     assert any(want in line for line in lines), lines
     assert len(lines) == 1, lines  # one line: the problem, with its key path
+
+
+def test_the_commented_example_in_the_default_config_works_once_uncommented(tmp_path):
+    """What `wsd config init` writes carries a commented [encryption] example and a group's `encrypt`: uncommented
+    (with a key file made by `wsd keygen`), it checks and encrypts trading-signals with that key id, as
+    docs/configuration.md describes."""
+    from wsd.config import default_config_toml, load_config
+
+    text = default_config_toml("s" * 64)
+    path = tmp_path / "2026-12.key"
+    keygen(path)
+    lines = text.splitlines()
+    wanted = ('# encrypt = "2026-12"', "# [encryption.keys]", '# "2026-12" = "/etc/wsd/keys/2026-12.key"')
+    example = [i for i, line in enumerate(lines) if line.startswith(wanted)]
+    assert len(example) == 3, "the commented encryption example in default.toml changed"
+    for i in example:
+        lines[i] = lines[i][2:].replace("/etc/wsd/keys/2026-12.key", str(path))
+    uncommented = "\n".join(lines) + "\n"
+    f = tmp_path / "wsd.toml"
+    f.write_text(uncommented)
+    cfg = load_config(f, env={})
+    assert cfg.channels["trading-signals"].encrypt == "2026-12"
+    assert cfg.encryption.keys == {"2026-12": str(path)}
+    assert wsd_cmd("config", "check", str(f)).returncode == 0
+    assert load_config(None, env={}).encryption.keys == {}  # commented out: off by default
 
 
 def test_the_environment_cannot_set_encryption(tmp_path):

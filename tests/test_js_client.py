@@ -11,6 +11,7 @@ import os
 import secrets
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -120,3 +121,56 @@ def test_js_client_survives_a_killed_redis_node(wsd_factory, redis_url) -> None:
     assert a.proc is not None
     run_node(["test/redis.test.js"], {"WSD_PORT_A": str(a.port), "WSD_PORT_B": str(b.port),
                                       "WSD_SOCKET_B": b.socket, "WSD_PID_A": str(a.proc.pid)})
+
+
+ENCRYPTED = """
+[pools.frontend]
+type = "frontend"
+path = "/ws/frontend"
+
+[pools.api]
+type = "api"
+path = "/ws/api"
+
+[channels.sig]
+type = "company"
+history_size = 20
+publishers = ["api"]
+encrypt = "k1"
+
+[channels.plain]
+type = "company"
+publishers = ["api"]
+
+[encryption.keys]
+k1 = "{k1}"
+k2 = "{k2}"
+
+[[routing.rules]]
+id = "orders"
+filter = {{ message_types = ["order"] }}
+target = {{ type = "channel", reliable_delivery = true, max_retries = 5, ack_timeout_ms = 5000 }}
+"""
+
+
+@pytest.mark.timeout(120)
+def test_js_client_decrypts_what_a_daemon_encrypted(wsd_factory, tmp_path) -> None:
+    """A daemon with an encrypted channel group (key files written by the real `wsd keygen`): the JavaScript client
+    decrypts client and operator publications live, in history() and in a subscribe replay; a wrong key or none
+    sets decryptError and the messages are still delivered (a reliable one acked); the AAD is the instance name;
+    after a reload rotates the key id both kids decrypt: clients/js/test/encryption.test.js."""
+    keys = {}
+    for kid in ("k1", "k2"):
+        path = tmp_path / f"{kid}.key"
+        proc = subprocess.run([sys.executable, "-m", "wsd", "keygen", str(path)], capture_output=True, text=True,
+                              cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=30)
+        assert proc.returncode == 0, proc.stderr
+        keys[kid] = path
+    w = wsd_factory(ENCRYPTED.format(k1=keys["k1"], k2=keys["k2"]))
+    try:
+        run_node(["test/encryption.test.js"], {
+            "WSD_PORT": str(w.port), "WSD_SOCKET": w.socket, "WSD_CONFIG": str(w.config_path),
+            "WSD_KEY1": keys["k1"].read_text(), "WSD_KEY2": keys["k2"].read_text()}, timeout=90)
+    except AssertionError:
+        print(w.log()[-5000:])
+        raise

@@ -178,7 +178,8 @@ function bytesToBase64(bytes) {
 }
 
 function base64ToBytes(text, url) {
-  let t = String(text).trim();
+  // base64url (envelopes, JWTs) is taken exactly as the daemon writes it: no padding, no whitespace
+  let t = url ? String(text) : String(text).trim();
   if (url) {
     if (/[^A-Za-z0-9_-]/.test(t)) throw new TypeError("not base64url");
     t = t.replace(/-/g, "+").replace(/_/g, "/");
@@ -260,7 +261,7 @@ export class Keyring {
     if (frame.enc !== "A256GCM" || kid == null || typeof env.iv !== "string" || typeof env.ct !== "string") {
       return fail("malformed");
     }
-    if (!this._keys.has(kid)) return fail(`no key for kid '${kid}'`);
+    if (!this._keys.has(kid)) return fail(`no key for kid '${kid.slice(0, 64)}'`);
     if (!globalThis.crypto?.subtle) return fail("WebCrypto unavailable (crypto.subtle needs a secure context)");
     let iv;
     let ct;

@@ -1,6 +1,7 @@
 // The dashboard: connects with the token from the form (or from the page address: #token=...&url=...&channel=...),
 // subscribes to one channel with the last 20 messages, and lists what arrives. A Gap is a red row: messages
 // may be missing there, so a real dashboard would reload that channel's state from its source of truth.
+// Keys (the form, or #keys=KID=BASE64,...) decrypt the messages of encrypted channel groups in the page.
 import { WsdClient } from "../../clients/js/wsd-client.js";
 
 const form = document.getElementById("connect");
@@ -23,8 +24,9 @@ function row(cls, text, attrs = {}) {
 function showMessage(m, cls = "msg") {
   const when = m.ts ? new Date(m.ts * 1000).toLocaleTimeString() : "";
   const data = m.decryptError ? `(not decrypted: ${m.decryptError})` : JSON.stringify(m.data);
-  row(`${cls}${m.history ? " history" : ""}${m.decryptError ? " decrypt-error" : ""}`,
-    `${when} ${m.channel || "(direct)"} #${m.offset} [${m.type}/${m.priority}] ${data}`,
+  const enc = m.keyId && !m.decryptError ? ` (decrypted, key ${m.keyId})` : "";
+  row(`${cls}${m.history ? " history" : ""}${m.decryptError ? " decrypt-error" : ""}${enc ? " decrypted" : ""}`,
+    `${when} ${m.channel || "(direct)"} #${m.offset} [${m.type}/${m.priority}] ${data}${enc}`,
     { offset: String(m.offset), epoch: m.epoch });
 }
 
@@ -40,19 +42,37 @@ function showStats() {
     + `duplicates dropped ${client.duplicatesDropped}`;
 }
 
-async function connect({ url, token, channel }) {
+/** "kid=base64, kid2=base64" (a key file's text after its key id) -> {kid: base64}; a key is never shown. */
+function parseKeys(text) {
+  const keys = Object.create(null); // a key id may be any of A-Z a-z 0-9 _ . : - (even "__proto__")
+  for (const item of String(text || "").split(/[\s,]+/).filter(Boolean)) {
+    const eq = item.indexOf("="); // a key id has no "="; the base64 after it may end with "="
+    if (eq < 1) throw new TypeError("keys: give each as KEY_ID=BASE64 (the text of its key file)");
+    keys[item.slice(0, eq)] = item.slice(eq + 1);
+  }
+  return keys;
+}
+
+async function connect({ url, token, channel, keys }) {
   if (client) await client.close();
+  client = null;
   errorEl.textContent = "";
   feed.replaceChildren();
-  client = new WsdClient(url.split(/\s+/).filter(Boolean), {
-    token,
-    onState: (state) => {
-      stateEl.textContent = state;
-      stateEl.dataset.state = state;
-      showStats();
-    },
-    onOther: (m) => showMessage(m, "other"),
-  });
+  try {
+    client = new WsdClient(url.split(/\s+/).filter(Boolean), {
+      token,
+      keys: parseKeys(keys), // checked here: a bad key is an error naming its key id, never the key
+      onState: (state) => {
+        stateEl.textContent = state;
+        stateEl.dataset.state = state;
+        showStats();
+      },
+      onOther: (m) => showMessage(m, "other"),
+    });
+  } catch (err) {
+    errorEl.textContent = err.message;
+    return;
+  }
   stopButton.disabled = false;
   try {
     await client.start();
@@ -68,7 +88,7 @@ async function connect({ url, token, channel }) {
 form.addEventListener("submit", (ev) => {
   ev.preventDefault();
   const f = new FormData(form);
-  connect({ url: f.get("url"), token: f.get("token"), channel: f.get("channel") });
+  connect({ url: f.get("url"), token: f.get("token"), channel: f.get("channel"), keys: f.get("keys") });
 });
 
 stopButton.addEventListener("click", async () => {
@@ -76,7 +96,10 @@ stopButton.addEventListener("click", async () => {
   stopButton.disabled = true;
 });
 
-// #token=...&url=...&channel=... (the fragment never reaches the web server's log), or the same in ?query.
+// #token=...&url=...&channel=...&keys=KID=BASE64 (the fragment never reaches the web server's log), or the same
+// in ?query (then the token and keys do: use the fragment).
 const params = new URLSearchParams(location.hash.slice(1) || location.search.slice(1));
 for (const name of ["url", "channel", "token"]) if (params.get(name)) form.elements[name].value = params.get(name);
+// URLSearchParams reads "+" as a space; neither a key id nor base64 has spaces, so a space was a "+"
+if (params.get("keys")) form.elements.keys.value = params.get("keys").replace(/ /g, "+");
 if (params.get("token")) form.requestSubmit();

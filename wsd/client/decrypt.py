@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -39,9 +40,14 @@ def prepare_keys(keys: Mapping[str, bytes | str] | None) -> dict[str, AESGCM]:
     return out
 
 
+_B64URL = re.compile(r"[A-Za-z0-9_-]*")
+
+
 def _unb64url(s: Any) -> bytes:
-    if not isinstance(s, str):
-        raise ValueError("not a string")
+    """base64url without padding, as the daemon writes it; anything else (padding, other characters) is refused,
+    as the JavaScript client refuses it, so both clients call the same envelopes malformed."""
+    if not isinstance(s, str) or not _B64URL.fullmatch(s):
+        raise ValueError("not base64url")
     return base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
 
 
@@ -50,14 +56,15 @@ def open_envelope(keys: Mapping[str, AESGCM], channel: str, enc: Any, data: Any
     """``(data, key_id, decrypt_error)`` of a push with ``enc`` and ``data`` on ``channel``.
 
     Decrypted: the plaintext value, its kid and None. Not decryptable: the envelope as received, its kid (or
-    None) and a short reason: ``no key for kid '...'``, ``authentication failed``, ``malformed`` or
-    ``unsupported enc '...'``. A push without ``enc`` is returned as it is, with ``None, None``."""
+    None) and a short reason: ``no key for kid '...'``, ``authentication failed`` or ``malformed`` (an
+    ``enc`` other than A256GCM too, as the contract and the JavaScript client have it). A push without ``enc``
+    is returned as it is, with ``None, None``."""
     if enc is None:
         return data, None, None
     kid = data.get("kid") if isinstance(data, dict) else None
     kid = kid if isinstance(kid, str) else None
     if enc != ALGORITHM:
-        return data, kid, f"unsupported enc {str(enc)[:40]!r}"
+        return data, kid, "malformed"
     if kid is None:
         return data, None, "malformed"
     aead = keys.get(kid)

@@ -111,6 +111,9 @@ test("what cannot be decrypted is still handed over, with the envelope and a rea
   assert.equal((await ring.open(flipped)).decryptError, "authentication failed");
   for (const data of [{ kid: "2026-12" }, { kid: "2026-12", iv: "AAAA", ct: frame.data.ct },
     { kid: "2026-12", iv: frame.data.iv, ct: "AAAA" }, { kid: "2026-12", iv: "!!", ct: frame.data.ct }, "x",
+    // base64url without padding, exactly: padding, whitespace or the standard alphabet is malformed (as in Python)
+    { kid: "2026-12", iv: `${frame.data.iv}=`, ct: frame.data.ct }, { kid: "2026-12", iv: ` ${frame.data.iv}`,
+      ct: frame.data.ct }, { kid: "2026-12", iv: frame.data.iv, ct: `${frame.data.ct}+/` },
     null, { kid: 5, iv: frame.data.iv, ct: frame.data.ct }]) {
     const got = await ring.open({ ...frame, data });
     assert.equal(got.decryptError, "malformed", JSON.stringify(data));

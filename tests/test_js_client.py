@@ -7,9 +7,11 @@ node, failed instead under WSD_CI_REQUIRE_TOOLS=1."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -80,9 +82,19 @@ def run_node(files: list[str], env: dict[str, str], timeout: float = 240) -> Non
     exe = node_or_skip()
     # --experimental-websocket: Node 20's global WebSocket (undici); accepted and redundant on Node 22+.
     cmd = [exe, "--experimental-websocket", "--test", "--test-concurrency=1", "--test-reporter=spec", *files]
-    proc = subprocess.run(cmd, cwd=JS, env={**os.environ, **env}, capture_output=True, text=True,
-                          timeout=timeout)
-    out = proc.stdout + proc.stderr
+    # Its own process group: `node --test` runs each file in a child, and a failed run may leave clients
+    # reconnecting for ever; on a timeout the whole group goes.
+    proc = subprocess.Popen(cmd, cwd=JS, env={**os.environ, **env}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"node --test {' '.join(files)} did not finish in {timeout} s:\n{out}")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # children the run left behind
     assert proc.returncode == 0, f"node --test {' '.join(files)} exited {proc.returncode}:\n{out}"
     assert "# fail 0" in out.replace("ℹ fail 0", "# fail 0") and "pass 0\n" not in out, out
 

@@ -261,7 +261,10 @@ class RecordedSource:
             raise Unavailable(f"cannot reach wsd at {self.address}: recording switched off")
         results: dict[str, Any] = self.data["results"]
         if method == "connections.list":
-            return _page(results["connections.list"]["items"], params)
+            recorded = results["connections.list"]
+            # a cluster's recording says which nodes answered (and which did not): the node column shows
+            return dict(_page(recorded["items"], params),
+                        **{k: recorded[k] for k in ("node", "nodes", "missing") if k in recorded})
         if method == "connections.get":
             cid = str(params.get("id", ""))
             conns: dict[str, Any] = self.data.get("connections", {})

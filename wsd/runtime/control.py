@@ -895,8 +895,6 @@ class ControlServer:
         company, pool = _str(p, "company"), _str(p, "pool")
         if not (ids or users or company or pool):
             raise ControlError(P.E_BAD_REQUEST, "name connection ids, users, a company or a pool")
-        if ids and (users or company or pool):
-            raise ControlError(P.E_BAD_REQUEST, "name connection ids or users/company/pool, not both")
         if pool and pool not in self.daemon.pools:
             raise ControlError(P.E_NOT_FOUND, _no_pool(pool, self.daemon.pools))
         reason = _str(p, "reason", "kicked") or "kicked"

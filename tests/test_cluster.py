@@ -25,8 +25,8 @@ from wsd.engine.base import CONTROL_DEADLINE_S
 
 WSCTL = [sys.executable, "-m", "wsctl"]
 ROOT = Path(__file__).resolve().parents[1]
-#: what a command may take beyond the deadline: starting a Python process on a loaded 2-core machine
-SLACK_S = 3.0
+#: what a request may take beyond the deadline on a loaded 2-core machine
+SLACK_S = 1.0
 
 
 class Result:
@@ -188,13 +188,15 @@ async def test_a_stopped_node_is_missing_within_the_deadline(cluster, redis_serv
     keeper = asyncio.get_running_loop().create_task(keep_key())
     c.signal(signal.SIGSTOP)
     try:
-        listed = ok(await wsctl(a, "--json", "connections"))
-        res = listed.json()
-        assert res["missing"] == [ids[2]] and res["total"] == 2, listed
-        assert listed.took < CONTROL_DEADLINE_S + SLACK_S, listed
-        assert listed.took >= CONTROL_DEADLINE_S * 0.9, listed  # the deadline was waited for, not skipped
+        # the request itself, on the socket: the deadline and a little slack, not more
+        t0 = time.monotonic()
+        res = await a.ctl("connections.list")
+        took = time.monotonic() - t0
+        assert res["missing"] == [ids[2]] and res["total"] == 2, res
+        assert CONTROL_DEADLINE_S * 0.9 <= took < CONTROL_DEADLINE_S + SLACK_S, took  # waited for, never longer
+        listed = ok(await wsctl(a, "--json", "connections"))  # and wsctl says the same
+        assert listed.json()["missing"] == [ids[2]], listed
         human = ok(await wsctl(a, "kick", "--user", "erin"))
-        assert human.took < CONTROL_DEADLINE_S + SLACK_S, human
         warning = [ln for ln in human.err.splitlines() if ln.startswith("wsctl: warning:")]
         assert len(warning) == 1 and ids[2] in warning[0] and "missing" in warning[0], human
         assert "closed 2 connections" in human.out

@@ -999,7 +999,7 @@ def top(
         from wsctl.tui import app as tui_app  # lazy: importing wsctl.cli never imports textual
     except ImportError as exc:
         raise RequestFailed("unavailable", f"the dashboard cannot start: {exc}") from None
-    tui_app.run(path, refresh)
+    tui_app.run(path, refresh, scope_params(_opts(ctx)))
 
 
 app.command("top")(top)

@@ -473,6 +473,7 @@ class WsdTop(App[None]):
         self.push_screen(BroadcastDialog(), done)
 
 
-def run(socket_path: str, refresh: float = 1.0) -> None:
-    """Run the dashboard against the wsd listening on ``socket_path`` until the user quits."""
-    WsdTop(LiveSource(socket_path), refresh=refresh).run()
+def run(socket_path: str, refresh: float = 1.0, scope: dict[str, Any] | None = None) -> None:
+    """Run the dashboard against the wsd listening on ``socket_path`` until the user quits (``scope``: the nodes
+    of a cluster it covers, as ``wsctl --node`` / ``--local`` give them)."""
+    WsdTop(LiveSource(socket_path, scope=scope), refresh=refresh).run()

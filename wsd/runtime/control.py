@@ -611,12 +611,14 @@ class ControlServer:
         prefix of: at most two, enough to tell a unique prefix from an ambiguous one)."""
         conns = self.daemon.hub.conns
         out: dict[str, list[str]] = {}
+        counts: dict[str, int] = {}
         for cid in _list(p, "ids")[:1000]:
             if cid in conns:
                 out[cid] = [cid]
             elif cid:
-                out[cid] = [k for k in conns if k.startswith(cid)][:2]
-        return {"ids": out}
+                hits = [k for k in conns if k.startswith(cid)]
+                out[cid], counts[cid] = hits[:2], len(hits)
+        return {"ids": out, "counts": counts}
 
     async def n_events_since(self, p: dict[str, Any]) -> Any:
         """This node's events after the seq the streaming node saw last (all it keeps when the node restarted
@@ -811,10 +813,12 @@ class ControlServer:
         node alone would say them (a node that did not answer is named in the message)."""
         ok, failed, missing = await self._fan("connections.locate", dict(p, ids=ids))
         found: dict[str, list[tuple[str, str]]] = {i: [] for i in ids}
+        counts: dict[str, int] = {}
         for node, res in ok.items():
             for cid, whole in (res.get("ids") or {}).items():
                 if cid in found:
                     found[cid] += [(node, w) for w in whole]
+                    counts[cid] = counts.get(cid, 0) + int((res.get("counts") or {}).get(cid, len(whole)))
         where: dict[str, list[str]] = {}
         for cid, hits in found.items():
             exact = [h for h in hits if h[1] == cid]
@@ -824,8 +828,9 @@ class ControlServer:
                     self._answer({}, ok, failed, missing)
                 raise ControlError(P.E_NOT_FOUND, f"no connection {cid!r}" + _missing_note(missing))
             if len(hits) > 1:
-                raise ControlError(P.E_AMBIGUOUS, f"connection id prefix {cid!r} is ambiguous: {len(hits)} or more "
-                                                  "connections match; give more characters")
+                raise ControlError(P.E_AMBIGUOUS, f"connection id prefix {cid!r} is ambiguous: "
+                                                  f"{max(counts.get(cid, 0), len(hits))} connections match; "
+                                                  "give more characters")
             node, whole = hits[0]
             where.setdefault(node, []).append(whole)
         return where, missing

@@ -233,3 +233,57 @@ async def test_events_stream_carries_the_other_nodes_events(cluster):
     finally:
         proc.kill()
         await proc.wait()
+
+
+async def test_one_node_alone_answers_in_the_same_shape(wsd):
+    """The memory engine: one node (named by manager_id), the same reply shape, --local works, another node id is a
+    clear error, and kick --user takes several users."""
+    a, b, c = await connect(wsd, "alice"), await connect(wsd, "bob"), await connect(wsd, "carol")
+    res = ok(await wsctl(wsd, "--json", "connections")).json()
+    assert res["nodes"] == ["ws-manager-v1"] and res["missing"] == [] and res["total"] == 3
+    assert {row["node"] for row in res["items"]} == {"ws-manager-v1"}
+    human = ok(await wsctl(wsd, "connections"))
+    assert "NODE" not in human.out and not human.err  # one node: no node column, no warning
+    assert ok(await wsctl(wsd, "--json", "--local", "connections")).json()["total"] == 3
+    bad = await wsctl(wsd, "--node", "elsewhere", "connections")
+    assert bad.rc == 1 and bad.err == "wsctl: error: no live node 'elsewhere' (nodes: ws-manager-v1)\n", bad
+    both = await wsctl(wsd, "--node", "ws-manager-v1", "--local", "status")
+    assert both.rc == 2 and "--local and --node cannot be combined" in both.err, both
+    kicked = ok(await wsctl(wsd, "--json", "kick", "--user", "alice", "--user", "bob")).json()
+    assert kicked["closed"] == 2 and sorted(kicked["ids"]) == sorted([a.cid, b.cid])
+    assert (await closed_with(a))[0] == 4000 and (await closed_with(b))[0] == 4000
+    assert (await request(c, {"op": "ping", "id": 1}))["ok"]
+    await c.close()
+
+
+async def test_control_channel_carries_no_token_and_survives_garbage(wsd_factory, redis_server, prefix):
+    """What travels on the control channel never holds a client's token; garbage and unknown methods published there
+    by whoever can reach Redis get dropped or an error reply, and the nodes keep answering."""
+    toml = f'[engine]\ntype = "redis"\nurl = "{redis_server.url}"\nprefix = "{prefix}"\n'
+    a, b = wsd_factory(toml), wsd_factory(toml)
+    ids = await node_ids([a, b])
+    r = redis_server.client()
+    ps = r.pubsub()
+    ps.psubscribe(f"{prefix}:ctl*")
+    token = make_token("grace", "acme")
+    ws = await b.connect("frontend", token)
+    cid = (await welcome(ws))["connection_id"]
+    for garbage in (b"not json", b'{"id": 1}', b'{"id": "x", "from": "n", "method": 5}', b"\xff" * 100):
+        r.publish(f"{prefix}:ctl", garbage)
+    # a request nobody's code sends: an error reply, on the asker's reply channel
+    r.publish(f"{prefix}:ctl", json.dumps({"id": "r1", "from": "tester", "method": "token", "params": {"user": "x"},
+                                           "nodes": None, "deadline_s": 1}))
+    one = ok(await wsctl(a, "--json", "connection", cid)).json()
+    assert one["node"] == ids[1] and one["user_id"] == "grace"
+    seen: list[bytes] = []
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        msg = await asyncio.to_thread(ps.get_message, timeout=0.2)
+        if msg and msg["type"] == "pmessage":
+            seen.append(msg["data"])
+    replies = [json.loads(m) for m in seen if m.startswith(b'{"id":"r1"')]
+    assert replies and all(x["reply"]["error"]["code"] == "unknown_method" for x in replies), seen
+    assert any(b"grace" in m for m in seen)  # the connection's reply did travel here
+    assert not any(token.encode() in m or token.split(".")[2].encode() in m for m in seen)
+    ps.close()
+    await ws.close()

@@ -349,7 +349,11 @@ class ControlServer:
         targets = [n for n in (scope if scope is not None else self.daemon.engine.live_nodes() or []) if n != me]
         if not targets:
             return
-        res = await self.daemon.engine.control("events.since", {"after": after}, targets, EVENT_POLL_S * 2)
+        try:
+            res = await self.daemon.engine.control("events.since", {"after": after}, targets, EVENT_POLL_S * 2)
+        except Exception as exc:  # the engine lost Redis: this poll has nothing, the next one asks again
+            log.debug("asking the nodes for their events failed: %s", exc)
+            return
         for node, reply in sorted(res.replies.items()):
             evs = (reply.get("result") or {}).get("events") or []
             for ev in evs:
@@ -742,10 +746,7 @@ class ControlServer:
                                    user_id=pub.user_id, company_id=pub.company_id, trace=True, trace_limit=limit)
 
     # -- the cluster: ask every node (or those named), merge their replies ---------------------------------
-    def serve_node(self, method: str, params: dict[str, Any]) -> Awaitable[dict[str, Any]]:
-        return self._serve_node(method, params)
-
-    async def _serve_node(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+    async def serve_node(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
         """This node's part of a control request from the engine's control channel: a reply, never an exception."""
         handler = self.node_methods.get(method)
         if handler is None or not isinstance(params, dict):

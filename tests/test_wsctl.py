@@ -484,7 +484,8 @@ async def test_send_reaches_one_connection(wsd):
     )
     assert r.out.strip() == f"sent to connection {a.cid}"
     r = ok(await awsctl(wsd, "--json", "send", b.cid, "--data", '"marker"'))
-    assert r.json() == {"delivered": 1, "connection_id": b.cid}
+    assert r.json() == {"delivered": 1, "connection_id": b.cid, "node": "ws-manager-v1",
+                        "nodes": ["ws-manager-v1"], "missing": []}
     m = await next_message(a)
     assert m["data"] == {"hi": 1} and m["msg_type"] == "notice"
     assert (await next_message(b))["data"] == "marker"

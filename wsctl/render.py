@@ -111,6 +111,24 @@ def _by(d: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------------ views
 
 
+def clustered(r: dict[str, Any]) -> bool:
+    """The reply covers more than one node (rows then show a NODE column)."""
+    return len(set(r.get("nodes") or ()) | set(r.get("missing") or ())) > 1
+
+
+def cluster_warning(r: dict[str, Any]) -> str | None:
+    """One line naming the nodes that did not answer in time, or answered with an error; None when all did."""
+    parts = []
+    missing = r.get("missing") or []
+    if missing:
+        parts.append(f"no answer from node{'s' if len(missing) != 1 else ''} {', '.join(plain(str(n)) for n in missing)} "
+                     "within the deadline: their part is missing")
+    for f in r.get("failed") or []:
+        if isinstance(f, dict):
+            parts.append(f"node {plain(str(f.get('node')))} failed: {plain(str(f.get('message', '')))}")
+    return "; ".join(parts) or None
+
+
 def render_status(r: dict[str, Any]) -> RenderableType:
     listen = r.get("listen") or {}
     scheme = "wss" if listen.get("tls") else "ws"
@@ -143,6 +161,19 @@ def render_status(r: dict[str, Any]) -> RenderableType:
         ("config", (r.get("config_path") or "built-in defaults") + f"  (reloads: {r.get('reloads', 0)})"),
         ("socket", r.get("socket", "")),
     ]
+    per_node = r.get("node_stats") or []
+    if len(per_node) > 1 or r.get("missing"):
+        node_rows: list[tuple[str, Any]] = [("  this node", plain(str(r.get("node", ""))))]
+        for ns in per_node:
+            nl = ns.get("latency") or {}
+            node_rows.append((f"  {clip(str(ns.get('node', '')), 10)}",
+                              f"conns {ns.get('connections', 0)}/{ns.get('max_connections', '?')}  "
+                              f"in {fmt_rate(ns.get('rate_in'))}  out {fmt_rate(ns.get('rate_out'))}  "
+                              f"p99 {fmt_ms(nl.get('p99_ms'))}  CPU {fmt.cpu(ns.get('cpu_percent'))}  "
+                              f"RSS {fmt_bytes(ns.get('rss_bytes'))}" + ("  draining" if ns.get("draining") else "")))
+        for n in r.get("missing") or []:
+            node_rows.append((f"  {clip(str(n), 10)}", Text("no answer (missing)", style="yellow")))
+        rows[5:5] = node_rows
     if r.get("ephemeral_secret"):
         rows.append(
             (
@@ -194,12 +225,15 @@ def capacity_line(cap: dict[str, Any]) -> str:
 
 def render_connections(r: dict[str, Any], filtered: bool = False) -> RenderableType:
     # latency, bytes and breaker state are in `wsctl connection ID` and --json; --sort works on them
+    multi = clustered(r)
     t = table(
+        *(("NODE",) if multi else ()),
         "ID", "POOL", "USER", "COMPANY", "STATE", "AGE", "IN", "OUT", "Q", right=("AGE", "IN", "OUT", "Q")
     )
     items = r.get("items", [])
     for c in items:
         t.add_row(
+            *((clip(str(c.get("node", "")), 8),) if multi else ()),
             short_id(c.get("id")),
             clip(c.get("pool", ""), 8),
             clip(c.get("user_id", ""), 9),
@@ -322,13 +356,15 @@ def render_connection(r: dict[str, Any]) -> RenderableType:
 
 
 def render_subscription_rows(
-    items: list[dict[str, Any]], with_conn: bool = True, title: str | None = None
+    items: list[dict[str, Any]], with_conn: bool = True, title: str | None = None, with_node: bool = False
 ) -> RenderableType:
-    cols = (["CONN", "USER"] if with_conn else []) + ["CHANNEL", "MODE", "TYPES", "OFFSET"]
+    cols = (["NODE"] if with_node else []) + (["CONN", "USER"] if with_conn else []) + [
+        "CHANNEL", "MODE", "TYPES", "OFFSET"]
     t = table(*cols, title=title, right=("OFFSET",))
     for s in items:
         pos = s.get("position") or {}
-        row = [short_id(s.get("connection_id")), clip(s.get("user_id", ""), 10)] if with_conn else []
+        row = [clip(str(s.get("node", "")), 8)] if with_node else []
+        row += [short_id(s.get("connection_id")), clip(s.get("user_id", ""), 10)] if with_conn else []
         row += [
             clip(s.get("channel", ""), 25 if with_conn else 40),
             MODE_WORDS.get(s.get("mode", ""), s.get("mode", "")),
@@ -348,7 +384,7 @@ def render_subscriptions(r: dict[str, Any]) -> RenderableType:
     foot = f"{total} subscription{'s' if total != 1 else ''}" + (f"  ({_by(by)})" if by else "")
     if len(items) < total:
         foot += f"; showing {len(items)}"
-    return Group(render_subscription_rows(items), Text(foot, style="dim"))
+    return Group(render_subscription_rows(items, with_node=clustered(r)), Text(foot, style="dim"))
 
 
 def render_channels(r: dict[str, Any]) -> RenderableType:

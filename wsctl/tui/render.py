@@ -95,8 +95,43 @@ def header(status: dict[str, Any], *, narrow: bool = False) -> Text:
                 (" p99 ", "dim"), (ms(lat.get("p99_ms")), _lat_style(lat))]
     # flags (draining, ephemeral secret) lead line two, where they cannot be cut off
     if narrow:  # 80 columns: identity + process on line one, traffic on line two
-        return Text.assemble(*ident, sep, *proc, "\n", *flags, *traffic, no_wrap=True, overflow="ellipsis")
-    return Text.assemble(*ident, "\n", *flags, *traffic, sep, *proc, no_wrap=True, overflow="ellipsis")
+        out = Text.assemble(*ident, sep, *proc, "\n", *flags, *traffic, no_wrap=True, overflow="ellipsis")
+    else:
+        out = Text.assemble(*ident, "\n", *flags, *traffic, sep, *proc, no_wrap=True, overflow="ellipsis")
+    per_node = node_lines(status, sep)
+    if per_node:
+        out.append("\n")
+        out.append(per_node)
+    return out
+
+
+#: the cluster's nodes the header lists one line each (the rest are counted)
+MAX_NODE_LINES = 8
+
+
+def node_lines(status: dict[str, Any], sep: tuple[str, str]) -> Text | None:
+    """With several nodes: one line per node (its connections, rates, p99, CPU, RSS) and the missing ones."""
+    stats = status.get("node_stats") or []
+    missing = status.get("missing") or []
+    if len(stats) + len(missing) < 2:
+        return None
+    lines: list[Text] = []
+    for ns in stats[:MAX_NODE_LINES]:
+        lat = ns.get("latency") or {}
+        lines.append(Text.assemble(
+            ("node ", "dim"), (fit(plain(ns.get("node", "?")), 10), "cyan"), sep,
+            ("conns ", "dim"), (f"{count(ns.get('connections', 0))}/{count(ns.get('max_connections', 0))}", ""), sep,
+            ("in ", "dim"), (rate(ns.get("rate_in")), "green"), sep, ("out ", "dim"), (rate(ns.get("rate_out")), "green"),
+            sep, ("p99 ", "dim"), (ms(lat.get("p99_ms")), _lat_style(lat)), sep,
+            ("cpu ", "dim"), (fmt.cpu(ns.get("cpu_percent")), ""), sep, ("rss ", "dim"), (size(ns.get("rss_bytes")), ""),
+            *([sep, (" DRAINING ", "bold white on red")] if ns.get("draining") else []),
+            no_wrap=True, overflow="ellipsis"))
+    for n in missing:
+        lines.append(Text.assemble(("node ", "dim"), (fit(plain(n), 10), "cyan"), sep,
+                                   ("no answer within the deadline", "bold yellow")))
+    if len(stats) > MAX_NODE_LINES:
+        lines.append(Text(f"… {len(stats) - MAX_NODE_LINES} more nodes (wsctl status)", style="dim"))
+    return Text("\n").join(lines)
 
 
 def _lat_style(lat: dict[str, Any]) -> str:
@@ -182,6 +217,9 @@ WIDE_COLUMNS = (
     Col("msgs_out", "out", 8, True), Col("queue", "queue", 6, True), Col("breaker", "breaker", 9),
     Col("latency_ms", "latency", 8, True),
 )
+#: the first column when the rows come from several nodes
+NODE_COLUMN = Col("node", "node", 10)
+NARROW_NODE_COLUMN = Col("node", "node", 8)
 NARROW_COLUMNS = (
     Col("id", "id", 8), Col("pool", "pool", 8), Col("user_id", "user", 9), Col("company_id", "company", 8),
     Col("age_s", "age", 6, True), Col("msgs_in", "in", 6, True), Col("msgs_out", "out", 6, True),

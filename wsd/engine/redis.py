@@ -26,6 +26,7 @@
 - A publish that Redis does not take within ``OP_TIMEOUT_S`` raises ``EngineUnavailable``; the client
   reconnects by itself once Redis is back.
 - Each node refreshes a key with a TTL every second: the live nodes are those whose key exists.
+- Control requests (``wsctl`` across the cluster) travel on a channel of their own: engine/redis_control.py.
 
 An extra: ``pip install 'wsd[redis]'``.
 """
@@ -44,7 +45,8 @@ from typing import Any
 import msgspec
 
 from wsd.core.history import StreamPosition
-from wsd.engine.base import Engine, EngineUnavailable, HistoryResult, Publication, log_refused
+from wsd.engine.base import (CONTROL_DEADLINE_S, ClusterReply, Engine, EngineUnavailable, HistoryResult, Publication,
+                             log_refused)
 
 log = logging.getLogger("wsd.engine.redis")
 
@@ -299,6 +301,14 @@ class RedisEngine(Engine):
         self._listener = loop.create_task(self._listen())
         await self._heartbeat()
         self._watcher = loop.create_task(self._watch())
+        from wsd.engine.redis_control import RedisControl  # cluster-wide control requests (wsctl)
+
+        self.control_channel = RedisControl(self)
+        await self.control_channel.start()
+
+    async def control(self, method: str, params: dict[str, Any], nodes: list[str] | None = None,
+                      deadline_s: float = CONTROL_DEADLINE_S) -> ClusterReply:
+        return await self.control_channel.call(method, params, nodes, deadline_s)
 
     def _bus_connected(self, connection: Any) -> None:
         self._bus_reconnected = True
@@ -693,6 +703,8 @@ class RedisEngine(Engine):
         return list(self._nodes)
 
     async def stop(self) -> None:
+        if getattr(self, "control_channel", None) is not None:
+            await self.control_channel.stop()
         if self._counting is not None:
             self._counting.cancel()
         for task in (self._watcher, self._listener, self._bus_syncing, *self._tasks):

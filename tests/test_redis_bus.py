@@ -53,7 +53,7 @@ def numsub(redis_server: RedisServer, prefix: str, channel: str) -> int:
 
 
 async def bus(node: Any) -> dict[str, Any]:
-    return (await node.ctl("metrics.get"))["bus"]
+    return (await node.ctl("metrics.get", local=True))["bus"]  # this node alone (the default is the cluster)
 
 
 async def subscribed(ws: Any, channel: str = "trading-signals", rid: int = 1) -> dict[str, Any]:

@@ -1,7 +1,7 @@
-"""README.md's tour, as a new user runs it: the example config passes `wsd config check`, a daemon on it takes
-the page's origin, `examples/python/follow.py` (as written, TOKEN from `wsctl token`) receives what `wsctl publish`
-sends and publishes to the page's pool, the README's `wsctl` lines run as written, a restart prints a GAP, a kick
-stops the script. The browser side of the tour is tests/test_browser.py."""
+"""README.md's tour, as a new user runs it: the example config passes `wsd config check`, a daemon on it
+takes the page's origin, `examples/python/follow.py` (as written, TOKEN from `wsctl token`) receives what
+`wsctl publish` sends and publishes to the page's pool, the README's `wsctl` lines run as written, a restart
+prints a GAP, a kick stops the script. The browser side of the tour is tests/test_browser.py."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def wsctl(w: Wsd, *args: str) -> str:
 
 
 class Follow:
-    """`TOKEN=$(wsctl token --user bob --company acme) python examples/python/follow.py ...` as a child process."""
+    """`TOKEN=$(wsctl token --user bob ...) python examples/python/follow.py ...`, a child process."""
 
     def __init__(self, proc: asyncio.subprocess.Process) -> None:
         self.proc = proc
@@ -124,7 +124,8 @@ def test_example_config_passes_config_check_with_the_secret_exported() -> None:
 def test_readme_tour_commands_are_the_tested_ones() -> None:
     """The tour's lines this file runs are the README's, so an edit of one is an edit of the other."""
     text = README.read_text()
-    assert "TOKEN=$(wsctl token --user bob --company acme) python examples/python/follow.py --publish " in text
+    follow = "TOKEN=$(wsctl token --user bob --company acme) python examples/python/follow.py --publish "
+    assert follow in text
     assert "wsd serve -c examples/browser/wsd.toml" in text
     assert "python -m http.server 8000 --bind 127.0.0.1" in text
     assert f'"{PAGE_ORIGIN}"' in EXAMPLE_CONFIG.read_text()
@@ -133,9 +134,9 @@ def test_readme_tour_commands_are_the_tested_ones() -> None:
 
 @pytest.mark.timeout(180)  # ten wsctl processes on a loaded 2-core machine
 async def test_follow_receives_wsctl_publish_and_its_publish_reaches_the_page(daemon: Wsd) -> None:
-    """The tour: EURUSD published with wsctl before, follow.py prints it from history, publishes GBPUSD, which a
-    frontend client with the page's Origin gets too; the README's wsctl lines run as written; another company
-    sees nothing."""
+    """The tour: EURUSD published with wsctl before, follow.py prints it from history, publishes GBPUSD,
+    which a frontend client with the page's Origin gets too; the README's wsctl lines run as written; another
+    company sees nothing."""
     w = daemon
     wsctl(w, "publish", "trading-signals/acme", "--type", "trading_signal",
           "--data", '{"symbol":"EURUSD","side":"buy"}')
@@ -154,7 +155,8 @@ async def test_follow_receives_wsctl_publish_and_its_publish_reaches_the_page(da
             assert first.startswith("trading-signals/acme #1 [trading_signal] (history)"), first
             assert '"EURUSD"' in first
             second = await follow.line()
-            assert second.startswith("trading-signals/acme #2 [trading_signal] ") and '"GBPUSD"' in second, second
+            assert second.startswith("trading-signals/acme #2 [trading_signal] "), second
+            assert '"GBPUSD"' in second, second
             got = await recv_until(page, lambda f: f.get("type") in ("message", "batch"), timeout=10)
             data = [m["data"] for m in got["messages"]] if got["type"] == "batch" else [got["data"]]
             assert data == [{"symbol": "GBPUSD", "side": "sell"}]
@@ -229,10 +231,11 @@ async def test_follow_stops_when_kicked(daemon: Wsd) -> None:
     ({"TOKEN": "x"}, ["--publish", "{not json"], "--publish is not JSON"),
 ])
 def test_follow_refuses_bad_input_with_one_line(env: dict[str, str], args: list[str], message: str) -> None:
-    """No $TOKEN, or --publish that is not JSON: usage error (exit 2), one line, no traceback, no connection."""
+    """No $TOKEN, or --publish that is not JSON: usage error (exit 2), one line, no traceback."""
     base = {k: v for k, v in os.environ.items() if k != "TOKEN"}
     proc = subprocess.run([sys.executable, str(FOLLOW), "--url", "ws://127.0.0.1:9/ws/api", *args],
-                          capture_output=True, text=True, timeout=30, env=dict(base, PYTHONPATH=str(ROOT), **env))
+                          capture_output=True, text=True, timeout=30,
+                          env=dict(base, PYTHONPATH=str(ROOT), **env))
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 

@@ -4,12 +4,12 @@
     TOKEN=$(wsctl token --user bob --company acme) python examples/python/follow.py \
         --publish '{"symbol":"GBPUSD","side":"sell"}'
 
-It connects to the api pool, subscribes to `trading-signals` (the company's instance, e.g. trading-signals/acme)
-with its last 5 messages, optionally publishes one message there itself, and prints one line per message and
-per gap until Ctrl-C (or `--count` messages). The client reconnects and resumes by itself: stop and start wsd
-and it goes on, printing a GAP line where messages may be missing (the memory engine loses history on a
-restart). The token is read from $TOKEN, never from the command line (a process's arguments are visible to
-every user of the machine).
+It connects to the api pool, subscribes to `trading-signals` (the company's instance, e.g.
+trading-signals/acme) with its last 5 messages, optionally publishes one message there itself, and prints one
+line per message and per gap until Ctrl-C (or `--count` messages). The client reconnects and resumes by
+itself: stop and start wsd and it goes on, printing a GAP line where messages may be missing (the memory
+engine loses history on a restart). The token is read from $TOKEN, never from the command line (a process's
+arguments are visible to every user of the machine).
 """
 
 from __future__ import annotations
@@ -56,18 +56,23 @@ async def follow(args: argparse.Namespace, token: str) -> int:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--url", default="ws://127.0.0.1:8765/ws/api", help="the pool's URL (default: %(default)s)")
-    p.add_argument("--channel", default="trading-signals", help="channel group or instance (default: %(default)s)")
+    p.add_argument("--url", default="ws://127.0.0.1:8765/ws/api",
+                   help="the pool's URL (default: %(default)s)")
+    p.add_argument("--channel", default="trading-signals",
+                   help="channel group or instance (default: %(default)s)")
     p.add_argument("--history", type=int, default=5, help="messages of history first (default: %(default)s)")
     p.add_argument("--publish", metavar="JSON", help="publish this JSON value to the channel once subscribed")
-    p.add_argument("--type", default="trading_signal", help="message type of --publish (default: %(default)s)")
-    p.add_argument("--count", type=int, default=0, help="exit after this many messages (default: run until Ctrl-C)")
+    p.add_argument("--type", default="trading_signal",
+                   help="message type of --publish (default: %(default)s)")
+    p.add_argument("--count", type=int, default=0,
+                   help="exit after this many messages (default: run until Ctrl-C)")
     p.add_argument("--connect-timeout", type=float, default=10.0,
                    help="seconds to wait for the first connection (default: %(default)s)")
     args = p.parse_args()
     token = os.environ.get("TOKEN", "").strip()
     if not token:
-        p.error("no token: run it as TOKEN=$(wsctl token --user bob --company acme) python examples/python/follow.py")
+        p.error("no token: run it as "
+                "TOKEN=$(wsctl token --user bob --company acme) python examples/python/follow.py")
     if args.publish is not None:
         try:
             json.loads(args.publish)

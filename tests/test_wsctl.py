@@ -767,8 +767,10 @@ def test_another_uid_is_refused(wsd):
 
 def test_completion_is_enabled_and_completes_from_the_daemon(wsd):
     """Shell completion is typer's: a script for bash, and pool names completed from the running daemon."""
-    r = wsctl(None, "--show-completion", "bash")
-    assert r.rc == 0 and "_WSCTL_COMPLETE" in r.out, r
+    # typer finds the shell from the process tree (shellingham): run it from a bash that stays its parent.
+    sh = subprocess.run(["bash", "-c", '"$@"; exit $?', "bash", *WSCTL, "--show-completion"], capture_output=True,
+                        text=True, timeout=30, cwd=ROOT, env=env_for())
+    assert sh.returncode == 0 and "_WSCTL_COMPLETE" in sh.stdout, (sh.returncode, sh.stderr)
     p = subprocess.run(
         [*WSCTL],
         capture_output=True,

@@ -62,6 +62,8 @@ class Lifecycle:
         """Start closing ``conn`` with ``code``; abort the transport if the close cannot be sent in time."""
         if conn.closing:
             return
+        if conn in self._dirty and conn.outbox:
+            self._drain(conn, self.now())  # written before the close frame: what was due this turn (replies)
         conn.closing = True
         conn.close_code = code
         conn.close_reason = reason

@@ -646,12 +646,11 @@ class Endpoint:
 
     # -- client frames ------------------------------------------------------------------------------------
     def reply(self, conn: Conn, rid: Any, result: Any) -> None:
-        self.daemon.hub.send_direct(conn, _encode({"id": rid, "ok": True, "result": result}), Priority.CRITICAL)
+        self.daemon.hub.send_reply(conn, _encode({"id": rid, "ok": True, "result": result}))
 
     def error(self, conn: Conn, rid: Any, code: str, message: str) -> None:
-        self.daemon.hub.send_direct(conn, _encode({"id": rid, "ok": False, "error": {"code": code,
-                                                                                      "message": message}}),
-                                    Priority.CRITICAL)
+        self.daemon.hub.send_reply(conn, _encode({"id": rid, "ok": False, "error": {"code": code,
+                                                                                     "message": message}}))
 
     async def on_frame(self, conn: Conn, message: str | bytes) -> None:
         if conn.closing:

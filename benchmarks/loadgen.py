@@ -822,7 +822,7 @@ class LoadGen:
         await self.all("phase", phase)
 
     async def counts(self) -> dict[str, Any]:
-        parts = await self.all("count", wait_s=10)
+        parts = await self.all("count", wait_s=30)  # a worker busy with 10,000 connections in a burst answers late
         return {
             "received": sum(p["received"] for p in parts),
             "last_recv": max(p["last_recv"] for p in parts),

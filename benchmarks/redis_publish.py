@@ -17,6 +17,11 @@ Phases, for each wsd build:
 - **latency**: ``--rate`` publications/s (default 1,000), spread over the publishers, for ``--latency-s``
   seconds: p50/p99 publish-to-receive at the subscribers.
 
+``--engine-only``: no daemon, no sockets to clients: ``--publishers`` coroutines of this process publish through
+the Redis engine itself (``wsd.engine.redis.RedisEngine.publish``, one after another each) for ``--max-s``
+seconds; ``--wsd-path DIR`` measures the engine of another tree the same way (before/after). What the
+engine alone sustains, without the daemon's per-connection and per-delivery work.
+
 One JSON document on stdout; progress on stderr.
 """
 
@@ -205,7 +210,54 @@ async def one_run(kind: str, args: argparse.Namespace, tmpdir: Path) -> dict[str
             await asyncio.to_thread(redis.stop)
 
 
+async def engine_only(args: argparse.Namespace, tmpdir: Path) -> dict[str, Any]:
+    """Publications/s through ``RedisEngine.publish`` alone: ``--publishers`` concurrent publishers."""
+    if args.wsd_path:
+        sys.path.insert(0, str(Path(args.wsd_path).resolve()))
+    else:
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from wsd.engine.base import EngineUnavailable, Publication
+    from wsd.engine.redis import RedisEngine
+
+    redis, url = start_redis(tmpdir)
+    got = [0]
+    eng = RedisEngine(url, prefix="e" + secrets.token_hex(3))
+    try:
+        await eng.start(lambda pub, scope=None: got.__setitem__(0, got[0] + 1))
+        data = {"ts": time.time(), "sym": "EURUSD", "bid": 1.08412, "ask": 1.08425, "pad": "x" * 120}
+        done = [0, 0]
+        end = time.monotonic() + args.max_s
+
+        async def publisher(k: int) -> None:
+            i = 0
+            while time.monotonic() < end:
+                p = Publication(id=secrets.token_hex(8), channel=f"notifications/c1/u{(i * 31 + k) % args.users}",
+                                group="notifications", type="tick", priority=2, data=data, ts=time.time())
+                try:
+                    await eng.publish(p, args.history_size, 3600)
+                    done[0] += 1
+                except EngineUnavailable:
+                    done[1] += 1
+                i += 1
+
+        t0 = time.monotonic()
+        cpu0 = time.process_time()
+        await asyncio.gather(*(publisher(k) for k in range(args.publishers)))
+        elapsed = time.monotonic() - t0
+        cpu = time.process_time() - cpu0
+        return {"engine": str(Path(sys.modules["wsd"].__file__ or "").parent), "publishers": args.publishers,
+                "publications_acked_per_s": round(done[0] / elapsed, 1), "refused": done[1],
+                "bus_received": got[0], "cpu_us_per_publication": round(1e6 * cpu / max(1, done[0]), 1)}
+    finally:
+        await eng.stop()
+        await asyncio.to_thread(redis.stop)
+
+
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
+    if args.engine_only:
+        with tempfile.TemporaryDirectory(prefix="wsd-bench-") as tmp:
+            return {"benchmark": "redis_publish --engine-only", "machine": machine(),
+                    "result": await engine_only(args, Path(tmp))}
     targets = ["wsd"] + (["wsd_base"] if args.baseline_wsd_cmd else [])
     doc: dict[str, Any] = {
         "benchmark": "redis_publish",
@@ -251,6 +303,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--history-size", type=int, default=100)
     p.add_argument("--wsd-cmd", default=None)
     p.add_argument("--baseline-wsd-cmd", default=None, help="also run this wsd build (wsd_base) in the same run")
+    p.add_argument("--engine-only", action="store_true", help="the Redis engine alone, in this process")
+    p.add_argument("--wsd-path", default=None, help="--engine-only: a directory holding the wsd package to measure")
     return p.parse_args(argv)
 
 
@@ -266,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         servers.stop_all()
     print(msgspec.json.format(msgspec.json.encode(doc)).decode())
-    return 1 if any("error" in v for r in doc["runs"] for v in r.values()) else 0
+    return 1 if any("error" in v for r in doc.get("runs", []) for v in r.values()) else 0
 
 
 if __name__ == "__main__":

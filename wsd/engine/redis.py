@@ -171,6 +171,28 @@ return {evicted, expired}
 
 _encode = msgspec.json.Encoder().encode
 
+#: publication script calls sent to Redis in one pipeline at most
+MAX_BATCH = 512
+
+
+class _Pending:
+    """A publication waiting for its turn in a pipeline: its channel, script keys and arguments, and the future
+    its ``publish`` waits on ((offset, epoch), or EngineUnavailable)."""
+
+    __slots__ = ("args", "channel", "fut", "keys")
+
+    def __init__(self, channel: str, keys: tuple[str, ...], args: tuple[Any, ...], fut: asyncio.Future[Any]) -> None:
+        self.channel = channel
+        self.keys = keys
+        self.args = args
+        self.fut = fut
+
+
+def _fail(batch: list[_Pending], exc: BaseException) -> None:
+    for p in batch:
+        if not p.fut.done():
+            p.fut.set_exception(exc)
+
 
 class _Wire(msgspec.Struct, array_like=True):
     """A publication (and its delivery scope) as it travels on the bus and sits in history."""
@@ -240,6 +262,9 @@ class RedisEngine(Engine):
         #: takeover notices: "<node id> <session id> <owner>" from the node that resumed the session
         self.takeovers = f"{prefix}:takeover".encode()
         self._script = self.redis.register_script(_PUBLISH)
+        # Publications waiting to be sent (``publish``), and the task sending them, one pipeline at a time.
+        self._outgoing: list[_Pending] = []
+        self._sender: asyncio.Task[None] | None = None
         self._listener: asyncio.Task[None] | None = None
         self._on_remote: Callable[..., None] | None = None
         self._save_session = self.redis.register_script(_SAVE_SESSION)
@@ -707,11 +732,13 @@ class RedisEngine(Engine):
             await self.control_channel.stop()
         if self._counting is not None:
             self._counting.cancel()
-        for task in (self._watcher, self._listener, self._bus_syncing, *self._tasks):
+        for task in (self._watcher, self._listener, self._bus_syncing, self._sender, *self._tasks):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(BaseException):
                     await task
+        queued, self._outgoing = self._outgoing, []
+        _fail(queued, EngineUnavailable("the redis engine is stopping: the message was not acknowledged"))
         with contextlib.suppress(Exception):
             async with self.redis.pipeline(transaction=False) as p:
                 p.srem(f"{self.prefix}:nodes", self.node_id)
@@ -726,6 +753,14 @@ class RedisEngine(Engine):
 
     async def publish(self, pub: Publication, history_size: int, history_ttl_s: float,
                       scope: dict[str, Any] | None = None) -> None:
+        """Store, number and share ``pub``: acknowledged (returns) only once Redis ran the publication script.
+
+        Publications made in one loop turn go to Redis together: one pipeline of script calls (``_send``), in
+        the order they were made, so one channel's publications keep their order; one batch is in flight at
+        a time. Each waits for its own result: Redis not answering within ``OP_TIMEOUT_S`` (or unreachable)
+        fails it with ``EngineUnavailable``, and a Redis error on one script call fails that publication only.
+        A publication whose wait ended before its batch was sent is not sent.
+        """
         scope = scope or {}
         w = _Wire(pub.id, pub.channel, pub.group, pub.type, int(pub.priority), pub.data, pub.ts, pub.ttl_s,
                   pub.source, pub.user_id, pub.company_id, bool(scope.get("broadcast")),
@@ -735,17 +770,18 @@ class RedisEngine(Engine):
         size = history_size if pub.channel else 0
         # The channel's own bus reaches the nodes with its subscribers; the shared one reaches every node.
         bus = self.bus if not pub.channel or scope.get("broadcast") or scope.get("wide") else self.channel_bus(channel)
-        from redis.exceptions import ConnectionError as RedisConnectionError
-        from redis.exceptions import TimeoutError as RedisTimeoutError
-
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        self._outgoing.append(_Pending(channel, (self._meta(channel), self._hist(channel)),
+                                       (secrets.token_hex(4), body, size, int(history_ttl_s), repr(pub.ts), bus,
+                                        *self._seen(channel)), fut))
+        if self._sender is None:
+            self._sender = loop.create_task(self._send_batches())
         try:
-            off, epoch = await asyncio.wait_for(self._script(
-                keys=[self._meta(channel), self._hist(channel)],
-                args=[secrets.token_hex(4), body, size, int(history_ttl_s), repr(pub.ts), bus,
-                      *self._seen(channel)]), OP_TIMEOUT_S)
-        except (RedisConnectionError, RedisTimeoutError, TimeoutError, OSError) as exc:
-            raise EngineUnavailable(f"the redis engine is unavailable ({type(exc).__name__}): the message was not "
-                                    f"acknowledged; retry once redis is back") from None
+            off, epoch = await asyncio.wait_for(fut, OP_TIMEOUT_S)
+        except TimeoutError:
+            raise EngineUnavailable("the redis engine is unavailable (TimeoutError): the message was not "
+                                    "acknowledged; retry once redis is back") from None
         pub.offset = int(off)
         pub.epoch = epoch.decode() if isinstance(epoch, bytes) else str(epoch)
         if pub.channel and size:
@@ -755,6 +791,65 @@ class RedisEngine(Engine):
                 self._forget_oldest()
             known[pub.channel] = {"offset": pub.offset, "epoch": pub.epoch,
                                   "until": time.monotonic() + (history_ttl_s if history_ttl_s > 0 else float("inf"))}
+
+    async def _send_batches(self) -> None:
+        """Send what ``publish`` queued, a batch (at most ``MAX_BATCH``) at a time, until nothing is queued."""
+        try:
+            while self._outgoing:
+                queued = self._outgoing
+                batch = [p for p in queued[:MAX_BATCH] if not p.fut.done()]  # done: its wait ended, not sent
+                self._outgoing = queued[MAX_BATCH:]
+                if batch:
+                    await self._send(batch)
+        finally:
+            self._sender = None
+
+    async def _send(self, batch: list[_Pending], retried: bool = False) -> None:
+        """One pipeline of publication script calls for ``batch``; each publication gets its own result."""
+        sha = self._script.sha
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for p in batch:
+                    pipe.evalsha(sha, len(p.keys), *p.keys, *p.args)
+                results = await asyncio.wait_for(pipe.execute(raise_on_error=False), OP_TIMEOUT_S)
+        except asyncio.CancelledError:
+            _fail(batch, EngineUnavailable("the redis engine is stopping: the message was not acknowledged"))
+            raise
+        except Exception as exc:  # unreachable, timed out, or anything else: none of them is acknowledged
+            _fail(batch, EngineUnavailable(f"the redis engine is unavailable ({type(exc).__name__}): the message "
+                                           f"was not acknowledged; retry once redis is back"))
+            return
+        from redis.exceptions import NoScriptError
+
+        again: list[_Pending] = []
+        for i, (p, res) in enumerate(zip(batch, results)):
+            if isinstance(res, NoScriptError) and not retried:
+                # Redis lost its script cache (a restart): this call ran nothing. It is sent again once the script
+                # is loaded, unless a later publication of its channel in this batch was stored (another client
+                # loaded the script meanwhile): sent now, it would come after that one.
+                if any(q.channel == p.channel and not isinstance(r, Exception)
+                       for q, r in zip(batch[i + 1:], results[i + 1:])):
+                    _fail([p], EngineUnavailable("the redis engine lost its scripts: the message was not "
+                                                 "acknowledged; retry"))
+                else:
+                    again.append(p)
+            elif isinstance(res, Exception):
+                log.warning("redis refused a publication to %s: %s", p.channel[:200], res)
+                _fail([p], EngineUnavailable(f"redis refused the publication ({type(res).__name__}): the message "
+                                             f"was not acknowledged"))
+            elif not p.fut.done():
+                p.fut.set_result(res)
+        if again:
+            try:
+                await asyncio.wait_for(self.redis.script_load(_PUBLISH), OP_TIMEOUT_S)
+            except asyncio.CancelledError:
+                _fail(again, EngineUnavailable("the redis engine is stopping: the message was not acknowledged"))
+                raise
+            except Exception as exc:  # unreachable, timed out, or anything else: none of them is acknowledged
+                _fail(again, EngineUnavailable(f"the redis engine is unavailable ({type(exc).__name__}): the "
+                                               f"message was not acknowledged; retry once redis is back"))
+                return
+            await self._send(again, retried=True)
 
     def _seen(self, channel: str) -> list[Any]:
         """The highest offsets this node saw of ``channel`` (published, delivered, on the bus) as epoch, offset

@@ -713,12 +713,11 @@ class Endpoint:
 
     # -- client frames ------------------------------------------------------------------------------------
     def reply(self, conn: Conn, rid: Any, result: Any) -> None:
-        self.daemon.hub.send_direct(conn, _encode({"id": rid, "ok": True, "result": result}), Priority.CRITICAL)
+        self.daemon.hub.send_reply(conn, _encode({"id": rid, "ok": True, "result": result}))
 
     def error(self, conn: Conn, rid: Any, code: str, message: str) -> None:
-        self.daemon.hub.send_direct(conn, _encode({"id": rid, "ok": False, "error": {"code": code,
-                                                                                      "message": message}}),
-                                    Priority.CRITICAL)
+        self.daemon.hub.send_reply(conn, _encode({"id": rid, "ok": False, "error": {"code": code,
+                                                                                     "message": message}}))
 
     def _owed_ack(self, conn: Conn, message: str | bytes) -> bool:
         """Past the message rate, an ``ack`` that settles an unacked reliable message is still taken: it is owed for

@@ -39,6 +39,7 @@ async def engine(redis_server) -> AsyncIterator[tuple[RedisEngine, list[Publicat
     """A started engine and the publications its bus brought back (the publisher's node delivers from the bus)."""
     got: list[Publication] = []
     eng = RedisEngine(redis_server.url, prefix="b" + secrets.token_hex(3))
+    eng.in_use = lambda channel: True  # a node whose clients subscribe to every channel: it follows each one's bus
     await eng.start(lambda pub, scope=None: got.append(pub))
     yield eng, got
     await eng.stop()
@@ -65,6 +66,8 @@ async def test_one_turn_of_publications_keeps_each_channels_order(engine):
     eng, got = engine
     chans = ["notifications/acme/a", "notifications/acme/b", "trading-signals/acme"]
     pubs = [pub(chans[i % 3], i) for i in range(60)]  # interleaved: a b c a b c ...
+    for ch in chans:  # what a subscribe does first: the channel's bus is live before its position is read
+        await eng.history(ch, limit=0)
     outcomes = await publish_all(eng, pubs)
     assert outcomes == [None] * 60
     for ch in chans:
@@ -107,6 +110,8 @@ async def test_a_redis_error_fails_only_the_publications_it_hit(engine, redis_se
         r.close()
     pubs = [pub("notifications/acme/a", 0), pub(bad, 1), pub("notifications/acme/a", 2), pub(bad, 3),
             pub("trading-signals/acme", 4)]
+    for ch in ("notifications/acme/a", "trading-signals/acme"):
+        await eng.history(ch, limit=0)  # their buses are live (what a subscribe does first)
     outcomes = await publish_all(eng, pubs)
     assert outcomes[0] is None and outcomes[2] is None and outcomes[4] is None
     for i in (1, 3):

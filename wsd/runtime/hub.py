@@ -260,6 +260,7 @@ class Hub(Delivery, Lifecycle):
                 # Once per publication, before anything is stored or sent: history, the engine and every
                 # receiver get the same envelope (the schema above checked the plaintext).
                 data, enc = sealer.seal(channel, data), ALGORITHM
+                raw = msgspec.json.encode(data)  # what is sent is the envelope, not the plaintext checked above
         now = self.now()
         wall = time.time()
         pub = Publication(id=self.publication_id(), channel=channel, group=group, type=msg_type,

@@ -175,8 +175,9 @@ class SentinelSet:
                 f'sentinel_master = "{MASTER}"\nwait_replicas = {self.wait_replicas}\nprefix = "{prefix}"\n')
 
     def failover(self, how: str = "kill") -> tuple[int, int]:
-        """``kill -9`` (or SIGSTOP) the master and wait until the sentinels promoted a replica and that replica
-        takes writes: (old, new) ports. A stopped master is resumed after (the sentinels make it a replica)."""
+        """``kill -9`` (or SIGSTOP) the master and wait until the sentinels promoted a replica, that replica takes
+        writes and has ``wait_replicas`` replicas: (old, new) ports. A stopped master is resumed once a replica was
+        promoted (the sentinels make it a replica)."""
         old = self.master()
         proc = self.servers[old]
         if how == "kill":
@@ -187,6 +188,9 @@ class SentinelSet:
         _wait("the new master to take writes", lambda: "role:master" in _cli(new, "info", "replication"), 15)
         if how != "kill":
             proc.proc.send_signal(signal.SIGCONT)
+        # healthy again: the new master has the replicas publications wait for (the other replica, re-pointed by
+        # the sentinels; or the stopped master, back as a replica)
+        _wait("a replica of the new master", lambda: self.replicas_of(new) >= self.wait_replicas, 30)
         return old, new
 
     def replicas_of(self, port: int) -> int:

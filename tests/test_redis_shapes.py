@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.chaos import Chaos
+from tests.harness import make_token, recv_until, welcome
 from tests.redis_shapes import RedisClusterSet, SentinelSet, need
 from tests.test_config import errors_of, has, ok_toml
 from wsd.config import config_to_dict, load_config
@@ -41,6 +42,13 @@ async def test_two_nodes_on_a_redis_cluster_deliver_across_nodes_and_resume(tmp_
         await chaos.inject("kill")
         await chaos.finish()
         report = chaos.report()
+        # A broadcast (plain PUBLISH on the shared bus, from the publish script on some master) reaches the
+        # connections of the other node.
+        async with chaos.nodes["A"].connect(token=make_token("zed", "acme")) as ws:
+            await welcome(ws)
+            await chaos.nodes["B"].ctl("broadcast", type="notice", data={"n": 1})
+            m = await recv_until(ws, lambda m: m.get("type") == "message")
+            assert m["data"] == {"n": 1}
     print(json.dumps(report, indent=1))
     assert sum(1 for s in shard if s) >= 2 and all(":ch:{" in c for s in shard for c in s), shard
     assert sum(1 for k in keys if k) >= 2, keys

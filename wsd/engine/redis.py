@@ -27,6 +27,12 @@
   reconnects by itself once Redis is back.
 - Each node refreshes a key with a TTL every second: the live nodes are those whose key exists.
 
+- ``mode``: one server (``single``), a master found through Redis Sentinel (``sentinel``: redis-py's
+  ``Sentinel.master_for``; the bus connection is moved when the sentinels name another master), or Redis Cluster
+  (``cluster``: redis-py's ``RedisCluster``; channel buses are shard channels, SSUBSCRIBE / SPUBLISH in the
+  instance's slot, read per master; sessions share one hash tag so their script stays in one slot).
+  ``wait_replicas``: a publication is acknowledged once that many replicas have it (WAIT).
+
 An extra: ``pip install 'wsd[redis]'``.
 """
 

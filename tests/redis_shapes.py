@@ -108,8 +108,8 @@ class RedisClusterSet:
         return f"redis://127.0.0.1:{self.nodes[0].port}/0"
 
     def engine_toml(self, prefix: str) -> str:
-        seeds = ", ".join(f'"127.0.0.1:{n.port}"' for n in self.nodes[1:])
-        return (f'\n[engine]\ntype = "redis"\nmode = "cluster"\nurl = "{self.url}"\ncluster_nodes = [{seeds}]\n'
+        others = ", ".join(f'"127.0.0.1:{n.port}"' for n in self.nodes[1:])
+        return (f'\n[engine]\ntype = "redis"\nmode = "cluster"\nurl = "{self.url}"\ncluster_nodes = [{others}]\n'
                 f'prefix = "{prefix}"\n')
 
     def stop(self) -> None:

@@ -186,7 +186,7 @@ class EngineConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     sentinels: list[str] = []  # "host:port" of each sentinel (mode "sentinel")
     sentinel_master: str = ""  # the master's name in the sentinels' configuration
     sentinel_password: str = ""  # the sentinels' own password (requirepass on the sentinels), if any
-    cluster_nodes: list[str] = []  # more "host:port" seeds besides the url's (mode "cluster")
+    cluster_nodes: list[str] = []  # more "host:port" nodes to start from besides the url's (mode "cluster")
     wait_replicas: int = 0  # acknowledge a publication once this many replicas have it (WAIT)
 
 

@@ -69,9 +69,9 @@ BUS_BATCH = 500
 # Number, store and publish one publication. KEYS: meta, hist (one channel instance: one hash slot).
 # ARGV: new epoch (used when the channel has none), body, history size (0: broadcast, nothing stored),
 # history ttl, timestamp, the pub/sub channel to publish on (the instance's own bus, or the shared one for a
-# broadcast or a publication routing rules send beyond its channel), the command publishing on it (PUBLISH, or
-# SPUBLISH for an instance's bus on Redis Cluster: the bus is in the instance's slot), then (epoch, offset) pairs
-# this node saw. Returns {offset, epoch}.
+# broadcast or a publication routing rules send beyond its channel), then (epoch, offset) pairs this node saw.
+# Returns {offset, epoch}. (_SPUBLISH: the same with SPUBLISH, for an instance's bus on Redis Cluster: a shard
+# channel in the instance's slot.)
 _PUBLISH = """
 local meta = KEYS[1]
 local hist = KEYS[2]
@@ -84,7 +84,7 @@ local off = 0
 local size = tonumber(ARGV[3])
 if size > 0 then
   off = redis.call('HINCRBY', meta, 'offset', 1)
-  for i = 8, #ARGV - 1, 2 do
+  for i = 7, #ARGV - 1, 2 do
     if epoch == ARGV[i] and off <= tonumber(ARGV[i + 1]) then
       -- Redis handed out again an offset already used in this epoch (it came back with older data): a new epoch
       epoch = ARGV[1]
@@ -102,9 +102,10 @@ if size > 0 then
     redis.call('EXPIRE', meta, ttl * 2 + 3600)
   end
 end
-redis.call(ARGV[7], ARGV[6], off .. ':' .. epoch .. ':' .. ARGV[2])
+redis.call('PUBLISH', ARGV[6], off .. ':' .. epoch .. ':' .. ARGV[2])
 return {off, epoch}
 """
+_SPUBLISH = _PUBLISH.replace("redis.call('PUBLISH',", "redis.call('SPUBLISH',")
 
 # Start a new epoch if the channel's epoch is still ARGV[1] (one whose offsets Redis hands out again): offset 0,
 # history dropped. KEYS: meta, hist. ARGV: stale epoch, new epoch. Returns the channel's epoch.
@@ -269,11 +270,11 @@ class RedisEngine(Engine):
         elif mode == "cluster":
             from redis.asyncio.cluster import ClusterNode, RedisCluster
 
-            seeds = [ClusterNode(*_host_port(a)) for a in cluster_nodes]
-            self.redis = RedisCluster.from_url(url, startup_nodes=seeds, decode_responses=False,
+            first = [ClusterNode(*_host_port(a)) for a in cluster_nodes]
+            self.redis = RedisCluster.from_url(url, startup_nodes=first, decode_responses=False,
                                                socket_timeout=1.0, socket_connect_timeout=1.0)
             # The bus: a connection for the shared channels, one per master for the channel buses it holds
-            self._bus_client = RedisCluster.from_url(url, startup_nodes=list(seeds), decode_responses=False,
+            self._bus_client = RedisCluster.from_url(url, startup_nodes=list(first), decode_responses=False,
                                                      socket_connect_timeout=1.0)
         else:
             # Bounded: one retry on a fresh connection (a pooled one that Redis closed), 1 s per attempt.
@@ -287,6 +288,7 @@ class RedisEngine(Engine):
         #: takeover notices: "<node id> <session id> <owner>" from the node that resumed the session
         self.takeovers = f"{prefix}:takeover".encode()
         self._script = self.redis.register_script(_PUBLISH)
+        self._script_sharded = self.redis.register_script(_SPUBLISH) if self.sharded else self._script
         self._listener: asyncio.Task[None] | None = None
         self._on_remote: Callable[..., None] | None = None
         self._save_session = self.redis.register_script(_SAVE_SESSION)
@@ -830,15 +832,15 @@ class RedisEngine(Engine):
         from redis.exceptions import ConnectionError as RedisConnectionError
         from redis.exceptions import TimeoutError as RedisTimeoutError
 
-        cmd = "SPUBLISH" if self.sharded and bus != self.bus else "PUBLISH"
+        script = self._script if bus == self.bus else self._script_sharded
         keys = [self._meta(channel), self._hist(channel)]
-        args = [secrets.token_hex(4), body, size, int(history_ttl_s), repr(pub.ts), bus, cmd, *self._seen(channel)]
+        args = [secrets.token_hex(4), body, size, int(history_ttl_s), repr(pub.ts), bus, *self._seen(channel)]
         try:
             if self.wait_replicas:
                 # WAIT counts the replicas that have this connection's writes: it follows the script on the
                 # same connection (one pipeline).
                 async with self.redis.pipeline(transaction=False) as p:
-                    await self._script(keys=keys, args=args, client=p)
+                    await script(keys=keys, args=args, client=p)
                     p.execute_command("WAIT", self.wait_replicas, int(OP_TIMEOUT_S * 1000) - 500)
                     (off, epoch), copies = await asyncio.wait_for(p.execute(), OP_TIMEOUT_S + 0.5)
                 if int(copies) < self.wait_replicas:
@@ -847,7 +849,7 @@ class RedisEngine(Engine):
                         f"replicas asked for (engine.wait_replicas) have it: not acknowledged, a failover now could "
                         f"lose it")
             else:
-                off, epoch = await asyncio.wait_for(self._script(keys=keys, args=args), OP_TIMEOUT_S)
+                off, epoch = await asyncio.wait_for(script(keys=keys, args=args), OP_TIMEOUT_S)
         except (RedisConnectionError, RedisTimeoutError, TimeoutError, OSError) as exc:
             raise EngineUnavailable(f"the redis engine is unavailable ({type(exc).__name__}): the message was not "
                                     f"acknowledged; retry once redis is back") from None

@@ -54,7 +54,8 @@ def _wait(what: str, check: Any, timeout: float = 20.0) -> Any:
 def _pong(port: int) -> bool:
     with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
         s.sendall(b"PING\r\n")
-        return s.recv(16).startswith(b"+PONG")
+        reply = s.recv(64)
+        return reply.startswith(b"+PONG") or reply.startswith(b"-NOAUTH")  # up (a password is asked for)
 
 
 class _Proc:
@@ -120,8 +121,11 @@ class RedisClusterSet:
 class SentinelSet:
     """A master, ``replicas`` replicas and three sentinels (quorum 2) that fail over within a few seconds."""
 
-    def __init__(self, workdir: Path, replicas: int = 2, wait_replicas: int = 1) -> None:
+    def __init__(self, workdir: Path, replicas: int = 2, wait_replicas: int = 1, password: str = "",
+                 sentinel_password: str = "") -> None:
         self.dir = workdir
+        self.password = password  # the master's and replicas' requirepass
+        self.sentinel_password = sentinel_password  # the sentinels' requirepass
         self.replicas = replicas
         self.wait_replicas = wait_replicas
         self.servers: dict[int, _Proc] = {}
@@ -132,17 +136,26 @@ class SentinelSet:
         d = self.dir / name
         d.mkdir(parents=True, exist_ok=True)
         port = free_port()
+        auth = ["--requirepass", self.password, "--masterauth", self.password] if self.password else []
         self.servers[port] = _Proc(
             ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(d), "--save", "",
-             "--appendonly", "yes", "--appendfsync", "always", *extra], port)
+             "--appendonly", "yes", "--appendfsync", "always", *auth, *extra], port)
         return port
+
+    def _cli(self, port: int, *args: str) -> str:
+        auth = ["--no-auth-warning", "-a", self.password] if self.password else []
+        return _cli(port, *auth, *args)
+
+    def _scli(self, port: int, *args: str) -> str:
+        auth = ["--no-auth-warning", "-a", self.sentinel_password] if self.sentinel_password else []
+        return _cli(port, *auth, *args)
 
     def start(self) -> None:
         m = self.first_master = self._server("master")
         for i in range(self.replicas):
             self._server(f"replica{i}", "--replicaof", "127.0.0.1", str(m))
         _wait("the replicas in sync",
-              lambda: _cli(m, "info", "replication").count("state=online") == self.replicas, 20)
+              lambda: self._cli(m, "info", "replication").count("state=online") == self.replicas, 20)
         for i in range(3):
             d = self.dir / f"sentinel{i}"
             d.mkdir(parents=True, exist_ok=True)
@@ -152,7 +165,9 @@ class SentinelSet:
                             f"sentinel monitor {MASTER} 127.0.0.1 {m} 2\n"
                             f"sentinel down-after-milliseconds {MASTER} 1000\n"
                             f"sentinel failover-timeout {MASTER} 4000\n"
-                            f"sentinel parallel-syncs {MASTER} 2\n")
+                            f"sentinel parallel-syncs {MASTER} 2\n"
+                            + (f"sentinel auth-pass {MASTER} {self.password}\n" if self.password else "")
+                            + (f"requirepass {self.sentinel_password}\n" if self.sentinel_password else ""))
             self.sentinels.append(_Proc(["redis-sentinel", str(conf)], port))
         # a failover needs every sentinel to know the others and the replicas
         for s in self.sentinels:
@@ -161,18 +176,19 @@ class SentinelSet:
                 self.replicas), 20)
 
     def _sentinel_info(self, port: int) -> dict[str, str]:
-        lines = _cli(port, "sentinel", "master", MASTER).splitlines()
+        lines = self._scli(port, "sentinel", "master", MASTER).splitlines()
         return dict(zip(lines[::2], lines[1::2]))
 
     def master(self) -> int:
         """The master's port as the sentinels report it."""
-        out = _cli(self.sentinels[0].port, "sentinel", "get-master-addr-by-name", MASTER).split()
+        out = self._scli(self.sentinels[0].port, "sentinel", "get-master-addr-by-name", MASTER).split()
         return int(out[1]) if len(out) == 2 else 0
 
     def engine_toml(self, prefix: str) -> str:
         addrs = ", ".join(f'"127.0.0.1:{s.port}"' for s in self.sentinels)
+        url = f'url = "redis://:{self.password}@/0"\n' if self.password else ""
         return (f'\n[engine]\ntype = "redis"\nmode = "sentinel"\nsentinels = [{addrs}]\n'
-                f'sentinel_master = "{MASTER}"\nwait_replicas = {self.wait_replicas}\nprefix = "{prefix}"\n')
+                f'sentinel_master = "{MASTER}"\nwait_replicas = {self.wait_replicas}\nprefix = "{prefix}"\n{url}')
 
     def failover(self, how: str = "kill") -> tuple[int, int]:
         """``kill -9`` (or SIGSTOP) the master and wait until the sentinels promoted a replica, that replica takes
@@ -185,7 +201,7 @@ class SentinelSet:
         else:
             proc.proc.send_signal(signal.SIGSTOP)
         new = _wait("a new master", lambda: (p := self.master()) and p != old and p, 30)
-        _wait("the new master to take writes", lambda: "role:master" in _cli(new, "info", "replication"), 15)
+        _wait("the new master to take writes", lambda: "role:master" in self._cli(new, "info", "replication"), 15)
         if how != "kill":
             proc.proc.send_signal(signal.SIGCONT)
         # healthy again: the new master has the replicas publications wait for (the other replica, re-pointed by
@@ -194,7 +210,7 @@ class SentinelSet:
         return old, new
 
     def replicas_of(self, port: int) -> int:
-        return _cli(port, "info", "replication").count("state=online")
+        return self._cli(port, "info", "replication").count("state=online")
 
     def stop(self) -> None:
         for s in self.sentinels:

@@ -5,6 +5,7 @@ checks."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 from pathlib import Path
@@ -12,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from tests.chaos import Chaos
-from tests.harness import make_token, recv_until, welcome
+from tests.harness import ControlError, make_token, recv_until, request, welcome
+from tests.test_redis_engine import redis_url  # noqa: F401 (a fixture: a private redis-server)
 from tests.redis_shapes import RedisClusterSet, SentinelSet, need
 from tests.test_config import errors_of, has, ok_toml
 from wsd.config import config_to_dict, load_config
@@ -118,3 +120,36 @@ def test_sentinel_password_is_redacted_and_comes_from_the_environment(tmp_path: 
     assert cfg.engine.sentinel_password == "s3ntinel"
     shown = json.dumps(config_to_dict(cfg, redact=True))
     assert "s3ntinel" not in shown and "masterpw" not in shown
+
+
+@pytest.mark.timeout(60)
+async def test_a_node_reaches_a_master_and_sentinels_that_ask_for_passwords(tmp_path, wsd_factory):
+    """The master's password comes from engine.url, the sentinels' from WSD_ENGINE_SENTINEL_PASSWORD; a
+    publication reaches its subscriber, and neither password is shown by config.get or status."""
+    need("redis-server", "redis-sentinel", "redis-cli")
+    shape = SentinelSet(tmp_path / "redis", replicas=1, wait_replicas=1, password="m4sterpw",
+                        sentinel_password="s3ntinelpw")
+    try:
+        await asyncio.to_thread(shape.start)
+        w = wsd_factory(shape.engine_toml("pw"), env={"WSD_ENGINE_SENTINEL_PASSWORD": "s3ntinelpw"})
+        async with w.connect(token=make_token("alice", "acme")) as ws:
+            await welcome(ws)
+            await request(ws, {"op": "subscribe", "id": 1, "channel": "trading-signals"})
+            res = await w.ctl("publish", channel="trading-signals/acme", type="sig", data={"i": 1})
+            assert res["offset"] == 1
+            m = await recv_until(ws, lambda m: m.get("type") == "message")
+            assert m["data"] == {"i": 1}
+        shown = json.dumps([await w.ctl("config.get"), await w.ctl("status")])
+        assert "m4sterpw" not in shown and "s3ntinelpw" not in shown
+        assert "sentinel://wsdmaster@127.0.0.1:" in shown  # status names the sentinels and the master
+    finally:
+        await asyncio.to_thread(shape.stop)
+
+
+async def test_wait_replicas_refuses_what_no_replica_has(wsd_factory, redis_url):
+    """With engine.wait_replicas = 1 and no replica, a publication is refused (engine_unavailable, naming the key)
+    instead of acknowledged: it could not survive a failover."""
+    w = wsd_factory(f'[engine]\ntype = "redis"\nurl = "{redis_url}"\nwait_replicas = 1\n')
+    with pytest.raises(ControlError) as info:
+        await w.ctl("publish", channel="trading-signals/acme", type="sig", data={"i": 1})
+    assert info.value.code == "engine_unavailable" and "engine.wait_replicas" in info.value.message

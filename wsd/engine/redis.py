@@ -56,6 +56,8 @@ log = logging.getLogger("wsd.engine.redis")
 
 #: a publish (or another command) that Redis has not answered within this is failed, never left hanging
 OP_TIMEOUT_S = 1.5
+#: engine.wait_replicas: how long a publication waits for its replicas before it is refused
+WAIT_MS = 500
 #: how often a node refreshes its registry key and checks its subscribed channels' positions
 CHECK_INTERVAL_S = 1.0
 #: a node whose key was not refreshed for this long is gone
@@ -841,7 +843,8 @@ class RedisEngine(Engine):
                 # same connection (one pipeline).
                 async with self.redis.pipeline(transaction=False) as p:
                     await script(keys=keys, args=args, client=p)
-                    p.execute_command("WAIT", self.wait_replicas, int(OP_TIMEOUT_S * 1000) - 500)
+                    # well within the connection's 1 s socket timeout (a timeout would retry the whole pipeline)
+                    p.execute_command("WAIT", self.wait_replicas, WAIT_MS)
                     (off, epoch), copies = await asyncio.wait_for(p.execute(), OP_TIMEOUT_S + 0.5)
                 if int(copies) < self.wait_replicas:
                     raise EngineUnavailable(

@@ -267,8 +267,7 @@ class RedisEngine(Engine):
             # Each connection asks the sentinels for the master's address when it (re)connects.
             self.redis = self._sentinel.master_for(sentinel_master, decode_responses=False, socket_timeout=1.0,
                                                    socket_connect_timeout=1.0, retry=Retry(NoBackoff(), 1))
-            self._bus_client = self._sentinel.master_for(sentinel_master, decode_responses=False,
-                                                         socket_connect_timeout=1.0, retry=Retry(NoBackoff(), 1))
+            self._bus_client = self.pubsub_client()
         elif mode == "cluster":
             from redis.asyncio.cluster import ClusterNode, RedisCluster
 
@@ -283,8 +282,7 @@ class RedisEngine(Engine):
             self.redis = aioredis.Redis.from_url(url, decode_responses=False, socket_timeout=1.0,
                                                  socket_connect_timeout=1.0, retry=Retry(NoBackoff(), 1))
             # The bus has a connection of its own: it waits for messages, and reconnects when it loses Redis.
-            self._bus_client = aioredis.Redis.from_url(url, decode_responses=False, socket_connect_timeout=1.0,
-                                                       retry=Retry(NoBackoff(), 1))
+            self._bus_client = self.pubsub_client()
         #: the shared bus: broadcasts and publications routed beyond their channel (every node subscribes)
         self.bus = f"{prefix}:bus".encode()
         #: takeover notices: "<node id> <session id> <owner>" from the node that resumed the session
@@ -331,6 +329,20 @@ class RedisEngine(Engine):
         self._readers: dict[str, asyncio.Task[None]] = {}
         #: what a lost, paused or restarting Redis raises
         self._unavailable: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
+
+    def pubsub_client(self) -> Any:
+        """A new client for a pub/sub connection of its own (plain SUBSCRIBE / PUBLISH), reaching Redis as this
+        engine does: the server at the URL; with Sentinel the current master (asked at each reconnect); on Redis
+        Cluster the node of the URL (a cluster delivers PUBLISH on every node)."""
+        import redis.asyncio as aioredis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        if self._sentinel is not None:
+            return self._sentinel.master_for(self._master, decode_responses=False, socket_connect_timeout=1.0,
+                                             retry=Retry(NoBackoff(), 1))
+        return aioredis.Redis.from_url(self.url, decode_responses=False, socket_connect_timeout=1.0,
+                                       retry=Retry(NoBackoff(), 1))
 
     def _meta(self, channel: str) -> str:
         return f"{self.prefix}:ch:{{{channel}}}:meta"

@@ -240,7 +240,7 @@ class Chaos:
 
     def __init__(self, *, rate: float = 40.0, settle: float = 2.0, pause_s: float = 3.0, down_s: float = 1.0,
                  blackhole_s: float = 2.5, ping_interval: float = 0.5, ping_timeout: float = 1.0,
-                 workdir: Path | None = None) -> None:
+                 workdir: Path | None = None, backend: Any = None) -> None:
         self.rate = rate
         self.settle = settle
         self.pause_s = pause_s
@@ -251,6 +251,9 @@ class Chaos:
         self._own_dir = workdir is None
         self.dir = workdir or Path(tempfile.mkdtemp(prefix="wsd-chaos-"))
         self.redis: RedisServer | None = None
+        # Another Redis shape (tests/redis_shapes.py: start(), engine_toml(prefix), stop(), fault_<name>(chaos))
+        # instead of the one redis-server.
+        self.backend = backend
         self.nodes: dict[str, Wsd] = {}
         self.proxies: dict[str, Proxy] = {}
         self.apps: list[App] = []
@@ -277,15 +280,20 @@ class Chaos:
         await self.stop()
 
     async def start(self) -> None:
-        rdir = self.dir / "redis"
-        rdir.mkdir(parents=True, exist_ok=True)
-        self.redis = RedisServer(rdir)
-        await asyncio.to_thread(self.redis.start)
         prefix = "chaos" + secrets.token_hex(3)
+        if self.backend is None:
+            rdir = self.dir / "redis"
+            rdir.mkdir(parents=True, exist_ok=True)
+            self.redis = RedisServer(rdir)
+            await asyncio.to_thread(self.redis.start)
+            config = node_config(self.redis.url, prefix)
+        else:
+            await asyncio.to_thread(self.backend.start)
+            config = BASE_CONFIG + self.backend.engine_toml(prefix)
         for name in ("A", "B"):
             d = self.dir / f"node{name}"
             d.mkdir(exist_ok=True)
-            self.nodes[name] = Wsd(d, node_config(self.redis.url, prefix))
+            self.nodes[name] = Wsd(d, config)
         await asyncio.gather(*(asyncio.to_thread(w.start) for w in self.nodes.values()))
         for name, w in self.nodes.items():
             self.proxies[name] = await Proxy(w.port).start()
@@ -333,6 +341,8 @@ class Chaos:
                 await asyncio.to_thread(w.stop)
         if self.redis is not None:
             self.redis.stop()
+        if self.backend is not None:
+            await asyncio.to_thread(self.backend.stop)
         if self._own_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -399,7 +409,8 @@ class Chaos:
     async def inject(self, fault: str) -> None:
         """Run one fault, then the steady period after it (publications in both belong to the fault)."""
         self._begin(fault)
-        await getattr(self, f"_fault_{fault}")()
+        own = getattr(self, f"_fault_{fault}", None)
+        await (own() if own is not None else getattr(self.backend, f"fault_{fault}")(self))
         await self.steady()
 
     def clients_node(self) -> str:

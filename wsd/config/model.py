@@ -181,6 +181,13 @@ class EngineConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     type: Literal["memory", "redis"] = "memory"
     url: str = ""
     prefix: str = "wsd"
+    # Redis deployment: one server (or a proxy), a master found through Redis Sentinel, or a Redis Cluster
+    mode: Literal["single", "sentinel", "cluster"] = "single"
+    sentinels: list[str] = []  # "host:port" of each sentinel (mode "sentinel")
+    sentinel_master: str = ""  # the master's name in the sentinels' configuration
+    sentinel_password: str = ""  # the sentinels' own password (requirepass on the sentinels), if any
+    cluster_nodes: list[str] = []  # more "host:port" nodes to start from besides the url's (mode "cluster")
+    wait_replicas: int = 0  # acknowledge a publication once this many replicas have it (WAIT)
 
 
 class AuditConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

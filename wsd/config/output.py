@@ -32,6 +32,8 @@ def config_to_dict(cfg: Config, redact: bool = True) -> dict[str, Any]:
             data["auth"]["secret"] = REDACTED
         if data["engine"]["url"]:
             data["engine"]["url"] = _redact_url(data["engine"]["url"])
+        if data["engine"].get("sentinel_password"):
+            data["engine"]["sentinel_password"] = REDACTED
     return data
 
 

@@ -323,13 +323,60 @@ def _check_routing(cfg: Config, errs: Problems) -> None:
                 errs.add(f"{path}.filter.expression", str(exc) or type(exc).__name__)
 
 
+def _host_port(addr: str) -> bool:
+    host, sep, port = addr.rpartition(":")
+    return bool(sep and host.strip("[]") and port.isdigit() and 0 < int(port) < 65536)
+
+
+def _check_sentinel(e: EngineConfig, errs: Problems) -> None:
+    if not e.sentinels:
+        errs.add("engine.sentinels", 'required when engine.mode is "sentinel" (e.g. ["10.0.0.1:26379", '
+                                     '"10.0.0.2:26379", "10.0.0.3:26379"])')
+    for i, addr in enumerate(e.sentinels):
+        if not _host_port(addr):
+            errs.add(f"engine.sentinels[{i}]", f'must be "host:port", got {json.dumps(addr)}')
+    if not e.sentinel_master:
+        errs.add("engine.sentinel_master", 'required when engine.mode is "sentinel": the master\'s name in the '
+                                           'sentinels\' configuration (e.g. "mymaster")')
+    if e.url:
+        parts = urlsplit(e.url)
+        if parts.scheme not in ("redis", "rediss") or parts.hostname or parts.port:
+            errs.add("engine.url", 'with engine.mode = "sentinel" the master\'s address comes from the sentinels: '
+                                   'give only its credentials and database, e.g. "redis://:password@/0" '
+                                   '(rediss:// for TLS)')
+
+
 def _check_engine(e: EngineConfig, errs: Problems) -> None:
     if e.type == "redis":
-        if not e.url:
+        if e.mode == "sentinel":
+            _check_sentinel(e, errs)
+        elif not e.url:
             errs.add("engine.url", 'required when engine.type is "redis" (e.g. "redis://localhost:6379/0")')
         elif urlsplit(e.url).scheme not in ("redis", "rediss", "unix"):
             errs.add("engine.url", "must be a redis://, rediss:// or unix:// URL")
-    elif e.url:
-        errs.add("engine.url", f'set, but engine.type is "{e.type}"; set engine.type = "redis" or remove it')
+        elif e.mode == "cluster" and (urlsplit(e.url).scheme == "unix" or urlsplit(e.url).path.strip("/") not in
+                                      ("", "0")):
+            errs.add("engine.url", 'with engine.mode = "cluster": a redis:// or rediss:// URL of one cluster node, '
+                                   "database 0 (a cluster has no other)")
+        if e.mode != "sentinel":
+            for key in ("sentinels", "sentinel_master", "sentinel_password"):
+                if getattr(e, key):
+                    errs.add(f"engine.{key}", f'set, but engine.mode is "{e.mode}"; set engine.mode = "sentinel" '
+                                              "or remove it")
+        if e.mode != "cluster" and e.cluster_nodes:
+            errs.add("engine.cluster_nodes", f'set, but engine.mode is "{e.mode}"; set engine.mode = "cluster" '
+                                             "or remove it")
+        for i, addr in enumerate(e.cluster_nodes):
+            if not _host_port(addr):
+                errs.add(f"engine.cluster_nodes[{i}]", f'must be "host:port", got {json.dumps(addr)}')
+        _between(errs, "engine.wait_replicas", e.wait_replicas, 0, 16)
+        if e.mode == "cluster" and e.wait_replicas:
+            errs.add("engine.wait_replicas", 'not supported with engine.mode = "cluster" (Redis Cluster runs WAIT '
+                                             "on one master, not the one that stored the message); set it to 0")
+    else:
+        if e.url:
+            errs.add("engine.url", f'set, but engine.type is "{e.type}"; set engine.type = "redis" or remove it')
+        if e.mode != "single":
+            errs.add("engine.mode", f'set, but engine.type is "{e.type}"; set engine.type = "redis" or remove it')
     if not re.fullmatch(r"[A-Za-z0-9_.:-]+", e.prefix):
         errs.add("engine.prefix", "must be 1 or more of A-Z a-z 0-9 _ . : -")

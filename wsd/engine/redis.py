@@ -28,6 +28,12 @@
 - Each node refreshes a key with a TTL every second: the live nodes are those whose key exists.
 - Control requests (``wsctl`` across the cluster) travel on a channel of their own: engine/redis_control.py.
 
+- ``mode``: one server (``single``), a master found through Redis Sentinel (``sentinel``: redis-py's
+  ``Sentinel.master_for``; the bus connection is moved when the sentinels name another master), or Redis Cluster
+  (``cluster``: redis-py's ``RedisCluster``; channel buses are shard channels, SSUBSCRIBE / SPUBLISH in the
+  instance's slot, read per master; sessions share one hash tag so their script stays in one slot).
+  ``wait_replicas``: a publication is acknowledged once that many replicas have it (WAIT).
+
 An extra: ``pip install 'wsd[redis]'``.
 """
 
@@ -38,7 +44,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from itertools import islice
 from typing import Any
 
@@ -52,6 +58,8 @@ log = logging.getLogger("wsd.engine.redis")
 
 #: a publish (or another command) that Redis has not answered within this is failed, never left hanging
 OP_TIMEOUT_S = 1.5
+#: engine.wait_replicas: how long a publication waits for its replicas before it is refused
+WAIT_MS = 500
 #: how often a node refreshes its registry key and checks its subscribed channels' positions
 CHECK_INTERVAL_S = 1.0
 #: a node whose key was not refreshed for this long is gone
@@ -66,7 +74,8 @@ BUS_BATCH = 500
 # ARGV: new epoch (used when the channel has none), body, history size (0: broadcast, nothing stored),
 # history ttl, timestamp, the pub/sub channel to publish on (the instance's own bus, or the shared one for a
 # broadcast or a publication routing rules send beyond its channel), then (epoch, offset) pairs this node saw.
-# Returns {offset, epoch}.
+# Returns {offset, epoch}. (_SPUBLISH: the same with SPUBLISH, for an instance's bus on Redis Cluster: a shard
+# channel in the instance's slot.)
 _PUBLISH = """
 local meta = KEYS[1]
 local hist = KEYS[2]
@@ -100,6 +109,7 @@ end
 redis.call('PUBLISH', ARGV[6], off .. ':' .. epoch .. ':' .. ARGV[2])
 return {off, epoch}
 """
+_SPUBLISH = _PUBLISH.replace("redis.call('PUBLISH',", "redis.call('SPUBLISH',")
 
 # Start a new epoch if the channel's epoch is still ARGV[1] (one whose offsets Redis hands out again): offset 0,
 # history dropped. KEYS: meta, hist. ARGV: stale epoch, new epoch. Returns the channel's epoch.
@@ -240,7 +250,9 @@ class RedisEngine(Engine):
     shared = True
     durable_sessions = True
 
-    def __init__(self, url: str, prefix: str = "wsd") -> None:
+    def __init__(self, url: str, prefix: str = "wsd", *, mode: str = "single", sentinels: Sequence[str] = (),
+                 sentinel_master: str = "", sentinel_password: str = "", cluster_nodes: Sequence[str] = (),
+                 wait_replicas: int = 0) -> None:
         import redis.asyncio as aioredis
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
@@ -250,13 +262,51 @@ class RedisEngine(Engine):
 
         self.url = url
         self.prefix = prefix
+        self.mode = mode
+        #: Redis Cluster: each channel instance's bus is a shard channel (SSUBSCRIBE / SPUBLISH in its slot)
+        self.sharded = mode == "cluster"
+        #: a publication is acknowledged once this many replicas have it (WAIT on the connection that wrote it)
+        self.wait_replicas = wait_replicas
         self.node_id = secrets.token_hex(4)
-        # Bounded: one retry on a fresh connection (a pooled one that Redis closed), 1 s per attempt.
-        self.redis = aioredis.Redis.from_url(url, decode_responses=False, socket_timeout=1.0,
-                                             socket_connect_timeout=1.0, retry=Retry(NoBackoff(), 1))
-        # The bus has a connection of its own: it waits for messages, and reconnects when it loses Redis.
-        self._bus_client = aioredis.Redis.from_url(url, decode_responses=False, socket_connect_timeout=1.0,
-                                                   retry=Retry(NoBackoff(), 1))
+        # Sessions and their indexes: one hash tag on Redis Cluster, so one script keeps them in one slot.
+        self._sess = f"{prefix}:{{sessions}}:" if self.sharded else f"{prefix}:"
+        self._sentinel: Any = None
+        self._master = sentinel_master
+        self._shown_url = _redact_url(url)
+        if mode == "sentinel":
+            from redis.asyncio.connection import parse_url
+            from redis.asyncio.sentinel import Sentinel
+
+            # The URL gives the master's credentials, database and TLS (rediss://); the sentinels its address.
+            conn: dict[str, Any] = {k: v for k, v in parse_url(url).items() if k in ("username", "password", "db")
+                                    } if url else {}
+            if url.startswith("rediss://"):
+                conn["ssl"] = True
+            self._sentinel = Sentinel(
+                [_host_port(a) for a in sentinels],
+                sentinel_kwargs={"socket_timeout": 1.0, "socket_connect_timeout": 1.0,
+                                 "password": sentinel_password or None},
+                **conn)
+            self._shown_url = f"sentinel://{sentinel_master}@{','.join(sentinels)}"
+            # Each connection asks the sentinels for the master's address when it (re)connects.
+            self.redis = self._sentinel.master_for(sentinel_master, decode_responses=False, socket_timeout=1.0,
+                                                   socket_connect_timeout=1.0, retry=Retry(NoBackoff(), 1))
+            self._bus_client = self.pubsub_client()
+        elif mode == "cluster":
+            from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+            first = [ClusterNode(*_host_port(a)) for a in cluster_nodes]
+            self.redis = RedisCluster.from_url(url, startup_nodes=first, decode_responses=False,
+                                               socket_timeout=1.0, socket_connect_timeout=1.0)
+            # The bus: a connection for the shared channels, one per master for the channel buses it holds
+            self._bus_client = RedisCluster.from_url(url, startup_nodes=list(first), decode_responses=False,
+                                                     socket_connect_timeout=1.0)
+        else:
+            # Bounded: one retry on a fresh connection (a pooled one that Redis closed), 1 s per attempt.
+            self.redis = aioredis.Redis.from_url(url, decode_responses=False, socket_timeout=1.0,
+                                                 socket_connect_timeout=1.0, retry=Retry(NoBackoff(), 1))
+            # The bus has a connection of its own: it waits for messages, and reconnects when it loses Redis.
+            self._bus_client = self.pubsub_client()
         #: the shared bus: broadcasts and publications routed beyond their channel (every node subscribes)
         self.bus = f"{prefix}:bus".encode()
         #: takeover notices: "<node id> <session id> <owner>" from the node that resumed the session
@@ -265,6 +315,7 @@ class RedisEngine(Engine):
         # Publications waiting to be sent (``publish``), and the task sending them, one pipeline at a time.
         self._outgoing: list[_Pending] = []
         self._sender: asyncio.Task[None] | None = None
+        self._script_sharded = self.redis.register_script(_SPUBLISH) if self.sharded else self._script
         self._listener: asyncio.Task[None] | None = None
         self._on_remote: Callable[..., None] | None = None
         self._save_session = self.redis.register_script(_SAVE_SESSION)
@@ -301,8 +352,24 @@ class RedisEngine(Engine):
         self._bus_todo_sub: set[bytes] = set()
         self._bus_todo_unsub: set[bytes] = set()
         self._bus_syncing: asyncio.Task[None] | None = None
+        #: Redis Cluster: the reader of each master's shard channel connection, by node name
+        self._readers: dict[str, asyncio.Task[None]] = {}
         #: what a lost, paused or restarting Redis raises
         self._unavailable: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
+
+    def pubsub_client(self) -> Any:
+        """A new client for a pub/sub connection of its own (plain SUBSCRIBE / PUBLISH), reaching Redis as this
+        engine does: the server at the URL; with Sentinel the current master (asked at each reconnect); on Redis
+        Cluster the node of the URL (a cluster delivers PUBLISH on every node)."""
+        import redis.asyncio as aioredis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        if self._sentinel is not None:
+            return self._sentinel.master_for(self._master, decode_responses=False, socket_connect_timeout=1.0,
+                                             retry=Retry(NoBackoff(), 1))
+        return aioredis.Redis.from_url(self.url, decode_responses=False, socket_connect_timeout=1.0,
+                                       retry=Retry(NoBackoff(), 1))
 
     def _meta(self, channel: str) -> str:
         return f"{self.prefix}:ch:{{{channel}}}:meta"
@@ -316,6 +383,9 @@ class RedisEngine(Engine):
 
     async def start(self, on_remote: Callable[..., None]) -> None:
         self._on_remote = on_remote
+        if self.sharded:
+            await self.redis.initialize()
+            await self._bus_client.initialize()
         await self.redis.ping()
         # Subscribe confirmations are read: a channel's bus is live only once Redis confirmed it.
         self._pubsub = self._bus_client.pubsub(ignore_subscribe_messages=False)
@@ -338,12 +408,19 @@ class RedisEngine(Engine):
     def _bus_connected(self, connection: Any) -> None:
         self._bus_reconnected = True
 
-    async def _listen(self) -> None:
+    async def _listen(self, node: Any = None) -> None:
+        """Read one bus connection: the shared one, or (Redis Cluster) the shard channels of one master."""
         loop = asyncio.get_running_loop()
         failing = False
+        shards = getattr(self._pubsub, "node_pubsub_mapping", {})
         while True:
+            if node is not None and node.name not in shards:
+                return  # redis-py dropped this master's connection (no shard channel left on it, or moved)
             try:
-                msg = await self._pubsub.get_message(timeout=1.0)
+                if node is None:
+                    msg = await self._pubsub.get_message(timeout=1.0)
+                else:
+                    msg = await self._pubsub.get_sharded_message(target_node=node, timeout=1.0)
             except asyncio.CancelledError:
                 raise
             except self._unavailable as exc:
@@ -357,9 +434,11 @@ class RedisEngine(Engine):
                 failing = True
                 await asyncio.sleep(0.2)
                 continue
-            if failing or self._bus_reconnected:
+            if failing or (node is None and self._bus_reconnected):
                 # Whatever was published while the bus was away never comes: look at every channel now.
-                failing = self._bus_reconnected = False
+                failing = False
+                if node is None:
+                    self._bus_reconnected = False
                 self.bus_stats["reconnects"] += 1
                 log.info("the redis bus is connected again; checking the subscribed channels' positions")
                 self._bus_resync()
@@ -367,8 +446,8 @@ class RedisEngine(Engine):
             if msg is None:
                 continue
             mtype = msg["type"]
-            if mtype != "message":
-                if mtype == "subscribe":
+            if mtype != "message" and mtype != "smessage":
+                if mtype == "subscribe" or mtype == "ssubscribe":
                     self._bus_confirmed(msg["channel"])
                 continue
             chan = msg["channel"]
@@ -438,14 +517,18 @@ class RedisEngine(Engine):
             self._bus_todo_unsub.clear()
             self._bus_todo_sub.clear()
             try:
+                # Redis Cluster: shard channels, each sent to the master of its slot (by redis-py)
+                unsubscribe = self._pubsub.sunsubscribe if self.sharded else self._pubsub.unsubscribe
+                subscribe = self._pubsub.ssubscribe if self.sharded else self._pubsub.subscribe
                 for i in range(0, len(unsub), BUS_BATCH):
                     part = unsub[i:i + BUS_BATCH]
-                    await self._pubsub.unsubscribe(*part)
+                    await unsubscribe(*part)
                     self.bus_stats["unsubscribes"] += len(part)
                 for i in range(0, len(sub), BUS_BATCH):
                     part = sub[i:i + BUS_BATCH]
-                    await self._pubsub.subscribe(*part)
+                    await subscribe(*part)
                     self.bus_stats["subscribes"] += len(part)
+                self._shard_readers()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -458,6 +541,19 @@ class RedisEngine(Engine):
                 self._bus_todo_sub.update(n for n in sub if n in names)
                 self._bus_todo_unsub.update(n for n in unsub if n not in names)
                 await asyncio.sleep(0.2)
+
+    def _shard_readers(self) -> None:
+        """Redis Cluster: one reader per master holding channel buses of this node (redis-py keeps one pub/sub
+        connection per master for shard channels)."""
+        if not self.sharded:
+            return
+        for name in list(self._pubsub.node_pubsub_mapping):
+            task = self._readers.get(name)
+            if task is not None and not task.done():
+                continue
+            node = self._bus_client.get_node(node_name=name)
+            if node is not None:
+                self._readers[name] = asyncio.get_running_loop().create_task(self._listen(node))
 
     def _bus_confirmed(self, name: bytes) -> None:
         """Redis confirmed a SUBSCRIBE: the channel's bus is live. A position read for it before (the wait for
@@ -478,7 +574,8 @@ class RedisEngine(Engine):
         """After a reconnect redis-py subscribed again to what it had: an UNSUBSCRIBE it had not seen confirmed
         is sent again, and a SUBSCRIBE that failed is still queued."""
         names = self._bus_names
-        extra = [n for n in self._pubsub.channels if n not in names and n not in (self.bus, self.takeovers)]
+        have = self._pubsub.shard_channels if self.sharded else self._pubsub.channels
+        extra = [n for n in have if n not in names and n not in (self.bus, self.takeovers)]
         if extra:
             self._bus_todo_unsub.update(extra)
             self._bus_kick()
@@ -698,12 +795,35 @@ class RedisEngine(Engine):
             except Exception:
                 log.exception("node heartbeat failed")
             try:
+                await self._follow_master()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.debug("asking the sentinels for the master failed: %s", exc)
+            try:
+                self._shard_readers()
                 self._bus_prune(time.monotonic())
                 await self._check()
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("checking channel positions failed")
+
+    async def _follow_master(self) -> None:
+        """Redis Sentinel: once a second, ask the sentinels for the master; a bus connection still on another
+        server (the old master, stalled or demoted) is closed, so redis-py reconnects it to the new master and
+        subscribes again (then every channel's position is read again, see ``_listen``). The command connections
+        need no such check: a command to a server that no longer answers times out, and each new connection asks
+        the sentinels."""
+        if self._sentinel is None:
+            return
+        conn = self._pubsub.connection
+        if conn is None or not conn.is_connected:
+            return
+        host, port = await asyncio.wait_for(self._sentinel.discover_master(self._master), OP_TIMEOUT_S)
+        if (conn.host, int(conn.port)) != (host, int(port)):
+            log.warning("redis sentinel: the master is now %s:%s; moving the bus connection there", host, port)
+            await conn.disconnect()
 
     async def _heartbeat(self) -> None:
         """Refresh this node's registry key (it expires ``NODE_TTL_S`` after the last refresh) and read which
@@ -732,7 +852,8 @@ class RedisEngine(Engine):
             await self.control_channel.stop()
         if self._counting is not None:
             self._counting.cancel()
-        for task in (self._watcher, self._listener, self._bus_syncing, self._sender, *self._tasks):
+        for task in (self._watcher, self._listener, self._bus_syncing, self._sender, *self._tasks,
+                     *self._readers.values()):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(BaseException):
@@ -770,18 +891,48 @@ class RedisEngine(Engine):
         size = history_size if pub.channel else 0
         # The channel's own bus reaches the nodes with its subscribers; the shared one reaches every node.
         bus = self.bus if not pub.channel or scope.get("broadcast") or scope.get("wide") else self.channel_bus(channel)
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Any] = loop.create_future()
-        self._outgoing.append(_Pending(channel, (self._meta(channel), self._hist(channel)),
-                                       (secrets.token_hex(4), body, size, int(history_ttl_s), repr(pub.ts), bus,
-                                        *self._seen(channel)), fut))
-        if self._sender is None:
-            self._sender = loop.create_task(self._send_batches())
-        try:
-            off, epoch = await asyncio.wait_for(fut, OP_TIMEOUT_S)
-        except TimeoutError:
-            raise EngineUnavailable("the redis engine is unavailable (TimeoutError): the message was not "
-                                    "acknowledged; retry once redis is back") from None
+        if self.wait_replicas or self.sharded:
+            # One call at a time: WAIT must follow the script on its connection; a cluster's shard channels
+            # need SPUBLISH's own script.
+            from redis.exceptions import ConnectionError as RedisConnectionError
+            from redis.exceptions import TimeoutError as RedisTimeoutError
+
+            script = self._script if bus == self.bus else self._script_sharded
+            keys = [self._meta(channel), self._hist(channel)]
+            args = [secrets.token_hex(4), body, size, int(history_ttl_s), repr(pub.ts), bus, *self._seen(channel)]
+            try:
+                if self.wait_replicas:
+                    # WAIT counts the replicas that have this connection's writes: it follows the script on the
+                    # same connection (one pipeline).
+                    async with self.redis.pipeline(transaction=False) as p:
+                        await script(keys=keys, args=args, client=p)
+                        # well within the connection's 1 s socket timeout (a timeout would retry the whole pipeline)
+                        p.execute_command("WAIT", self.wait_replicas, WAIT_MS)
+                        (off, epoch), copies = await asyncio.wait_for(p.execute(), OP_TIMEOUT_S + 0.5)
+                    if int(copies) < self.wait_replicas:
+                        raise EngineUnavailable(
+                            f"the redis engine stored the message, but only {int(copies)} of the "
+                            f"{self.wait_replicas} replicas asked for (engine.wait_replicas) have it: not "
+                            f"acknowledged, a failover now could lose it")
+                else:
+                    off, epoch = await asyncio.wait_for(script(keys=keys, args=args), OP_TIMEOUT_S)
+            except (RedisConnectionError, RedisTimeoutError, TimeoutError, OSError) as exc:
+                raise EngineUnavailable(f"the redis engine is unavailable ({type(exc).__name__}): the message was not "
+                                        f"acknowledged; retry once redis is back") from None
+        else:
+            # Publications made in one loop turn go to Redis in one pipeline, in order (_send_batches).
+            loop = asyncio.get_running_loop()
+            fut: asyncio.Future[Any] = loop.create_future()
+            self._outgoing.append(_Pending(channel, (self._meta(channel), self._hist(channel)),
+                                           (secrets.token_hex(4), body, size, int(history_ttl_s), repr(pub.ts), bus,
+                                            *self._seen(channel)), fut))
+            if self._sender is None:
+                self._sender = loop.create_task(self._send_batches())
+            try:
+                off, epoch = await asyncio.wait_for(fut, OP_TIMEOUT_S)
+            except TimeoutError:
+                raise EngineUnavailable("the redis engine is unavailable (TimeoutError): the message was not "
+                                        "acknowledged; retry once redis is back") from None
         pub.offset = int(off)
         pub.epoch = epoch.decode() if isinstance(epoch, bytes) else str(epoch)
         if pub.channel and size:
@@ -962,16 +1113,16 @@ class RedisEngine(Engine):
         return {ch: {"depth": None, "offset": v["offset"], "epoch": v["epoch"]} for ch, v in self._known.items()}
 
     async def save_session(self, session_id: str, owner: str, blob: bytes, ttl_s: float) -> bool:
-        key = f"{self.prefix}:session:{session_id}"
+        key = f"{self._sess}session:{session_id}"
         if len(blob) > self.max_session_bytes:
             self._stats["sessions_refused"] += 1
             log_refused(len(blob), self.max_session_bytes)
             await self.drop_session(session_id)
             return False
         evicted, expired = await self._save_session(
-            keys=[key, f"{self.prefix}:sessions:user:{owner}", f"{self.prefix}:sessions"],
+            keys=[key, f"{self._sess}sessions:user:{owner}", f"{self._sess}sessions"],
             args=[blob, max(1, int(ttl_s)), repr(time.time()), self.max_sessions_per_user, self.max_sessions,
-                  f"{self.prefix}:session:", session_id])
+                  f"{self._sess}session:", session_id])
         self._stats["sessions_evicted"] += int(evicted)
         self._stats["sessions_expired"] += int(expired)
         return True
@@ -983,23 +1134,23 @@ class RedisEngine(Engine):
         ttl = max(1, int(ttl_s))
         async with self.redis.pipeline(transaction=False) as p:
             for session_id, owner, blob in sessions:
-                key = f"{self.prefix}:session:{session_id}"
+                key = f"{self._sess}session:{session_id}"
                 if len(blob) > self.max_session_bytes:
                     p.delete(key)  # not kept; counted and logged once, by the save when the connection closes
                 else:
                     p.set(key, blob, ex=ttl)
-                p.zrem(f"{self.prefix}:sessions", session_id)
-                p.zrem(f"{self.prefix}:sessions:user:{owner}", session_id)
+                p.zrem(f"{self._sess}sessions", session_id)
+                p.zrem(f"{self._sess}sessions:user:{owner}", session_id)
             await p.execute()
 
     async def load_session(self, session_id: str) -> bytes | None:
-        raw = await self.redis.get(f"{self.prefix}:session:{session_id}")
+        raw = await self.redis.get(f"{self._sess}session:{session_id}")
         return bytes(raw) if raw else None
 
     async def drop_session(self, session_id: str) -> None:
         async with self.redis.pipeline(transaction=True) as p:
-            p.delete(f"{self.prefix}:session:{session_id}")
-            p.zrem(f"{self.prefix}:sessions", session_id)
+            p.delete(f"{self._sess}session:{session_id}")
+            p.zrem(f"{self._sess}sessions", session_id)
             await p.execute()
 
     def sweep(self) -> None:
@@ -1017,8 +1168,8 @@ class RedisEngine(Engine):
     async def _count_sessions(self) -> None:
         try:
             async with self.redis.pipeline(transaction=True) as p:
-                p.zremrangebyscore(f"{self.prefix}:sessions", "-inf", repr(time.time()))
-                p.zcard(f"{self.prefix}:sessions")
+                p.zremrangebyscore(f"{self._sess}sessions", "-inf", repr(time.time()))
+                p.zcard(f"{self._sess}sessions")
                 expired, count = await p.execute()
             self._stats["sessions_expired"] += int(expired)
             self._stats["sessions"] = int(count)
@@ -1029,8 +1180,14 @@ class RedisEngine(Engine):
         return {**self._stats, "channels": len(self._known)}
 
     def describe(self) -> dict[str, Any]:
-        return {"engine": self.name, "node_id": self.node_id, "url": _redact_url(self.url),
+        return {"engine": self.name, "node_id": self.node_id, "url": self._shown_url, "mode": self.mode,
                 "received": self.received, "bus": dict(self.bus_stats)}
+
+
+def _host_port(addr: str) -> tuple[str, int]:
+    """``"host:port"`` (``"[::1]:26379"`` for IPv6) as redis-py takes an address."""
+    host, _, port = addr.rpartition(":")
+    return host.strip("[]"), int(port)
 
 
 def _redact_url(url: str) -> str:

@@ -112,7 +112,10 @@ def make_engine(cfg: Any) -> Engine:
             from wsd.engine.redis import RedisEngine
         except ImportError:
             raise RuntimeError("engine.type = \"redis\" needs the redis extra: pip install 'wsd[redis]'") from None
-        return RedisEngine(cfg.engine.url, cfg.engine.prefix)
+        e = cfg.engine
+        return RedisEngine(e.url, e.prefix, mode=e.mode, sentinels=e.sentinels, sentinel_master=e.sentinel_master,
+                           sentinel_password=e.sentinel_password, cluster_nodes=e.cluster_nodes,
+                           wait_replicas=e.wait_replicas)
     return MemoryEngine()
 
 
@@ -120,7 +123,9 @@ def make_engine(cfg: Any) -> Engine:
 #: and keeps running on the values it started with.
 RESTART_KEYS = (("server", "host"), ("server", "port"), ("server", "tls_cert"), ("server", "tls_key"),
                 ("server", "max_message_bytes"), ("server", "backlog"), ("engine", "type"), ("engine", "url"),
-                ("engine", "prefix"), ("control", "socket"))
+                ("engine", "prefix"), ("engine", "mode"), ("engine", "sentinels"), ("engine", "sentinel_master"),
+                ("engine", "sentinel_password"), ("engine", "cluster_nodes"), ("engine", "wait_replicas"),
+                ("control", "socket"))
 
 
 def listen_error(host: str, port: int, exc: OSError) -> str:
@@ -209,6 +214,8 @@ class Daemon:
             return wconfig.config_to_dict(msgspec.structs.replace(
                 self.started_config, engine=msgspec.structs.replace(self.started_config.engine, url=value)),
                 redact=True)["engine"]["url"]
+        if key == "engine.sentinel_password" and value:
+            return wconfig.REDACTED
         if key == "server.port" and value == 0 and self.bound_port:
             return self.bound_port  # "any free port": the one it got
         return value

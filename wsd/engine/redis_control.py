@@ -73,17 +73,13 @@ class RedisControl:
     """The control channel of one node: serves the others' requests, sends its own, collects replies."""
 
     def __init__(self, engine: RedisEngine) -> None:
-        import redis.asyncio as aioredis
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
-
         self.engine = engine
         self.node_id = engine.node_id
         self.requests = f"{engine.prefix}:ctl".encode()
         self.replies = self.reply_channel(engine.node_id)
-        # A connection of its own that waits for messages (the engine's commands keep theirs).
-        self._client = aioredis.Redis.from_url(engine.url, decode_responses=False, socket_connect_timeout=1.0,
-                                               retry=Retry(NoBackoff(), 1))
+        # A connection of its own that waits for messages (the engine's commands keep theirs), reaching Redis as
+        # the engine does (with Sentinel: the current master).
+        self._client = engine.pubsub_client()
         self._pubsub: Any = None
         self._listener: asyncio.Task[None] | None = None
         self._waiting: dict[str, _Pending] = {}

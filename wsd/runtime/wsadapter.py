@@ -24,7 +24,6 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-from websockets.asyncio.messages import MAX_FRAGMENTS
 from websockets.datastructures import Headers
 from websockets.frames import CloseCode, Frame, Opcode
 from websockets.http11 import Request, Response
@@ -38,6 +37,11 @@ if TYPE_CHECKING:
     from wsd.runtime.conn import Conn
 
 require_websockets()
+
+try:  # the most frames of one fragmented message websockets' own connection takes (newer releases)
+    from websockets.asyncio.messages import MAX_FRAGMENTS
+except ImportError:  # pragma: no cover
+    MAX_FRAGMENTS = 4096
 
 #: The open state, compared by identity on the hot path (``conn.proto.state is OPEN``).
 OPEN = State.OPEN

@@ -444,6 +444,7 @@ class WsdServerConnection(asyncio.Protocol):
                         if not c.unread and not self.lost:
                             self.transport.resume_reading()
                     await ep.on_frame(c, msg)
+                self.inbox = None  # an idle connection keeps no deque (~760 bytes): the next message makes one
             if self.lost and c is not None and self.phase == 3:
                 self.phase = 4
                 self.inbox = None

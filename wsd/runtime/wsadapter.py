@@ -170,48 +170,6 @@ def forget_request(proto: ServerProtocol) -> bool:
     return True
 
 
-class _Continue:
-    """An awaitable that runs a coroutine on from where it suspended, on what it yielded (``first``).
-
-    Inside a task, it passes every future the coroutine waits on to the task (a future yielded by its
-    ``__await__`` is marked blocking, which the task waits for) and sends back what the task sends, so the
-    coroutine goes on exactly as if the task had run it from the start. What ``asyncio.eager_task_factory``
-    does in Python 3.12, for the one coroutine here.
-    """
-
-    __slots__ = ("coro", "first")
-
-    def __init__(self, coro: Any, first: Any) -> None:
-        self.coro = coro
-        self.first = first
-
-    def __await__(self) -> Any:
-        coro = self.coro
-        yielded = self.first
-        self.first = None
-        while True:
-            try:
-                sent = yield yielded
-            except BaseException as exc:  # cancellation (or an error) thrown into the task: into the coroutine
-                try:
-                    yielded = coro.throw(exc)
-                except StopIteration as stop:
-                    return stop.value
-                continue
-            try:
-                yielded = coro.send(sent)
-            except StopIteration as stop:
-                return stop.value
-
-
-async def _finish(step: _Continue) -> None:
-    await step
-
-
-#: ``WsdServerConnection.task`` while its handler runs eagerly (outside any task)
-_EAGER: Any = object()
-
-
 class WsdServerConnection(asyncio.Protocol):
     """One WebSocket connection: websockets' sans-I/O ``ServerProtocol`` driven from an ``asyncio.Protocol``.
 
@@ -463,21 +421,8 @@ class WsdServerConnection(asyncio.Protocol):
 
     # -- the one task at a time -------------------------------------------------------------------------
     def _kick(self) -> None:
-        """Run the handler's next step now, in this callback; a task takes over only if it has to wait.
-
-        The handshake with a token (no session to read), the start and most client frames never wait on
-        anything: they complete here without a task (a task and its registration cost about as much as
-        serving a ping). Whatever suspends (an engine round trip) is finished by a task (``_Continue``).
-        """
-        if self.task is not None:
-            return
-        self.task = _EAGER  # a nested kick meanwhile waits for this run to go on
-        coro = self._run()
-        try:
-            yielded = coro.send(None)
-        except StopIteration:
-            return  # (_run cleared self.task)
-        self.task = self.loop.create_task(_finish(_Continue(coro, yielded)))
+        if self.task is None:
+            self.task = self.loop.create_task(self._run())
 
     async def _run(self) -> None:
         ep = WsdServerConnection.wsd_endpoint

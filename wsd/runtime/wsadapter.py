@@ -344,9 +344,12 @@ class WsdServerConnection(asyncio.Protocol):
                         self.frags = None
                         self._fail(CloseCode.MESSAGE_TOO_BIG, "too many fragments")
                         return
-            elif self.phase == 0:  # the handshake request
+            elif self.phase == 0:  # the handshake request: the client's part of the handshake is done
                 self.request = ev
                 self.phase = 1
+                if self.timer is not None:
+                    self.timer.cancel()  # admission gets its own bound when it starts (_handshake)
+                    self.timer = None
                 self._kick()
 
     def _message(self, opcode: Opcode, data: Any) -> None:
@@ -415,9 +418,12 @@ class WsdServerConnection(asyncio.Protocol):
             hard_abort(self.transport)
 
     def _open_timed_out(self) -> None:
+        """The client did not send its request in time, or admission did not finish in time: abort."""
         self.timer = None
         if self.protocol.state is _CONNECTING and not self.lost:
             self.transport.abort()
+            if self.phase == 1 and self.task is not None:
+                self.task.cancel()  # an admission stuck on the engine ends with the connection
 
     # -- the one task at a time -------------------------------------------------------------------------
     def _kick(self) -> None:
@@ -460,6 +466,11 @@ class WsdServerConnection(asyncio.Protocol):
         proto = self.protocol
         request = self.request
         assert request is not None
+        # The handshake timeout runs from the accept until the request is in (the client's part), and again from
+        # here (admission's part): time the request waited for this task in a loaded loop is the server's own
+        # queue, and a client is not dropped for it.
+        if self.timer is None and not self.lost:
+            self.timer = self.loop.call_later(WsdServerConnection.open_timeout, self._open_timed_out)
         try:
             try:
                 response = await ep.process_request(self, request)
@@ -473,8 +484,8 @@ class WsdServerConnection(asyncio.Protocol):
         finally:
             self._release_slot()
         self.request = None
-        if proto.state is not _CONNECTING or self.lost:
-            return  # the peer left meanwhile
+        if proto.state is not _CONNECTING or self.lost or proto.eof_sent:
+            return  # the peer left meanwhile, or sent what websockets refused (its answer is sent)
         proto.send_response(response)
         if proto.state is OPEN:
             if self.timer is not None:

@@ -85,7 +85,7 @@ def _prepared_once(jws: jwt.PyJWS, names: Sequence[str], key: str) -> None:
             if k is not key:
                 return prepare(k)
             if not prepared:
-                prepared.append(prepare(k))  # raises for a key the algorithm refuses, each time until it passes
+                prepared.append(prepare(k))  # raises for a key the algorithm refuses (each time)
             return prepared[0]
 
         alg.prepare_key = prepare_key  # type: ignore[method-assign]

@@ -4,8 +4,8 @@ The runtime uses parts of websockets below its documented API, all of them in ``
 changed between releases: ``ServerProtocol`` (``accept``, ``reject``, ``select_subprotocol``,
 ``send_response``, ``available_extensions``), ``protocol.Protocol.parse`` and the protocol's ``parser``
 generator and ``reader``, ``send_ping``/``send_close``/``fail``, ``data_to_send``/``events_received``/
-``close_expected``, ``frames.Frame.serialize`` (and ``asyncio.messages.MAX_FRAGMENTS`` where a release has it). All of them are
-present, with the signatures used, from websockets 16.0 to 17.x.
+``close_expected``, ``frames.Frame.serialize`` (and ``asyncio.messages.MAX_FRAGMENTS`` where a release
+has it). All of them are present, with the signatures used, from websockets 16.0 to 17.x.
 """
 
 from __future__ import annotations

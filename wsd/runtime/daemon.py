@@ -375,8 +375,8 @@ class Daemon:
         srv = self.config.server
         try:
             # heartbeats are ours (one sweep, 3 missed pongs), and so are refusals and the close timeout
-            return await listen(host, port, ssl=ssl_ctx, backlog=srv.backlog, open_timeout=HANDSHAKE_TIMEOUT_S,
-                                close_timeout=max(0.5, m.drain_timeout_ms / 1000.0),
+            return await listen(host, port, ssl=ssl_ctx, backlog=srv.backlog,
+                                open_timeout=HANDSHAKE_TIMEOUT_S, close_timeout=max(0.5, m.drain_timeout_ms / 1000.0),
                                 max_size=srv.max_message_bytes, write_limit=m.write_high_water_bytes)
         except OSError as exc:
             raise RuntimeError(listen_error(host, port, exc)) from None

@@ -236,8 +236,8 @@ class Endpoint:
             self._schedule_flush()
 
     # -- handshake ----------------------------------------------------------------------------------------
-    def refuse(self, conn: WsdServerConnection, spec: tuple[int, str], message: str, remote: str, pool: str = "",
-               retry_after: float | None = None, user_id: str = "") -> Response:
+    def refuse(self, conn: WsdServerConnection, spec: tuple[int, str], message: str, remote: str,
+               pool: str = "", retry_after: float | None = None, user_id: str = "") -> Response:
         status, code = spec
         self.daemon.hub.stats.refuse(code)
         # A flood of one refusal from one address is one record, then one summary with the count per interval.
@@ -384,7 +384,7 @@ class Endpoint:
     async def opened(self, ws: WsdServerConnection) -> None:
         """The handshake was accepted (101 sent): register the connection, welcome it, restore its session.
 
-        Messages the client sends meanwhile wait for this to end (``WsdServerConnection`` serves them after it).
+        Messages the client sends meanwhile wait for this to end (``WsdServerConnection`` serves them after).
         """
         d = self.daemon
         hub = d.hub

@@ -4,6 +4,10 @@ Every connection is a subscriber, except one on ``--publish-path`` (default ``/p
 frame received there is relayed unchanged to all subscribers with ``websockets.broadcast()``. No
 authentication, no JSON parsing, no queues: the baseline wsd is compared against.
 
+Per-user traffic (benchmarks/per_user.py): a subscriber connecting with ``?user=ID`` is also kept in a
+dict by that id, and each text frame ``ID PAYLOAD`` received on ``--user-publish-path`` (default
+``/publish-user``) is sent (``PAYLOAD`` only) to that user's connection: one dict look-up and one send.
+
 When ready it prints one JSON line on stdout: ``{"pid": .., "host": .., "port": .., "publish_path": ..}``.
 It stops on SIGTERM or SIGINT.
 
@@ -41,19 +45,33 @@ def raise_fd_limit() -> int:
 
 async def run(args: argparse.Namespace) -> None:
     subscribers: set[ServerConnection] = set()
+    users: dict[bytes, ServerConnection] = {}
     publish_path = args.publish_path
+    user_publish_path = args.user_publish_path
 
     async def handler(ws: ServerConnection) -> None:
-        path = ws.request.path.split("?", 1)[0] if ws.request is not None else "/"
+        path, _, query = (ws.request.path if ws.request is not None else "/").partition("?")
         if path == publish_path:
             async for frame in _frames(ws):
                 broadcast(subscribers, frame, text=True)
             return
+        if path == user_publish_path:
+            async for frame in _frames(ws):
+                user, _, payload = frame.partition(b" ")
+                conn = users.get(user)
+                if conn is not None:
+                    broadcast((conn,), payload, text=True)
+            return
+        user = query[5:].encode() if query.startswith("user=") else None
         subscribers.add(ws)
+        if user is not None:
+            users[user] = ws
         try:
             await ws.wait_closed()
         finally:
             subscribers.discard(ws)
+            if user is not None and users.get(user) is ws:
+                del users[user]
 
     loop = asyncio.get_running_loop()
     stop: asyncio.Future[None] = loop.create_future()
@@ -84,6 +102,7 @@ async def run(args: argparse.Namespace) -> None:
                     "host": args.host,
                     "port": port,
                     "publish_path": publish_path,
+                    "user_publish_path": user_publish_path,
                     "loop": type(loop).__module__.split(".")[0],
                 }
             ),
@@ -109,6 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0, help="0 picks a free port")
     p.add_argument("--publish-path", default="/publish")
+    p.add_argument("--user-publish-path", default="/publish-user", help="per-user frames: 'ID PAYLOAD'")
     p.add_argument("--ping-interval", type=float, default=30.0, help="seconds; 0 disables pings")
     p.add_argument("--backlog", type=int, default=1024)
     p.add_argument("--uvloop", action="store_true", help="run on uvloop")

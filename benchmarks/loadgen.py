@@ -140,6 +140,8 @@ class Target:
     api_path: str = "/ws/api"  # wsd, publish path B
     bare_frame: str = "envelope"  # bare: "envelope" (same shape as wsd's message push) | "raw"
     server_pid: int | None = None
+    per_user: bool = False  # bare: each subscriber says who it is (``?user=ID``), for per-user traffic
+    user_publish_path: str = "/publish-user"  # bare: frames "ID PAYLOAD" go to that user's connection
 
     @classmethod
     def bare(cls, port: int, **kw: Any) -> Target:
@@ -166,6 +168,8 @@ class Target:
         if self.kind == "wsd":
             assert self.secret is not None
             return f"{self.path}?token={mint_token(self.secret, user)}"
+        if self.per_user:
+            return f"{self.path}?user={user}"
         return self.path
 
     def check(self) -> None:
@@ -818,7 +822,7 @@ class LoadGen:
         await self.all("phase", phase)
 
     async def counts(self) -> dict[str, Any]:
-        parts = await self.all("count", wait_s=10)
+        parts = await self.all("count", wait_s=30)  # a worker busy with 10,000 connections in a burst answers late
         return {
             "received": sum(p["received"] for p in parts),
             "last_recv": max(p["last_recv"] for p in parts),

@@ -144,6 +144,7 @@ async def start_bare(
             if line.startswith("{") and '"port"' in line:
                 info = json.loads(line)
                 target = Target.bare(int(info["port"]), publish_path=info["publish_path"])
+                target.user_publish_path = info.get("user_publish_path", "/publish-user")
                 target.server_pid = server.pid
                 return server, target
         await asyncio.sleep(0.05)
@@ -156,8 +157,16 @@ async def start_bare(
 EXTRA_LIMITS = {"messages_per_connection_per_second": 1_000_000, "message_burst": 1_000_000}
 
 
-def wsd_config(n: int, port: int, sock: Path, secret: str, extra_limits: dict[str, int] | None = None) -> str:
-    """The benchmark's wsd config: limits out of the way, one global channel ``bench``."""
+def wsd_config(
+    n: int,
+    port: int,
+    sock: Path,
+    secret: str,
+    extra_limits: dict[str, int] | None = None,
+    extra_toml: str = "",
+) -> str:
+    """The benchmark's wsd config: limits out of the way, one global channel ``bench``; ``extra_toml``
+    (more tables, e.g. a channel group or ``[engine]``) is appended."""
     extra = "".join(f"{k} = {v}\n" for k, v in (extra_limits or {}).items())
     return f"""\
 # written by benchmarks/servers.py for one benchmark run
@@ -200,7 +209,7 @@ path = "/ws/api"
 [channels.bench]
 type = "global"
 publishers = ["api"]
-"""
+{extra_toml}"""
 
 
 def _readyz(port: int) -> int | None:
@@ -223,11 +232,13 @@ async def start_wsd(
     publish: str = "control",
     wsd_cmd: str | None = None,
     ready_timeout_s: float = 30.0,
+    extra_limits: dict[str, int] | None = None,
+    extra_toml: str = "",
 ) -> tuple[ServerProcess, Target]:
-    extra = dict(EXTRA_LIMITS)
+    extra = {**EXTRA_LIMITS, **(extra_limits or {})}
     for _attempt in range(len(EXTRA_LIMITS) + 1):  # bounded: each retry drops one refused key
         try:
-            return await _start_wsd_once(tmpdir, n, publish, wsd_cmd, ready_timeout_s, extra)
+            return await _start_wsd_once(tmpdir, n, publish, wsd_cmd, ready_timeout_s, extra, extra_toml)
         except _RefusedKey as exc:
             log(f"wsd refused [limits] {exc.key}; retrying without it")
             extra.pop(exc.key)
@@ -247,6 +258,7 @@ async def _start_wsd_once(
     wsd_cmd: str | None,
     ready_timeout_s: float,
     extra_limits: dict[str, int],
+    extra_toml: str = "",
 ) -> tuple[ServerProcess, Target]:
     port = free_port()
     run_dir = tmpdir / f"wsd-{time.time_ns()}"
@@ -254,7 +266,7 @@ async def _start_wsd_once(
     sock = run_dir / "wsd.sock"
     secret = secrets.token_urlsafe(48)  # 64 chars
     cfg = run_dir / "wsd.toml"
-    cfg.write_text(wsd_config(n, port, sock, secret, extra_limits))
+    cfg.write_text(wsd_config(n, port, sock, secret, extra_limits, extra_toml))
     cfg.chmod(0o600)
     argv = [*(shlex.split(wsd_cmd) if wsd_cmd else default_wsd_cmd()), "serve", "-c", str(cfg)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("WSD_")}  # no stray overrides

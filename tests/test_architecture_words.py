@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-WHERE = ("wsd", "wsctl", "docs", "man", "benchmarks", "examples", "README.md")
+WHERE = ("wsd", "wsctl", "clients", "docs", "man", "benchmarks", "examples", "README.md")
 # a reference to a design document or an earlier codebase a reader here does not have
 FORBIDDEN = re.compile(r"(?i:\bseed\b|seed_|\bthe spec\b)|\bSPEC\b")
 

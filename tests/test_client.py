@@ -483,3 +483,43 @@ async def test_burst_of_mixed_priorities_comes_out_once_each_in_offset_order(wsd
         got = [await take(sub) for _ in range(400)]
         assert [g.offset for g in got] == list(range(1, 401)) and c.gaps == 0
         assert c.history_fills < 40, c.history_fills
+
+
+async def test_a_server_whose_history_pages_never_move_on_is_a_gap_not_a_loop() -> None:
+    """A hostile or broken server answers `history since` with `more` and a `next` that does not advance: the client
+    asks a bounded number of times, reports a Gap, and goes on with the next live message."""
+    from websockets.asyncio.server import serve
+
+    history_requests = 0
+
+    async def handler(ws: Any) -> None:
+        nonlocal history_requests
+        await ws.send(json.dumps({"type": "welcome", "connection_id": "c1", "session_id": "s1", "pool": "api",
+                                  "user_id": "alice", "company_id": "acme", "heartbeat_ms": 30000,
+                                  "subscriptions": [], "resumed": False, "protocol": "wsd.v1"}))
+        async for raw in ws:
+            req = json.loads(raw)
+            ch = "trading-signals/acme"
+            if req.get("op") == "subscribe":
+                await ws.send(json.dumps({"id": req["id"], "ok": True, "result": {
+                    "channel": ch, "group": "trading-signals", "mode": "realtime", "subscription_id": "x",
+                    "position": {"offset": 1, "epoch": "e1"}, "recovered": True}}))
+                for off in (2, 9):  # 3..8 are missing: the client asks history for them
+                    await ws.send(json.dumps({"type": "message", "channel": ch, "offset": off, "epoch": "e1",
+                                              "msg_type": "t", "priority": "normal", "ts": 1.0, "data": {"n": off}}))
+            elif req.get("op") == "history":
+                history_requests += 1
+                await ws.send(json.dumps({"id": req["id"], "ok": True, "result": {
+                    "channel": ch, "messages": [], "recovered": True, "position": {"offset": 9, "epoch": "e1"},
+                    "more": True, "next": req["since"]}}))
+
+    async with serve(handler, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        client = Client(f"ws://127.0.0.1:{port}/ws/api", token="t", **FAST)
+        async with client:
+            sub = await client.subscribe("trading-signals")
+            items = [await take(sub), await take(sub), await take(sub)]
+    assert [type(i).__name__ for i in items] == ["Message", "Gap", "Message"]
+    assert items[0].offset == 2 and items[2].offset == 9
+    assert "does not move on" in items[1].reason
+    assert history_requests <= 2, history_requests

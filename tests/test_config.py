@@ -311,13 +311,13 @@ def test_env_overrides_apply(tmp_path: Path) -> None:
     """WSD_<SECTION>_<KEY> values override file and defaults, parsed as TOML values where they parse."""
     path = write(tmp_path / "w.toml", ok_toml("[server]\nport = 1111\n"))
     cfg = load_config(path, env={
-        "WSD_SERVER_PORT": "9000", "WSD_MANAGER_MAX_CONNECTIONS": "5", "WSD_LOG_LEVEL": "debug",
+        "WSD_SERVER_PORT": "9000", "WSD_MANAGER_MAX_CONNECTIONS": "5000", "WSD_LOG_LEVEL": "debug",
         "WSD_ENGINE_URL": "redis://h:6379/0", "WSD_ENGINE_TYPE": "redis", "WSD_SERVER_HOST": "0.0.0.0",
         "WSD_HTTP_METRICS_ALLOW": '["10.0.0.0/8"]', "WSD_SERVER_ALLOWED_ORIGINS": "https://a.example,https://b.example",
         "WSD_MANAGER_COMPRESSION_MEMORY_LEVEL": "3", "WSD_MANAGER_ENABLE_COMPRESSION": "true",
         "WSD_SOCKET": "/tmp/x.sock", "WSD_CONFIG": "whatever", "HOME": "/root",
     })
-    assert (cfg.server.port, cfg.server.host, cfg.manager.max_connections) == (9000, "0.0.0.0", 5)
+    assert (cfg.server.port, cfg.server.host, cfg.manager.max_connections) == (9000, "0.0.0.0", 5000)
     assert (cfg.log.level, cfg.engine.type, cfg.engine.url) == ("debug", "redis", "redis://h:6379/0")
     assert cfg.http.metrics_allow == ["10.0.0.0/8"]
     assert cfg.server.allowed_origins == ["https://a.example", "https://b.example"]

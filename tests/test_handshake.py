@@ -83,7 +83,8 @@ async def refused(port: int, target: str, headers: dict[str, str] | None = None)
         assert raw.status != 101, "the handshake was accepted"
         assert raw.headers["content-type"].startswith("application/json")
         body = json.loads(raw.body)
-        assert set(body) == {"error", "message"} and body["message"], body
+        # (pool_full also says which limit refused: "limit")
+        assert set(body) - {"limit"} == {"error", "message"} and body["message"], body
         with pytest.raises(EOFError):  # nothing follows the refusal: no frame, the stream ends
             await raw.read_frame(timeout=3)
         return raw.status, body, raw.headers
@@ -308,12 +309,15 @@ async def test_pool_full_is_503(gw):
     async with gw.connect("tiny", make_token("t1")) as ws:
         await welcome(ws)
         status, body, _ = await refused(gw.port, "/ws/tiny", bearer(make_token("t2")))
-        assert (status, body["error"]) == (503, "pool_full")
+        assert (status, body["error"], body["limit"]) == (503, "pool_full", "ceiling")
+        assert "ceiling of 1" in body["message"]
 
 
 async def test_manager_full_is_503(wsd_factory):
     """manager.max_connections=1 refuses a second connection in any pool with 503 manager_full."""
-    w = wsd_factory(env={"WSD_MANAGER_MAX_CONNECTIONS": "1"})
+    # (pools that reserve nothing: the built-in mt5 pool reserves more than 1)
+    w = wsd_factory('[pools.frontend]\ntype = "frontend"\npath = "/ws/frontend"\n'
+                    '[pools.api]\ntype = "api"\npath = "/ws/api"\n', env={"WSD_MANAGER_MAX_CONNECTIONS": "1"})
     async with w.connect(token=make_token("a")) as ws:
         await welcome(ws)
         status, body, _ = await refused(w.port, "/ws/api", bearer(make_token("b")))

@@ -259,7 +259,8 @@ async def test_operator_publish_that_could_not_be_sent_again_is_refused(wsd):
 
 
 async def test_internal_error_answers_internal_closes_1011_and_keeps_the_session(wsd_factory, redis_url):
-    """A backend failure while publishing: reply `internal`, close 1011 (never 1000), session resumable."""
+    """A backend failure while reading history: reply `internal`, close 1011 (never 1000), session resumable.
+    (The same failure while publishing is the publication's own: `engine_unavailable`, the connection stays.)"""
     import redis
 
     w = wsd_factory(env={"WSD_ENGINE_TYPE": "redis", "WSD_ENGINE_URL": redis_url})
@@ -273,6 +274,10 @@ async def test_internal_error_answers_internal_closes_1011_and_keeps_the_session
         r.close()
         await ws.send(json.dumps({"op": "publish", "id": 2, "channel": "trading-signals", "data": {}}))
         reply = await recv_until(ws, lambda m: m.get("id") == 2)
+        assert not reply["ok"] and reply["error"]["code"] == "engine_unavailable", reply
+        assert (await request(ws, {"op": "ping", "id": 3}))["ok"]  # still open
+        await ws.send(json.dumps({"op": "history", "id": 4, "channel": "trading-signals"}))
+        reply = await recv_until(ws, lambda m: m.get("id") == 4)
         assert not reply["ok"] and reply["error"]["code"] == "internal", reply
         code, _ = await closed_with(ws)
     assert code == 1011
@@ -284,7 +289,7 @@ async def test_internal_error_answers_internal_closes_1011_and_keeps_the_session
     async with w.connect("api", make_token("victim"), query={"session": hello["session_id"]}) as ws:
         again = await welcome(ws)
         assert again["resumed"] and again["subscriptions"] == ["notifications/acme/victim"]
-    assert w.log().count("internal error serving publish") == 1
+    assert w.log().count("internal error serving history") == 1
 
 
 # -- ids validated exactly ---------------------------------------------------------------------------------

@@ -199,3 +199,26 @@ def jwt_exp(token: str) -> float:
     import jwt
 
     return float(jwt.decode(token, options={"verify_signature": False})["exp"])
+
+
+async def test_app_level_pings_count_as_answers_to_the_servers_pings(wsd_factory):
+    """A client that cannot see ping frames (it never pongs) but sends `{"op":"ping"}` once per heartbeat
+    interval stays connected well past the 3 missed pongs that close a mute one."""
+    w = wsd_factory(env=FAST_HEARTBEAT)
+    raw = await RawWs.open(w.port, f"/ws/api?token={make_token('mql5')}")
+    try:
+        assert raw.status == 101
+        assert (await raw.read_json())["type"] == "welcome"
+        pings, replies, n = 0, 0, 0
+        while pings < 8:  # 8 server pings at 200 ms, none ponged: a mute client is closed after 3
+            op, payload = await raw.read_frame(timeout=3)
+            assert op != OP_CLOSE, f"closed with {close_code(payload)} after {pings} pings"
+            if op == OP_PING:
+                pings += 1
+                n += 1
+                await raw.send_frame(0x1, json.dumps({"op": "ping", "id": n}).encode())
+            elif b'"pong"' in payload:
+                replies += 1
+        assert replies >= 6, replies
+    finally:
+        raw.close()

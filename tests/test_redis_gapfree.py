@@ -93,8 +93,8 @@ def store_without_bus(r: Any, prefix: str, channel: str, i: int) -> int:
 
     body = _encode(_Wire(secrets.token_hex(8), channel, "trading-signals", "sig", 2, {"i": i}, time.time(), None,
                          "test", "", "acme"))
-    off, _ = r.eval(_PUBLISH, 3, f"{prefix}:ch:{{{channel}}}:meta", f"{prefix}:ch:{{{channel}}}:hist",
-                    f"{prefix}:nowhere", secrets.token_hex(4), body, 100, 0, repr(time.time()), body)
+    off, _ = r.eval(_PUBLISH, 2, f"{prefix}:ch:{{{channel}}}:meta", f"{prefix}:ch:{{{channel}}}:hist",
+                    secrets.token_hex(4), body, 100, 0, repr(time.time()), f"{prefix}:nowhere")
     return int(off)
 
 
@@ -339,6 +339,8 @@ async def test_a_late_message_of_a_lost_epoch_is_dropped_once(redis_server):
     got: list[tuple[int, str]] = []
     await eng.start(lambda pub, scope=None: got.append((pub.offset, pub.epoch)))
     try:
+        await eng.history(CHANNEL, limit=0)  # a subscriber's position read: the channel's bus is subscribed
+
         def pub(i: int) -> Publication:
             return Publication(id=str(i), channel=CHANNEL, group="trading-signals", type="sig", priority=2,
                                data={"i": i}, ts=time.time(), company_id="acme")
@@ -371,8 +373,8 @@ def publish_as_a_fresh_node(redis_server: RedisServer, prefix: str, i: int) -> t
     body = _encode(_Wire(secrets.token_hex(8), CHANNEL, "trading-signals", "sig", 2, {"i": i}, time.time(), None,
                          "test", "", "acme"))
     off, epoch = redis_server.client().eval(
-        _PUBLISH, 3, f"{prefix}:ch:{{{CHANNEL}}}:meta", f"{prefix}:ch:{{{CHANNEL}}}:hist", f"{prefix}:bus",
-        secrets.token_hex(4), body, 100, 0, repr(time.time()), body)
+        _PUBLISH, 2, f"{prefix}:ch:{{{CHANNEL}}}:meta", f"{prefix}:ch:{{{CHANNEL}}}:hist",
+        secrets.token_hex(4), body, 100, 0, repr(time.time()), f"{prefix}:ch:{{{CHANNEL}}}:bus")
     return int(off), epoch.decode()
 
 

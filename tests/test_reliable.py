@@ -11,7 +11,7 @@ import json
 import secrets
 from typing import Any
 
-from tests.harness import BASE_CONFIG, Wsd, make_token, recv_json, request, wait_for, welcome
+from tests.harness import BASE_CONFIG, Wsd, closed_with, make_token, recv_json, request, wait_for, welcome
 
 BASE = BASE_CONFIG.replace("heartbeat_interval_ms = 30000", "heartbeat_interval_ms = 400")
 
@@ -182,3 +182,32 @@ async def test_unacked_reliable_message_survives_resume(wsd_factory):
         assert (nxt["seq"], nxt["data"]) == (2, {"qty": 8})
     finally:
         await ws2.close()
+
+
+async def test_acks_of_a_reliable_burst_are_not_charged_past_the_message_rate(wsd_factory):
+    """A burst of reliable messages far above the client's message rate: acking each one does not get the careful
+    client closed with 4008 (an ack that settles a sent message is owed); other frames past the rate still are."""
+    w = wsd_factory(CONFIG, base=BASE, env={"WSD_LIMITS_MESSAGES_PER_CONNECTION_PER_SECOND": "2",
+                                            "WSD_LIMITS_MESSAGE_BURST": "3"})
+    ws, hello = await joined(w, "alice")
+    try:
+        for i in range(30):
+            await w.ctl("publish", channel="trading-signals/acme", type="order", data={"n": i})
+        seqs = []
+        while len(seqs) < 30:
+            m = await next_message(ws)
+            if m.get("seq") not in seqs:
+                seqs.append(m["seq"])
+                await ws.send(json.dumps({"op": "ack", "seq": m["seq"]}))
+        await wait_for(lambda: _unacked_is(w, hello["connection_id"], 0))
+        # An ack of nothing outstanding is charged like any frame: the rate still holds.
+        for _ in range(10):
+            await ws.send(json.dumps({"op": "ack", "seq": 999}))
+        code, _ = await closed_with(ws)
+        assert code == 4008
+    finally:
+        await ws.close()
+
+
+async def _unacked_is(w: Wsd, cid: str, n: int) -> bool:
+    return (await w.ctl("connections.get", id=cid))["reliable"]["unacked"] == n

@@ -383,3 +383,42 @@ def test_snapshot_main_screen_small_terminal(snap_compare):
 def test_snapshot_drill_down(snap_compare):
     """Filter to alice, Enter: info, claims, queue and breaker, metrics, subscriptions, events."""
     assert snap_compare(recorded_app(), terminal_size=SIZE, run_before=_drilled)
+
+
+def cluster_recording(path: Path) -> Path:
+    """The committed recording as three nodes would answer it: each row on a node, each node's header figures, and
+    a fourth node that did not answer in time."""
+    data = json.loads(RECORDING.read_text())
+    nodes = ["a1b2c3d4", "e5f6a7b8", "c9d0e1f2"]
+    res = data["results"]
+    for i, row in enumerate(res["connections.list"]["items"]):
+        row["node"] = nodes[i % 3]
+    res["connections.list"].update(node=nodes[0], nodes=nodes, missing=["0badf00d"])
+    st = res["status"]
+    st.update(node=nodes[0], nodes=sorted(nodes + ["0badf00d"]), missing=["0badf00d"], node_stats=[
+        {"node": n, "connections": sum(1 for r in res["connections.list"]["items"] if r["node"] == n),
+         "max_connections": 10000, "rate_in": 10.0 * (i + 1), "rate_out": 100.0 * (i + 1), "rate_publish": 1.0,
+         "latency": {"p50_ms": 0.4, "p99_ms": 2.0 + i}, "cpu_percent": 3.0 + i, "rss_bytes": (60 + i) << 20,
+         "draining": False} for i, n in enumerate(nodes)])
+    out = path / "tui_cluster_recording.json"
+    out.write_text(json.dumps(data))
+    return out
+
+
+def test_snapshot_cluster_main_screen(snap_compare, tmp_path):
+    """Three nodes and a missing one: the node column leads the table, the header has a line per node."""
+    app = WsdTop(RecordedSource(cluster_recording(tmp_path), address="/run/wsd/wsd.sock"), refresh=3600, tz=dt.UTC)
+    assert snap_compare(app, terminal_size=SIZE, run_before=_loaded)
+
+
+async def test_cluster_node_column_is_not_a_sort_key(tmp_path):
+    """With several nodes the table's first column is the node; sorting with s skips it (no daemon sorts on it)."""
+    app = WsdTop(RecordedSource(cluster_recording(tmp_path), address="/run/wsd/wsd.sock"), refresh=3600, tz=dt.UTC)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(lambda: app.main.refreshes >= 1)
+        table = app.main.query_one("#conns", DataTable)
+        assert str(list(table.columns)[0].value) == "node"
+        assert set(column(app, "node")) == {"a1b2c3d4", "e5f6a7b8", "c9d0e1f2"}
+        for _ in range(len(table.columns)):
+            await pilot.press("s")
+            assert app.main.sort.lstrip("-") != "node"

@@ -484,7 +484,8 @@ async def test_send_reaches_one_connection(wsd):
     )
     assert r.out.strip() == f"sent to connection {a.cid}"
     r = ok(await awsctl(wsd, "--json", "send", b.cid, "--data", '"marker"'))
-    assert r.json() == {"delivered": 1, "connection_id": b.cid}
+    assert r.json() == {"delivered": 1, "connection_id": b.cid, "node": "ws-manager-v1",
+                        "nodes": ["ws-manager-v1"], "missing": []}
     m = await next_message(a)
     assert m["data"] == {"hi": 1} and m["msg_type"] == "notice"
     assert (await next_message(b))["data"] == "marker"
@@ -689,13 +690,13 @@ async def test_reload_refuses_a_broken_file_and_keeps_running(wsd_factory):
     st = ok(await awsctl(w, "--json", "status")).json()
     assert st["reloads"] == 0 and st["max_connections"] == 10000
     # a valid change is applied
-    w.config_path.write_text(good.replace("[manager]", "[manager]\nmax_connections = 77"))
+    w.config_path.write_text(good.replace("[manager]", "[manager]\nmax_connections = 7777"))
     r = ok(await awsctl(w, "reload"))
     assert r.out.startswith("reloaded")
     r = ok(await awsctl(w, "--json", "reload"))
     assert r.json()["ok"] is True
-    assert ok(await awsctl(w, "--json", "status")).json()["max_connections"] == 77
-    assert "max_connections = 77" in ok(await awsctl(w, "config")).out
+    assert ok(await awsctl(w, "--json", "status")).json()["max_connections"] == 7777
+    assert "max_connections = 7777" in ok(await awsctl(w, "config")).out
 
 
 # ---------------------------------------------------------------------------------------- the socket
@@ -766,8 +767,10 @@ def test_another_uid_is_refused(wsd):
 
 def test_completion_is_enabled_and_completes_from_the_daemon(wsd):
     """Shell completion is typer's: a script for bash, and pool names completed from the running daemon."""
-    r = wsctl(None, "--show-completion", "bash")
-    assert r.rc == 0 and "_WSCTL_COMPLETE" in r.out, r
+    # typer finds the shell from the process tree (shellingham): run it from a bash that stays its parent.
+    sh = subprocess.run(["bash", "-c", '"$@"; exit $?', "bash", *WSCTL, "--show-completion"], capture_output=True,
+                        text=True, timeout=30, cwd=ROOT, env=env_for())
+    assert sh.returncode == 0 and "_WSCTL_COMPLETE" in sh.stdout, (sh.returncode, sh.stderr)
     p = subprocess.run(
         [*WSCTL],
         capture_output=True,

@@ -48,7 +48,7 @@ app = typer.Typer(
     "Global options go before or after the command; --json makes every command print JSON.",
     epilog="Exit status: 0 ok, 1 the request failed, 2 usage error, 3 wsd not reachable. "
     "Socket: --socket, $WSD_SOCKET, config control.socket (-c / $WSD_CONFIG), "
-    "$XDG_RUNTIME_DIR/wsd/wsd.sock, /tmp/wsd-$UID/wsd.sock. See man wsctl.",
+    "$XDG_RUNTIME_DIR/wsd/wsd.sock, /run/wsd/wsd.sock, /tmp/wsd-$UID/wsd.sock. See man wsctl.",
 )
 rules_app = typer.Typer(no_args_is_help=False)
 app.add_typer(rules_app, name="rules")
@@ -64,6 +64,8 @@ class Opts:
     socket: str | None
     config: str | None
     json: bool
+    node: list[str] | None = None
+    local: bool = False
 
     def path(self) -> str:
         return discover_socket(self.socket, self.config).path
@@ -83,9 +85,19 @@ def _console() -> Console:
     return Console(highlight=False, soft_wrap=False)
 
 
+def scope_params(opts: Opts) -> dict[str, Any]:
+    """The nodes a request covers: --local (this node), --node ID... or (none given) every node of the cluster."""
+    if opts.local and opts.node:
+        raise UsageFailure("usage", "--local and --node cannot be combined")
+    if opts.local:
+        return {"local": True}
+    return {"node": list(opts.node)} if opts.node else {}
+
+
 def rpc(ctx: typer.Context, method: str, /, **params: Any) -> Any:
-    with Client(_opts(ctx).path()) as c:
-        return c.call(method, **params)
+    opts = _opts(ctx)
+    with Client(opts.path()) as c:
+        return c.call(method, **params, **scope_params(opts))
 
 
 def emit(ctx: typer.Context, result: Any, human: Any) -> None:
@@ -93,6 +105,9 @@ def emit(ctx: typer.Context, result: Any, human: Any) -> None:
     if _opts(ctx).json:
         print_json(result)
         return
+    warning = render.cluster_warning(result) if isinstance(result, dict) else None
+    if warning:
+        sys.stderr.write(f"wsctl: warning: {warning}\n")
     view = human(result) if callable(human) else human
     if isinstance(view, str):
         sys.stdout.write(view if view.endswith("\n") else view + "\n")
@@ -239,9 +254,20 @@ def main_options(
         bool,
         typer.Option("--version", callback=_version, is_eager=True, help="Print the wsctl version and exit."),
     ] = False,
+    node: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--node",
+            metavar="ID",
+            help="With a shared engine: only this node of the cluster (repeatable; ids: wsctl status).",
+        ),
+    ] = None,
+    local: Annotated[
+        bool, typer.Option("--local", help="Only the node this socket belongs to, not the whole cluster.")
+    ] = False,
 ) -> None:
     """wsctl: control a running wsd over its control socket."""
-    ctx.obj = Opts(socket=socket, config=config, json=json_)
+    ctx.obj = Opts(socket=socket, config=config, json=json_, node=node or None, local=local)
 
 
 # ------------------------------------------------------------------------------------------------ views
@@ -608,7 +634,9 @@ def kick(
             metavar="ID", help="Connection ids (or unique prefixes).", autocompletion=complete_connection
         ),
     ] = None,
-    user: Annotated[str | None, typer.Option("--user", help="Every connection of this user.")] = None,
+    user: Annotated[
+        list[str] | None, typer.Option("--user", help="Every connection of this user (repeatable).")
+    ] = None,
     company: Annotated[
         str | None, typer.Option("--company", help="Every connection of this company.")
     ] = None,
@@ -620,11 +648,13 @@ def kick(
 ) -> None:
     """Close connections with code 4000 and a reason; prints how many were closed.
 
-    Name ids, or --user / --company / --pool (combined, they narrow each other).
+    Name ids, or --user (repeatable: each user named) / --company / --pool (combined, they narrow each other).
+    With a shared engine every node of the cluster closes its matching connections.
 
     Examples:
     $ wsctl kick d272b4ad 9f03c1aa --reason "account suspended"
     $ wsctl kick --user alice --pool mt5
+    $ wsctl kick --user alice --user bob
     """
     if ids and (user or company or pool):
         raise UsageFailure("usage", "name connection ids or --user/--company/--pool, not both")
@@ -634,7 +664,7 @@ def kick(
         raise UsageFailure(
             "usage", "--reason: at most 123 bytes of UTF-8 (the WebSocket limit for a close reason)"
         )
-    res = rpc(ctx, "kick", ids=ids or None, user=user, company=company, pool=pool, reason=reason)
+    res = rpc(ctx, "kick", ids=ids or None, users=user or None, company=company, pool=pool, reason=reason)
     emit(
         ctx,
         res,
@@ -859,7 +889,8 @@ def events(
             show(ev)
         return
     with Client(_opts(ctx).path()) as c:
-        for ev in c.stream("events.subscribe", kinds=sorted(kinds) or None, backlog=limit):
+        for ev in c.stream("events.subscribe", kinds=sorted(kinds) or None, backlog=limit,
+                           **scope_params(_opts(ctx))):
             show(ev)
     raise RequestFailed("stream_ended", "wsd closed the event stream (it is stopping)")
 
@@ -968,7 +999,7 @@ def top(
         from wsctl.tui import app as tui_app  # lazy: importing wsctl.cli never imports textual
     except ImportError as exc:
         raise RequestFailed("unavailable", f"the dashboard cannot start: {exc}") from None
-    tui_app.run(path, refresh)
+    tui_app.run(path, refresh, scope_params(_opts(ctx)))
 
 
 app.command("top")(top)
@@ -977,8 +1008,8 @@ app.command("monitor", help="Alias of top: the live dashboard.\n\nExample:\n$ ws
 
 # ------------------------------------------------------------------------------------- the error boundary
 
-_GLOBAL_FLAGS = ("--json",)
-_GLOBAL_VALUED = ("--socket", "-c", "--config")
+_GLOBAL_FLAGS = ("--json", "--local")
+_GLOBAL_VALUED = ("--socket", "-c", "--config", "--node")
 
 
 def hoist_globals(args: list[str]) -> list[str]:
@@ -1007,7 +1038,7 @@ def hoist_globals(args: list[str]) -> list[str]:
         elif a in _GLOBAL_VALUED and i + 1 < len(args):
             front += [a, args[i + 1]]
             i += 1
-        elif a.startswith("--socket=") or a.startswith("--config="):
+        elif a.startswith(("--socket=", "--config=", "--node=")):
             front.append(a)
         else:
             rest.append(a)

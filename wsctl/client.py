@@ -101,12 +101,18 @@ def config_socket(config_path: str) -> str:
     return value
 
 
+#: Where the systemd unit (examples/systemd/wsd.service) puts the control socket.
+SERVICE_SOCKET = "/run/wsd/wsd.sock"
+
+
 def default_candidates(env: Mapping[str, str]) -> list[str]:
-    """The default socket paths, in discovery order: the runtime dir, then ``/tmp/wsd-$UID``."""
+    """The default socket paths, in discovery order: the runtime dir, the system service's
+    (``/run/wsd/wsd.sock``: systemd ``RuntimeDirectory=wsd``), then ``/tmp/wsd-$UID``."""
     out = []
     xdg = env.get("XDG_RUNTIME_DIR")
     if xdg and os.path.isdir(xdg):
         out.append(os.path.join(xdg, "wsd", "wsd.sock"))
+    out.append(SERVICE_SOCKET)
     out.append(f"/tmp/wsd-{os.getuid()}/wsd.sock")
     return out
 
@@ -118,8 +124,8 @@ def discover_socket(
 
     ``--socket``, ``$WSD_SOCKET``, config ``control.socket`` (with ``$WSD_CONTROL_SOCKET`` overriding
     the file, as in wsd; the file is read only when ``-c`` or ``$WSD_CONFIG`` names it), then the first
-    of ``$XDG_RUNTIME_DIR/wsd/wsd.sock`` and ``/tmp/wsd-$UID/wsd.sock`` that exists (the first of them
-    when neither does, which is where wsd would put it).
+    of ``$XDG_RUNTIME_DIR/wsd/wsd.sock``, ``/run/wsd/wsd.sock`` and ``/tmp/wsd-$UID/wsd.sock`` that exists
+    (``$XDG_RUNTIME_DIR/wsd/wsd.sock``, else ``/tmp/wsd-$UID/wsd.sock``, when none does: where wsd would put it).
     """
     env = os.environ if env is None else env
     if explicit:
@@ -137,7 +143,7 @@ def discover_socket(
     for c in cands:
         if os.path.exists(c):
             return SocketChoice(c, "default")
-    return SocketChoice(cands[0], "default")
+    return SocketChoice(next(c for c in cands if c != SERVICE_SOCKET), "default")
 
 
 # -------------------------------------------------------------------------------------------- client

@@ -111,6 +111,24 @@ def _by(d: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------------ views
 
 
+def clustered(r: dict[str, Any]) -> bool:
+    """The reply covers more than one node (rows then show a NODE column)."""
+    return len(set(r.get("nodes") or ()) | set(r.get("missing") or ())) > 1
+
+
+def cluster_warning(r: dict[str, Any]) -> str | None:
+    """One line naming the nodes that did not answer in time, or answered with an error; None when all did."""
+    parts = []
+    missing = r.get("missing") or []
+    if missing:
+        parts.append(f"no answer from node{'s' if len(missing) != 1 else ''} {', '.join(plain(str(n)) for n in missing)} "
+                     "within the deadline: their part is missing")
+    for f in r.get("failed") or []:
+        if isinstance(f, dict):
+            parts.append(f"node {plain(str(f.get('node')))} failed: {plain(str(f.get('message', '')))}")
+    return "; ".join(parts) or None
+
+
 def render_status(r: dict[str, Any]) -> RenderableType:
     listen = r.get("listen") or {}
     scheme = "wss" if listen.get("tls") else "ws"
@@ -143,6 +161,19 @@ def render_status(r: dict[str, Any]) -> RenderableType:
         ("config", (r.get("config_path") or "built-in defaults") + f"  (reloads: {r.get('reloads', 0)})"),
         ("socket", r.get("socket", "")),
     ]
+    per_node = r.get("node_stats") or []
+    if len(per_node) > 1 or r.get("missing"):
+        node_rows: list[tuple[str, Any]] = [("  this node", plain(str(r.get("node", ""))))]
+        for ns in per_node:
+            nl = ns.get("latency") or {}
+            node_rows.append((f"  {clip(str(ns.get('node', '')), 10)}",
+                              f"conns {ns.get('connections', 0)}/{ns.get('max_connections', '?')}  "
+                              f"in {fmt_rate(ns.get('rate_in'))}  out {fmt_rate(ns.get('rate_out'))}  "
+                              f"p99 {fmt_ms(nl.get('p99_ms'))}  CPU {fmt.cpu(ns.get('cpu_percent'))}  "
+                              f"RSS {fmt_bytes(ns.get('rss_bytes'))}" + ("  draining" if ns.get("draining") else "")))
+        for n in r.get("missing") or []:
+            node_rows.append((f"  {clip(str(n), 10)}", Text("no answer (missing)", style="yellow")))
+        rows[5:5] = node_rows
     if r.get("ephemeral_secret"):
         rows.append(
             (
@@ -154,39 +185,55 @@ def render_status(r: dict[str, Any]) -> RenderableType:
 
 
 def render_pools(r: dict[str, Any]) -> RenderableType:
+    # CONNS is open / ceiling (max_connections); RSV the pool's reservation (min_connections)
     t = table(
         "POOL",
         "TYPE",
         "PATH",
+        "RSV",
         "CONNS",
         "IN",
         "OUT",
         "DROPS",
         "ERR%",
-        right=("CONNS", "IN", "OUT", "DROPS", "ERR%"),
+        right=("RSV", "CONNS", "IN", "OUT", "DROPS", "ERR%"),
     )
     for p in r.get("pools", []):
         t.add_row(
             clip(p.get("id", ""), 10),
             clip(p.get("type", ""), 10),
             clip(p.get("path", ""), 14),
+            fmt_count(p.get("min_connections")) if p.get("min_connections") else "-",
             f"{fmt_count(p.get('connections'))}/{fmt_count(p.get('max_connections'))}",
             fmt_count(p.get("msgs_in")),
             fmt_count(p.get("msgs_out")),
             fmt_count(p.get("drops")),
             fmt_pct(p.get("error_rate")),
         )
-    return t
+    cap = r.get("capacity")
+    if not isinstance(cap, dict):  # an older daemon
+        return t
+    return Group(t, Text(capacity_line(cap), style="dim"))
+
+
+def capacity_line(cap: dict[str, Any]) -> str:
+    """The shared capacity in one line: free of shared, and what the limit and the reservations are."""
+    return (f"shared free {fmt_count(cap.get('shared_free'))} of {fmt_count(cap.get('shared'))} "
+            f"(manager limit {fmt_count(cap.get('max_connections'))}, "
+            f"reserved {fmt_count(cap.get('reserved'))}, open {fmt_count(cap.get('connections'))})")
 
 
 def render_connections(r: dict[str, Any], filtered: bool = False) -> RenderableType:
     # latency, bytes and breaker state are in `wsctl connection ID` and --json; --sort works on them
+    multi = clustered(r)
     t = table(
+        *(("NODE",) if multi else ()),
         "ID", "POOL", "USER", "COMPANY", "STATE", "AGE", "IN", "OUT", "Q", right=("AGE", "IN", "OUT", "Q")
     )
     items = r.get("items", [])
     for c in items:
         t.add_row(
+            *((clip(str(c.get("node", "")), 8),) if multi else ()),
             short_id(c.get("id")),
             clip(c.get("pool", ""), 8),
             clip(c.get("user_id", ""), 9),
@@ -309,13 +356,15 @@ def render_connection(r: dict[str, Any]) -> RenderableType:
 
 
 def render_subscription_rows(
-    items: list[dict[str, Any]], with_conn: bool = True, title: str | None = None
+    items: list[dict[str, Any]], with_conn: bool = True, title: str | None = None, with_node: bool = False
 ) -> RenderableType:
-    cols = (["CONN", "USER"] if with_conn else []) + ["CHANNEL", "MODE", "TYPES", "OFFSET"]
+    cols = (["NODE"] if with_node else []) + (["CONN", "USER"] if with_conn else []) + [
+        "CHANNEL", "MODE", "TYPES", "OFFSET"]
     t = table(*cols, title=title, right=("OFFSET",))
     for s in items:
         pos = s.get("position") or {}
-        row = [short_id(s.get("connection_id")), clip(s.get("user_id", ""), 10)] if with_conn else []
+        row = [clip(str(s.get("node", "")), 8)] if with_node else []
+        row += [short_id(s.get("connection_id")), clip(s.get("user_id", ""), 10)] if with_conn else []
         row += [
             clip(s.get("channel", ""), 25 if with_conn else 40),
             MODE_WORDS.get(s.get("mode", ""), s.get("mode", "")),
@@ -335,7 +384,7 @@ def render_subscriptions(r: dict[str, Any]) -> RenderableType:
     foot = f"{total} subscription{'s' if total != 1 else ''}" + (f"  ({_by(by)})" if by else "")
     if len(items) < total:
         foot += f"; showing {len(items)}"
-    return Group(render_subscription_rows(items), Text(foot, style="dim"))
+    return Group(render_subscription_rows(items, with_node=clustered(r)), Text(foot, style="dim"))
 
 
 def render_channels(r: dict[str, Any]) -> RenderableType:
@@ -518,7 +567,26 @@ def render_metrics(r: dict[str, Any]) -> RenderableType:
         ],
         title="held",
     )
-    return Group(mgr, Text(""), pools, Text(""), routing, Text(""), subs, Text(""), queues, Text(""), held)
+    parts = [mgr, Text(""), pools, Text(""), routing, Text(""), subs, Text(""), queues, Text(""), held]
+    b = r.get("bus") or {}
+    if b:  # a shared engine: what this node received from its bus
+        parts += [Text(""), kv(
+            [
+                (
+                    "messages",
+                    f"channel buses {fmt_count(b.get('messages_channel'))}  "
+                    f"shared {fmt_count(b.get('messages_shared'))}",
+                ),
+                (
+                    "channel buses",
+                    f"{fmt_count(b.get('channels'))} subscribed  subscribes {fmt_count(b.get('subscribes'))}  "
+                    f"unsubscribes {fmt_count(b.get('unsubscribes'))}",
+                ),
+                ("holes", f"fills {fmt_count(b.get('fills'))}  gaps {fmt_count(b.get('gaps'))}"),
+            ],
+            title="bus",
+        )]
+    return Group(*parts)
 
 
 def _rule_filter(rule: dict[str, Any], with_expression: bool = True) -> str:

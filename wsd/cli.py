@@ -1,4 +1,4 @@
-"""The `wsd` command line: serve, config, version (and --version, shell completion)."""
+"""The `wsd` command line: serve, config, keygen, version (and --version, shell completion)."""
 
 from __future__ import annotations
 
@@ -106,6 +106,46 @@ def serve(
         print(f"wsd: error: {exc}", file=sys.stderr)
         raise typer.Exit(1) from None
     raise typer.Exit(code)
+
+
+@app.command()
+def keygen(
+    path: Annotated[str, typer.Argument(metavar="PATH", help="The key file to create (never overwritten).")],
+) -> None:
+    """Write a new message encryption key to PATH: the base64 of 32 random bytes, mode 0600.
+
+    Name it in the config under a key id and encrypt a channel group with it:
+
+      [encryption.keys]
+      "2026-12" = "/etc/wsd/keys/2026-12.key"
+
+      [channels.trading-signals]
+      encrypt = "2026-12"
+
+    An existing file is never overwritten (a replaced key makes the history written under it unreadable).
+    The key is not printed; give the same file to the clients that decrypt. See docs/security.md.
+    """
+    import os
+
+    from wsd.core.encryption import new_key_text
+
+    try:
+        # O_EXCL: never overwrite, never follow a planted symlink; created 0600 from the start.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        print(f"wsd: error: {path} already exists; a key is never overwritten (choose a new path and "
+              "key id: old messages stay readable with the old key)", file=sys.stderr)
+        raise typer.Exit(1) from None
+    except OSError as exc:
+        print(f"wsd: error: cannot create {path}: {exc.strerror or exc}", file=sys.stderr)
+        raise typer.Exit(1) from None
+    try:
+        with os.fdopen(fd, "w", encoding="ascii") as out:
+            out.write(new_key_text())
+    except OSError as exc:
+        print(f"wsd: error: cannot write {path}: {exc.strerror or exc}", file=sys.stderr)
+        raise typer.Exit(1) from None
+    print(path)
 
 
 @app.command()

@@ -62,8 +62,10 @@ class MainScreen(Screen[None]):
         self.page_offset = 0
         self.total = 0
         self.narrow = False
+        self.clustered = False  # the rows come from several nodes: a node column leads the table
         self.status: dict[str, Any] = {}
         self.pools: list[dict[str, Any]] = []
+        self.capacity: dict[str, Any] | None = None  # the shared connection capacity (pools.list)
         self.rows: list[dict[str, Any]] = []  # the page on screen, in table order
         self._keys: list[str] = []
         self._last_rows: list[dict[str, Any]] = []
@@ -175,6 +177,7 @@ class MainScreen(Screen[None]):
         self._prev_totals = (now, totals)
         self.status = status
         self.pools = pools.get("pools", [])
+        self.capacity = pools.get("capacity")
         samples = status.get("samples") or []
         if samples:
             self._samples = deque(samples, maxlen=app.window)
@@ -183,6 +186,10 @@ class MainScreen(Screen[None]):
             self._samples.append({"in": status.get("rate_in", 0), "out": status.get("rate_out", 0),
                                   "p99_ms": lat.get("p99_ms", 0)})
         self._draw_status()
+        clustered = len(set(conns.get("nodes") or ()) | set(conns.get("missing") or ())) > 1
+        if clustered != self.clustered:
+            self.clustered = clustered
+            self._build_columns()
         self._show_connections(conns)
         self.refreshes += 1
 
@@ -201,7 +208,9 @@ class MainScreen(Screen[None]):
             return
         self.query_one("#header", Static).update(render.header(self.status, narrow=self.narrow))
         pools = render.pools_table(self.pools, self._rates, narrow=self.narrow)
-        self.query_one("#pools", Static).update(pools)
+        panel = self.query_one("#pools", Static)
+        panel.update(pools)
+        panel.border_subtitle = render.shared_capacity(self.capacity)
         s = list(self._samples)
         series = {
             "out": [float(x.get("out", 0)) for x in s], "in": [float(x.get("in", 0)) for x in s],
@@ -226,7 +235,10 @@ class MainScreen(Screen[None]):
         self.query_one("#caption", Static).update(cap)
 
     def _columns(self) -> tuple[render.Col, ...]:
-        return render.NARROW_COLUMNS if self.narrow else render.WIDE_COLUMNS
+        cols = render.NARROW_COLUMNS if self.narrow else render.WIDE_COLUMNS
+        if self.clustered:  # rows from several nodes: which one holds each connection comes first
+            return ((render.NARROW_NODE_COLUMN if self.narrow else render.NODE_COLUMN), *cols)
+        return cols
 
     def _build_columns(self) -> None:
         table = self.query_one("#conns", DataTable)
@@ -304,7 +316,7 @@ class MainScreen(Screen[None]):
         self.poll()
 
     def action_sort_next(self) -> None:
-        keys = [c.key for c in self._columns()]
+        keys = [c.key for c in self._columns() if c.key != "node"]  # the daemon sorts within each node's fields
         cur = self.sort.lstrip("-")
         nxt = keys[(keys.index(cur) + 1) % len(keys)] if cur in keys else keys[0]
         self._resort(("-" if nxt in DESC_FIRST else "") + nxt)
@@ -315,6 +327,8 @@ class MainScreen(Screen[None]):
     @on(DataTable.HeaderSelected, "#conns")
     def header_clicked(self, event: DataTable.HeaderSelected) -> None:
         key = str(event.column_key.value)
+        if key == "node":
+            return  # not a sort key: each node sorts its own rows, the cluster merges them in that order
         if key == self.sort.lstrip("-"):
             self.action_sort_reverse()
         else:
@@ -463,6 +477,7 @@ class WsdTop(App[None]):
         self.push_screen(BroadcastDialog(), done)
 
 
-def run(socket_path: str, refresh: float = 1.0) -> None:
-    """Run the dashboard against the wsd listening on ``socket_path`` until the user quits."""
-    WsdTop(LiveSource(socket_path), refresh=refresh).run()
+def run(socket_path: str, refresh: float = 1.0, scope: dict[str, Any] | None = None) -> None:
+    """Run the dashboard against the wsd listening on ``socket_path`` until the user quits (``scope``: the nodes
+    of a cluster it covers, as ``wsctl --node`` / ``--local`` give them)."""
+    WsdTop(LiveSource(socket_path, scope=scope), refresh=refresh).run()

@@ -95,8 +95,43 @@ def header(status: dict[str, Any], *, narrow: bool = False) -> Text:
                 (" p99 ", "dim"), (ms(lat.get("p99_ms")), _lat_style(lat))]
     # flags (draining, ephemeral secret) lead line two, where they cannot be cut off
     if narrow:  # 80 columns: identity + process on line one, traffic on line two
-        return Text.assemble(*ident, sep, *proc, "\n", *flags, *traffic, no_wrap=True, overflow="ellipsis")
-    return Text.assemble(*ident, "\n", *flags, *traffic, sep, *proc, no_wrap=True, overflow="ellipsis")
+        out = Text.assemble(*ident, sep, *proc, "\n", *flags, *traffic, no_wrap=True, overflow="ellipsis")
+    else:
+        out = Text.assemble(*ident, "\n", *flags, *traffic, sep, *proc, no_wrap=True, overflow="ellipsis")
+    per_node = node_lines(status, sep)
+    if per_node:
+        out.append("\n")
+        out.append(per_node)
+    return out
+
+
+#: the cluster's nodes the header lists one line each (the rest are counted)
+MAX_NODE_LINES = 8
+
+
+def node_lines(status: dict[str, Any], sep: tuple[str, str]) -> Text | None:
+    """With several nodes: one line per node (its connections, rates, p99, CPU, RSS) and the missing ones."""
+    stats = status.get("node_stats") or []
+    missing = status.get("missing") or []
+    if len(stats) + len(missing) < 2:
+        return None
+    lines: list[Text] = []
+    for ns in stats[:MAX_NODE_LINES]:
+        lat = ns.get("latency") or {}
+        lines.append(Text.assemble(
+            ("node ", "dim"), (fit(plain(ns.get("node", "?")), 10), "cyan"), sep,
+            ("conns ", "dim"), (f"{count(ns.get('connections', 0))}/{count(ns.get('max_connections', 0))}", ""), sep,
+            ("in ", "dim"), (rate(ns.get("rate_in")), "green"), sep, ("out ", "dim"), (rate(ns.get("rate_out")), "green"),
+            sep, ("p99 ", "dim"), (ms(lat.get("p99_ms")), _lat_style(lat)), sep,
+            ("cpu ", "dim"), (fmt.cpu(ns.get("cpu_percent")), ""), sep, ("rss ", "dim"), (size(ns.get("rss_bytes")), ""),
+            *([sep, (" DRAINING ", "bold white on red")] if ns.get("draining") else []),
+            no_wrap=True, overflow="ellipsis"))
+    for n in missing:
+        lines.append(Text.assemble(("node ", "dim"), (fit(plain(n), 10), "cyan"), sep,
+                                   ("no answer within the deadline", "bold yellow")))
+    if len(stats) > MAX_NODE_LINES:
+        lines.append(Text(f"… {len(stats) - MAX_NODE_LINES} more nodes (wsctl status)", style="dim"))
+    return Text("\n").join(lines)
 
 
 def _lat_style(lat: dict[str, Any]) -> str:
@@ -107,9 +142,12 @@ def _lat_style(lat: dict[str, Any]) -> str:
 # -- pools -----------------------------------------------------------------------------------------------
 def pools_table(pools: Sequence[dict[str, Any]], rates: dict[str, float | None], *, narrow: bool = False
                 ) -> Table:
-    """One row per pool: connections / max with a bar, msgs/s, totals, drops, queued, error rate."""
+    """One row per pool: its reservation, connections / ceiling with a bar, msgs/s, totals, drops, queued,
+    error rate."""
     t = Table(box=None, padding=(0, 1), expand=True, show_edge=False, header_style="bold")
     t.add_column("pool", no_wrap=True)
+    if not narrow:
+        t.add_column("rsv", justify="right", no_wrap=True)
     t.add_column("conns", justify="right", no_wrap=True)
     t.add_column("", no_wrap=True, width=6 if narrow else 12)
     t.add_column("msgs/s", justify="right", no_wrap=True)
@@ -124,8 +162,11 @@ def pools_table(pools: Sequence[dict[str, Any]], rates: dict[str, float | None],
         n = int(p.get("connections") or 0)
         drops = int(p.get("drops") or 0)
         err = float(p.get("error_rate") or 0)
-        row: list[RenderableType] = [
-            fmt.text(p.get("id", "?"), style="bold"),
+        rsv = int(p.get("min_connections") or 0)
+        row: list[RenderableType] = [fmt.text(p.get("id", "?"), style="bold")]
+        if not narrow:
+            row.append(Text(count(rsv) if rsv else "-", style="" if rsv else "dim"))
+        row += [
             Text(f"{count(n)}/{count(cap)}" if not narrow else count(n)),
             bar(n / cap if cap else 0.0, 6 if narrow else 12),
             Text(rate(rates.get(str(p.get("id"))))),
@@ -136,6 +177,17 @@ def pools_table(pools: Sequence[dict[str, Any]], rates: dict[str, float | None],
                 Text(percent(err), style="red" if err >= 0.01 else "")]
         t.add_row(*row)
     return t
+
+
+def shared_capacity(cap: Any) -> Text:
+    """The pools panel's subtitle: the shared capacity free (``capacity`` of pools.list; '' from older
+    daemons)."""
+    if not isinstance(cap, dict):
+        return Text("")
+    free, shared = int(cap.get("shared_free") or 0), int(cap.get("shared") or 0)
+    return Text.assemble(("shared free ", "dim"), (f"{count(free)}/{count(shared)}",
+                                                   "bold red" if shared and free < shared * 0.1 else ""),
+                         (" reserved ", "dim"), (count(cap.get("reserved")), ""))
 
 
 def pool_rates(prev: dict[str, int] | None, cur: dict[str, int], seconds: float) -> dict[str, float | None]:
@@ -165,6 +217,9 @@ WIDE_COLUMNS = (
     Col("msgs_out", "out", 8, True), Col("queue", "queue", 6, True), Col("breaker", "breaker", 9),
     Col("latency_ms", "latency", 8, True),
 )
+#: the first column when the rows come from several nodes
+NODE_COLUMN = Col("node", "node", 10)
+NARROW_NODE_COLUMN = Col("node", "node", 8)
 NARROW_COLUMNS = (
     Col("id", "id", 8), Col("pool", "pool", 8), Col("user_id", "user", 9), Col("company_id", "company", 8),
     Col("age_s", "age", 6, True), Col("msgs_in", "in", 6, True), Col("msgs_out", "out", 6, True),

@@ -78,8 +78,10 @@ class LiveSource:
     """The control socket of a running wsd, reconnecting by itself with backoff."""
 
     def __init__(self, socket_path: str, *, timeout: float = 5.0, backoff_first: float = 0.25,
-                 backoff_cap: float = 2.0) -> None:
+                 backoff_cap: float = 2.0, scope: dict[str, Any] | None = None) -> None:
         self.address = socket_path
+        #: the nodes of a cluster every request covers (``{"node": [...]}``, ``{"local": True}``; none: all)
+        self.scope = dict(scope or {})
         self.timeout = timeout
         self.backoff = Backoff(backoff_first, backoff_cap)
         self.hello: dict[str, Any] = {}
@@ -169,7 +171,7 @@ class LiveSource:
         async with self._lock:
             await self._connect()
             try:
-                return await self._request(method, params)
+                return await self._request(method, {**params, **self.scope})
             except RequestFailed:
                 raise
             except (TimeoutError, OSError, Unavailable, P.ControlFailure) as exc:
@@ -183,14 +185,14 @@ class LiveSource:
     async def events(self, backlog: int = 50) -> AsyncIterator[dict[str, Any]]:
         """Events forever, across daemon restarts (reconnecting with backoff); each is yielded once."""
         stream_backoff = Backoff(self.backoff.first, self.backoff.cap)
-        last: tuple[float, int] = (0.0, 0)
+        last: dict[str, tuple[float, int]] = {}  # per node: a cluster's nodes each number their own events
         while not self._closed:
             writer: asyncio.StreamWriter | None = None
             try:
                 reader, writer = await self._open()
                 codec = self._codec()
                 data = codec.hello_request()[1]
-                rid, sub = codec.request("events.subscribe", {"backlog": backlog})
+                rid, sub = codec.request("events.subscribe", {"backlog": backlog, **self.scope})
                 writer.write(data + sub)
                 await writer.drain()
                 await self._wait(reader, codec, rid)
@@ -205,9 +207,10 @@ class LiveSource:
                     if not isinstance(ev, P.Event):
                         continue
                     key = (float(ev.data.get("ts", 0.0)), int(ev.data.get("seq", 0)))
-                    if key <= last:
+                    node = str(ev.data.get("node", ""))
+                    if key <= last.get(node, (0.0, 0)):
                         continue  # already shown before a reconnect replayed the backlog
-                    last = key
+                    last[node] = key
                     yield ev.data
             except (TimeoutError, OSError, Unavailable, ValueError, P.ControlFailure):
                 pass
@@ -261,7 +264,10 @@ class RecordedSource:
             raise Unavailable(f"cannot reach wsd at {self.address}: recording switched off")
         results: dict[str, Any] = self.data["results"]
         if method == "connections.list":
-            return _page(results["connections.list"]["items"], params)
+            recorded = results["connections.list"]
+            # a cluster's recording says which nodes answered (and which did not): the node column shows
+            return dict(_page(recorded["items"], params),
+                        **{k: recorded[k] for k in ("node", "nodes", "missing") if k in recorded})
         if method == "connections.get":
             cid = str(params.get("id", ""))
             conns: dict[str, Any] = self.data.get("connections", {})

@@ -10,7 +10,7 @@ import itertools
 import logging
 import random as _random
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal, Self
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -19,6 +19,7 @@ import msgspec
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
+from wsd.client.decrypt import prepare_keys
 from wsd.client.policy import Backoff, close_action
 from wsd.client.types import (
     ClientClosed,
@@ -138,11 +139,14 @@ class Client:
                  fill_gaps: bool = True, max_size: int | None = 16 * 2**20,
                  ping_interval: float | None = 20.0, ping_timeout: float | None = 20.0,
                  on_state: Callable[[State], Any] | None = None,
-                 on_other: Callable[[Message], Any] | None = None) -> None:
+                 on_other: Callable[[Message], Any] | None = None,
+                 keys: Mapping[str, bytes | str] | None = None) -> None:
         self.urls: list[str] = [urls] if isinstance(urls, str) else list(urls)
         if not self.urls:
             raise ValueError("Client needs at least one URL")
         self._token_source = token
+        # Message encryption: key id -> key (32 bytes, or a key file's base64 text); checked here.
+        self._keys = prepare_keys(keys)
         self.backoff = Backoff(backoff_base, backoff_cap, random)
         self._sleep = sleep
         self.refresh_before = refresh_before
@@ -550,7 +554,7 @@ class Client:
             frame["limit"] = limit
         if since is not None:
             frame["since"] = since.wire() if isinstance(since, Position) else dict(since)
-        return _history(await self._idempotent(frame))
+        return _history(await self._idempotent(frame), self._keys)
 
     async def ping(self) -> float:
         """An application-level ping: the server's wall clock."""
@@ -710,7 +714,7 @@ class Client:
         sub._queue.put_nowait((m, conn.session))
 
     async def _on_message(self, conn: _Conn, frame: dict[str, Any]) -> None:
-        m = message_from(frame)
+        m = message_from(frame, self._keys)
         sub = self._channels.get(m.channel) if m.channel else None
         if sub is None or sub._ended:
             # Not a channel this client subscribed to: `wsctl send`, a pool's default subscription, a rule's target.
@@ -768,7 +772,7 @@ class Client:
             except RequestError as exc:
                 self._hole(conn, sub, f"history since offset {since.offset} failed: {exc}", sub._last, pending=True)
                 return
-            page = _history(res)
+            page = _history(res, self._keys)
             if not page.recovered and not unrecovered and last.offset > 0:  # from offset 0 nothing was had
                 unrecovered = True
                 reason = (f"history since offset {since.offset} of epoch {since.epoch}: recovered:false "
@@ -786,11 +790,15 @@ class Client:
                 self._deliver(conn, sub, m)
             if stop or not page.more or page.next is None:
                 return
+            if page.next.epoch == since.epoch and page.next.offset <= since.offset:  # a server that never moves on
+                self._hole(conn, sub, f"history since offset {since.offset}: the next page does not move on",
+                           sub._last, pending=True)
+                return
             since = page.next
 
 
-def _history(res: dict[str, Any]) -> History:
-    msgs = [message_from(f) for f in res.get("messages") or () if isinstance(f, dict)]
+def _history(res: dict[str, Any], keys: Mapping[str, Any]) -> History:
+    msgs = [message_from(f, keys) for f in res.get("messages") or () if isinstance(f, dict)]
     return History(channel=str(res.get("channel", "")), messages=msgs, recovered=bool(res.get("recovered", True)),
                    position=position_from(res.get("position")) or Position(0, ""), more=bool(res.get("more", False)),
                    next=position_from(res.get("next")))

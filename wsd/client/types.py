@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import msgspec
+
+from wsd.client.decrypt import open_envelope
 
 
 class Position(msgspec.Struct, frozen=True):
@@ -30,6 +32,10 @@ class Message(msgspec.Struct, frozen=True):
     ts: float = 0.0
     seq: int | None = None
     history: bool = False
+    #: the key id of an encrypted message (None for a plain one)
+    key_id: str | None = None
+    #: why an encrypted message could not be decrypted (``data`` is then the envelope as received), else None
+    decrypt_error: str | None = None
 
     @property
     def position(self) -> Position:
@@ -110,13 +116,17 @@ class ConnectionLost(ClientError):
     """The connection ended before the reply to a request arrived: the request may or may not have happened."""
 
 
-def message_from(frame: dict[str, Any]) -> Message:
+def message_from(frame: dict[str, Any], keys: Mapping[str, Any] | None = None) -> Message:
+    """The Message of a ``message`` push; an encrypted one (``enc``) is decrypted with ``keys`` (key id ->
+    prepared key, see wsd.client.decrypt), or kept as received with ``decrypt_error`` saying why."""
     seq = frame.get("seq")
-    return Message(channel=str(frame.get("channel") or ""), offset=int(frame.get("offset") or 0),
+    channel = str(frame.get("channel") or "")
+    data, key_id, error = open_envelope(keys or {}, channel, frame.get("enc"), frame.get("data"))
+    return Message(channel=channel, offset=int(frame.get("offset") or 0),
                    epoch=str(frame.get("epoch") or ""), type=str(frame.get("msg_type") or "message"),
-                   data=frame.get("data"), priority=str(frame.get("priority") or "normal"),
+                   data=data, priority=str(frame.get("priority") or "normal"),
                    ts=float(frame.get("ts") or 0.0), seq=int(seq) if seq is not None else None,
-                   history=bool(frame.get("history", False)))
+                   history=bool(frame.get("history", False)), key_id=key_id, decrypt_error=error)
 
 
 def position_from(d: Any) -> Position | None:

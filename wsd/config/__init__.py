@@ -13,12 +13,14 @@ Modules, each depending only on those above it:
 * ``convert``  TOML tables to Structs, every bad key reported
 * ``env``      ``WSD_<SECTION>_<KEY>`` overrides
 * ``auth``     the checks of ``[auth]``, which read the key files once per load
+* ``encryption`` the checks of ``[encryption.keys]`` and the encrypted groups, which read the key files
 * ``validate`` the checks of values and of keys against each other
 * ``load``     file + environment → checked ``Config`` and its token keys (``Loaded``)
 * ``output``   ``wsd config show`` / ``wsctl config`` rendering and ``default.toml`` (``wsd config init``)
 """
 
 from wsd.config.auth import resolved_auth, resolved_private_key, resolved_public_key, resolved_secret
+from wsd.config.encryption import encryption_keys, rekeyed, sealers_of
 from wsd.config.load import Loaded, load, load_config
 from wsd.config.model import (
     REDACTED,
@@ -30,6 +32,7 @@ from wsd.config.model import (
     CompressionConfig,
     Config,
     ControlConfig,
+    EncryptionConfig,
     EngineConfig,
     FilterConfig,
     HttpConfig,
@@ -64,6 +67,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "ControlConfig",
+    "EncryptionConfig",
     "EngineConfig",
     "FilterConfig",
     "HttpConfig",
@@ -86,10 +90,13 @@ __all__ = [
     "default_config_toml",
     "default_pools",
     "dump_config",
+    "encryption_keys",
     "load",
     "load_config",
+    "rekeyed",
     "resolved_auth",
     "resolved_private_key",
     "resolved_public_key",
     "resolved_secret",
+    "sealers_of",
 ]

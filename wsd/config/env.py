@@ -14,7 +14,7 @@ from wsd.config.problems import Problems, key_path
 # Top-level sections that WSD_<SECTION>_<KEY> may override.
 ENV_SECTIONS = ("manager", "server", "control", "auth", "limits", "engine", "audit", "http", "log")
 # Sections that are tables of named entries, not settable from the environment.
-NO_ENV_SECTIONS = ("pools", "channels", "routing")
+NO_ENV_SECTIONS = ("pools", "channels", "routing", "encryption")
 
 
 def _env_value(tp: Any, text: str) -> Any:

@@ -64,6 +64,10 @@ def load(path: str | os.PathLike[str] | None, env: Mapping[str, str] | None = No
     if not isinstance(cfg, Config):  # cannot happen: tomllib always returns a table
         raise ConfigError(errs.lines())
     cfg.source_path = source
+    if "pools" not in raw and "mt5" in cfg.pools:
+        # The built-in mt5 pool reserves a tenth of the manager's limit (1000 of the default 10000), so a file
+        # that only lowers manager.max_connections still loads.
+        cfg.pools["mt5"].min_connections = min(cfg.pools["mt5"].min_connections, cfg.manager.max_connections // 10)
     base = os.path.dirname(source) if source else os.getcwd()
     for section, key in PATH_KEYS:
         obj = getattr(cfg, section)
@@ -76,6 +80,10 @@ def load(path: str | os.PathLike[str] | None, env: Mapping[str, str] | None = No
     for ch in cfg.channels.values():  # [channels.<id>] data_schema_file: relative to the config file too
         if isinstance(ch, ChannelConfig) and ch.data_schema_file:
             ch.data_schema_file = os.path.normpath(os.path.join(base, os.path.expanduser(ch.data_schema_file)))
+    keys = cfg.encryption.keys  # [encryption.keys] files: relative to the config file too
+    for kid, file in keys.items():
+        if isinstance(file, str) and file:
+            keys[kid] = os.path.normpath(os.path.join(base, os.path.expanduser(file)))
     auth = validate(cfg, errs, from_file=path is not None, raw=raw)
     if errs.items:
         raise ConfigError(errs.lines())

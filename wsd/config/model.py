@@ -53,6 +53,9 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_message_bytes: int = 65536
     allowed_origins: list[str] = []
     backlog: int = 4096
+    trusted_proxies: list[str] = []
+    forwarded_header: Literal["x-forwarded-for", "forwarded", "none"] = "x-forwarded-for"
+    proxy_protocol: bool = False
 
 
 class ControlConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -110,6 +113,7 @@ class PoolConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     type: PoolType
     path: str
     max_connections: int = 10000
+    min_connections: int = 0
     allow_cidrs: list[str] = []
     allowed_origins: list[str] | None = None
     roles: list[str] = []
@@ -128,6 +132,8 @@ class ChannelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, di
     # A JSON Schema that published ``data`` must satisfy: inline, or a JSON file (not both).
     data_schema: dict[str, Any] | None = None
     data_schema_file: str = ""
+    # The key id (in [encryption.keys]) that encrypts the data of messages published to this group; "" = none.
+    encrypt: str = ""
 
 
 class FilterConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -187,6 +193,12 @@ class HttpConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     metrics_allow: list[str] = msgspec.field(default_factory=lambda: ["127.0.0.1/32", "::1/128"])
 
 
+# ``dict=True``: the loader keeps the keys it read from the files with the section (wsd.config.encryption).
+class EncryptionConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, dict=True):
+    # key id -> the file holding that key (the base64 of 32 random bytes; `wsd keygen PATH` writes one)
+    keys: dict[str, str] = {}
+
+
 class LogConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["text", "json"] = "text"
@@ -197,7 +209,8 @@ def default_pools() -> dict[str, PoolConfig]:
     """The four built-in pools, used when the config file has no ``[pools]``."""
     return {
         "frontend": PoolConfig(type="frontend", path="/ws/frontend", default_subscriptions=["system-status"]),
-        "mt5": PoolConfig(type="mt5_client", path="/ws/mt5", allowed_origins=[], compression=False,
+        "mt5": PoolConfig(type="mt5_client", path="/ws/mt5", min_connections=1000, allowed_origins=[],
+                          compression=False,
                           batching=BatchingConfig(enabled=False)),
         "admin": PoolConfig(type="admin", path="/ws/admin", roles=["admin"]),
         "api": PoolConfig(type="api", path="/ws/api"),
@@ -228,6 +241,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     audit: AuditConfig = msgspec.field(default_factory=AuditConfig)
     http: HttpConfig = msgspec.field(default_factory=HttpConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
+    encryption: EncryptionConfig = msgspec.field(default_factory=EncryptionConfig)
     source_path: str = ""
 
 

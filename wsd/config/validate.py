@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 from wsd.config.auth import check_auth
+from wsd.config.encryption import check_encryption
 from wsd.config.model import (
     ChannelConfig,
     Config,
@@ -46,6 +47,7 @@ def validate(cfg: Config, errs: Problems, *, from_file: bool, raw: dict[str, Any
     _check_channels(cfg.channels, errs)
     _check_pools(cfg, errs, pools_from_file="pools" in raw)
     _check_routing(cfg, errs)
+    check_encryption(cfg, errs)
     _check_engine(cfg.engine, errs)
     _at_least(errs, "audit.max_bytes", cfg.audit.max_bytes, 1024)
     _at_least(errs, "audit.backups", cfg.audit.backups, 0)
@@ -127,6 +129,26 @@ def _check_server(s: ServerConfig, errs: Problems) -> None:
                 s.tls_cert, s.tls_key, password=lambda: b"")
         except (ssl.SSLError, OSError) as exc:
             errs.add("server.tls_cert", f"certificate and key do not load as a pair: {exc}")
+    _check_proxies(s, errs)
+
+
+def _check_proxies(s: ServerConfig, errs: Problems) -> None:
+    for i, cidr in enumerate(s.trusted_proxies):
+        _check_cidr(errs, f"server.trusted_proxies[{i}]", cidr)
+        try:
+            every = ipaddress.ip_network(cidr, strict=False).prefixlen == 0
+        except (TypeError, ValueError):
+            continue
+        if every:
+            errs.add(f"server.trusted_proxies[{i}]", f"trusts every address ({cidr}): any client could claim "
+                     "any address and escape the per-address limits; list the proxies' own addresses")
+    if s.proxy_protocol and not s.trusted_proxies:
+        errs.add("server.proxy_protocol", "needs server.trusted_proxies: the addresses of the proxies that send "
+                 "the PROXY header (no one else's connection is read as carrying one)")
+    if s.proxy_protocol and s.tls_cert:
+        errs.add("server.proxy_protocol", "cannot be combined with server.tls_cert: the PROXY header comes before "
+                 "the TLS handshake, and wsd's TLS listener reads the handshake first; terminate TLS at the proxy "
+                 "(or pass TLS through without the PROXY protocol)")
 
 
 def _check_channels(channels: dict[str, ChannelConfig], errs: Problems) -> None:
@@ -211,6 +233,10 @@ def _check_pools(cfg: Config, errs: Problems, *, pools_from_file: bool) -> None:
         else:
             seen[p] = path
         _at_least(errs, f"{path}.max_connections", pool.max_connections, 1)
+        _at_least(errs, f"{path}.min_connections", pool.min_connections, 0)
+        if pool.min_connections > pool.max_connections >= 1:
+            errs.add(f"{path}.min_connections", f"the reservation ({pool.min_connections}) is more than the "
+                     f"pool's ceiling {path}.max_connections ({pool.max_connections})")
         for i, cidr in enumerate(pool.allow_cidrs):
             _check_cidr(errs, f"{path}.allow_cidrs[{i}]", cidr)
         _check_origins(errs, f"{path}.allowed_origins", pool.allowed_origins)
@@ -225,6 +251,25 @@ def _check_pools(cfg: Config, errs: Problems, *, pools_from_file: bool) -> None:
                          f"no channel group {json.dumps(group)} in [channels]{hint}")
         _at_least(errs, f"{path}.batching.interval_ms", pool.batching.interval_ms, 1)
         _at_least(errs, f"{path}.batching.max_messages", pool.batching.max_messages, 1)
+    _check_reservations(cfg, errs, pools_from_file=pools_from_file)
+
+
+def _check_reservations(cfg: Config, errs: Problems, *, pools_from_file: bool) -> None:
+    """The pools' reservations (min_connections) must fit in manager.max_connections together."""
+    limit = cfg.manager.max_connections
+    reserving = {pid: p.min_connections for pid, p in cfg.pools.items() if p.min_connections > 0}
+    total = sum(reserving.values())
+    if limit < 1 or total <= limit:
+        return
+    hint = "" if pools_from_file else " (the built-in pools apply because the file has no [pools])"
+    if len(reserving) == 1:
+        pid = next(iter(reserving))
+        errs.add(f"{key_path('pools', pid)}.min_connections", f"reserves {total} connections, more than "
+                 f"manager.max_connections ({limit}){hint}")
+    else:
+        parts = ", ".join(f"{key_path('pools', pid)}.min_connections = {n}" for pid, n in reserving.items())
+        errs.add("pools", f"the reservations add up to {total} ({parts}), more than manager.max_connections "
+                 f"({limit}){hint}")
 
 
 def _check_routing(cfg: Config, errs: Problems) -> None:

@@ -82,7 +82,7 @@ METHODS: dict[str, str] = {
     "hello": "protocol version, daemon version and manager id",
     "help": "the method list with one line each",
     "status": "manager summary: uptime, connections by pool and state, rates, latency, RSS, CPU",
-    "pools.list": "every pool with counts, rates, drops and error rate",
+    "pools.list": "every pool with counts, reservation, ceiling, rates, drops, error rate; the shared capacity",
     "connections.list": "connections, filtered (pool, user, company, state), sorted, paged (offset, limit)",
     "connections.get": "one connection whole: info, claims (no token), subscriptions, queue, breaker, metrics",
     "channels.list": "channel groups and instances with subscriber counts and history depth",
@@ -110,6 +110,11 @@ STREAM_METHODS = frozenset({"events.subscribe"})
 
 
 def default_socket_path() -> str:
+    """``$RUNTIME_DIRECTORY/wsd.sock`` under a service manager that made one (systemd ``RuntimeDirectory=wsd``:
+    ``/run/wsd/wsd.sock``), else ``$XDG_RUNTIME_DIR/wsd/wsd.sock``, else ``/tmp/wsd-$UID/wsd.sock``."""
+    runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    if runtime and os.path.isabs(runtime) and os.path.isdir(runtime):
+        return os.path.join(runtime, "wsd.sock")
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     if xdg and os.path.isdir(xdg):
         return os.path.join(xdg, "wsd", "wsd.sock")

@@ -69,12 +69,15 @@ class ExpressionError(ValueError):
 class Expression:
     """A compiled expression; call it with the message and connection mappings to get a bool."""
 
-    __slots__ = ("_fn", "source", "uses_conn", "uses_msg")
+    __slots__ = ("_fn", "reads_data", "source", "uses_conn", "uses_msg")
 
-    def __init__(self, source: str, fn: _Eval, uses_msg: bool, uses_conn: bool) -> None:
+    def __init__(self, source: str, fn: _Eval, uses_msg: bool, uses_conn: bool, reads_data: bool = False) -> None:
         self.source = source
         self.uses_msg = uses_msg
         self.uses_conn = uses_conn
+        #: whether it may read the message's ``data``: ``msg.data`` (or ``msg["data"]``) anywhere, or ``msg``
+        #: used other than through a literal key (an encrypted channel group refuses such a rule)
+        self.reads_data = reads_data
         self._fn = fn
 
     def __call__(self, msg: Mapping[str, Any] | None, conn: Mapping[str, Any] | None) -> bool:
@@ -105,7 +108,7 @@ def compile_expression(src: str) -> Expression:
     _check_depth(tree, source)
     compiler = _Compiler(source)
     fn = compiler.compile(tree.body)
-    return Expression(src, fn, compiler.uses_msg, compiler.uses_conn)
+    return Expression(src, fn, compiler.uses_msg, compiler.uses_conn, compiler.reads_data)
 
 
 # --------------------------------------------------------------------------- positions and parsing
@@ -401,12 +404,14 @@ def _const(value: Any) -> _Eval:
 class _Compiler:
     """Turns a checked AST into closures, recording whether ``msg`` / ``conn`` are used."""
 
-    __slots__ = ("source", "uses_conn", "uses_msg")
+    __slots__ = ("_keyed", "reads_data", "source", "uses_conn", "uses_msg")
 
     def __init__(self, source: _Source) -> None:
         self.source = source
         self.uses_msg = False
         self.uses_conn = False
+        self.reads_data = False
+        self._keyed = False  # the next msg name is the root of a literal key path (which says what it reads)
 
     def fail(self, message: str, node: ast.AST) -> NoReturn:
         raise ExpressionError(message, self.source.node_position(node))
@@ -453,6 +458,9 @@ class _Compiler:
             return _const(_CONSTANT_NAMES[name])
         if name in _MSG_NAMES:
             self.uses_msg = True
+            if not self._keyed:
+                self.reads_data = True  # msg as a whole (or by a computed key): it may read data
+            self._keyed = False
             return lambda m, c: m
         if name in _CONN_NAMES:
             self.uses_conn = True
@@ -512,8 +520,12 @@ class _Compiler:
             if isinstance(link, ast.Attribute):
                 self._check_attr(link)
             link = link.value
-        self.compile(found[0])  # records uses_msg / uses_conn
         keys = tuple(found[1])
+        if found[0].id in _MSG_NAMES and keys[0] == "data":
+            self.reads_data = True
+        self._keyed = True
+        self.compile(found[0])  # records uses_msg / uses_conn
+        self._keyed = False
         on_conn = found[0].id in _CONN_NAMES
         if len(keys) == 1:
             (k,) = keys

@@ -208,6 +208,12 @@ def unpublishable(msg_type: Any, data: Any, max_depth: int) -> str | None:
     level inside its frame, so it may nest ``max_depth - 1`` levels. Whatever the JSON encoder refuses
     (a string with a lone surrogate, ...) is refused here, before any store.
     """
+    return encode_publishable(msg_type, data, max_depth)[0]
+
+
+def encode_publishable(msg_type: Any, data: Any, max_depth: int) -> tuple[str | None, bytes]:
+    """``unpublishable``'s answer and, when it is None, ``data`` encoded as JSON (else ``b""``): the
+    publisher's push is built around these bytes (``msgspec.Raw``) instead of encoding ``data`` again."""
     try:
         raw = _encode(data)
         if msg_type.__class__ is not str:
@@ -215,14 +221,14 @@ def unpublishable(msg_type: Any, data: Any, max_depth: int) -> str | None:
         elif not msg_type.isascii():
             msg_type.encode()  # a lone surrogate cannot be sent
     except RecursionError:
-        return _too_deep(max_depth)
+        return _too_deep(max_depth), b""
     except (TypeError, ValueError, OverflowError) as exc:  # UnicodeEncodeError is a ValueError
-        return f"the message cannot be encoded as JSON: {exc}"
+        return f"the message cannot be encoded as JSON: {exc}", b""
     # Every level opens a bracket: with few brackets in all (the common case) no path can be too deep,
     # and the walk is skipped.
     if raw.count(b"[") + raw.count(b"{") >= max_depth and nests_deeper(data, max_depth - 1):
-        return _too_deep(max_depth)
-    return None
+        return _too_deep(max_depth), b""
+    return None, raw
 
 
 def _too_deep(max_depth: int) -> str:

@@ -343,7 +343,7 @@ class RuleTable:
     caller then delivers to the channel's subscribers) and per-rule hits (``hits()``).
     """
 
-    __slots__ = ("_by_id", "_reads_msg", "_rules", "messages_routed", "messages_unrouted")
+    __slots__ = ("_beyond", "_by_id", "_reads_msg", "_rules", "messages_routed", "messages_unrouted")
 
     def __init__(self, rules: Iterable[RuleConfig] = ()) -> None:
         compiled = [_Rule(config) for config in rules]
@@ -356,6 +356,8 @@ class RuleTable:
         self._rules: tuple[_Rule, ...] = tuple(sorted(compiled, key=lambda r: -r.priority))
         self._by_id = by_id
         self._reads_msg = any(rule.msg_predicate_reads_msg for rule in compiled)
+        # Rules whose target may reach connections that are not subscribers of the message's channel.
+        self._beyond = tuple(r for r in self._rules if _attr(r.config.target, "type", "") != "channel")
         self.messages_routed = 0
         self.messages_unrouted = 0
 
@@ -378,6 +380,24 @@ class RuleTable:
         else:
             self.messages_unrouted += 1
         return routes
+
+    def may_reach_beyond(self, msg: Any) -> bool:
+        """Whether a rule may send ``msg`` (a publication or a RoutedMessage: its type, channel, group, user_id,
+        company_id) to connections that do not subscribe to its channel: one whose target is not ``channel`` and
+        whose filter lists match. Enabled or not (rules are switched per node), and without its expression (it may
+        match): a shared engine then carries ``msg`` to every node."""
+        for rule in self._beyond:
+            if rule.types is not None and msg.type not in rule.types:
+                continue
+            channels = rule.channels
+            if channels is not None and msg.channel not in channels and msg.group not in channels:
+                continue
+            if rule.user_ids is not None and msg.user_id not in rule.user_ids:
+                continue
+            if rule.company_ids is not None and msg.company_id not in rule.company_ids:
+                continue
+            return True
+        return False
 
     def matching(self, msg: RoutedMessage) -> list[Route]:
         """The routes ``route()`` would return for ``msg``, without counting anything (history reads)."""

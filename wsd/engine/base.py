@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -38,6 +38,28 @@ def _no_gap(channel: str, since: StreamPosition, position: StreamPosition) -> No
     return None
 
 
+async def _no_control(method: str, params: dict[str, Any]) -> dict[str, Any]:
+    return {"error": {"code": "unavailable", "message": "this node serves no control requests yet"}}
+
+
+#: how long a cluster-wide control request waits for the nodes' replies by default
+CONTROL_DEADLINE_S = 2.0
+#: the largest reply one node sends on the control channel (a larger one is replaced by an error reply)
+MAX_CONTROL_REPLY_BYTES = 8 << 20
+
+
+class ClusterReply:
+    """What the nodes answered to one control request: ``replies`` maps a node id to its reply
+    (``{"result": ...}`` or ``{"error": {"code", "message"}}``); ``missing`` lists the nodes asked that did not
+    answer before the deadline."""
+
+    __slots__ = ("missing", "replies")
+
+    def __init__(self, replies: dict[str, dict[str, Any]], missing: list[str]) -> None:
+        self.replies = replies
+        self.missing = missing
+
+
 #: the error code of a publish the shared engine could not take (it is unreachable or did not answer in time)
 ENGINE_UNAVAILABLE = "engine_unavailable"
 
@@ -61,12 +83,12 @@ _IN_PAYLOAD = object()
 class Publication:
     """One published message, as stored in history and delivered to connections."""
 
-    __slots__ = ("_data", "channel", "company_id", "epoch", "expires_at", "group", "id", "offset", "payload",
+    __slots__ = ("_data", "channel", "company_id", "enc", "epoch", "expires_at", "group", "id", "offset", "payload",
                  "priority", "source", "ts", "ttl_s", "type", "user_id")
 
     def __init__(self, *, id: str, channel: str, group: str, type: str, priority: int, data: Any, ts: float,
                  ttl_s: float | None = None, source: str = "", user_id: str = "", company_id: str = "",
-                 offset: int = 0, epoch: str = "", expires_at: float | None = None) -> None:
+                 offset: int = 0, epoch: str = "", expires_at: float | None = None, enc: str = "") -> None:
         self.id = id
         self.channel = channel
         self.group = group
@@ -81,6 +103,8 @@ class Publication:
         self.offset = offset
         self.epoch = epoch
         self.expires_at = expires_at
+        #: "A256GCM" when ``data`` is the envelope of encrypted data (wsd.core.encryption), else ""
+        self.enc = enc
         #: the encoded ``message`` push (JSON bytes), set once when it is first encoded (fan-out or a read
         #: of history) so history is served without encoding each stored message again
         self.payload: bytes | None = None
@@ -132,6 +156,8 @@ class Engine(abc.ABC):
     max_sessions_per_user: int = 20
     max_session_bytes: int = 65536
     max_sessions_bytes: int = 268435456
+    #: this node's id among the nodes sharing the engine ("" until known: the daemon names a memory engine's node)
+    node_id: str = ""
 
     def __init__(self) -> None:
         #: whether a channel instance has subscribers on this node (the hub sets it): instances in use
@@ -143,6 +169,9 @@ class Engine(abc.ABC):
         #: called when another node resumed a session (session id, owner): a connection here still holding it
         #: must end (the hub sets it)
         self.on_takeover: Callable[[str, str], None] = _no_takeover
+        #: serves this node's part of a control request (method, params) -> ``{"result": ...}`` or
+        #: ``{"error": {"code", "message"}}``, never raising (the control server sets it)
+        self.on_control: Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]] = _no_control
 
     def set_limits(self, limits: Any) -> None:
         """The ``[limits]`` section, at start and after each reload."""
@@ -218,6 +247,25 @@ class Engine(abc.ABC):
     def describe(self) -> dict[str, Any]:
         return {"engine": self.name}
 
+    def bus_metrics(self) -> dict[str, Any] | None:
+        """A shared engine's bus: messages received per kind, the channels subscribed, fills and gaps (None:
+        no bus, this process only)."""
+        return None
+
     def live_nodes(self) -> list[str] | None:
         """The nodes sharing this engine that are alive (a shared engine), or None (this process only)."""
         return None
+
+    async def control(self, method: str, params: dict[str, Any], nodes: list[str] | None = None,
+                      deadline_s: float = CONTROL_DEADLINE_S) -> ClusterReply:
+        """Ask ``nodes`` (None: every live node, this one included) to serve a control request and collect their
+        replies until all answered or ``deadline_s`` passed; the nodes that did not answer are ``missing``.
+
+        This process only (the memory engine): this node serves it, whatever ``nodes`` names but itself is
+        missing at once. A shared engine carries the request to the other nodes (engine/redis_control.py).
+        """
+        me = self.node_id
+        missing = sorted(n for n in (nodes or ()) if n != me)
+        if nodes is not None and me not in nodes:
+            return ClusterReply({}, missing)
+        return ClusterReply({me: await self.on_control(method, params)}, missing)

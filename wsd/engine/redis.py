@@ -2,8 +2,15 @@
 
 - A publication is stored and numbered by one Lua script (atomic per channel): the channel's
   offset is incremented, the entry appended to a capped list, and the publication is PUBLISHed
-  on the cluster bus. Every node — the publisher included — delivers from the bus, so all nodes
-  see one channel's messages in offset order.
+  on the channel instance's own bus (``<prefix>:ch:{<instance>}:bus``: its keys and its bus share one
+  hash tag). Every node with subscribers of the instance — the publisher included — subscribes to that
+  bus and delivers from it, in offset order; a node without subscribers of it receives none of it.
+  Broadcasts, publications that routing rules send beyond their channel's subscribers, and takeover
+  notices travel on shared channels every node subscribes to (``<prefix>:bus``, ``<prefix>:takeover``).
+- A node subscribes to a channel's bus when its first subscriber of the instance arrives: the
+  subscriber's position is read only once Redis confirmed the SUBSCRIBE, so nothing published in
+  between is missed (and if the confirmation is late, the position read is caught up from history
+  when it comes). The bus is left ``BUS_GRACE_S`` after the last subscriber here left.
 - Each channel has an epoch kept next to its offset; if Redis loses the channel's keys (a restart
   without persistence, an eviction) a new epoch is chosen and resuming clients are told
   ``recovered: false`` instead of getting a silent gap.
@@ -19,6 +26,7 @@
 - A publish that Redis does not take within ``OP_TIMEOUT_S`` raises ``EngineUnavailable``; the client
   reconnects by itself once Redis is back.
 - Each node refreshes a key with a TTL every second: the live nodes are those whose key exists.
+- Control requests (``wsctl`` across the cluster) travel on a channel of their own: engine/redis_control.py.
 
 An extra: ``pip install 'wsd[redis]'``.
 """
@@ -37,7 +45,8 @@ from typing import Any
 import msgspec
 
 from wsd.core.history import StreamPosition
-from wsd.engine.base import Engine, EngineUnavailable, HistoryResult, Publication, log_refused
+from wsd.engine.base import (CONTROL_DEADLINE_S, ClusterReply, Engine, EngineUnavailable, HistoryResult, Publication,
+                             log_refused)
 
 log = logging.getLogger("wsd.engine.redis")
 
@@ -47,7 +56,17 @@ OP_TIMEOUT_S = 1.5
 CHECK_INTERVAL_S = 1.0
 #: a node whose key was not refreshed for this long is gone
 NODE_TTL_S = 3
+#: a channel's bus stays subscribed this long after its last subscriber here left (a subscriber that comes and
+#: goes does not make a SUBSCRIBE / UNSUBSCRIBE per visit)
+BUS_GRACE_S = 5.0
+#: at most this many channels in one SUBSCRIBE or UNSUBSCRIBE command
+BUS_BATCH = 500
 
+# Number, store and publish one publication. KEYS: meta, hist (one channel instance: one hash slot).
+# ARGV: new epoch (used when the channel has none), body, history size (0: broadcast, nothing stored),
+# history ttl, timestamp, the pub/sub channel to publish on (the instance's own bus, or the shared one for a
+# broadcast or a publication routing rules send beyond its channel), then (epoch, offset) pairs this node saw.
+# Returns {offset, epoch}.
 _PUBLISH = """
 local meta = KEYS[1]
 local hist = KEYS[2]
@@ -78,7 +97,7 @@ if size > 0 then
     redis.call('EXPIRE', meta, ttl * 2 + 3600)
   end
 end
-redis.call('PUBLISH', KEYS[3], off .. ':' .. epoch .. ':' .. ARGV[6])
+redis.call('PUBLISH', ARGV[6], off .. ':' .. epoch .. ':' .. ARGV[2])
 return {off, epoch}
 """
 
@@ -152,6 +171,28 @@ return {evicted, expired}
 
 _encode = msgspec.json.Encoder().encode
 
+#: publication script calls sent to Redis in one pipeline at most
+MAX_BATCH = 512
+
+
+class _Pending:
+    """A publication waiting for its turn in a pipeline: its channel, script keys and arguments, and the future
+    its ``publish`` waits on ((offset, epoch), or EngineUnavailable)."""
+
+    __slots__ = ("args", "channel", "fut", "keys")
+
+    def __init__(self, channel: str, keys: tuple[str, ...], args: tuple[Any, ...], fut: asyncio.Future[Any]) -> None:
+        self.channel = channel
+        self.keys = keys
+        self.args = args
+        self.fut = fut
+
+
+def _fail(batch: list[_Pending], exc: BaseException) -> None:
+    for p in batch:
+        if not p.fut.done():
+            p.fut.set_exception(exc)
+
 
 class _Wire(msgspec.Struct, array_like=True):
     """A publication (and its delivery scope) as it travels on the bus and sits in history."""
@@ -170,6 +211,7 @@ class _Wire(msgspec.Struct, array_like=True):
     broadcast: bool = False
     pools: list[str] = []
     companies: list[str] = []
+    enc: str = ""  # "A256GCM": data is an encrypted envelope (last, so entries stored before it still decode)
 
 
 _decode = msgspec.json.Decoder(_Wire).decode
@@ -190,7 +232,7 @@ def _to_pub(w: _Wire, offset: int, epoch: str, now: float) -> Publication:
         expires = now + w.ttl_s - max(0.0, time.time() - w.ts)
     return Publication(id=w.id, channel=w.channel, group=w.group, type=w.type, priority=w.priority, data=w.data,
                        ts=w.ts, ttl_s=w.ttl_s, source=w.source, user_id=w.user_id, company_id=w.company_id,
-                       offset=offset, epoch=epoch, expires_at=expires)
+                       offset=offset, epoch=epoch, expires_at=expires, enc=w.enc)
 
 
 class RedisEngine(Engine):
@@ -215,10 +257,14 @@ class RedisEngine(Engine):
         # The bus has a connection of its own: it waits for messages, and reconnects when it loses Redis.
         self._bus_client = aioredis.Redis.from_url(url, decode_responses=False, socket_connect_timeout=1.0,
                                                    retry=Retry(NoBackoff(), 1))
+        #: the shared bus: broadcasts and publications routed beyond their channel (every node subscribes)
         self.bus = f"{prefix}:bus".encode()
         #: takeover notices: "<node id> <session id> <owner>" from the node that resumed the session
         self.takeovers = f"{prefix}:takeover".encode()
         self._script = self.redis.register_script(_PUBLISH)
+        # Publications waiting to be sent (``publish``), and the task sending them, one pipeline at a time.
+        self._outgoing: list[_Pending] = []
+        self._sender: asyncio.Task[None] | None = None
         self._listener: asyncio.Task[None] | None = None
         self._on_remote: Callable[..., None] | None = None
         self._save_session = self.redis.register_script(_SAVE_SESSION)
@@ -244,7 +290,17 @@ class RedisEngine(Engine):
         self._tasks: set[asyncio.Task[None]] = set()
         self._nodes: list[str] = []
         self._started = time.time()
-        self.bus_stats = {"fills": 0, "filled": 0, "gaps": 0, "reconnects": 0}
+        self.bus_stats = {"fills": 0, "filled": 0, "gaps": 0, "reconnects": 0, "messages_channel": 0,
+                          "messages_shared": 0, "subscribes": 0, "unsubscribes": 0, "late_confirms": 0}
+        # Per-channel buses: the instances whose bus this node subscribes to (the future is done once Redis
+        # confirmed the SUBSCRIBE), since when each has had no subscriber here, bus name -> instance, and the
+        # SUBSCRIBE / UNSUBSCRIBE commands still to send (one task sends them, batched).
+        self._bus_on: dict[str, asyncio.Future[None]] = {}
+        self._bus_idle: dict[str, float] = {}
+        self._bus_names: dict[bytes, str] = {}
+        self._bus_todo_sub: set[bytes] = set()
+        self._bus_todo_unsub: set[bytes] = set()
+        self._bus_syncing: asyncio.Task[None] | None = None
         #: what a lost, paused or restarting Redis raises
         self._unavailable: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
 
@@ -254,10 +310,15 @@ class RedisEngine(Engine):
     def _hist(self, channel: str) -> str:
         return f"{self.prefix}:ch:{{{channel}}}:hist"
 
+    def channel_bus(self, channel: str) -> bytes:
+        """The pub/sub channel of one channel instance's publications: the same hash tag as its keys."""
+        return f"{self.prefix}:ch:{{{channel}}}:bus".encode()
+
     async def start(self, on_remote: Callable[..., None]) -> None:
         self._on_remote = on_remote
         await self.redis.ping()
-        self._pubsub = self._bus_client.pubsub(ignore_subscribe_messages=True)
+        # Subscribe confirmations are read: a channel's bus is live only once Redis confirmed it.
+        self._pubsub = self._bus_client.pubsub(ignore_subscribe_messages=False)
         await self._pubsub.subscribe(self.bus, self.takeovers)
         # Called after each reconnect of the bus connection, once it has subscribed again.
         self._pubsub.connection.register_connect_callback(self._bus_connected)
@@ -265,6 +326,14 @@ class RedisEngine(Engine):
         self._listener = loop.create_task(self._listen())
         await self._heartbeat()
         self._watcher = loop.create_task(self._watch())
+        from wsd.engine.redis_control import RedisControl  # cluster-wide control requests (wsctl)
+
+        self.control_channel = RedisControl(self)
+        await self.control_channel.start()
+
+    async def control(self, method: str, params: dict[str, Any], nodes: list[str] | None = None,
+                      deadline_s: float = CONTROL_DEADLINE_S) -> ClusterReply:
+        return await self.control_channel.call(method, params, nodes, deadline_s)
 
     def _bus_connected(self, connection: Any) -> None:
         self._bus_reconnected = True
@@ -293,12 +362,24 @@ class RedisEngine(Engine):
                 failing = self._bus_reconnected = False
                 self.bus_stats["reconnects"] += 1
                 log.info("the redis bus is connected again; checking the subscribed channels' positions")
+                self._bus_resync()
                 self._spawn(self._check(at_once=True))
             if msg is None:
                 continue
-            if msg.get("channel") == self.takeovers:
+            mtype = msg["type"]
+            if mtype != "message":
+                if mtype == "subscribe":
+                    self._bus_confirmed(msg["channel"])
+                continue
+            chan = msg["channel"]
+            if chan == self.takeovers:
+                self.bus_stats["messages_shared"] += 1
                 self._takeover_notice(msg["data"])
                 continue
+            if chan == self.bus:
+                self.bus_stats["messages_shared"] += 1
+            else:
+                self.bus_stats["messages_channel"] += 1
             try:
                 raw: bytes = msg["data"]
                 off_s, epoch_b, body = raw.split(b":", 2)
@@ -326,6 +407,113 @@ class RedisEngine(Engine):
                 self.on_takeover(session_id, owner)
             except Exception:
                 log.exception("handling a takeover notice failed")
+
+    # -- per-channel buses ---------------------------------------------------------------------------------
+    def _want_bus(self, channel: str) -> asyncio.Future[None]:
+        """Subscribe to ``channel``'s bus (if not already): the future is done once Redis confirmed it."""
+        self._bus_idle.pop(channel, None)
+        fut = self._bus_on.get(channel)
+        if fut is None:
+            fut = self._bus_on[channel] = asyncio.get_running_loop().create_future()
+            name = self.channel_bus(channel)
+            self._bus_names[name] = channel
+            # An UNSUBSCRIBE not sent yet is dropped; one already sent is followed by this SUBSCRIBE, whose
+            # confirmation comes after its own (one connection keeps the order).
+            self._bus_todo_unsub.discard(name)
+            self._bus_todo_sub.add(name)
+            self._bus_kick()
+        return fut
+
+    def _bus_kick(self) -> None:
+        if self._bus_syncing is None or self._bus_syncing.done():
+            self._bus_syncing = asyncio.get_running_loop().create_task(self._bus_sync())
+
+    async def _bus_sync(self) -> None:
+        """Send the SUBSCRIBE / UNSUBSCRIBE commands asked for, batched: what one turn of the event loop asked
+        for (e.g. many first subscribers at once) goes in one command. Retried while the bus is away."""
+        while self._bus_todo_sub or self._bus_todo_unsub:
+            await asyncio.sleep(0)
+            unsub = list(self._bus_todo_unsub)
+            sub = list(self._bus_todo_sub)
+            self._bus_todo_unsub.clear()
+            self._bus_todo_sub.clear()
+            try:
+                for i in range(0, len(unsub), BUS_BATCH):
+                    part = unsub[i:i + BUS_BATCH]
+                    await self._pubsub.unsubscribe(*part)
+                    self.bus_stats["unsubscribes"] += len(part)
+                for i in range(0, len(sub), BUS_BATCH):
+                    part = sub[i:i + BUS_BATCH]
+                    await self._pubsub.subscribe(*part)
+                    self.bus_stats["subscribes"] += len(part)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if not isinstance(exc, self._unavailable):
+                    log.exception("subscribing to channel buses failed; retrying")
+                else:
+                    log.debug("subscribing to channel buses failed: %s; retrying", exc)
+                # Sent again what is still wanted (sending one twice is harmless: Redis confirms it again).
+                names = self._bus_names
+                self._bus_todo_sub.update(n for n in sub if n in names)
+                self._bus_todo_unsub.update(n for n in unsub if n not in names)
+                await asyncio.sleep(0.2)
+
+    def _bus_confirmed(self, name: bytes) -> None:
+        """Redis confirmed a SUBSCRIBE: the channel's bus is live. A position read for it before (the wait for
+        the confirmation timed out, or a shared-bus message came first) is caught up from history now: what was
+        published before the confirmation never comes on the bus."""
+        channel = self._bus_names.get(name)
+        if channel is None:
+            return
+        fut = self._bus_on.get(channel)
+        if fut is None or fut.done():
+            return
+        fut.set_result(None)
+        if channel in self._last and channel not in self._filling:
+            self.bus_stats["late_confirms"] += 1
+            self._start_fill(channel, [])
+
+    def _bus_resync(self) -> None:
+        """After a reconnect redis-py subscribed again to what it had: an UNSUBSCRIBE it had not seen confirmed
+        is sent again, and a SUBSCRIBE that failed is still queued."""
+        names = self._bus_names
+        extra = [n for n in self._pubsub.channels if n not in names and n not in (self.bus, self.takeovers)]
+        if extra:
+            self._bus_todo_unsub.update(extra)
+            self._bus_kick()
+
+    def _bus_prune(self, now: float) -> None:
+        """Leave the buses of channels without a subscriber here for ``BUS_GRACE_S`` (once a second)."""
+        idle = self._bus_idle
+        in_use = self.in_use
+        for ch in self._bus_on:
+            if in_use(ch):
+                if ch in idle:
+                    del idle[ch]
+            elif ch not in idle:
+                idle[ch] = now
+        drop = [ch for ch, t in idle.items()
+                if now - t >= BUS_GRACE_S and ch not in self._filling and self._bus_on[ch].done()]
+        for ch in drop:
+            del idle[ch]
+            del self._bus_on[ch]
+            name = self.channel_bus(ch)
+            self._bus_names.pop(name, None)
+            self._bus_todo_sub.discard(name)
+            self._bus_todo_unsub.add(name)
+            # Continuity restarts from the next subscriber's position.
+            self._last.pop(ch, None)
+            self._bus_top.pop(ch, None)
+            self._checked.pop(ch, None)
+        if drop:
+            self._bus_kick()
+
+    def bus_metrics(self) -> dict[str, Any]:
+        st = self.bus_stats
+        return {"messages_channel": st["messages_channel"], "messages_shared": st["messages_shared"],
+                "channels": sum(1 for f in self._bus_on.values() if f.done()), "subscribes": st["subscribes"],
+                "unsubscribes": st["unsubscribes"], "fills": st["fills"], "filled": st["filled"], "gaps": st["gaps"]}
 
     async def announce_takeover(self, session_id: str, owner: str) -> None:
         await self.redis.publish(self.takeovers, f"{self.node_id} {session_id} {owner}".encode())
@@ -412,7 +600,10 @@ class RedisEngine(Engine):
             entries, top, epoch = got
             current = epoch
             loop_now = asyncio.get_running_loop().time()
-            if epoch == since.epoch and not stale:
+            if not since.epoch and not stale:
+                # from a channel that had nothing yet (a position read before its bus was confirmed)
+                missing, recovered = entries, (entries[0][0] == 1) if entries else not top
+            elif epoch == since.epoch and not stale:
                 missing = [e for e in entries if e[0] > since.offset]
                 recovered = top <= since.offset or (bool(missing) and missing[0][0] == since.offset + 1)
             elif epoch == since.epoch:
@@ -459,6 +650,8 @@ class RedisEngine(Engine):
             self._checked.pop(ch, None)
         for ch in [ch for ch in self._bus_top if ch not in last_map]:
             del self._bus_top[ch]
+        for ch in [ch for ch in last_map if ch not in self._bus_on]:
+            self._want_bus(ch)  # subscribers here whose bus is not subscribed (none came through history())
         chans = list(last_map)
         if not chans:
             return
@@ -505,6 +698,7 @@ class RedisEngine(Engine):
             except Exception:
                 log.exception("node heartbeat failed")
             try:
+                self._bus_prune(time.monotonic())
                 await self._check()
             except asyncio.CancelledError:
                 raise
@@ -534,13 +728,17 @@ class RedisEngine(Engine):
         return list(self._nodes)
 
     async def stop(self) -> None:
+        if getattr(self, "control_channel", None) is not None:
+            await self.control_channel.stop()
         if self._counting is not None:
             self._counting.cancel()
-        for task in (self._watcher, self._listener, *self._tasks):
+        for task in (self._watcher, self._listener, self._bus_syncing, self._sender, *self._tasks):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(BaseException):
                     await task
+        queued, self._outgoing = self._outgoing, []
+        _fail(queued, EngineUnavailable("the redis engine is stopping: the message was not acknowledged"))
         with contextlib.suppress(Exception):
             async with self.redis.pipeline(transaction=False) as p:
                 p.srem(f"{self.prefix}:nodes", self.node_id)
@@ -555,24 +753,35 @@ class RedisEngine(Engine):
 
     async def publish(self, pub: Publication, history_size: int, history_ttl_s: float,
                       scope: dict[str, Any] | None = None) -> None:
+        """Store, number and share ``pub``: acknowledged (returns) only once Redis ran the publication script.
+
+        Publications made in one loop turn go to Redis together: one pipeline of script calls (``_send``), in
+        the order they were made, so one channel's publications keep their order; one batch is in flight at
+        a time. Each waits for its own result: Redis not answering within ``OP_TIMEOUT_S`` (or unreachable)
+        fails it with ``EngineUnavailable``, and a Redis error on one script call fails that publication only.
+        A publication whose wait ended before its batch was sent is not sent.
+        """
         scope = scope or {}
         w = _Wire(pub.id, pub.channel, pub.group, pub.type, int(pub.priority), pub.data, pub.ts, pub.ttl_s,
                   pub.source, pub.user_id, pub.company_id, bool(scope.get("broadcast")),
-                  list(scope.get("pools", ())), list(scope.get("companies", ())))
+                  list(scope.get("pools", ())), list(scope.get("companies", ())), pub.enc)
         body = _encode(w)
         channel = pub.channel or "_broadcast"
         size = history_size if pub.channel else 0
-        from redis.exceptions import ConnectionError as RedisConnectionError
-        from redis.exceptions import TimeoutError as RedisTimeoutError
-
+        # The channel's own bus reaches the nodes with its subscribers; the shared one reaches every node.
+        bus = self.bus if not pub.channel or scope.get("broadcast") or scope.get("wide") else self.channel_bus(channel)
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        self._outgoing.append(_Pending(channel, (self._meta(channel), self._hist(channel)),
+                                       (secrets.token_hex(4), body, size, int(history_ttl_s), repr(pub.ts), bus,
+                                        *self._seen(channel)), fut))
+        if self._sender is None:
+            self._sender = loop.create_task(self._send_batches())
         try:
-            off, epoch = await asyncio.wait_for(self._script(
-                keys=[self._meta(channel), self._hist(channel), self.bus],
-                args=[secrets.token_hex(4), body, size, int(history_ttl_s), repr(pub.ts), body,
-                      *self._seen(channel)]), OP_TIMEOUT_S)
-        except (RedisConnectionError, RedisTimeoutError, TimeoutError, OSError) as exc:
-            raise EngineUnavailable(f"the redis engine is unavailable ({type(exc).__name__}): the message was not "
-                                    f"acknowledged; retry once redis is back") from None
+            off, epoch = await asyncio.wait_for(fut, OP_TIMEOUT_S)
+        except TimeoutError:
+            raise EngineUnavailable("the redis engine is unavailable (TimeoutError): the message was not "
+                                    "acknowledged; retry once redis is back") from None
         pub.offset = int(off)
         pub.epoch = epoch.decode() if isinstance(epoch, bytes) else str(epoch)
         if pub.channel and size:
@@ -582,6 +791,65 @@ class RedisEngine(Engine):
                 self._forget_oldest()
             known[pub.channel] = {"offset": pub.offset, "epoch": pub.epoch,
                                   "until": time.monotonic() + (history_ttl_s if history_ttl_s > 0 else float("inf"))}
+
+    async def _send_batches(self) -> None:
+        """Send what ``publish`` queued, a batch (at most ``MAX_BATCH``) at a time, until nothing is queued."""
+        try:
+            while self._outgoing:
+                queued = self._outgoing
+                batch = [p for p in queued[:MAX_BATCH] if not p.fut.done()]  # done: its wait ended, not sent
+                self._outgoing = queued[MAX_BATCH:]
+                if batch:
+                    await self._send(batch)
+        finally:
+            self._sender = None
+
+    async def _send(self, batch: list[_Pending], retried: bool = False) -> None:
+        """One pipeline of publication script calls for ``batch``; each publication gets its own result."""
+        sha = self._script.sha
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for p in batch:
+                    pipe.evalsha(sha, len(p.keys), *p.keys, *p.args)
+                results = await asyncio.wait_for(pipe.execute(raise_on_error=False), OP_TIMEOUT_S)
+        except asyncio.CancelledError:
+            _fail(batch, EngineUnavailable("the redis engine is stopping: the message was not acknowledged"))
+            raise
+        except Exception as exc:  # unreachable, timed out, or anything else: none of them is acknowledged
+            _fail(batch, EngineUnavailable(f"the redis engine is unavailable ({type(exc).__name__}): the message "
+                                           f"was not acknowledged; retry once redis is back"))
+            return
+        from redis.exceptions import NoScriptError
+
+        again: list[_Pending] = []
+        for i, (p, res) in enumerate(zip(batch, results)):
+            if isinstance(res, NoScriptError) and not retried:
+                # Redis lost its script cache (a restart): this call ran nothing. It is sent again once the script
+                # is loaded, unless a later publication of its channel in this batch was stored (another client
+                # loaded the script meanwhile): sent now, it would come after that one.
+                if any(q.channel == p.channel and not isinstance(r, Exception)
+                       for q, r in zip(batch[i + 1:], results[i + 1:])):
+                    _fail([p], EngineUnavailable("the redis engine lost its scripts: the message was not "
+                                                 "acknowledged; retry"))
+                else:
+                    again.append(p)
+            elif isinstance(res, Exception):
+                log.warning("redis refused a publication to %s: %s", p.channel[:200], res)
+                _fail([p], EngineUnavailable(f"redis refused the publication ({type(res).__name__}): the message "
+                                             f"was not acknowledged"))
+            elif not p.fut.done():
+                p.fut.set_result(res)
+        if again:
+            try:
+                await asyncio.wait_for(self.redis.script_load(_PUBLISH), OP_TIMEOUT_S)
+            except asyncio.CancelledError:
+                _fail(again, EngineUnavailable("the redis engine is stopping: the message was not acknowledged"))
+                raise
+            except Exception as exc:  # unreachable, timed out, or anything else: none of them is acknowledged
+                _fail(again, EngineUnavailable(f"the redis engine is unavailable ({type(exc).__name__}): the "
+                                               f"message was not acknowledged; retry once redis is back"))
+                return
+            await self._send(again, retried=True)
 
     def _seen(self, channel: str) -> list[Any]:
         """The highest offsets this node saw of ``channel`` (published, delivered, on the bus) as epoch, offset
@@ -636,12 +904,25 @@ class RedisEngine(Engine):
 
     async def history(self, channel: str, *, limit: int | None = None, since: StreamPosition | None = None,
                       ttl_s: float | None = None) -> HistoryResult:
+        late = False
+        if self.in_use(channel):
+            # A subscriber here: the channel's bus must be live before its position is read, else what is
+            # published in between would reach neither the history read nor this node's bus.
+            fut = self._want_bus(channel)
+            if not fut.done():
+                try:
+                    await asyncio.wait_for(asyncio.shield(fut), OP_TIMEOUT_S)
+                except TimeoutError:
+                    late = True
+                    # Read anyway; the confirmation, when it comes, fills what was published meanwhile.
+                    log.debug("the bus of %s is not confirmed yet; reading its position anyway", channel)
         # Only what is asked for is read: the newest `limit` (none for a subscribe without history), or what
         # follows `since`.
         entries, top, epoch = await self._read(channel, limit if since is None else None, since, limit)
-        if top and channel not in self._last:
+        if (top or late) and channel not in self._last:
             # Continuity on the bus is checked from here (the first subscriber's position); the check forgets
-            # it again if nobody here subscribes.
+            # it again if nobody here subscribes. Read before the bus was confirmed, even an empty channel's
+            # position is kept: the confirmation fills from it.
             self._last[channel] = [top, epoch]
         loop_now = asyncio.get_running_loop().time()
         if ttl_s is None:

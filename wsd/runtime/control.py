@@ -25,6 +25,8 @@ from wsd import config as wconfig
 from wsd.control import protocol as P
 from wsd.core.channels import ChannelError, instance_parts, resolve_for_operator
 from wsd.core.outbox import PRIORITY_NAMES, Priority
+from wsd.engine.base import CONTROL_DEADLINE_S
+from wsd.runtime import cluster
 
 if TYPE_CHECKING:
     from wsd.runtime.daemon import Daemon
@@ -146,11 +148,26 @@ class ControlServer:
             "channels.list": self.m_channels, "subscriptions.list": self.m_subscriptions,
             "presence.get": self.m_presence, "history.get": self.m_history, "metrics.get": self.m_metrics,
             "metrics.prometheus": self.m_prometheus, "publish": self.m_publish, "broadcast": self.m_broadcast,
-            "send": self.m_send, "kick": self.m_kick, "rules.list": self.m_rules, "rules.get": self.m_rule,
+            "send": self.m_send, "kick": self.c_kick, "rules.list": self.m_rules, "rules.get": self.m_rule,
             "rules.set_enabled": self.m_rule_enable, "token": self.m_token, "reload": self.m_reload,
             "config.get": self.m_config, "events.recent": self.m_events_recent,
         }
         self.methods.update({"rules.test": self.m_rules_test, "publish.trace": self.m_publish_trace})
+        # Each node serves its own part of these through the engine's control channel (serve_node); the node
+        # wsctl talks to asks every node (or those named) and merges their replies (the c_ methods).
+        self.node_methods: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {
+            "status": self.m_status, "connections.list": self.m_connections, "connections.get": self.m_connection,
+            "connections.locate": self.n_locate, "subscriptions.list": self.m_subscriptions,
+            "presence.get": self.m_presence, "kick": self.n_kick, "send": self.m_send,
+            "channels.list": self.m_channels, "metrics.get": self.m_metrics, "events.recent": self.m_events_recent,
+            "events.since": self.n_events_since,
+        }
+        self.methods.update({
+            "status": self.c_status, "connections.list": self.c_connections, "connections.get": self.c_connection,
+            "subscriptions.list": self.c_subscriptions, "presence.get": self.c_presence, "kick": self.c_kick,
+            "send": self.c_send, "channels.list": self.c_channels, "metrics.get": self.c_metrics,
+            "events.recent": self.c_events_recent,
+        })
         handled = set(self.methods) | P.STREAM_METHODS
         assert handled == set(P.METHODS), f"control methods and handlers differ: {handled ^ set(P.METHODS)}"
         assert P.PRIORITIES == PRIORITY_NAMES, "the protocol's priority names must be the Priority enum's"
@@ -185,6 +202,10 @@ class ControlServer:
             os.umask(old)
         os.chmod(path, 0o600)
         self._inode = os.lstat(path).st_ino
+        engine = self.daemon.engine
+        if not engine.node_id:  # one node alone (the memory engine): it is named by its manager id
+            engine.node_id = self.daemon.config.manager.manager_id
+        engine.on_control = self.serve_node
 
     async def _alive(self) -> bool:
         try:
@@ -262,6 +283,10 @@ class ControlServer:
             return codec.error(req.id, P.E_FAILED, f"{type(exc).__name__}: {exc}")
 
     async def _stream_events(self, codec: P.ServerCodec, req: P.Request, writer: asyncio.StreamWriter) -> None:
+        """Stream events: this node's as they happen; with a shared engine the other nodes' too, asked for what
+        came after the last one seen every ``EVENT_POLL_S`` (a node that does not answer a poll is asked again at
+        the next one: its events wait in its log). Each event carries the ``node`` it happened on."""
+        d = self.daemon
         try:
             kinds = set(_list(req.params, "kinds"))
             backlog = _int(req.params, "backlog", 0)
@@ -269,27 +294,74 @@ class ControlServer:
             if unknown:
                 raise ControlError(P.E_BAD_REQUEST, f"params.kinds: no event kind {unknown[0]!r}; "
                                                     f"one of {', '.join(P.EVENT_KINDS)}")
+            scope = self._scope(req.params)
         except ControlError as exc:
             writer.write(codec.error(req.id, exc.code, exc.message))
             await writer.drain()
             return
+        me = self.node
+        local = scope is None or me in scope
+        remote = d.engine.shared and (scope is None or any(n != me for n in scope))
         q: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=10000)
-        self.daemon.event_subscribers.add(q)
+        if local:
+            d.event_subscribers.add(q)
+        loop = asyncio.get_running_loop()
+        after: dict[str, int] = {}
         try:
             writer.write(codec.result(req.id, {"streaming": True}))
-            if backlog > 0:
-                for ev in list(self.daemon.events)[-backlog:]:
-                    if not kinds or ev["event"] in kinds:
-                        writer.write(codec.event(ev))
+            past: list[dict[str, Any]] = []
+            if remote:  # where each node's log stands now (and its backlog)
+                ok, _, _ = await self._fan("events.recent", {"limit": max(backlog, 1)}, scope)
+                for node, res in ok.items():
+                    evs = res.get("events") or []
+                    after[node] = max((ev.get("seq", 0) for ev in evs), default=0)
+                    if node != me or local:
+                        past += [dict(ev, node=node) for ev in evs[-backlog:]] if backlog > 0 else []
+                past.sort(key=lambda e: (e.get("ts", 0), e.get("seq", 0)))
+            elif backlog > 0:
+                past = [dict(ev, node=me) for ev in list(d.events)[-backlog:]]
+            for ev in past[-backlog:] if backlog > 0 else ():
+                if not kinds or ev["event"] in kinds:
+                    writer.write(codec.event(ev))
             await writer.drain()
+            next_poll = loop.time() + EVENT_POLL_S
             while True:
-                ev = await q.get()
-                if kinds and ev["event"] not in kinds:
+                wait = max(0.0, next_poll - loop.time()) if remote else None
+                ev: dict[str, Any] | None = None
+                if local:
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        ev = await asyncio.wait_for(q.get(), wait)
+                else:
+                    await asyncio.sleep(wait or 0)
+                if ev is not None:
+                    if not kinds or ev["event"] in kinds:
+                        writer.write(codec.event(dict(ev, node=me)))
+                        await writer.drain()
                     continue
-                writer.write(codec.event(ev))
-                await writer.drain()
+                if remote and loop.time() >= next_poll:
+                    await self._poll_events(writer, codec, scope, me, after, kinds)
+                    next_poll = loop.time() + EVENT_POLL_S
         finally:
-            self.daemon.event_subscribers.discard(q)
+            d.event_subscribers.discard(q)
+
+    async def _poll_events(self, writer: asyncio.StreamWriter, codec: P.ServerCodec, scope: list[str] | None,
+                           me: str, after: dict[str, int], kinds: set[str]) -> None:
+        targets = [n for n in (scope if scope is not None else self.daemon.engine.live_nodes() or []) if n != me]
+        if not targets:
+            return
+        try:
+            res = await self.daemon.engine.control("events.since", {"after": after}, targets, EVENT_POLL_S * 2)
+        except Exception as exc:  # the engine lost Redis: this poll has nothing, the next one asks again
+            log.debug("asking the nodes for their events failed: %s", exc)
+            return
+        for node, reply in sorted(res.replies.items()):
+            evs = (reply.get("result") or {}).get("events") or []
+            for ev in evs:
+                if isinstance(ev, dict) and (not kinds or ev.get("event") in kinds):
+                    writer.write(codec.event(dict(ev, node=node)))
+            if evs:
+                after[node] = max(int(ev.get("seq", 0)) for ev in evs if isinstance(ev, dict))
+        await writer.drain()
 
     # -- methods ------------------------------------------------------------------------------------------
     async def m_hello(self, p: dict[str, Any]) -> Any:
@@ -327,7 +399,7 @@ class ControlServer:
         }
 
     async def m_pools(self, p: dict[str, Any]) -> Any:
-        from wsd.runtime.metrics import pool_totals
+        from wsd.runtime.metrics import pool_capacity, pool_totals
 
         d = self.daemon
         totals = pool_totals(d)
@@ -337,9 +409,10 @@ class ControlServer:
             row = pool.describe()
             row.update({"connections": t["connections"], "msgs_in": t["messages_received"],
                         "msgs_out": t["messages_sent"], "drops": t["drops"], "errors": t["errors"],
-                        "error_rate": t["error_rate"], "queued": t["queued"]})
+                        "error_rate": t["error_rate"], "queued": t["queued"],
+                        "shared_used": max(0, t["connections"] - pool.min_connections)})
             rows.append(row)
-        return {"pools": rows}
+        return {"pools": rows, "capacity": pool_capacity(d)}
 
     async def m_connections(self, p: dict[str, Any]) -> Any:
         d = self.daemon
@@ -473,7 +546,8 @@ class ControlServer:
         return {"channel": inst, "position": {"offset": res.position.offset, "epoch": res.position.epoch},
                 "messages": [{"offset": x.offset, "epoch": x.epoch, "type": x.type, "ts": x.ts,
                               "priority": P.PRIORITIES[x.priority], "data": x.data,
-                              "source": x.source} for x in res.publications]}
+                              "source": x.source, **({"enc": x.enc} if x.enc else {})}
+                             for x in res.publications]}
 
     async def m_metrics(self, p: dict[str, Any]) -> Any:
         from wsd.runtime.metrics import metrics_snapshot
@@ -518,16 +592,51 @@ class ControlServer:
         d.hub.stats.delivered += 1
         return {"delivered": 1, "connection_id": conn.id}
 
-    async def m_kick(self, p: dict[str, Any]) -> Any:
+    async def n_kick(self, p: dict[str, Any]) -> Any:
+        """This node's part of a kick: whole connection ids (the cluster located them), or every connection of
+        the users, company or pool named (combined, they narrow each other)."""
         d = self.daemon
         ids = _list(p, "ids")
-        user, company, pool = _str(p, "user"), _str(p, "company"), _str(p, "pool")
-        if not (ids or user or company or pool):
-            raise ControlError(P.E_BAD_REQUEST, "name connection ids, a user, a company or a pool")
-        conns = d.hub.select(ids=[c.id for c in (self._conn({"id": i}) for i in ids)] if ids else (),
-                             user=user, company=company, pool=pool)
+        users = _list(p, "users") or ([_str(p, "user")] if _str(p, "user") else [])
+        company, pool = _str(p, "company"), _str(p, "pool")
+        if not (ids or users or company or pool):
+            raise ControlError(P.E_BAD_REQUEST, "name connection ids, users, a company or a pool")
+        if ids:
+            conns = d.hub.select(ids=ids)
+        else:
+            seen: dict[str, Any] = {}
+            for user in users or [""]:
+                for c in d.hub.select(user=user, company=company, pool=pool):
+                    seen[c.id] = c
+            conns = list(seen.values())
         n = d.hub.kick(conns, _str(p, "reason", "kicked") or "kicked")
         return {"closed": n, "ids": [c.id for c in conns]}
+
+    async def n_locate(self, p: dict[str, Any]) -> Any:
+        """The whole ids of this node's connections that each id names (itself, or the connections it is a
+        prefix of: at most two, enough to tell a unique prefix from an ambiguous one)."""
+        conns = self.daemon.hub.conns
+        out: dict[str, list[str]] = {}
+        counts: dict[str, int] = {}
+        for cid in _list(p, "ids")[:1000]:
+            if cid in conns:
+                out[cid] = [cid]
+            elif cid:
+                hits = [k for k in conns if k.startswith(cid)]
+                out[cid], counts[cid] = hits[:2], len(hits)
+        return {"ids": out, "counts": counts}
+
+    async def n_events_since(self, p: dict[str, Any]) -> Any:
+        """This node's events after the seq the streaming node saw last (all it keeps when the node restarted
+        since: its seq went back), at most 1000."""
+        after = p.get("after") or {}
+        seq = after.get(self.daemon.engine.node_id, 0) if isinstance(after, dict) else 0
+        if not isinstance(seq, int):
+            raise ControlError(P.E_BAD_REQUEST, "params.after: node id -> seq")
+        events = list(self.daemon.events)
+        if events and events[-1].get("seq", 0) < seq:
+            seq = 0
+        return {"events": [ev for ev in events if ev.get("seq", 0) > seq][:1000]}
 
     async def m_rules(self, p: dict[str, Any]) -> Any:
         r = self.daemon.hub.rules
@@ -638,7 +747,199 @@ class ControlServer:
                                    priority=pub.priority, ttl_s=pub.ttl_s, source="control",
                                    user_id=pub.user_id, company_id=pub.company_id, trace=True, trace_limit=limit)
 
+    # -- the cluster: ask every node (or those named), merge their replies ---------------------------------
+    async def serve_node(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        """This node's part of a control request from the engine's control channel: a reply, never an exception."""
+        handler = self.node_methods.get(method)
+        if handler is None or not isinstance(params, dict):
+            return {"error": {"code": P.E_UNKNOWN_METHOD, "message": f"no node method {method!r}"}}
+        try:
+            return {"result": await handler(params)}
+        except (ControlError, ChannelError) as exc:
+            return {"error": {"code": exc.code, "message": exc.message}}
+        except Exception as exc:
+            log.exception("control method %s (for the cluster) failed", method)
+            return {"error": {"code": P.E_FAILED, "message": f"{type(exc).__name__}: {exc}"}}
 
+    @property
+    def node(self) -> str:
+        return self.daemon.engine.node_id or self.daemon.config.manager.manager_id
+
+    def _scope(self, p: dict[str, Any]) -> list[str] | None:
+        """The nodes a request names: ``local`` (this node), ``node`` (node ids), or None (every node)."""
+        local = p.get("local")
+        if local is not None and not isinstance(local, bool):
+            raise ControlError(P.E_BAD_REQUEST, "params.local: expected true or false")
+        nodes = _list(p, "node")
+        if local and nodes:
+            raise ControlError(P.E_BAD_REQUEST, "params.local and params.node cannot be combined")
+        if local:
+            return [self.node]
+        if not nodes:
+            return None
+        live = self.daemon.engine.live_nodes() or [self.node]
+        for n in nodes:
+            if n not in live:
+                raise ControlError(P.E_NOT_FOUND, f"no live node {n!r} (nodes: {', '.join(live)})")
+        return sorted(set(nodes))
+
+    def _deadline(self, p: dict[str, Any]) -> float:
+        v = p.get("deadline_s", CONTROL_DEADLINE_S)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0.05 <= v <= 60:
+            raise ControlError(P.E_BAD_REQUEST, "params.deadline_s: expected seconds between 0.05 and 60")
+        return float(v)
+
+    async def _fan(self, method: str, p: dict[str, Any], nodes: list[str] | None | bool = False
+                   ) -> tuple[dict[str, Any], dict[str, dict[str, str]], list[str]]:
+        """Ask the nodes in scope (or ``nodes``) to serve ``method``: their results, their errors, the missing."""
+        scope = self._scope(p) if nodes is False else nodes
+        params = {k: v for k, v in p.items() if k not in ("node", "local", "deadline_s")}
+        res = await self.daemon.engine.control(method, params, scope, self._deadline(p))  # type: ignore[arg-type]
+        ok, failed = cluster.split(res.replies)
+        return ok, failed, res.missing
+
+    def _answer(self, merged: dict[str, Any], ok: dict[str, Any], failed: dict[str, dict[str, str]],
+                missing: list[str]) -> dict[str, Any]:
+        """A merged reply with who answered; when no node gave a result, the first error is the reply's."""
+        if not ok and failed:
+            mine = failed.get(self.node) or next(iter(failed.values()))
+            raise ControlError(mine["code"], mine["message"] + _missing_note(missing))
+        if not ok and missing:
+            raise ControlError(P.E_FAILED, f"no node answered within the deadline: {', '.join(missing)}")
+        merged.update(node=self.node, nodes=sorted(ok), missing=missing)
+        if failed:
+            merged["failed"] = cluster.failures(failed)
+        return merged
+
+    async def _locate(self, ids: list[str], p: dict[str, Any]) -> tuple[dict[str, list[str]], list[str]]:
+        """node -> the whole ids of the connections ``ids`` name there; ``not_found`` / ``ambiguous`` as one
+        node alone would say them (a node that did not answer is named in the message)."""
+        ok, failed, missing = await self._fan("connections.locate", dict(p, ids=ids))
+        found: dict[str, list[tuple[str, str]]] = {i: [] for i in ids}
+        counts: dict[str, int] = {}
+        for node, res in ok.items():
+            for cid, whole in (res.get("ids") or {}).items():
+                if cid in found:
+                    found[cid] += [(node, w) for w in whole]
+                    counts[cid] = counts.get(cid, 0) + int((res.get("counts") or {}).get(cid, len(whole)))
+        where: dict[str, list[str]] = {}
+        for cid, hits in found.items():
+            exact = [h for h in hits if h[1] == cid]
+            hits = exact or hits
+            if not hits:
+                if not ok and failed:
+                    self._answer({}, ok, failed, missing)
+                raise ControlError(P.E_NOT_FOUND, f"no connection {cid!r}" + _missing_note(missing))
+            if len(hits) > 1:
+                raise ControlError(P.E_AMBIGUOUS, f"connection id prefix {cid!r} is ambiguous: "
+                                                  f"{max(counts.get(cid, 0), len(hits))} connections match; "
+                                                  "give more characters")
+            node, whole = hits[0]
+            where.setdefault(node, []).append(whole)
+        return where, missing
+
+    async def c_status(self, p: dict[str, Any]) -> Any:
+        ok, failed, missing = await self._fan("status", p)
+        out = self._answer(cluster.merge_status(ok, self.node) if ok else {}, ok, failed, missing)
+        out["answered"] = out["nodes"]
+        live = self.daemon.engine.live_nodes() or [self.node]
+        out["nodes"] = sorted(set(live) | set(ok) | set(missing))  # every live node, whether asked or not
+        return out
+
+    async def c_connections(self, p: dict[str, Any]) -> Any:
+        limit, offset = _int(p, "limit", 100), _int(p, "offset", 0)
+        if limit < 0 or offset < 0:
+            raise ControlError(P.E_BAD_REQUEST, "params.limit/offset must be >= 0")
+        if offset + limit > cluster.MAX_CLUSTER_ROWS:
+            raise ControlError(P.E_BAD_REQUEST, f"params.offset + params.limit: at most {cluster.MAX_CLUSTER_ROWS} "
+                                                "rows (narrow with pool, user, company, state or node)")
+        sort = _str(p, "sort", P.DEFAULT_SORT) or P.DEFAULT_SORT
+        ok, failed, missing = await self._fan("connections.list", dict(p, offset=0, limit=offset + limit))
+        return self._answer(cluster.merge_connections(ok, sort, offset, limit), ok, failed, missing)
+
+    async def c_connection(self, p: dict[str, Any]) -> Any:
+        where, missing = await self._locate([_str(p, "id")], p)
+        node, (whole,) = next(iter(where.items()))
+        ok, failed, late = await self._fan("connections.get", dict(p, id=whole), [node])
+        out = self._answer(dict(ok.get(node) or {}), ok, failed, late)
+        out["node"], out["missing"] = node, sorted(set(missing) | set(late))
+        return out
+
+    async def c_subscriptions(self, p: dict[str, Any]) -> Any:
+        cid = _str(p, "connection")
+        limit = _int(p, "limit", 1000)
+        nodes: list[str] | None | bool = False
+        missing: list[str] = []
+        if cid:
+            where, missing = await self._locate([cid], p)
+            nodes = list(where)
+            p = dict(p, connection=next(iter(where.values()))[0])
+        ok, failed, late = await self._fan("subscriptions.list", p, nodes)
+        out = self._answer(cluster.merge_subscriptions(ok, limit), ok, failed, late)
+        out["missing"] = sorted(set(missing) | set(late))
+        return out
+
+    async def c_presence(self, p: dict[str, Any]) -> Any:
+        _, inst = resolve_for_operator(_str(p, "channel"), self.daemon.config.channels)
+        ok, failed, missing = await self._fan("presence.get", p)
+        return self._answer(cluster.merge_presence(ok, inst), ok, failed, missing)
+
+    async def c_channels(self, p: dict[str, Any]) -> Any:
+        ok, failed, missing = await self._fan("channels.list", p)
+        return self._answer(cluster.merge_channels(ok), ok, failed, missing)
+
+    async def c_metrics(self, p: dict[str, Any]) -> Any:
+        ok, failed, missing = await self._fan("metrics.get", p)
+        return self._answer(cluster.merge_metrics(ok, self.node), ok, failed, missing)
+
+    async def c_events_recent(self, p: dict[str, Any]) -> Any:
+        n = _int(p, "limit", 100)
+        ok, failed, missing = await self._fan("events.recent", p)
+        return self._answer({"events": cluster.merge_events(ok, n)}, ok, failed, missing)
+
+    async def c_kick(self, p: dict[str, Any]) -> Any:
+        ids = _list(p, "ids")
+        users = _list(p, "users") + ([_str(p, "user")] if _str(p, "user") else [])
+        company, pool = _str(p, "company"), _str(p, "pool")
+        if not (ids or users or company or pool):
+            raise ControlError(P.E_BAD_REQUEST, "name connection ids, users, a company or a pool")
+        if pool and pool not in self.daemon.pools:
+            raise ControlError(P.E_NOT_FOUND, _no_pool(pool, self.daemon.pools))
+        reason = _str(p, "reason", "kicked") or "kicked"
+        if ids:  # every id first resolved, on whichever node holds it: all or nothing, as on one node
+            where, missing = await self._locate(ids, p)
+            ok: dict[str, Any] = {}
+            failed: dict[str, dict[str, str]] = {}
+            late: list[str] = []
+            for node, whole in where.items():
+                o, f, m = await self._fan("kick", {"ids": whole, "reason": reason, "deadline_s": self._deadline(p)},
+                                          [node])
+                ok.update(o)
+                failed.update(f)
+                late += m
+            missing = sorted(set(missing) | set(late))
+        else:
+            ok, failed, missing = await self._fan("kick", dict(p, ids=None, user=None, users=users or None))
+        merged = {"closed": sum(int(r.get("closed", 0)) for r in ok.values()),
+                  "ids": [i for r in ok.values() for i in r.get("ids", [])],
+                  "by_node": {n: int(r.get("closed", 0)) for n, r in ok.items()}}
+        return self._answer(merged, ok, failed, missing)
+
+    async def c_send(self, p: dict[str, Any]) -> Any:
+        where, missing = await self._locate([_str(p, "connection_id") or _str(p, "id")], p)
+        node, (whole,) = next(iter(where.items()))
+        ok, failed, late = await self._fan("send", dict(p, connection_id=whole, id=None), [node])
+        out = self._answer(dict(ok.get(node) or {}), ok, failed, late)
+        out["node"], out["missing"] = node, sorted(set(missing) | set(late))
+        return out
+
+
+def _missing_note(missing: list[str]) -> str:
+    return f" (no answer from node{'s' if len(missing) != 1 else ''} {', '.join(missing)})" if missing else ""
+
+
+#: how often an event stream asks the other nodes of a cluster for their new events
+EVENT_POLL_S = 0.5
 TRACE_LIMIT = 1000  # publish.trace lists this many receivers by default (the unusual outcomes first)
 
 

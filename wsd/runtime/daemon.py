@@ -30,6 +30,8 @@ from wsd import config as wconfig
 from wsd import errors
 from wsd.control.protocol import default_socket_path
 from wsd.core.auth import TokenSigner, TokenVerifier
+from wsd.core.capacity import Share
+from wsd.core.forwarded import TrustedProxies
 from wsd.core.net import ip_in
 from wsd.core.ratelimit import KeyedLimiter, per_minute
 from wsd.engine.base import Engine
@@ -38,6 +40,7 @@ from wsd.runtime.control import ControlServer
 from wsd.runtime.events import Events
 from wsd.runtime.hub import Hub
 from wsd.runtime.metrics import prometheus_text
+from wsd.runtime.notify import Notifier
 from wsd.runtime.server import Endpoint
 from wsd.runtime.wsadapter import listen
 
@@ -47,8 +50,8 @@ log = logging.getLogger("wsd")
 class PoolRuntime:
     """A pool as the runtime uses it: its config resolved against the server defaults."""
 
-    __slots__ = ("batching", "compression", "default_subscriptions", "id", "max_connections", "networks", "origins",
-                 "path", "roles", "type")
+    __slots__ = ("batching", "compression", "default_subscriptions", "id", "max_connections", "min_connections",
+                 "networks", "origins", "path", "roles", "type")
 
     # the pool type as an upper-case enum-style name (`type_name` in pools.list), by config name
     TYPE_NAMES = {"frontend": "FRONTEND_POOL", "mt5_client": "MT5_CLIENT_POOL", "admin": "ADMIN_POOL",
@@ -59,6 +62,7 @@ class PoolRuntime:
         self.type = cfg.type
         self.path = cfg.path
         self.max_connections = cfg.max_connections
+        self.min_connections = cfg.min_connections
         self.networks = [ipaddress.ip_network(c, strict=False) for c in cfg.allow_cidrs]
         origins = cfg.allowed_origins if cfg.allowed_origins is not None else config.server.allowed_origins
         self.origins = frozenset(origins)
@@ -70,6 +74,7 @@ class PoolRuntime:
     def describe(self) -> dict[str, Any]:
         return {"id": self.id, "type": self.type, "type_name": self.TYPE_NAMES.get(self.type, self.type),
                 "path": self.path, "max_connections": self.max_connections,
+                "min_connections": self.min_connections,
                 "allow_cidrs": [str(n) for n in self.networks], "allowed_origins": sorted(self.origins),
                 "roles": sorted(self.roles), "default_subscriptions": self.default_subscriptions,
                 "compression": self.compression,
@@ -165,6 +170,11 @@ class Daemon:
         # at once (a reserve is kept for the control socket, logs and files).
         self.fd_limit = 1024
         self.fd_alarm = 1024
+        # The service manager (systemd Type=notify): READY/RELOADING/STOPPING, STATUS, the watchdog.
+        self.notifier = Notifier()
+        self.status_note = ""  # said in STATUS= until the next good reload (a refused one)
+        self.scheme = "ws"  # wss once TLS is on: what STATUS= says it listens on
+        self._service_task: asyncio.Task[None] | None = None
 
     # -- running values -----------------------------------------------------------------------------------
     def overrides(self) -> dict[str, tuple[str, Any]]:
@@ -230,6 +240,8 @@ class Daemon:
         self.config = cfg
         self.pools = {pid: PoolRuntime(pid, p, cfg) for pid, p in cfg.pools.items()}
         self.pools_by_path = {p.path: p for p in self.pools.values()}
+        # each pool's reservation and ceiling, for the admission (wsd.core.capacity)
+        self.shares = {pid: Share(p.min_connections, p.max_connections) for pid, p in self.pools.items()}
         key, sign_key = self._keys(cfg)
         self.verifier = TokenVerifier(cfg.auth, key)
         self.signer = TokenSigner(cfg.auth, sign_key) if sign_key else None
@@ -243,6 +255,8 @@ class Daemon:
             compress_settings={"memLevel": comp.memory_level},
         )]
         self.metrics_networks = [ipaddress.ip_network(c, strict=False) for c in cfg.http.metrics_allow]
+        self.proxies = TrustedProxies([ipaddress.ip_network(c, strict=False) for c in cfg.server.trusted_proxies],
+                                      cfg.server.forwarded_header)
         self.sink.set_audit(cfg.audit.path, cfg.audit.max_bytes, cfg.audit.backups)
 
     def _keys(self, cfg: Any) -> tuple[str, str]:
@@ -361,6 +375,10 @@ class Daemon:
                  scheme, host, self.bound_port, ", ".join(f"{p.id}={p.path}" for p in self.pools.values()),
                  self.socket_path, self.engine.name)
         self.emit("started", port=self.bound_port, engine=self.engine.name)
+        self.scheme = scheme
+        if self.notifier.enabled:
+            self.notifier.ready(self.service_status())
+            self._service_task = self.loop.create_task(self._service_loop())
         loop = self.loop
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
@@ -384,10 +402,42 @@ class Daemon:
     def request_stop(self) -> None:
         self._stop.set()
 
+    # -- the service manager ------------------------------------------------------------------------------
+    #: The shortest time between two STATUS= updates of the connection count.
+    STATUS_EVERY_S = 5.0
+
+    def service_status(self) -> str:
+        """One line for the service manager's STATUS=: connections, where it listens, a refused reload."""
+        n = len(self.hub.conns)
+        conns = f"{n} connection{'' if n == 1 else 's'}"
+        if self.draining:
+            text = f"draining: {conns} left"
+        else:
+            host = self.config.server.host
+            host = f"[{host}]" if ":" in host else host
+            text = f"{conns}; listening on {self.scheme}://{host}:{self.bound_port}"
+        return f"{self.status_note}; {text}" if self.status_note else text
+
+    async def _service_loop(self) -> None:
+        """WATCHDOG=1 at half of WATCHDOG_USEC and STATUS= at most every STATUS_EVERY_S, from the event loop
+        itself: a loop that stops turning stops the pings, and the service manager restarts the daemon."""
+        n = self.notifier
+        every = self.STATUS_EVERY_S if n.watchdog_s is None else min(n.watchdog_s, self.STATUS_EVERY_S)
+        last_status = self.loop.time()
+        while True:
+            await asyncio.sleep(every)
+            if n.watchdog_s is not None:
+                n.watchdog()
+            now = self.loop.time()
+            if now - last_status >= self.STATUS_EVERY_S - 1e-3:
+                last_status = now
+                n.status(self.service_status())
+
     async def shutdown(self) -> None:
         """Stop accepting, close every client with 1001, and exit within the drain time."""
         self.draining = True
         self.emit("draining", connections=len(self.hub.conns))
+        self.notifier.stopping(self.service_status())
         deadline = self.loop.time() + self.config.manager.drain_timeout_ms / 1000.0
         assert self.server is not None
         # The listener stays open while draining: new handshakes and /readyz get 503 (draining)
@@ -410,15 +460,43 @@ class Daemon:
             await self.control.stop()
         await self.engine.stop()
         self.endpoint.flush_repeats()  # the counts of repeated records not yet summarised
+        if self._service_task is not None:
+            self._service_task.cancel()
+        self.notifier.close()
         log.info("stopped")
 
     # -- reload --------------------------------------------------------------------------------------------
     def reload(self) -> dict[str, Any]:
+        """Re-read the config file (SIGHUP, `wsctl reload`); the service manager sees RELOADING=1, then
+        READY=1 whatever the outcome, with a refused reload's reason in STATUS=. Only while serving: a
+        `wsctl reload` before the listener is up, or during the drain, must not say READY=1."""
+        serving = self.ready and not self.draining
+        if serving:
+            self.notifier.reloading()
+        res: dict[str, Any] = {"ok": False, "errors": ["reload failed"]}
+        try:
+            res = self._reload()
+            return res
+        finally:
+            if res["ok"]:
+                restart = res.get("restart_required") or []
+                self.status_note = f"restart required for {', '.join(restart)}" if restart else ""
+            else:
+                errs = res["errors"] or ["refused"]
+                more = f" (+{len(errs) - 1} more)" if len(errs) > 1 else ""
+                self.status_note = f"reload refused, running the previous config: {errs[0]}{more}"
+            if serving:
+                self.notifier.ready(self.service_status())
+
+    def _reload(self) -> dict[str, Any]:
         if not self.config_path:
             log.warning("reload: nothing to re-read, no config file (running on the embedded default)")
             return {"ok": False, "errors": ["no config file: the daemon runs on its embedded default"]}
         try:
             cfg = wconfig.load_config(self.config_path)
+            rekeyed = wconfig.rekeyed(self.config, cfg)
+            if rekeyed:
+                raise wconfig.ConfigError(rekeyed)
         except wconfig.ConfigError as exc:
             self.emit("reload_failed", log_line=False, errors=exc.errors)
             log.error("reload refused, keeping the running config:\n%s", "\n".join(exc.errors))

@@ -36,6 +36,8 @@ _perf = time.perf_counter  # latency figures need sub-millisecond resolution (uv
 _json_encode = msgspec.json.Encoder().encode
 _BATCH_HEAD = b'{"type":"batch","messages":['
 _BATCH_TAIL = b"]}"
+#: replies queued in one loop turn (``send_reply``) beyond which they are written at once
+REPLY_RUN = 64
 
 
 class Outgoing:
@@ -59,8 +61,24 @@ class Outgoing:
     def frame(self) -> bytes:
         f = self._frame
         if f is None:
-            f = self._frame = text_frame(self.payload)
+            f = self._frame = frame_of(self.payload)
         return f
+
+
+_HEADERS: dict[int, bytes] = {}
+
+
+def frame_of(payload: bytes) -> bytes:
+    """``text_frame(payload)``: one unmasked server text frame. Its header depends only on the payload's
+    length, so websockets serializes it once per length (a frame of that many spaces, payload cut off)
+    and the header is kept: a frame is then one concatenation, not a ``Frame`` serialized each time."""
+    n = len(payload)
+    head = _HEADERS.get(n)
+    if head is None:
+        if len(_HEADERS) >= 4096:
+            _HEADERS.clear()  # bounded: lengths come and go with the traffic
+        head = _HEADERS[n] = text_frame(b" " * n)[:-n] if n else text_frame(b"")
+    return head + payload
 
 
 HISTORY_TAIL = b',"history":true}'
@@ -76,8 +94,10 @@ def stored_push(pub: Publication) -> bytes:
 
 def encode_push(pub: Publication, data: Any = None, seq: int | None = None, history: bool = False) -> bytes:
     msg: dict[str, Any] = {"type": "message", "channel": pub.channel, "offset": pub.offset, "epoch": pub.epoch,
-                           "msg_type": pub.type, "priority": PRIORITY_NAMES[pub.priority], "ts": pub.ts,
-                           "data": pub.data if data is None else data}
+                           "msg_type": pub.type, "priority": PRIORITY_NAMES[pub.priority], "ts": pub.ts}
+    if pub.enc:
+        msg["enc"] = pub.enc
+    msg["data"] = pub.data if data is None else data
     if seq is not None:
         msg["seq"] = seq
     if history:
@@ -127,6 +147,7 @@ class Delivery:
     coalesce_s: float
     coalesce_max: int
     last_fanout: dict[str, float]
+    _replied: set[Conn]
 
     def outgoing(self, pub: Publication, now: float, data: Any = None) -> Outgoing:
         if data is None:
@@ -343,6 +364,25 @@ class Delivery:
         """A one-off push to one connection (wsctl send, history replay)."""
         self.deliver(conn, Outgoing(payload, priority, None, "", 0, "", _perf()))
 
+    def send_reply(self, conn: Conn, payload: bytes) -> None:
+        """A reply to a client's request (critical). The first reply a connection gets in a loop turn is
+        written at once; further ones in the same turn (a client pipelining requests: one read brings many)
+        are queued in order and written together by the drain at the end of the turn: one write for them
+        all instead of one each. Anything else for the connection in the meantime queues behind them (the
+        outbox is not empty), so nothing is reordered; a close writes them first (``Lifecycle.close``).
+        """
+        replied = self._replied
+        if conn not in replied:
+            if not replied:
+                self.loop.call_soon(replied.clear)
+            replied.add(conn)
+            self.deliver(conn, Outgoing(payload, Priority.CRITICAL, None, "", 0, "", _perf()))
+            return
+        ob = conn.outbox
+        if ob is not None and len(ob) >= REPLY_RUN and conn in self._dirty:
+            self._drain(conn, self.now())  # a long run: written now, the outbox stays small
+        self._enqueue(conn, Outgoing(payload, Priority.CRITICAL, None, "", 0, "", _perf()))
+
     def _enqueue(self, conn: Conn, out: Outgoing) -> None:
         if conn.closing or conn.proto.state is not OPEN:
             return
@@ -410,18 +450,24 @@ class Delivery:
         expired_before = ob.dropped_expired if ob is not None else 0
         batching = conn.pool.batching.enabled
         max_batch = conn.pool.batching.max_messages
-        while ob and transport.get_write_buffer_size() < self.high_water:
+        # The frames of one drain pass are written together: one write (one syscall) per pass. ``size``
+        # counts them as if none had left yet, so a pass writes at most about one high-water mark.
+        hw = self.high_water
+        parts: list[bytes] = []
+        size = transport.get_write_buffer_size()
+        while ob and size < hw:
             if batching and len(ob) > 1 and ob.peek_priority() != Priority.CRITICAL:
                 # Nothing critical is queued (peek): coalesce up to max_batch into one batch frame.
                 items = ob.pop_many(now, max_batch)
                 if not items:
                     continue
                 if len(items) == 1:
-                    self._write_item(conn, items[0][0], 1)
+                    size += self._write_item(conn, items[0][0], 1, parts)
                 else:
                     payload = _BATCH_HEAD + b",".join(o.payload for o, _ in items) + _BATCH_TAIL
-                    frame = text_frame(payload)
-                    transport.write(frame)
+                    frame = frame_of(payload)
+                    parts.append(frame)
+                    size += len(frame)
                     conn.msgs_out += len(items)
                     conn.bytes_out += len(frame)
                     for o, _ in items:
@@ -431,7 +477,11 @@ class Delivery:
                 item = ob.pop(now)
                 if item is None:
                     break
-                self._write_item(conn, item[0], 1)
+                size += self._write_item(conn, item[0], 1, parts)
+        if parts:
+            transport.write(parts[0] if len(parts) == 1 else b"".join(parts))
+            if ob and transport.get_write_buffer_size() < hw:
+                self.schedule_drain(conn)  # the estimate stopped the pass, the transport took it all: go on
         if ob is not None:
             conn.drops_expired += ob.dropped_expired - expired_before  # what the pops dropped as expired
         if ob is not None and not ob and transport.get_write_buffer_size() < self.high_water:
@@ -442,13 +492,15 @@ class Delivery:
                 if br.state is BreakerState.CLOSED:
                     conn.breaker = None
 
-    def _write_item(self, conn: Conn, out: Outgoing, count: int) -> None:
+    def _write_item(self, conn: Conn, out: Outgoing, count: int, parts: list[bytes]) -> int:
+        """Add ``out``'s frame to the drain pass's ``parts``; its length."""
         frame = out.frame
-        conn.transport.write(frame)
+        parts.append(frame)
         conn.msgs_out += count
         conn.bytes_out += len(frame)
         self._note_written(conn, out)
         self.stats.observe_queue_latency(_perf() - out.pub_mono)
+        return len(frame)
 
     def _note_written(self, conn: Conn, out: Outgoing) -> None:
         if out.offset and out.channel:

@@ -29,12 +29,13 @@ class InProgress:
         self.by_ip: dict[str, int] = {}
         self.count = 0
 
-    def try_enter(self, ip: str) -> str:
-        """Take a slot for ``ip``: "" when taken, else which bound is full ("per_ip" or "total")."""
+    def try_enter(self, ip: str, per_ip: bool = True) -> str:
+        """Take a slot for ``ip``: "" when taken, else which bound is full ("per_ip" or "total").
+        ``per_ip=False`` (a trusted proxy, whose connections carry many clients) checks the total only."""
         if self.count >= self.total:
             return "total"
         n = self.by_ip.get(ip, 0)
-        if n >= self.per_ip:
+        if per_ip and n >= self.per_ip:
             return "per_ip"
         self.by_ip[ip] = n + 1
         self.count += 1

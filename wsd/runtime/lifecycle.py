@@ -31,6 +31,10 @@ _perf = time.perf_counter
 _json_encode = msgspec.json.Encoder().encode
 
 
+#: connections the periodic sweep looks at in one go before it lets the loop serve others
+SWEEP_SLICE = 1000
+
+
 class Lifecycle:
     """When a connection is closed, pinged, recovered or kicked (a part of ``Hub``)."""
 
@@ -62,6 +66,8 @@ class Lifecycle:
         """Start closing ``conn`` with ``code``; abort the transport if the close cannot be sent in time."""
         if conn.closing:
             return
+        if conn in self._dirty and conn.outbox:
+            self._drain(conn, self.now())  # written before the close frame: what was due this turn (replies)
         conn.closing = True
         conn.close_code = code
         conn.close_reason = reason
@@ -101,12 +107,23 @@ class Lifecycle:
         while True:
             await asyncio.sleep(period)
             try:
-                self.sweep(self.now(), time.time())
+                # The pass over the connections is cut in slices of SWEEP_SLICE, the loop serving everyone else
+                # between them: at 10,000 connections one whole pass would hold every delivery up for tens of
+                # milliseconds once a second, which is what a p99 latency sees.
+                conns = self._sweep_start(self.now())
+                for i in range(0, len(conns), SWEEP_SLICE):
+                    if i:
+                        await asyncio.sleep(0)
+                    self._sweep_conns(conns[i:i + SWEEP_SLICE], self.now(), time.time())
             except Exception:  # the sweep must never die
                 log.exception("sweep failed")
 
     def sweep(self, now: float, wall: float) -> None:
         """One pass over every connection: cheap checks first, so 10,000 idle connections cost little."""
+        self._sweep_conns(self._sweep_start(now), now, wall)
+
+    def _sweep_start(self, now: float) -> list[Conn]:
+        """The sweep's once-per-pass work (stats, memory, live sessions); the connections to look at."""
         self.stats.tick(now, self)
         if now - self._memory_swept >= 1.0:  # at most once a second, however short the heartbeat
             self._memory_swept = now
@@ -115,10 +132,14 @@ class Lifecycle:
         if self.engine.durable_sessions and self.session_ttl > 0 and now - self._sessions_flushed >= 0.9:
             self._sessions_flushed = now
             self.flush_sessions(now)
+        return list(self.conns.values())
+
+    def _sweep_conns(self, conns: list[Conn], now: float, wall: float) -> None:
+        """The sweep's checks of ``conns``: token expiry, idle, heartbeat, slow consumer, resends, health."""
         idle_before = now - self.idle_s
         slow_before = now - self.slow_s
         rate = self.health_error_rate
-        for conn in list(self.conns.values()):
+        for conn in conns:
             if conn.closing or conn.state is not CONNECTED:
                 continue
             if wall >= conn.exp:
@@ -317,6 +338,12 @@ class Lifecycle:
         conn.latency_n += 1
         # Average latency over the connection's life, weighted to the recent (EWMA).
         conn.latency_ms = rtt_ms if conn.latency_n == 1 else conn.latency_ms * 0.8 + rtt_ms * 0.2
+
+    def on_app_ping(self, conn: Conn) -> None:
+        """A ``{"op":"ping"}`` request: the answer of a client that cannot see ping frames (an MQL5 terminal, a
+        browser tab's app-level keepalive) counts as a heartbeat, so its connection is not closed for missed pongs."""
+        conn.pings_missed = 0
+        conn.last_heartbeat = time.time()
 
     def _abort_if_still(self, conn: Conn) -> None:
         tr = conn.ws.transport

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from wsd.core.capacity import shared_free
+
 if TYPE_CHECKING:
     from wsd.runtime.daemon import Daemon
 
@@ -55,6 +57,16 @@ def pool_totals(d: Daemon) -> dict[str, dict[str, Any]]:
     return pools
 
 
+def pool_capacity(d: Daemon) -> dict[str, Any]:
+    """The shared connection capacity (``capacity`` in pools.list; see wsd.core.capacity): the daemon-wide
+    limit, what the pools reserve, the connections open and what is left for pools past their reservation."""
+    used = d.hub.pool_counts
+    limit = d.config.manager.max_connections
+    reserved = sum(s.reserved for s in d.shares.values())
+    return {"max_connections": limit, "reserved": reserved, "shared": max(0, limit - reserved),
+            "connections": len(d.hub.conns), "shared_free": shared_free(limit, d.shares, used)}
+
+
 def memory_metrics(d: Daemon) -> dict[str, Any]:
     """What clients can make the daemon keep, and what the sweep freed: sessions, channel instances
     (the engine's), fan-out timestamps and limiter keys (the hub's)."""
@@ -90,6 +102,7 @@ def metrics_snapshot(d: Daemon) -> dict[str, Any]:
                           "channels": len(hub.by_channel), "subscribes": st.subscribes,
                           "unsubscribes": st.unsubscribes},
         "memory": memory_metrics(d),
+        "bus": d.engine.bus_metrics() or {},
         "queues": {"queued": sum(c.queue_depth() for c in hub.conns.values()),
                    "congested": sum(1 for c in hub.conns.values() if c.congested_since is not None),
                    "dropped_overflow": st.dropped_overflow,
@@ -174,6 +187,24 @@ class _Collector:
         for lname, n in mem["limiter_keys"].items():
             gg.add_metric([lname], n)
         yield gg
+        bus = m["bus"]
+        if bus:
+            c = CounterMetricFamily("wsd_bus_messages", "Messages received from the shared engine's bus, by bus: "
+                                    "the channels' own (only those with subscribers here) or the shared one",
+                                    labels=["bus"])
+            c.add_metric(["channel"], bus["messages_channel"])
+            c.add_metric(["shared"], bus["messages_shared"])
+            yield c
+            for key, help_ in (("subscribes", "Channel buses subscribed to (first subscriber here)"),
+                               ("unsubscribes", "Channel buses left (no subscriber here for the grace period)"),
+                               ("fills", "Holes in the bus filled from history (or reported)"),
+                               ("gaps", "Holes in the bus history no longer held: reported to subscribers")):
+                c = CounterMetricFamily(f"wsd_bus_{key}", help_)
+                c.add_metric([], bus[key])
+                yield c
+            gg = GaugeMetricFamily("wsd_bus_channels", "Channel buses this node subscribes to")
+            gg.add_metric([], bus["channels"])
+            yield gg
         st = self.d.hub.stats
         st.move_samples()  # what the sweep has not moved yet
         yield from st.delivery_hist.collect()

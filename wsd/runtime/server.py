@@ -23,7 +23,7 @@ from websockets.datastructures import Headers, MultipleValuesError
 from websockets.http11 import Request, Response
 
 from wsd import errors
-from wsd.core import frames
+from wsd.core import capacity, frames, proxyproto
 from wsd.core.auth import SUBPROTOCOL, AuthError, extract_token
 from wsd.core.channels import ChannelError, Principal, instance_parts, may_publish, resolve
 from wsd.core.history import StreamPosition
@@ -35,7 +35,7 @@ from wsd.runtime.conn import BATCH, HISTORICAL, ON_DEMAND, Conn, ReliableState, 
 from wsd.runtime.gate import InProgress, Repeats
 from wsd.runtime.hub import HISTORY_TAIL, Outgoing
 from wsd.runtime.logs import redact
-from wsd.runtime.wsadapter import WsdServerConnection, json_response, offer_extensions
+from wsd.runtime.wsadapter import WsdServerConnection, hard_abort, json_response, offer_extensions
 
 if TYPE_CHECKING:
     from wsd.runtime.daemon import Daemon
@@ -185,7 +185,8 @@ class Endpoint:
         inflight = self.inflight
         inflight.per_ip = lim.handshakes_in_progress_per_ip
         inflight.total = lim.handshakes_in_progress
-        full = inflight.try_enter(ip)
+        trusted = d.proxies.trusts(ip)  # a proxy's connections carry many clients: only the total bounds them
+        full = inflight.try_enter(ip, per_ip=not trusted)
         if full:
             d.hub.stats.refuse("handshakes_in_progress")
             limit = inflight.per_ip if full == "per_ip" else inflight.total
@@ -195,6 +196,30 @@ class Endpoint:
             transport.abort()
             return
         conn.slot = ip
+        if trusted and d.config.server.proxy_protocol:
+            conn.proxy = b""  # it must start with a PROXY preamble (proxy_preamble reads it)
+
+    def proxy_preamble(self, conn: WsdServerConnection, data: bytes) -> bytes:
+        """Bytes from a trusted proxy before its PROXY preamble is read (``conn.proxy``: what of it has arrived):
+        what follows the preamble (b"" while it is incomplete); once read, ``conn.proxy`` is the client's address
+        it gave ("" when it named none). A malformed one closes the connection, counted and recorded."""
+        buf = conn.proxy + data
+        try:
+            pre = proxyproto.parse(buf)
+        except proxyproto.ProxyHeaderError as exc:
+            conn.proxy = None
+            peer = conn.remote_address[0] if conn.remote_address else ""
+            self.daemon.hub.stats.refuse("proxy_header")
+            self.record((peer, "proxy_header"), "refused", {
+                "status": 0, "code": "proxy_header", "reason": f"{exc}: connection closed", "remote": peer,
+                "pool": "", "user_id": ""}, "handshake_refused", overflow=("*", "proxy_header"))
+            hard_abort(conn.transport)
+            return b""
+        if pre is None:
+            conn.proxy = buf
+            return b""
+        conn.proxy = pre.source if pre.source is not None else ""  # "": no client named, the walk ends here
+        return buf[pre.length:]
 
     def descriptors_exhausted(self, detail: str, remote: str = "") -> None:
         """Count descriptor exhaustion and log it (the first in full, then one summary per interval)."""
@@ -236,8 +261,27 @@ class Endpoint:
             self._schedule_flush()
 
     # -- handshake ----------------------------------------------------------------------------------------
-    def refuse(self, conn: WsdServerConnection, spec: tuple[int, str], message: str, remote: str,
-               pool: str = "", retry_after: float | None = None, user_id: str = "") -> Response:
+    def capacity_refusal(self, pool_id: str, leaving: str = "") -> str:
+        """Which connection limit refuses one more connection in ``pool_id`` ('' = none; see
+        wsd.core.capacity). ``leaving``: the pool of a connection this one replaces."""
+        d = self.daemon
+        used: dict[str, int] = d.hub.pool_counts
+        if leaving:
+            used = dict(used)
+            used[leaving] = max(0, used.get(leaving, 0) - 1)
+        return capacity.decide(d.config.manager.max_connections, d.shares, used, pool_id)
+
+    def pool_full_text(self, pool: Any, refusal: str) -> str:
+        if refusal == capacity.POOL_CEILING:
+            return (f"pool {pool.id} is full: at its ceiling of {pool.max_connections} connections "
+                    "(max_connections)")
+        return (f"pool {pool.id} is full: the shared capacity is exhausted (the pool is past its "
+                f"reservation of {pool.min_connections}; the rest of manager.max_connections = "
+                f"{self.daemon.config.manager.max_connections} is in use or reserved by other pools)")
+
+    def refuse(self, conn: WsdServerConnection, spec: tuple[int, str], message: str, remote: str, pool: str = "",
+               retry_after: float | None = None, user_id: str = "", detail: dict[str, Any] | None = None
+               ) -> Response:
         status, code = spec
         self.daemon.hub.stats.refuse(code)
         # A flood of one refusal from one address is one record, then one summary with the count per interval.
@@ -247,7 +291,7 @@ class Endpoint:
         headers = {}
         if retry_after is not None:
             headers["Retry-After"] = str(max(1, int(min(retry_after, 3600.0) + 0.999)))
-        return json_response(status, {"error": code, "message": message}, headers)
+        return json_response(status, {"error": code, "message": message, **(detail or {})}, headers)
 
     async def process_request(self, conn: WsdServerConnection, request: Request) -> Response | None:
         try:
@@ -266,7 +310,13 @@ class Endpoint:
             if d.ready and not d.draining:
                 return json_response(200, {"status": "ready"})
             return json_response(503, {"status": "draining" if d.draining else "starting"})
-        remote = conn.remote_address[0] if conn.remote_address else ""
+        peer = conn.remote_address[0] if conn.remote_address else ""
+        relayed = conn.proxy  # the client's address a PROXY preamble gave (None: no preamble)
+        try:  # the client behind trusted proxies (server.trusted_proxies); any other peer is the client
+            remote = d.proxies.client(peer, relayed if type(relayed) is str else None,
+                                      request.headers.get_all(d.proxies.header) if d.proxies.header else ())
+        except ValueError as exc:
+            return self.refuse(conn, errors.H_BAD_REQUEST, str(exc), peer)
         if path == "/metrics":
             if not d.metrics_allowed(remote):
                 return json_response(403, {"error": "forbidden", "message": "metrics not allowed from here"})
@@ -329,10 +379,16 @@ class Endpoint:
             if hub.user_connections(user, claims.company_id) >= d.config.limits.max_connections_per_user:
                 return self.refuse(conn, errors.H_USER_FULL, "too many open connections for this user", remote,
                                    pool.id, retry_after=60, user_id=user)
-            if len(hub.conns) >= d.config.manager.max_connections:
+        # A takeover within the pool replaces a connection: no limit refuses it. From another pool it
+        # moves one.
+        moving = holder is not None and holder.pool.id != pool.id
+        if holder is None or moving:
+            refusal = self.capacity_refusal(pool.id, leaving=holder.pool.id if moving and holder else "")
+            if refusal == capacity.MANAGER_FULL:
                 return self.refuse(conn, errors.H_MANAGER_FULL, "manager is full", remote, pool.id, user_id=user)
-        if (holder is None or holder.pool is not pool) and hub.pool_counts.get(pool.id, 0) >= pool.max_connections:
-            return self.refuse(conn, errors.H_POOL_FULL, f"pool {pool.id} is full", remote, pool.id, user_id=user)
+            if refusal:
+                return self.refuse(conn, errors.H_POOL_FULL, self.pool_full_text(pool, refusal), remote,
+                                   pool.id, user_id=user, detail={"limit": refusal})
         session = None
         session_id = None
         takeover = False
@@ -390,6 +446,7 @@ class Endpoint:
         hub = d.hub
         adm: Admission | None = ws.admission
         ws.admission = None
+        ws.proxy = None  # the address a PROXY preamble gave is adm.remote's now
         if adm is None:
             ws.close_soon(errors.INTERNAL.code, "no admission", hub.close_timeout())
             return
@@ -407,7 +464,8 @@ class Endpoint:
         if response is not None:
             ext = response.headers.get("Sec-WebSocket-Extensions")
             conn.extensions = tuple(e.strip() for e in ext.split(",")) if ext else ()
-        if len(hub.conns) >= d.config.manager.max_connections and not adm.takeover:
+        # Handshakes run concurrently: the limits are checked again now that this one is about to count.
+        if not adm.takeover and self.capacity_refusal(adm.pool.id):
             ws.close_soon(errors.TRY_AGAIN.code, errors.TRY_AGAIN.reason, hub.close_timeout())
             return
         session = adm.session
@@ -635,8 +693,12 @@ class Endpoint:
             sub.restart(sub.offset, res.position.epoch)
         pending = sub.pending or []
         sub.pending = None
+        # Live messages held meanwhile that the position read covers (published before it, in its epoch) were
+        # sent from history or precede the position the client was given: a shared engine's bus can bring them
+        # after the read.
+        top = 0 if hold else res.position.offset
         for out in pending:
-            if out.offset and out.offset <= last:
+            if out.offset and (out.offset <= last or (out.offset <= top and out.epoch == res.position.epoch)):
                 continue  # already sent from history: no duplicates
             if sub.mode == BATCH or sub.mode == ON_DEMAND:
                 hub.deliver_sub(sub, out)
@@ -645,12 +707,23 @@ class Endpoint:
 
     # -- client frames ------------------------------------------------------------------------------------
     def reply(self, conn: Conn, rid: Any, result: Any) -> None:
-        self.daemon.hub.send_direct(conn, _encode({"id": rid, "ok": True, "result": result}), Priority.CRITICAL)
+        self.daemon.hub.send_reply(conn, _encode({"id": rid, "ok": True, "result": result}))
 
     def error(self, conn: Conn, rid: Any, code: str, message: str) -> None:
-        self.daemon.hub.send_direct(conn, _encode({"id": rid, "ok": False, "error": {"code": code,
-                                                                                      "message": message}}),
-                                    Priority.CRITICAL)
+        self.daemon.hub.send_reply(conn, _encode({"id": rid, "ok": False, "error": {"code": code,
+                                                                                     "message": message}}))
+
+    def _owed_ack(self, conn: Conn, message: str | bytes) -> bool:
+        """Past the message rate, an ``ack`` that settles an unacked reliable message is still taken: it is owed for
+        what the server chose to send, so a burst of reliable messages cannot get its careful client closed with
+        4008. Bounded by what was sent (each settles one message); any other frame is charged as usual."""
+        if isinstance(message, bytes) or len(message) > 256:
+            return False
+        try:
+            frame = frames.decoder.decode(message)
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+            return False
+        return isinstance(frame, frames.Ack) and self.daemon.hub.ack(conn, frame.seq)
 
     async def on_frame(self, conn: Conn, message: str | bytes) -> None:
         if conn.closing:
@@ -669,6 +742,8 @@ class Endpoint:
             lim = d.config.limits
             bucket = conn.rate = TokenBucket(lim.messages_per_connection_per_second, lim.message_burst, now)
         if not bucket.try_take(now):
+            if conn.reliable is not None and conn.reliable.unacked and self._owed_ack(conn, message):
+                return
             d.emit("rate_limited", connection_id=conn.id, user_id=conn.user_id, pool=conn.pool.id)
             d.audit("message_rate_limited", connection_id=conn.id, user_id=conn.user_id)
             hub.close(conn, errors.RATE_LIMITED.code, errors.RATE_LIMITED.reason)
@@ -869,6 +944,7 @@ class Endpoint:
             self.error(conn, f.id, errors.NOT_FOUND, f"no unacked message with seq {f.seq}")
 
     async def op_ping(self, conn: Conn, f: frames.Ping) -> None:
+        self.daemon.hub.on_app_ping(conn)
         return self.reply(conn, f.id, {"pong": time.time()})
 
     async def op_refresh(self, conn: Conn, f: frames.Refresh) -> None:

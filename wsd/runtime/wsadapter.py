@@ -184,7 +184,8 @@ class WsdServerConnection(asyncio.Protocol):
     ``on_frame(conn, message)`` and ``closed(ws)``.
     """
 
-    __slots__ = ("accepted", "admission", "frags", "inbox", "inbox_paused", "lost", "phase", "protocol",
+    # 16 slots: 160 bytes, the block 15 took already (pymalloc rounds to 16 bytes); a 17th costs 16 more.
+    __slots__ = ("accepted", "admission", "frags", "inbox", "inbox_paused", "lost", "phase", "protocol", "proxy",
                  "request", "response", "slot", "task", "timer", "transport", "wsd_conn")
 
     wsd_hub: Any = None  # class-wide: the one hub (set when the first connection registers)
@@ -203,6 +204,9 @@ class WsdServerConnection(asyncio.Protocol):
         self.accepted = time.perf_counter()  # the handshake duration histogram's start
         self.slot: str | None = None  # the address holding a handshake-in-progress slot, until the handshake ends
         self.admission: Any = None  # the endpoint's Admission, until the handler takes it
+        # server.proxy_protocol: bytes while a PROXY preamble is expected (what of it has arrived), then the
+        # client's address it gave ("" when it named none); None for a connection without one
+        self.proxy: bytes | str | None = None
         self.request: Request | None = None
         self.response: Response | None = None
         self.phase = 0  # 0 waiting for the request, 1 handshake, 2 starting, 3 open and started, 4 torn down
@@ -248,6 +252,10 @@ class WsdServerConnection(asyncio.Protocol):
         """
         c = self.wsd_conn
         if c is None:
+            if type(self.proxy) is bytes:  # a PROXY preamble first (server.proxy_protocol)
+                data = WsdServerConnection.wsd_endpoint.proxy_preamble(self, data)
+                if not data:
+                    return
             self._feed(data)
             return
         if c.unread:

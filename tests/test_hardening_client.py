@@ -121,8 +121,9 @@ async def test_one_huge_read_of_tiny_frames_is_cut_off_at_the_decision(wsd_facto
     assert len([r for r in audit_records(audit, "message_rate_limited") if r["connection_id"] == cid]) == 1
     mgr = (await w.ctl("metrics.get"))["manager"]
     assert mgr["received"] < 1000, mgr["received"]  # the burst and what one slice held, not 20,000
-    # what was read after the decision was dropped unparsed, and counted (the rest stayed unread in the kernel)
-    assert mgr["input_discarded_bytes"] > 64_000, mgr["input_discarded_bytes"]
+    # what was read after the decision was dropped unparsed, and counted (the rest stayed unread in the kernel):
+    # at least the rest of the read whose first 16 KiB slice held the decision
+    assert mgr["input_discarded_bytes"] > 16 * 1024, mgr["input_discarded_bytes"]
 
 
 async def test_frames_after_a_kick_are_not_processed(wsd):

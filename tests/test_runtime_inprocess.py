@@ -86,18 +86,17 @@ class FakeProtocol:
 
 
 class FakeWs:
-    """What the hub uses of websockets' ServerConnection."""
+    """What the hub uses of the connection (wsadapter.WsdServerConnection)."""
 
     def __init__(self) -> None:
         self.protocol = FakeProtocol()
         self.transport = FakeTransport()
-        self.pending_pings: dict[bytes, Any] = {}
         self.closed: tuple[int, str] | None = None
 
     def send_data(self) -> None:
         pass
 
-    async def close(self, code: int, reason: str) -> None:
+    def close_soon(self, code: int, reason: str, timeout: float) -> None:
         self.closed = (code, reason)
         self.transport.aborted = True
 
@@ -282,9 +281,7 @@ async def test_a_pong_keeps_the_connection_and_records_the_heartbeat(rig):
         rig.clock.advance(rig.hub.heartbeat_s)
         conn.last_activity = rig.clock()
         rig.hub.sweep(rig.clock(), 0.0)
-        data = ws.protocol.pings[-1]
-        ws.pending_pings.pop(data)           # what websockets does when the pong arrives
-        rig.hub.on_pong(conn, data)
+        rig.hub.on_pong(conn, ws.protocol.pings[-1])  # what the connection does when the pong arrives
     assert not conn.closing and conn.pings_missed == 0 and conn.latency_n == rig.hub.missed_allowed + 2
 
 

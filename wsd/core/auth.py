@@ -6,6 +6,7 @@ the token size is capped before any decoding. The token itself is never logged o
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -64,12 +65,49 @@ def extract_token(headers: Mapping[str, str], query: Mapping[str, list[str]], su
     return None, ""
 
 
+def _prepared_once(jws: jwt.PyJWS, names: Sequence[str], key: str) -> None:
+    """Let ``jws`` prepare ``key`` once per algorithm rather than at every verification.
+
+    PyJWT prepares the key on each decode: for HMAC that is a check that the secret is not a PEM, SSH, DER
+    or JWK key (a DER parse attempt and a JSON parse of the secret), for RSA/EC a key load — most of a
+    handshake's token cost. The checks still run, once, on the configured key; any other key is prepared
+    as PyJWT does it.
+    """
+    for name in names:
+        try:
+            alg = copy.copy(jws.get_algorithm_by_name(name))
+        except NotImplementedError:
+            continue  # PyJWT refuses it at decode, naming it
+        prepare = alg.prepare_key
+        prepared: list[Any] = []
+
+        def prepare_key(k: Any, prepare: Any = prepare, prepared: list[Any] = prepared) -> Any:
+            if k is not key:
+                return prepare(k)
+            if not prepared:
+                prepared.append(prepare(k))  # raises for a key the algorithm refuses (each time)
+            return prepared[0]
+
+        alg.prepare_key = prepare_key  # type: ignore[method-assign]
+        jws.unregister_algorithm(name)
+        jws.register_algorithm(name, alg)
+
+
+class _Decoder(jwt.PyJWT):
+    """PyJWT's decoder with the configured key prepared once (``_prepared_once``)."""
+
+    def __init__(self, algorithms: Sequence[str], key: str) -> None:
+        super().__init__()
+        _prepared_once(self._jws, algorithms, key)
+
+
 class TokenVerifier:
     """Verifies tokens against the configured key, algorithms, issuer, audience and leeway."""
 
     def __init__(self, auth: Any, key: str) -> None:
         self.algorithms = list(auth.algorithms)
         self.key = key
+        self._decode = _Decoder(self.algorithms, key).decode
         self.issuer = auth.issuer or None
         self.audience = auth.audience or None
         self.leeway = auth.leeway_s
@@ -89,8 +127,8 @@ class TokenVerifier:
         if len(token) > self.max_bytes:
             raise AuthError("invalid_token", f"token larger than {self.max_bytes} bytes")
         try:
-            payload = jwt.decode(token, self.key, algorithms=self.algorithms, issuer=self.issuer,
-                                 audience=self.audience, leeway=self.leeway, options=self._options)
+            payload = self._decode(token, self.key, algorithms=self.algorithms, issuer=self.issuer,
+                                   audience=self.audience, leeway=self.leeway, options=self._options)
         except jwt.ExpiredSignatureError:
             raise AuthError("token_expired", "token expired") from None
         except jwt.ImmatureSignatureError:

@@ -1,12 +1,11 @@
 """The websockets versions wsd works with, checked when the runtime is imported.
 
 The runtime uses parts of websockets below its documented API, all of them in ``wsadapter.py``, and they
-changed between releases:
-``ServerConnection.pending_pings`` (named ``pong_waiters`` before 16.0), ``acknowledge_pings``,
-``send_data``, ``pause_writing``/``resume_writing``, ``ServerProtocol.reject`` and
-``available_extensions``, ``protocol.send_ping``, ``frames.Frame.serialize`` and ``serve``'s
-``create_connection``/``server_header``/``write_limit``. All of them are present, with the
-signatures used, from websockets 16.0 to 17.x.
+changed between releases: ``ServerProtocol`` (``accept``, ``reject``, ``select_subprotocol``,
+``send_response``, ``available_extensions``), ``protocol.Protocol.parse`` and the protocol's ``parser``
+generator and ``reader``, ``send_ping``/``send_close``/``fail``, ``data_to_send``/``events_received``/
+``close_expected``, ``frames.Frame.serialize`` (and ``asyncio.messages.MAX_FRAGMENTS`` where a release
+has it). All of them are present, with the signatures used, from websockets 16.0 to 17.x.
 """
 
 from __future__ import annotations

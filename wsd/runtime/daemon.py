@@ -23,7 +23,6 @@ from typing import Any
 
 import msgspec
 import psutil
-from websockets.asyncio.server import Server, serve
 from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
 
 import wsd
@@ -42,7 +41,8 @@ from wsd.runtime.events import Events
 from wsd.runtime.hub import Hub
 from wsd.runtime.metrics import prometheus_text
 from wsd.runtime.notify import Notifier
-from wsd.runtime.server import Endpoint, WsdServerConnection
+from wsd.runtime.server import Endpoint
+from wsd.runtime.wsadapter import listen
 
 log = logging.getLogger("wsd")
 
@@ -162,7 +162,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self._proc = psutil.Process()
         self._proc.cpu_percent(None)
-        self.server: Server | None = None
+        self.server: asyncio.Server | None = None
         self.control: Any = None
         # ``config`` is what runs: the file's values, the command line's overrides, and the settings
         # read once at start (RESTART_KEYS) as they were then. ``file_config`` is the file as last read.
@@ -364,7 +364,7 @@ class Daemon:
             control = ControlServer(self, self.socket_path)
             await control.start()
             self.control = control  # only a socket this process created is removed again
-            self.server = await self._listen(host, port, ssl_ctx, WsdServerConnection)
+            self.server = await self._listen(host, port, ssl_ctx)
         except BaseException:
             # A failed start leaves nothing behind: no control socket file, no engine connection.
             if self.control is not None:
@@ -394,30 +394,15 @@ class Daemon:
         await self.shutdown()
         return 0
 
-    async def _listen(self, host: str, port: int, ssl_ctx: Any, connection_class: Any) -> Server:
+    async def _listen(self, host: str, port: int, ssl_ctx: Any) -> asyncio.Server:
         """Bind the WebSocket listener; a bind failure becomes one line naming the address."""
         m = self.config.manager
         srv = self.config.server
         try:
-            return await serve(
-                self.endpoint.handler, host, port,
-                process_request=self.endpoint.process_request,
-                select_subprotocol=self.endpoint.select_subprotocol,
-                compression=None,
-                extensions=self.deflate,
-                server_header=None,
-                open_timeout=HANDSHAKE_TIMEOUT_S,
-                ping_interval=None,          # heartbeats are ours: one sweep, 3 missed pongs
-                ping_timeout=None,
-                close_timeout=max(0.5, m.drain_timeout_ms / 1000.0),
-                max_size=srv.max_message_bytes,
-                max_queue=16,
-                write_limit=m.write_high_water_bytes,
-                ssl=ssl_ctx,
-                backlog=srv.backlog,
-                create_connection=connection_class,
-                logger=logging.getLogger("websockets.server"),
-            )
+            # heartbeats are ours (one sweep, 3 missed pongs), and so are refusals and the close timeout
+            return await listen(host, port, ssl=ssl_ctx, backlog=srv.backlog,
+                                open_timeout=HANDSHAKE_TIMEOUT_S, close_timeout=max(0.5, m.drain_timeout_ms / 1000.0),
+                                max_size=srv.max_message_bytes, write_limit=m.write_high_water_bytes)
         except OSError as exc:
             raise RuntimeError(listen_error(host, port, exc)) from None
 
@@ -468,7 +453,7 @@ class Daemon:
             self.hub.close(conn, errors.SHUTDOWN.code, errors.SHUTDOWN.reason)
         while self.hub.conns and self.loop.time() < deadline:
             await asyncio.sleep(0.02)
-        self.server.close(close_connections=False)  # stop accepting; we closed clients ourselves
+        self.server.close()  # stop accepting; we closed clients ourselves
         for conn in list(self.hub.conns.values()):
             tr = conn.ws.transport
             if tr is not None:

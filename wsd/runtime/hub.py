@@ -93,8 +93,6 @@ class Hub(Delivery, Lifecycle):
         self._drain_handle: asyncio.Handle | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._ping_seq = 0
-        self._pong_done: asyncio.Future[float] = self.loop.create_future()
-        self._pong_done.set_result(0.0)
         self._win: dict[str, list[Outgoing]] = {}
         self._win_timer: dict[str, asyncio.TimerHandle] = {}
         self.last_fanout: dict[str, float] = {}

@@ -19,7 +19,7 @@ from wsd import errors
 from wsd.core.outbox import Priority
 from wsd.runtime import session as saved
 from wsd.runtime.conn import CONNECTED, DISCONNECTING, Conn
-from wsd.runtime.wsadapter import OPEN, hard_abort, ping, ping_unanswered
+from wsd.runtime.wsadapter import OPEN, hard_abort, ping, start_close
 
 if TYPE_CHECKING:
     from wsd.runtime.events import Events
@@ -73,21 +73,11 @@ class Lifecycle:
         conn.close_reason = reason
         conn.state = DISCONNECTING
         self._dirty.discard(conn)
-        self.loop.create_task(self._close(conn, code, reason))
+        start_close(conn, code, reason, self.close_timeout())
 
     def close_timeout(self) -> float:
         """How long a close handshake may take before the transport is aborted (seconds)."""
         return max(0.5, self.drain_timeout_s)
-
-    async def _close(self, conn: Conn, code: int, reason: str) -> None:
-        timeout = self.close_timeout()
-        try:
-            # A close reason is at most 123 bytes of UTF-8: cut by bytes, not characters.
-            await asyncio.wait_for(conn.ws.close(code, reason.encode()[:123].decode("utf-8", "ignore")), timeout)
-        except (asyncio.TimeoutError, Exception):
-            pass
-        if conn.ws.transport is not None and not conn.ws.transport.is_closing():
-            hard_abort(conn.ws.transport)
 
     def close_slow(self, conn: Conn, why: str) -> None:
         if conn.closing:
@@ -314,7 +304,7 @@ class Lifecycle:
             self.schedule_drain(conn)
 
     def _heartbeat(self, conn: Conn, now: float, wall: float) -> None:
-        if conn.ping_data is not None and ping_unanswered(conn, conn.ping_data):
+        if conn.ping_data is not None:  # the last ping is unanswered (a pong clears it)
             conn.pings_missed += 1
             if conn.pings_missed >= self.missed_allowed:
                 self.events.emit("heartbeat_timeout", connection_id=conn.id, user_id=conn.user_id,
@@ -332,7 +322,7 @@ class Lifecycle:
         # millisecond-coarse under uvloop, so a sub-millisecond RTT would read as 0.
         conn.ping_sent_at = time.perf_counter()
         try:
-            ping(conn, data, self._pong_done, now)
+            ping(conn, data)
         except Exception:
             conn.errors += 1
 
@@ -341,6 +331,7 @@ class Lifecycle:
         if data != conn.ping_data:
             return
         rtt_ms = (time.perf_counter() - conn.ping_sent_at) * 1000.0
+        conn.ping_data = None  # answered
         conn.pings_missed = 0
         conn.last_activity = self.now()  # a pong is activity: a listen-only subscriber is not idle
         conn.last_heartbeat = time.time()

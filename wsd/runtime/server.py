@@ -6,7 +6,6 @@ also logged and emitted as an event (browsers only ever see 1006 for a refused h
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import contextlib
@@ -20,9 +19,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 import msgspec
-from websockets.asyncio.server import ServerConnection
 from websockets.datastructures import Headers, MultipleValuesError
-from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from wsd import errors
@@ -38,13 +35,7 @@ from wsd.runtime.conn import BATCH, HISTORICAL, ON_DEMAND, Conn, ReliableState, 
 from wsd.runtime.gate import InProgress, Repeats
 from wsd.runtime.hub import HISTORY_TAIL, Outgoing
 from wsd.runtime.logs import redact
-from wsd.runtime.wsadapter import (
-    WsdServerConnection,
-    forget_handshake,
-    hard_abort,
-    json_response,
-    offer_extensions,
-)
+from wsd.runtime.wsadapter import WsdServerConnection, hard_abort, json_response, offer_extensions
 
 if TYPE_CHECKING:
     from wsd.runtime.daemon import Daemon
@@ -204,18 +195,19 @@ class Endpoint:
                 else "handshakes_in_progress", "limit": limit}, None, overflow=("*", "handshakes_in_progress"))
             transport.abort()
             return
-        conn.wsd_hs.slot = ip
+        conn.slot = ip
         if trusted and d.config.server.proxy_protocol:
-            conn.wsd_hs.proxy = b""  # it must start with a PROXY preamble (proxy_preamble reads it)
+            conn.proxy = b""  # it must start with a PROXY preamble (proxy_preamble reads it)
 
-    def proxy_preamble(self, conn: WsdServerConnection, hs: Any, data: bytes) -> bytes:
-        """Bytes from a trusted proxy before its PROXY preamble is read: what follows the preamble (b"" while
-        it is incomplete). A malformed one closes the connection, counted and recorded."""
-        buf = hs.proxy + data
+    def proxy_preamble(self, conn: WsdServerConnection, data: bytes) -> bytes:
+        """Bytes from a trusted proxy before its PROXY preamble is read (``conn.proxy``: what of it has arrived):
+        what follows the preamble (b"" while it is incomplete); once read, ``conn.proxy`` is the client's address
+        it gave ("" when it named none). A malformed one closes the connection, counted and recorded."""
+        buf = conn.proxy + data
         try:
             pre = proxyproto.parse(buf)
         except proxyproto.ProxyHeaderError as exc:
-            hs.proxy = None
+            conn.proxy = None
             peer = conn.remote_address[0] if conn.remote_address else ""
             self.daemon.hub.stats.refuse("proxy_header")
             self.record((peer, "proxy_header"), "refused", {
@@ -224,10 +216,9 @@ class Endpoint:
             hard_abort(conn.transport)
             return b""
         if pre is None:
-            hs.proxy = buf
+            conn.proxy = buf
             return b""
-        hs.proxy = None
-        hs.relayed = pre.source if pre.source is not None else ""  # "": no client named, the walk ends here
+        conn.proxy = pre.source if pre.source is not None else ""  # "": no client named, the walk ends here
         return buf[pre.length:]
 
     def descriptors_exhausted(self, detail: str, remote: str = "") -> None:
@@ -288,7 +279,7 @@ class Endpoint:
                 f"reservation of {pool.min_connections}; the rest of manager.max_connections = "
                 f"{self.daemon.config.manager.max_connections} is in use or reserved by other pools)")
 
-    def refuse(self, conn: ServerConnection, spec: tuple[int, str], message: str, remote: str, pool: str = "",
+    def refuse(self, conn: WsdServerConnection, spec: tuple[int, str], message: str, remote: str, pool: str = "",
                retry_after: float | None = None, user_id: str = "", detail: dict[str, Any] | None = None
                ) -> Response:
         status, code = spec
@@ -302,7 +293,7 @@ class Endpoint:
             headers["Retry-After"] = str(max(1, int(min(retry_after, 3600.0) + 0.999)))
         return json_response(status, {"error": code, "message": message, **(detail or {})}, headers)
 
-    async def process_request(self, conn: ServerConnection, request: Request) -> Response | None:
+    async def process_request(self, conn: WsdServerConnection, request: Request) -> Response | None:
         try:
             return await self._admit(conn, request)
         except MultipleValuesError as exc:
@@ -310,7 +301,7 @@ class Endpoint:
             remote = conn.remote_address[0] if conn.remote_address else ""
             return self.refuse(conn, errors.H_BAD_REQUEST, f"duplicated header {exc}: send it once", remote)
 
-    async def _admit(self, conn: ServerConnection, request: Request) -> Response | None:
+    async def _admit(self, conn: WsdServerConnection, request: Request) -> Response | None:
         d = self.daemon
         path, query_s = request_target(request.path)
         if path == "/healthz":
@@ -320,9 +311,9 @@ class Endpoint:
                 return json_response(200, {"status": "ready"})
             return json_response(503, {"status": "draining" if d.draining else "starting"})
         peer = conn.remote_address[0] if conn.remote_address else ""
-        hs = getattr(conn, "wsd_hs", None)
+        relayed = conn.proxy  # the client's address a PROXY preamble gave (None: no preamble)
         try:  # the client behind trusted proxies (server.trusted_proxies); any other peer is the client
-            remote = d.proxies.client(peer, hs.relayed if hs is not None else None,
+            remote = d.proxies.client(peer, relayed if type(relayed) is str else None,
                                       request.headers.get_all(d.proxies.header) if d.proxies.header else ())
         except ValueError as exc:
             return self.refuse(conn, errors.H_BAD_REQUEST, str(exc), peer)
@@ -430,7 +421,7 @@ class Endpoint:
                         session_id=session_id or secrets.token_urlsafe(18), since=since, takeover=takeover,
                         subprotocol=SUBPROTOCOL if SUBPROTOCOL in offered else "",
                         token_source=source, user_agent=headers.get("User-Agent", ""))
-        conn.wsd_hs.admission = adm  # type: ignore[attr-defined]
+        conn.admission = adm
         sndbuf = d.config.manager.socket_send_buffer_bytes
         if sndbuf:
             sock = conn.transport.get_extra_info("socket")
@@ -441,45 +432,48 @@ class Endpoint:
         offer_extensions(conn, d.deflate if pool.compression else [])
         return None
 
-    def select_subprotocol(self, conn: ServerConnection, subprotocols: Any) -> str | None:
+    def select_subprotocol(self, conn: WsdServerConnection, subprotocols: Any) -> str | None:
         # Echo wsd.v1, never the bearer.<jwt> entry.
         return SUBPROTOCOL if SUBPROTOCOL in subprotocols else None
 
     # -- the connection -----------------------------------------------------------------------------------
-    async def handler(self, ws: ServerConnection) -> None:
+    async def opened(self, ws: WsdServerConnection) -> None:
+        """The handshake was accepted (101 sent): register the connection, welcome it, restore its session.
+
+        Messages the client sends meanwhile wait for this to end (``WsdServerConnection`` serves them after).
+        """
         d = self.daemon
         hub = d.hub
-        hs = getattr(ws, "wsd_hs", None)
-        adm: Admission | None = hs.admission if hs is not None else None
+        adm: Admission | None = ws.admission
+        ws.admission = None
+        ws.proxy = None  # the address a PROXY preamble gave is adm.remote's now
         if adm is None:
-            await ws.close(errors.INTERNAL.code, "no admission")
+            ws.close_soon(errors.INTERNAL.code, "no admission", hub.close_timeout())
             return
-        hub.stats.observe_handshake(time.perf_counter() - hs.accepted)
-        ws.wsd_hs = None  # type: ignore[attr-defined]  # (its slot was released when the handshake ended)
+        hub.stats.observe_handshake(time.perf_counter() - ws.accepted)
         now = d.loop.time()
         conn = Conn(hub.new_id(), ws, adm.pool, adm.claims, adm.principal, adm.session_id, now, time.time())
         conn.remote_address = adm.remote
         conn.user_agent = adm.user_agent[:256]
         conn.subprotocol = adm.subprotocol
         conn.token_source = adm.token_source
-        if ws.response is not None:
-            ext = ws.response.headers.get("Sec-WebSocket-Extensions")
+        # The handshake's request and response (headers, the token in them) are not needed once open: the
+        # connection let the request go when it sent the response (and its parser the request it parsed).
+        response = ws.response
+        ws.response = None
+        if response is not None:
+            ext = response.headers.get("Sec-WebSocket-Extensions")
             conn.extensions = tuple(e.strip() for e in ext.split(",")) if ext else ()
-        # The handshake's request and response (headers, the token in them) are not needed once
-        # admitted: the connection lets them go. (websockets' sans-I/O parser still holds the request it parsed,
-        # the token in its target included, in its generator frame until the connection ends: measured with
-        # gc.get_referrers; the bare websockets server keeps the same.)
-        forget_handshake(ws)
         # Handshakes run concurrently: the limits are checked again now that this one is about to count.
         if not adm.takeover and self.capacity_refusal(adm.pool.id):
-            await ws.close(errors.TRY_AGAIN.code, errors.TRY_AGAIN.reason)
+            ws.close_soon(errors.TRY_AGAIN.code, errors.TRY_AGAIN.reason, hub.close_timeout())
             return
         session = adm.session
         # (also a session resumed from the engine that another connection here resumed meanwhile)
         if adm.takeover or (session is not None and hub.session_holder(conn.session_id, conn.user_id) is not None):
             session = await self._take_over(conn)
         hub.register(conn)
-        ws.wsd_conn = conn  # type: ignore[attr-defined]
+        ws.wsd_conn = conn
         WsdServerConnection.wsd_hub = hub  # one hub for every connection: a class attribute, no per-connection slot
         if session is not None:
             conn.resumed = True
@@ -505,48 +499,48 @@ class Endpoint:
             await hub.persist_session(conn)
             if adm.session is not None:
                 conn.session_mark = None  # and again at the next sweep: after any late write of the old holder
-            async for message in ws:
-                await self.on_frame(conn, message)
-        except ConnectionClosed:
-            pass
         except Exception:
+            # 1011 (not 1000) tells the client to reconnect, and keeps its session for resume.
             log.exception("connection %s: handler failed", conn.id)
             conn.state = "error"
             hub.stats.errors += 1
             if not conn.closing:
                 hub.close(conn, errors.INTERNAL.code, errors.INTERNAL.reason)
-            # Let that close go out first: returning now would have websockets close with 1000 ("session
-            # over"), and an internal error is 1011, with the session kept for resume.
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(ws.wait_closed(), hub.close_timeout() + 1.0)
-        finally:
-            code = ws.close_code if ws.close_code is not None else errors.ABNORMAL.code
-            if code == errors.ABNORMAL.code and conn.close_code:
-                # We started the close and the peer never answered it (a stalled reader is aborted):
-                # report the code we closed with, not websockets' "no close frame received".
-                code = conn.close_code
-            reason = ws.close_reason or conn.close_reason
-            hub.stats.closed(code)
-            if conn.taken_over:
-                pass  # the connection that took the session over owns it now: neither kept nor dropped here
-            elif code not in (errors.NORMAL.code, errors.KICKED.code):
-                try:
-                    state = saved.capture(conn)
-                    if conn.restoring is not None:  # it went while restoring: what it had not yet is kept too
-                        state = saved.merge(state, conn.restoring)
-                    await hub.settle_sessions()  # a live-session write in flight must not land after this one
-                    await d.engine.save_session(conn.session_id, state.owner, saved.encode(state), hub.session_ttl)
-                except Exception:
-                    log.exception("saving session failed")
-            elif d.engine.durable_sessions and (conn.session_saved_at or conn.resumed):
-                try:  # its live session was written: the session ends, as it always has on 1000 or a kick
-                    await hub.settle_sessions()
-                    await d.engine.drop_session(conn.session_id)
-                except Exception:
-                    log.exception("dropping session failed")
-            hub.unregister(conn)
-            d.emit("disconnect", connection_id=conn.id, pool=conn.pool.id, user_id=conn.user_id, code=code,
-                   reason=reason)
+
+    async def closed(self, ws: WsdServerConnection) -> None:
+        """The TCP connection of a registered connection ended: keep or end its session, unregister it."""
+        d = self.daemon
+        hub = d.hub
+        conn = ws.wsd_conn
+        if conn is None:
+            return
+        code = ws.close_code if ws.close_code is not None else errors.ABNORMAL.code
+        if code == errors.ABNORMAL.code and conn.close_code:
+            # We started the close and the peer never answered it (a stalled reader is aborted):
+            # report the code we closed with, not websockets' "no close frame received".
+            code = conn.close_code
+        reason = ws.close_reason or conn.close_reason
+        hub.stats.closed(code)
+        if conn.taken_over:
+            pass  # the connection that took the session over owns it now: neither kept nor dropped here
+        elif code not in (errors.NORMAL.code, errors.KICKED.code):
+            try:
+                state = saved.capture(conn)
+                if conn.restoring is not None:  # it went while restoring: what it had not yet is kept too
+                    state = saved.merge(state, conn.restoring)
+                await hub.settle_sessions()  # a live-session write in flight must not land after this one
+                await d.engine.save_session(conn.session_id, state.owner, saved.encode(state), hub.session_ttl)
+            except Exception:
+                log.exception("saving session failed")
+        elif d.engine.durable_sessions and (conn.session_saved_at or conn.resumed):
+            try:  # its live session was written: the session ends, as it always has on 1000 or a kick
+                await hub.settle_sessions()
+                await d.engine.drop_session(conn.session_id)
+            except Exception:
+                log.exception("dropping session failed")
+        hub.unregister(conn)
+        d.emit("disconnect", connection_id=conn.id, pool=conn.pool.id, user_id=conn.user_id, code=code,
+               reason=reason)
 
     async def _take_over(self, conn: Conn) -> saved.Session | None:
         """Resume the session that another connection of this user still holds on this node: that connection

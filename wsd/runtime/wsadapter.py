@@ -1,28 +1,34 @@
 """Every use of websockets below its documented API, in one module (with the version check in compat.py).
 
-The runtime needs a few of websockets' internals: its server connection subclassed (received bytes fed
-to the parser in slices, pongs and transport pressure reported to the hub, refusals with a JSON body),
-raw frames serialized once and written straight to transports, pings tracked in ``pending_pings``, the
-extensions offered per pool, and the handshake's request replaced by a shared stub. hub.py and server.py
-call the functions here and never touch those internals themselves; a websockets release that moves them
-is handled here alone. The versions this works with are checked at import (``compat.require_websockets``).
+A connection is websockets' sans-I/O ``ServerProtocol`` driven by our own ``asyncio.Protocol``
+(``WsdServerConnection``): websockets parses and frames, enforces the size limits and UTF-8, and runs
+the close handshake; this module feeds it bytes, writes what it has to send, assembles fragmented
+messages, and hands complete messages to the endpoint. Below websockets' documented API it uses: the
+protocol's ``parser`` generator (replaced once open, so the handshake request is let go), ``reject``
+and ``select_subprotocol`` overridden on a subclass, ``available_extensions`` per pool, frames serialized
+once and written raw to transports, and ``State.OPEN``. hub.py and server.py call the functions here and
+never touch those internals themselves; a websockets release that moves them is handled here alone. The
+versions this works with are checked at import (``compat.require_websockets``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import struct
 import time
+import uuid
+from collections import deque
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-from websockets.asyncio.server import ServerConnection
 from websockets.datastructures import Headers
-from websockets.frames import Frame, Opcode
+from websockets.frames import CloseCode, Frame, Opcode
 from websockets.http11 import Request, Response
-from websockets.protocol import State
+from websockets.protocol import Protocol, State
+from websockets.server import ServerProtocol
 
 from wsd import errors
 from wsd.runtime.compat import require_websockets
@@ -31,6 +37,11 @@ if TYPE_CHECKING:
     from wsd.runtime.conn import Conn
 
 require_websockets()
+
+try:  # the most frames of one fragmented message websockets' own connection takes (newer releases)
+    from websockets.asyncio.messages import MAX_FRAGMENTS
+except ImportError:  # pragma: no cover
+    MAX_FRAGMENTS = 4096
 
 #: The open state, compared by identity on the hot path (``conn.proto.state is OPEN``).
 OPEN = State.OPEN
@@ -57,36 +68,22 @@ def text_frame(payload: bytes) -> bytes:
     return Frame(Opcode.TEXT, payload).serialize(mask=False)
 
 
-def ping(conn: Conn, data: bytes, done: asyncio.Future[float], now: float) -> None:
-    """Send a ping with ``data`` on ``conn`` and track it in websockets' ``pending_pings``.
-
-    ``done`` is one shared, already-done future: a pong schedules no callback, since
-    ``WsdServerConnection.acknowledge_pings`` reports it to the hub directly. Raises what sending raises.
-    """
-    ws = conn.ws
-    ws.pending_pings[data] = (done, now)
+def ping(conn: Conn, data: bytes) -> None:
+    """Send a ping with ``data`` on ``conn`` (the hub matches the pong with ``conn.ping_data``).
+    Raises what sending raises."""
     conn.proto.send_ping(data)
-    ws.send_data()
+    conn.ws.send_data()
 
 
-def ping_unanswered(conn: Conn, data: bytes) -> bool:
-    """The ping sent with ``data`` has had no pong yet."""
-    return data in conn.ws.pending_pings
-
-
-def offer_extensions(ws: ServerConnection, factories: list[Any]) -> None:
+def offer_extensions(ws: WsdServerConnection, factories: list[Any]) -> None:
     """The extensions (permessage-deflate) this connection's handshake may accept: set per pool."""
-    ws.protocol.available_extensions = factories  # type: ignore[attr-defined]
+    ws.protocol.available_extensions = factories
 
 
-#: websockets reads "request is None" as "no handshake yet": an admitted connection keeps this shared stub
-_ADMITTED = Request("/", Headers())
-
-
-def forget_handshake(ws: ServerConnection) -> None:
-    """Let an admitted connection's handshake request and response go (~4 KiB each, the token in them)."""
-    ws.request = _ADMITTED
-    ws.response = None
+def start_close(conn: Conn, code: int, reason: str, timeout: float) -> None:
+    """Send a close frame with ``code`` and a reason cut to the 123 bytes of UTF-8 a close frame holds; abort
+    the transport (with a reset) if the close handshake is not over within ``timeout`` seconds."""
+    conn.ws.close_soon(code, reason.encode()[:123].decode("utf-8", "ignore"), timeout)
 
 
 def json_response(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
@@ -114,54 +111,134 @@ def json_reject(status: Any, text: str) -> Response:
 
 #: the most received bytes handed to websockets' parser in one event loop callback
 READ_SLICE = 16 * 1024
+#: complete messages waiting for their connection's handler before reading pauses (websockets' max_queue),
+#: and how few let it resume
+INBOX_HIGH = 16
+INBOX_LOW = 4
+
+_CONNECTING = State.CONNECTING
+_TEXT = Opcode.TEXT
+_BINARY = Opcode.BINARY
+_CONT = Opcode.CONT
+_PONG = Opcode.PONG
+_WS_LOG = logging.getLogger("websockets.server")
+_log = logging.getLogger("wsd.server")
+#: every connection's ``protocol.id`` (websockets sets a fresh uuid4 per connection, read only in its own logs)
+_NO_ID = uuid.UUID(int=0)
+# websockets.protocol.Protocol.parse: the frame parser without ServerProtocol.parse's frame, which keeps the
+# parsed handshake request (~2.8 KiB, the token in its target included) for the connection's life.
+_frame_parser = Protocol.parse
 
 
-class Handshake:
-    """A connection's state while its handshake runs: its in-progress slot, when it was accepted, and the
-    endpoint's ``Admission`` once the request is admitted (the handler takes it and drops this object)."""
+class WsdServerProtocol(ServerProtocol):
+    """websockets' sans-I/O server protocol, with our refusal bodies and subprotocol choice on the class
+    (no per-connection bound methods) and no per-connection uuid."""
 
-    __slots__ = ("accepted", "admission", "proxy", "relayed", "slot")
+    def __init__(self, max_size: int | None) -> None:
+        super().__init__(max_size=max_size, logger=_WS_LOG)
+        self.id = _NO_ID
 
-    def __init__(self, accepted: float) -> None:
-        self.accepted = accepted  # perf_counter at accept: the handshake duration histogram's start
-        self.slot: str | None = None  # the address holding a handshake-in-progress slot, until the handshake ends
-        self.admission: Any = None
-        self.proxy: bytes | None = None  # a PROXY preamble expected: what of it has arrived (server.proxy_protocol)
-        self.relayed: str | None = None  # the client's address the PROXY preamble gave ("": it named none)
+    def select_subprotocol(self, subprotocols: Any) -> Any:
+        ep = WsdServerConnection.wsd_endpoint
+        return ep.select_subprotocol(None, subprotocols) if ep is not None else None
 
-
-class WsdServerConnection(ServerConnection):
-    """websockets' server connection, telling the hub when its transport fills up and drains."""
-
-    wsd_conn: Conn | None = None  # the admitted connection
-    wsd_hs: Handshake | None = None  # what the handshake needs, until the handler takes over
-    wsd_hub: Any = None  # class-wide: the one hub (set when the first connection registers)
-    wsd_endpoint: Any = None  # class-wide: set by the daemon's Endpoint
-
-    def __init__(self, protocol: Any, *args: Any, **kwargs: Any) -> None:
-        super().__init__(protocol, *args, **kwargs)
-        # Two attributes of our own, set here with the object's others. websockets' connection ends up with 27
-        # (25 here, ``recv_messages`` and ``transport`` at connection_made); CPython shares one key table between
-        # instances' __dict__s only up to 30 keys, and past that every instance gets a dict of its own (measured:
-        # 296 -> 1,584 bytes per connection). What is the same for every connection lives on the class, what
-        # only the handshake needs on a short-lived ``Handshake``, and the rest on our own Conn (slots).
-        self.wsd_conn = None
-        self.wsd_hs = Handshake(time.perf_counter())
+    def reject(self, status: Any, text: str) -> Response:
         # websockets refuses malformed or oversized requests itself (400, 414, 426, 431) in plain text:
         # give those the same JSON body as our own refusals.
-        protocol.reject = json_reject
+        return json_reject(status, text)
 
+
+def forget_request(proto: ServerProtocol) -> bool:
+    """Let the parser of an open connection drop the handshake request it parsed.
+
+    ``ServerProtocol.parse`` parses the request into a local variable, then runs ``Protocol.parse`` (the
+    frame parser) inside the same generator for the connection's life, so the request stays referenced.
+    When that frame parser is waiting for the first byte of a frame (``reader.at_eof``) with nothing
+    buffered, a fresh ``Protocol.parse`` is in exactly the same state: it replaces the old generator. A
+    client that sent frames before our 101 (not allowed by RFC 6455 4.1) keeps its parser as it is.
+    """
+    gen = proto.parser
+    inner = getattr(gen, "gi_yieldfrom", None)
+    waiting = getattr(inner, "gi_yieldfrom", None)
+    if (getattr(inner, "gi_code", None) is not _frame_parser.__code__ or waiting is None
+            or waiting.gi_code.co_name != "at_eof" or proto.reader.buffer or proto.reader.eof):
+        return False
+    fresh = _frame_parser(proto)
+    next(fresh)
+    proto.parser = fresh
+    gen.close()
+    return True
+
+
+class WsdServerConnection(asyncio.Protocol):
+    """One WebSocket connection: websockets' sans-I/O ``ServerProtocol`` driven from an ``asyncio.Protocol``.
+
+    No task lives as long as the connection: a task runs the handshake (admission is async) and the
+    handler's start, then while received messages wait for the handler, and ends when they are served;
+    timers (handshake timeout, close timeout) are loop timers. Everything is ``__slots__``; the handshake's
+    request and response, and the parser frame that holds the request, are let go once the connection is
+    open. websockets does the protocol: parsing, framing, masking, limits, the close handshake.
+
+    The endpoint (``wsd_endpoint``, class-wide) provides ``on_accept(ws, transport)``,
+    ``process_request(ws, request)``, ``select_subprotocol(ws, offered)``, ``opened(ws)``,
+    ``on_frame(conn, message)`` and ``closed(ws)``.
+    """
+
+    # 16 slots: 160 bytes, the block 15 took already (pymalloc rounds to 16 bytes); a 17th costs 16 more.
+    __slots__ = ("accepted", "admission", "frags", "inbox", "inbox_paused", "lost", "phase", "protocol", "proxy",
+                 "request", "response", "slot", "task", "timer", "transport", "wsd_conn")
+
+    wsd_hub: Any = None  # class-wide: the one hub (set when the first connection registers)
+    wsd_endpoint: Any = None  # class-wide: set by the daemon's Endpoint
+    loop: asyncio.AbstractEventLoop
+    # class-wide settings, set by ``listen``
+    open_timeout = 10.0
+    close_timeout = 10.0
+    write_limit = 64 * 1024
+    max_size: int | None = 1 << 20
+
+    def __init__(self) -> None:
+        self.protocol = WsdServerProtocol(WsdServerConnection.max_size)
+        self.transport: Any = None
+        self.wsd_conn: Conn | None = None  # the admitted, registered connection
+        self.accepted = time.perf_counter()  # the handshake duration histogram's start
+        self.slot: str | None = None  # the address holding a handshake-in-progress slot, until the handshake ends
+        self.admission: Any = None  # the endpoint's Admission, until the handler takes it
+        # server.proxy_protocol: bytes while a PROXY preamble is expected (what of it has arrived), then the
+        # client's address it gave ("" when it named none); None for a connection without one
+        self.proxy: bytes | str | None = None
+        self.request: Request | None = None
+        self.response: Response | None = None
+        self.phase = 0  # 0 waiting for the request, 1 handshake, 2 starting, 3 open and started, 4 torn down
+        self.task: asyncio.Task[None] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.inbox: deque[str | bytes] | None = None  # complete messages waiting for the handler (lazy)
+        self.inbox_paused = False
+        self.frags: list[Any] | None = None  # the frames of a fragmented message being received
+        self.lost = False
+
+    # -- what the rest of the runtime reads --------------------------------------------------------------
+    @property
+    def remote_address(self) -> Any:
+        tr = self.transport
+        return tr.get_extra_info("peername") if tr is not None else None
+
+    @property
+    def close_code(self) -> int | None:
+        return self.protocol.close_code
+
+    @property
+    def close_reason(self) -> str | None:
+        return self.protocol.close_reason
+
+    # -- asyncio.Protocol -------------------------------------------------------------------------------
     def connection_made(self, transport: Any) -> None:
-        super().connection_made(transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(WsdServerConnection.write_limit)
+        self.timer = self.loop.call_later(WsdServerConnection.open_timeout, self._open_timed_out)
         ep = WsdServerConnection.wsd_endpoint
         if ep is not None:
             ep.on_accept(self, transport)
-
-    async def handshake(self, *args: Any, **kwargs: Any) -> None:
-        try:
-            await super().handshake(*args, **kwargs)
-        finally:
-            self._release_slot()
 
     def data_received(self, data: bytes) -> None:
         """Hand received bytes to websockets' parser at most ``READ_SLICE`` at a time.
@@ -175,12 +252,11 @@ class WsdServerConnection(ServerConnection):
         """
         c = self.wsd_conn
         if c is None:
-            hs = self.wsd_hs
-            if hs is not None and hs.proxy is not None:  # a PROXY preamble first (server.proxy_protocol)
-                data = WsdServerConnection.wsd_endpoint.proxy_preamble(self, hs, data)
+            if type(self.proxy) is bytes:  # a PROXY preamble first (server.proxy_protocol)
+                data = WsdServerConnection.wsd_endpoint.proxy_preamble(self, data)
                 if not data:
                     return
-            super().data_received(data)
+            self._feed(data)
             return
         if c.unread:
             c.unread += data  # order: behind what is still waiting (reading is paused again)
@@ -191,9 +267,9 @@ class WsdServerConnection(ServerConnection):
             self.wsd_hub.stats.input_discarded_bytes += len(data)
             return
         if len(data) <= READ_SLICE:
-            super().data_received(data)
+            self._feed(data)
             return
-        super().data_received(data[:READ_SLICE])
+        self._feed(data[:READ_SLICE])
         c.unread = data[READ_SLICE:]
         self.transport.pause_reading()
         self.loop.call_soon(self._feed_unread, c)
@@ -208,44 +284,248 @@ class WsdServerConnection(ServerConnection):
             self.wsd_hub.stats.input_discarded_bytes += len(data)
             return
         c.unread = data[READ_SLICE:]
-        super().data_received(data[:READ_SLICE])
+        self._feed(data[:READ_SLICE])
         if c.unread:
             self.loop.call_soon(self._feed_unread, c)
-        elif not self.recv_messages.paused:  # websockets resumes reading itself when its queue drains
+        elif not self.inbox_paused:  # reading resumes when the handler has caught up
             self.transport.resume_reading()
 
+    def eof_received(self) -> None:
+        self.protocol.receive_eof()
+        self.protocol.events_received()
+        self.send_data()
+        # the WebSocket close handshake ends the TCP connection: nothing is written after the peer's EOF
+
     def connection_lost(self, exc: Exception | None) -> None:
+        self.protocol.receive_eof()  # idempotent: the protocol is CLOSED from here on
+        self.lost = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         self._release_slot()
+        self.frags = None
         c = self.wsd_conn
         if c is not None:
             c.unread = b""
-        super().connection_lost(exc)
-
-    def _release_slot(self) -> None:
-        hs = self.wsd_hs
-        ip = hs.slot if hs is not None else None
-        if ip is not None:
-            hs.slot = None
-            ep = WsdServerConnection.wsd_endpoint
-            if ep is not None:
-                ep.inflight.leave(ip)
-
-    def acknowledge_pings(self, data: bytes) -> None:
-        c = self.wsd_conn
-        if c is not None and c.ping_data is not None:
-            self.wsd_hub.on_pong(c, data)
-        super().acknowledge_pings(data)
+            if self.phase == 3:
+                self._kick()  # the handler's end: once the messages already received are served
 
     def pause_writing(self) -> None:
-        super().pause_writing()
         c = self.wsd_conn
         if c is not None:
             self.wsd_hub.on_pause_writing(c)
 
     def resume_writing(self) -> None:
-        super().resume_writing()
         c = self.wsd_conn
         if c is not None:
             self.wsd_hub.on_resume_writing(c)
 
+    # -- the protocol -----------------------------------------------------------------------------------
+    def _feed(self, data: bytes) -> None:
+        proto = self.protocol
+        proto.receive_data(data)
+        events = proto.events_received()
+        self.send_data()  # pongs, close replies, the end of the stream
+        if proto.close_expected():
+            self._expect_close()
+        for ev in events:
+            if isinstance(ev, Frame):
+                op = ev.opcode
+                if op is _PONG:
+                    c = self.wsd_conn
+                    if c is not None and c.ping_data is not None:
+                        self.wsd_hub.on_pong(c, ev.data)
+                elif op is _TEXT or op is _BINARY:
+                    if ev.fin:
+                        self._message(ev.opcode, ev.data)
+                    else:
+                        self.frags = [ev]
+                elif op is _CONT:
+                    frags = self.frags
+                    if frags is None:
+                        continue  # websockets refused it already (protocol error)
+                    frags.append(ev)
+                    if ev.fin:
+                        self.frags = None
+                        self._message(frags[0].opcode, b"".join(f.data for f in frags))
+                    elif len(frags) >= MAX_FRAGMENTS:
+                        self.frags = None
+                        self._fail(CloseCode.MESSAGE_TOO_BIG, "too many fragments")
+                        return
+            elif self.phase == 0:  # the handshake request: the client's part of the handshake is done
+                self.request = ev
+                self.phase = 1
+                if self.timer is not None:
+                    self.timer.cancel()  # admission gets its own bound when it starts (_handshake)
+                    self.timer = None
+                self._kick()
 
+    def _message(self, opcode: Opcode, data: Any) -> None:
+        if opcode is _TEXT:
+            try:
+                msg: str | bytes = data.decode()
+            except UnicodeDecodeError as exc:
+                self._fail(CloseCode.INVALID_DATA, f"{exc.reason} at position {exc.start}")
+                return
+        else:
+            msg = data if type(data) is bytes else bytes(data)
+        inbox = self.inbox
+        if inbox is None:
+            inbox = self.inbox = deque()
+        inbox.append(msg)
+        if len(inbox) >= INBOX_HIGH and not self.inbox_paused:
+            self.inbox_paused = True
+            self.transport.pause_reading()
+        if self.phase == 3:
+            self._kick()
+
+    def _fail(self, code: int, reason: str) -> None:
+        self.protocol.fail(code, reason)
+        self.send_data()
+        self._expect_close()
+
+    def send_data(self) -> None:
+        """Write what the protocol has to send; its empty bytes mean the end of our side of the stream."""
+        tr = self.transport
+        for data in self.protocol.data_to_send():
+            try:
+                if data:
+                    tr.write(data)
+                elif tr.can_write_eof():
+                    tr.write_eof()
+                else:
+                    tr.close()
+            except Exception:  # noqa: BLE001  # a transport that is going: connection_lost follows
+                pass
+
+    def _expect_close(self) -> None:
+        """The TCP connection should end soon: abort it if it has not after the close timeout."""
+        self._close_within(WsdServerConnection.close_timeout)
+
+    def _close_within(self, timeout: float) -> None:
+        if self.lost or self.timer is not None:
+            return  # a close timer runs already (or the handshake's, which aborts a connection still connecting)
+        self.timer = self.loop.call_later(timeout, self._close_timed_out)
+
+    def close_soon(self, code: int, reason: str, timeout: float) -> None:
+        """Start the close handshake with ``code``; abort the transport if it is not over within ``timeout``."""
+        if self.lost:
+            return
+        proto = self.protocol
+        if proto.state is OPEN:
+            proto.send_close(code, reason)
+            self.send_data()
+        elif proto.state is _CONNECTING:
+            self.transport.abort()
+            return
+        self._close_within(timeout)
+
+    def _close_timed_out(self) -> None:
+        self.timer = None
+        if not self.lost:
+            hard_abort(self.transport)
+
+    def _open_timed_out(self) -> None:
+        """The client did not send its request in time, or admission did not finish in time: abort."""
+        self.timer = None
+        if self.protocol.state is _CONNECTING and not self.lost:
+            self.transport.abort()
+            if self.phase == 1 and self.task is not None:
+                self.task.cancel()  # an admission stuck on the engine ends with the connection
+
+    # -- the one task at a time -------------------------------------------------------------------------
+    def _kick(self) -> None:
+        if self.task is None:
+            self.task = self.loop.create_task(self._run())
+
+    async def _run(self) -> None:
+        ep = WsdServerConnection.wsd_endpoint
+        try:
+            if self.phase == 1:
+                await self._handshake(ep)
+                if self.protocol.state is not OPEN:
+                    return
+                self.phase = 2
+                await ep.opened(self)
+                self.phase = 3
+            c = self.wsd_conn
+            inbox = self.inbox
+            if c is not None and inbox:
+                while inbox:
+                    msg = inbox.popleft()
+                    if self.inbox_paused and len(inbox) <= INBOX_LOW:
+                        self.inbox_paused = False
+                        if not c.unread and not self.lost:
+                            self.transport.resume_reading()
+                    await ep.on_frame(c, msg)
+                self.inbox = None  # an idle connection keeps no deque (~760 bytes): the next message makes one
+            if self.lost and c is not None and self.phase == 3:
+                self.phase = 4
+                self.inbox = None
+                await ep.closed(self)
+        except Exception:
+            _log.exception("connection handler failed")
+            if not self.lost:
+                self.transport.abort()
+        finally:
+            self.task = None
+
+    async def _handshake(self, ep: Any) -> None:
+        proto = self.protocol
+        request = self.request
+        assert request is not None
+        # The handshake timeout runs from the accept until the request is in (the client's part), and again from
+        # here (admission's part): time the request waited for this task in a loaded loop is the server's own
+        # queue, and a client is not dropped for it.
+        if self.timer is None and not self.lost:
+            self.timer = self.loop.call_later(WsdServerConnection.open_timeout, self._open_timed_out)
+        try:
+            try:
+                response = await ep.process_request(self, request)
+            except Exception as exc:
+                proto.handshake_exc = exc
+                _WS_LOG.error("process_request failed", exc_info=True)
+                response = proto.reject(HTTPStatus.INTERNAL_SERVER_ERROR, "Failed to open a WebSocket connection.\n"
+                                        "See server log for more information.\n")
+            if response is None:
+                response = proto.accept(request)
+        finally:
+            self._release_slot()
+        self.request = None
+        if proto.state is not _CONNECTING or self.lost or proto.eof_sent:
+            return  # the peer left meanwhile, or sent what websockets refused (its answer is sent)
+        proto.send_response(response)
+        if proto.state is OPEN:
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
+            self.response = response
+            forget_request(proto)
+            self.send_data()
+        else:
+            self.send_data()
+            self._expect_close()
+
+    def _release_slot(self) -> None:
+        ip = self.slot
+        if ip is not None:
+            self.slot = None
+            ep = WsdServerConnection.wsd_endpoint
+            if ep is not None:
+                ep.inflight.leave(ip)
+
+
+async def listen(host: Any, port: int, *, ssl: Any, backlog: int, open_timeout: float, close_timeout: float,
+                 max_size: int | None, write_limit: int) -> asyncio.Server:
+    """The WebSocket listener: one ``WsdServerConnection`` per accepted TCP connection."""
+    loop = asyncio.get_running_loop()
+    cls = WsdServerConnection
+    cls.loop = loop
+    cls.open_timeout = open_timeout
+    cls.close_timeout = close_timeout
+    cls.max_size = max_size
+    cls.write_limit = write_limit
+    kw: dict[str, Any] = {}
+    if ssl is not None:
+        kw = {"ssl": ssl, "ssl_handshake_timeout": open_timeout, "ssl_shutdown_timeout": close_timeout}
+    return await loop.create_server(cls, host, port, backlog=backlog, **kw)

@@ -61,6 +61,11 @@ NODE_TTL_S = 3
 BUS_GRACE_S = 5.0
 #: at most this many channels in one SUBSCRIBE or UNSUBSCRIBE command
 BUS_BATCH = 500
+#: at most this many connections to Redis for commands (the bus and the control channel have one each); a command
+#: beyond them waits up to ``POOL_WAIT_S`` for one to be free (a burst of first subscribers or publications must
+#: queue, never fail)
+POOL_SIZE = 64
+POOL_WAIT_S = 5.0
 
 # Number, store and publish one publication. KEYS: meta, hist (one channel instance: one hash slot).
 # ARGV: new epoch (used when the channel has none), body, history size (0: broadcast, nothing stored),
@@ -230,8 +235,11 @@ class RedisEngine(Engine):
         self.prefix = prefix
         self.node_id = secrets.token_hex(4)
         # Bounded: one retry on a fresh connection (a pooled one that Redis closed), 1 s per attempt.
-        self.redis = aioredis.Redis.from_url(url, decode_responses=False, socket_timeout=1.0,
-                                             socket_connect_timeout=1.0, retry=Retry(NoBackoff(), 1))
+        # A blocking pool: a burst of commands (hundreds of first subscribers reading their position at once) waits
+        # for a connection instead of failing with "Too many connections".
+        self.redis = aioredis.Redis.from_pool(aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=POOL_SIZE, timeout=POOL_WAIT_S, decode_responses=False, socket_timeout=1.0,
+            socket_connect_timeout=1.0, retry=Retry(NoBackoff(), 1)))
         # The bus has a connection of its own: it waits for messages, and reconnects when it loses Redis.
         self._bus_client = aioredis.Redis.from_url(url, decode_responses=False, socket_connect_timeout=1.0,
                                                    retry=Retry(NoBackoff(), 1))

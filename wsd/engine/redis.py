@@ -416,6 +416,11 @@ class RedisEngine(Engine):
         for (e.g. many first subscribers at once) goes in one command. Retried while the bus is away."""
         while self._bus_todo_sub or self._bus_todo_unsub:
             await asyncio.sleep(0)
+            if not self._bus_up():
+                # The listener reconnects the bus (and redis-py subscribes again to what it had): sending on the
+                # connection while it does would race its reconnect. What is queued goes once it is back.
+                await asyncio.sleep(0.2)
+                continue
             unsub = list(self._bus_todo_unsub)
             sub = list(self._bus_todo_sub)
             self._bus_todo_unsub.clear()
@@ -432,7 +437,7 @@ class RedisEngine(Engine):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                if not isinstance(exc, self._unavailable):
+                if not isinstance(exc, self._unavailable) and self._bus_up():
                     log.exception("subscribing to channel buses failed; retrying")
                 else:
                     log.debug("subscribing to channel buses failed: %s; retrying", exc)
@@ -441,6 +446,11 @@ class RedisEngine(Engine):
                 self._bus_todo_sub.update(n for n in sub if n in names)
                 self._bus_todo_unsub.update(n for n in unsub if n not in names)
                 await asyncio.sleep(0.2)
+
+    def _bus_up(self) -> bool:
+        """Whether the bus connection is connected (a lost one is reconnected by the listener)."""
+        conn = self._pubsub.connection
+        return conn is not None and bool(conn.is_connected)
 
     def _bus_confirmed(self, name: bytes) -> None:
         """Redis confirmed a SUBSCRIBE: the channel's bus is live. A position read for it before (the wait for

@@ -132,3 +132,56 @@ async def test_a_first_subscriber_during_a_redis_restart_gets_live_messages_and_
     finally:
         await other.stop()
         await node.stop()
+
+
+async def test_a_subscriber_arriving_mid_stream_gets_no_message_twice_with_a_coalescing_window(wsd_factory,
+                                                                                                 redis_server, prefix):
+    """Messages of a busy channel are held for a coalescing window (here 300 ms) before they are written. Subscribers
+    arriving on node A in the middle of a stream from node B each get every offset after the position their subscribe
+    reply names, once: a message at or below that position held in the window while the reply was built is not
+    written after it."""
+    from tests.harness import BASE_CONFIG
+
+    base = BASE_CONFIG.replace("[manager]\n", "[manager]\ncoalesce_window_ms = 300\n", 1)
+    toml = f'[engine]\ntype = "redis"\nurl = "{redis_server.url}"\nprefix = "{prefix}"\n'
+    a, b = wsd_factory(toml, base=base), wsd_factory(toml, base=base)
+    watcher = await a.connect(pool="api", token=make_token("w", "acme")).__aenter__()
+    await welcome(watcher)
+    assert (await request(watcher, {"op": "subscribe", "id": 1, "channel": "trading-signals"}))["ok"]
+    stop = asyncio.Event()
+    offsets: list[int] = []
+
+    async def stream() -> None:
+        i = 0
+        while not stop.is_set():
+            offsets.append((await b.ctl("publish", channel="trading-signals/acme", type="sig", data={"i": i}))["offset"])
+            i += 1
+            await asyncio.sleep(0.01)
+
+    pub = asyncio.get_running_loop().create_task(stream())
+    subs: list[tuple[Any, int]] = []
+    try:
+        for k in range(6):
+            await asyncio.sleep(0.15)
+            ws = await a.connect(pool="api", token=make_token(f"s{k}", "acme")).__aenter__()
+            await welcome(ws)
+            r = await request(ws, {"op": "subscribe", "id": 1, "channel": "trading-signals"})
+            assert r["ok"], r
+            subs.append((ws, r["result"]["position"]["offset"]))
+        await asyncio.sleep(0.2)
+    finally:
+        stop.set()
+        await pub
+    last = offsets[-1]
+    try:
+        for ws, start in subs:
+            got: list[int] = []
+            while not got or got[-1] < last:
+                f = await recv_until(ws, lambda m: m.get("type") in ("message", "batch", "recovery"), timeout=5)
+                got += [m["offset"] for m in (f["messages"] if f.get("type") == "batch" else [f])
+                        if m.get("type") == "message"]
+            assert got == list(range(start + 1, last + 1)), f"from {start}: {got}"
+    finally:
+        for ws, _ in subs:
+            await ws.close()
+        await watcher.close()

@@ -22,6 +22,8 @@ async def test_control_channel_answers_again_after_a_redis_restart(cluster, redi
     a, b, c = cluster
     ids = await node_ids(cluster)
     conns = [await connect(n, f"r{i}") for i, n in enumerate(cluster)]
+    for ws in conns:  # each connection's start (its default subscriptions read from Redis) is over
+        assert (await request(ws, {"op": "ping", "id": 1}))["ok"]
     redis_server.kill()
     t0 = time.monotonic()
     try:

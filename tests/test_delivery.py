@@ -512,7 +512,9 @@ async def test_control_socket_sources(wsd_factory):
         )
         assert res["delivered"] == 3
         res = await w.ctl("send", connection_id=ids[2][:8], data={"d": 1}, type="direct")
-        assert res == {"delivered": 1, "connection_id": ids[2]}
+        # the cluster's fields too (one node here: this one, nobody missing)
+        assert res == {"delivered": 1, "connection_id": ids[2], "node": "ws-manager-v1", "nodes": ["ws-manager-v1"],
+                       "missing": []}
         got_a = [await recv_json(a), await recv_json(a)]
         assert [(x["msg_type"], x["data"]) for x in got_a] == [("notice", {"b": 1}), ("notice", {"b": 2})]
         assert got_a[1]["priority"] == "critical"

@@ -69,6 +69,11 @@ NODE_TTL_S = 3
 BUS_GRACE_S = 5.0
 #: at most this many channels in one SUBSCRIBE or UNSUBSCRIBE command
 BUS_BATCH = 500
+#: at most this many connections to Redis for commands (the bus and the control channel have one each); a command
+#: beyond them waits up to ``POOL_WAIT_S`` for one to be free (a burst of first subscribers or publications must
+#: queue, never fail)
+POOL_SIZE = 64
+POOL_WAIT_S = 5.0
 
 # Number, store and publish one publication. KEYS: meta, hist (one channel instance: one hash slot).
 # ARGV: new epoch (used when the channel has none), body, history size (0: broadcast, nothing stored),
@@ -303,8 +308,11 @@ class RedisEngine(Engine):
                                                      socket_connect_timeout=1.0)
         else:
             # Bounded: one retry on a fresh connection (a pooled one that Redis closed), 1 s per attempt.
-            self.redis = aioredis.Redis.from_url(url, decode_responses=False, socket_timeout=1.0,
-                                                 socket_connect_timeout=1.0, retry=Retry(NoBackoff(), 1))
+            # A blocking pool: a burst of commands (hundreds of first subscribers reading their position at once)
+            # waits for a connection instead of failing with "Too many connections".
+            self.redis = aioredis.Redis.from_pool(aioredis.BlockingConnectionPool.from_url(
+                url, max_connections=POOL_SIZE, timeout=POOL_WAIT_S, decode_responses=False, socket_timeout=1.0,
+                socket_connect_timeout=1.0, retry=Retry(NoBackoff(), 1)))
             # The bus has a connection of its own: it waits for messages, and reconnects when it loses Redis.
             self._bus_client = self.pubsub_client()
         #: the shared bus: broadcasts and publications routed beyond their channel (every node subscribes)
@@ -512,6 +520,11 @@ class RedisEngine(Engine):
         for (e.g. many first subscribers at once) goes in one command. Retried while the bus is away."""
         while self._bus_todo_sub or self._bus_todo_unsub:
             await asyncio.sleep(0)
+            if not self._bus_up():
+                # The listener reconnects the bus (and redis-py subscribes again to what it had): sending on the
+                # connection while it does would race its reconnect. What is queued goes once it is back.
+                await asyncio.sleep(0.2)
+                continue
             unsub = list(self._bus_todo_unsub)
             sub = list(self._bus_todo_sub)
             self._bus_todo_unsub.clear()
@@ -532,7 +545,7 @@ class RedisEngine(Engine):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                if not isinstance(exc, self._unavailable):
+                if not isinstance(exc, self._unavailable) and self._bus_up():
                     log.exception("subscribing to channel buses failed; retrying")
                 else:
                     log.debug("subscribing to channel buses failed: %s; retrying", exc)
@@ -554,6 +567,11 @@ class RedisEngine(Engine):
             node = self._bus_client.get_node(node_name=name)
             if node is not None:
                 self._readers[name] = asyncio.get_running_loop().create_task(self._listen(node))
+
+    def _bus_up(self) -> bool:
+        """Whether the bus connection is connected (a lost one is reconnected by the listener)."""
+        conn = getattr(self._pubsub, "connection", None)
+        return conn is not None and bool(conn.is_connected)
 
     def _bus_confirmed(self, name: bytes) -> None:
         """Redis confirmed a SUBSCRIBE: the channel's bus is live. A position read for it before (the wait for

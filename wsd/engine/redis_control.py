@@ -3,13 +3,15 @@
 A requesting node PUBLISHes one request on ``<prefix>:ctl``::
 
     {"id": "<random>", "from": "<node id>", "method": "...", "params": {...}, "nodes": [...] | null,
-     "deadline_s": 2.0}
+     "deadline_s": 2.0, "until": <unix time the deadline ends>}
 
 Every node named in ``nodes`` (every node when null) but the requester serves its part (``Engine.on_control``,
 bounded by the deadline) and PUBLISHes ``{"id", "node", "reply"}`` on the requester's own reply channel
 ``<prefix>:ctl:reply:<node id>``; the requester serves its own part in-process. The requester waits for the live
 nodes of the registry (or the ones named) until the deadline, never longer: whoever has not answered by then is
-reported missing, and a late reply is dropped.
+reported missing, and a late reply is dropped. A node that reads a request after its ``until`` (plus
+``CLOCK_SKEW_S`` for the nodes' clocks) does not serve it: it was frozen or cut off meanwhile, and the requester has
+already told the operator that this node's part did not happen (a stale kick run minutes later would contradict it).
 
 The channel is as trusted as Redis itself: whoever may PUBLISH there may ask any node to list or close its
 connections. No request carries a token, and each reply is bounded (``MAX_CONTROL_REPLY_BYTES``).
@@ -21,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import time
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -32,6 +35,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("wsd.engine.redis")
 
+#: how far apart the nodes' clocks may be: a request read later than its ``until`` plus this is not served
+CLOCK_SKEW_S = 1.0
+
 
 class _Request(msgspec.Struct, forbid_unknown_fields=False):
     id: str
@@ -40,6 +46,7 @@ class _Request(msgspec.Struct, forbid_unknown_fields=False):
     params: dict[str, Any] = {}
     nodes: list[str] | None = None
     deadline_s: float = CONTROL_DEADLINE_S
+    until: float = 0.0  # unix time the requester stops waiting (0: not said)
 
 
 class _Reply(msgspec.Struct, forbid_unknown_fields=False):
@@ -84,7 +91,7 @@ class RedisControl:
         self._listener: asyncio.Task[None] | None = None
         self._waiting: dict[str, _Pending] = {}
         self._serving: set[asyncio.Task[None]] = set()
-        self.stats = {"requests": 0, "served": 0, "late_replies": 0, "bad": 0}
+        self.stats = {"requests": 0, "served": 0, "late_replies": 0, "bad": 0, "stale": 0}
 
     def reply_channel(self, node: str) -> bytes:
         return f"{self.engine.prefix}:ctl:reply:{node}".encode()
@@ -140,6 +147,11 @@ class RedisControl:
     def _request(self, req: _Request) -> None:
         if req.sender == self.node_id or (req.nodes is not None and self.node_id not in req.nodes):
             return  # the requester serves itself in-process; a request for other nodes is theirs
+        if req.until and time.time() > req.until + CLOCK_SKEW_S:
+            self.stats["stale"] += 1
+            log.warning("a control request (%r from node %r) arrived %.1fs after its deadline (this node was frozen "
+                        "or cut off): not served", req.method, req.sender, time.time() - req.until)
+            return
         task = asyncio.get_running_loop().create_task(self._serve(req))
         self._serving.add(task)
         task.add_done_callback(self._serving.discard)
@@ -176,7 +188,7 @@ class RedisControl:
         try:
             if others or nodes is None:  # nodes not yet in this node's view of the registry answer too
                 body = _encode({"id": rid, "from": me, "method": method, "params": params, "nodes": nodes,
-                                "deadline_s": deadline_s})
+                                "deadline_s": deadline_s, "until": time.time() + deadline_s})
                 try:
                     await asyncio.wait_for(self.engine.redis.publish(self.requests, body), deadline_s)
                 except Exception as exc:

@@ -691,6 +691,9 @@ class Endpoint:
                         res.position.epoch)
         else:
             sub.restart(sub.offset, res.position.epoch)
+        # Live messages of the channel still held in its coalescing window are taken into ``pending`` first: written
+        # after the reply, they would skip the check below (a message at the position sent twice).
+        hub.flush_channel(sub.channel)
         pending = sub.pending or []
         sub.pending = None
         # Live messages held meanwhile that the position read covers (published before it, in its epoch) were

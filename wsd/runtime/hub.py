@@ -301,13 +301,14 @@ class Hub(Delivery, Lifecycle):
 
     def _check_data(self, schema: Any, channel: str, msg_type: str, data: Any, source: str) -> None:
         """Refuse data that fails the channel group's schema: counted, audited once, never echoed."""
-        problem = schema.problem(data)
+        problem = schema.problem_quoted_and_not(data)
         if problem is None:
             return
-        path, reason = problem
+        path, reason, unquoted = problem
         self.stats.invalid_data += 1
+        # jsonschema's reasons quote the value: an encrypted group's plaintext is never kept, not even in audit
         self.events.audit("invalid_data", source=source, channel=channel, msg_type=msg_type[:100], path=path,
-                          reason=reason)
+                          reason=unquoted if channel.split("/")[0] in self.sealers else reason)
         raise InvalidData(f"data does not match the schema of {channel.split('/')[0]}: at {path}: {reason}",
                           costly=reason == OVER_BUDGET)
 

@@ -632,3 +632,14 @@ async def test_a_refused_publication_to_an_encrypted_group_leaves_no_plaintext_i
 async def _true(v: bool) -> bool:
     return v
 
+
+def test_a_key_written_in_place_of_its_file_is_refused_without_showing_it(tmp_path):
+    """A careless operator pastes the key itself where the key file's path goes: the check says so and never
+    prints the value (it would end in logs, `wsctl reload` replies and the journal)."""
+    key = base64.b64encode(secrets.token_bytes(32)).decode()
+    for value in (key, "/" + key[1:]):
+        code, lines = check(tmp_path, BASE.replace('k1 = "k1.key"', f'k1 = "{value}"'))
+        assert code != 0
+        text = "\n".join(lines)
+        assert value not in text and value[1:20] not in text, text
+        assert any(line.startswith("error: encryption.keys.k1:") and "key itself" in line for line in lines), lines

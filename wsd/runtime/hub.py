@@ -160,7 +160,8 @@ class Hub(Delivery, Lifecycle):
             users.discard(conn)
             if not users:
                 del self.by_user[conn.user_id]
-        self.pool_counts[conn.pool.id] -= 1
+        if not conn.taken_over:  # (a taken-over connection gave its seat up when it was taken over)
+            self.pool_counts[conn.pool.id] -= 1
         for sub in list(conn.subs.values()):
             self._unindex(sub)
         self._dirty.discard(conn)
@@ -181,7 +182,8 @@ class Hub(Delivery, Lifecycle):
         s = self.by_user.get(user_id)
         if not s:
             return 0
-        return len(s) if company_id is None else sum(1 for c in s if c.company_id == company_id)
+        # (one taken over is closing and holds no seat: the connection that took its session over does)
+        return sum(1 for c in s if not c.taken_over and (company_id is None or c.company_id == company_id))
 
     # -- subscriptions ------------------------------------------------------------------------------
     def add_subscription(self, conn: Conn, channel: str, group: str, mode: str, types: frozenset[str] | None

@@ -476,3 +476,19 @@ def test_a_reload_storm_pairs_every_reloading_with_ready_and_keeps_serving(wsd_f
     finally:
         lst.close()
 
+
+def test_a_watchdog_usec_far_too_short_does_not_spin_the_loop(wsd_factory: Callable[..., Wsd]) -> None:
+    """WATCHDOG_USEC=1 (a typo in WatchdogSec=): pings come at most every 10 ms, not in a busy loop starving
+    the clients, and the log says the watchdog cannot be met."""
+    lst = NotifyListener(abstract=True)
+    try:
+        w, i, _ = _start_watching(wsd_factory, lst, {"WATCHDOG_USEC": "1"})
+        time.sleep(0.5)  # fifty floor periods
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 0.3:
+            lst._poll()
+        pings = sum(1 for m in lst.messages[i + 1:] if m.get("WATCHDOG") == "1")
+        assert 1 <= pings <= 100, pings
+        assert "WATCHDOG_USEC" in w.log()
+    finally:
+        lst.close()

@@ -592,3 +592,54 @@ def test_keygen_writes_a_0600_key_and_never_overwrites(tmp_path):
     p = wsd_cmd("keygen", str(tmp_path / "no" / "dir.key"))
     assert p.returncode == 1 and "cannot create" in p.stderr and len(p.stderr.splitlines()) == 1
     assert wsd_cmd("keygen").returncode == 2
+
+
+async def test_a_refused_publication_to_an_encrypted_group_leaves_no_plaintext_in_the_audit_file(wsd_factory, key1):
+    """jsonschema's messages quote the offending value ("'...' is not of type 'integer'"): for an encrypted group
+    the audit record names the path and the failed keyword only, so the audit file never holds its plaintext; the
+    publisher (who sent the value) still gets the full reason."""
+    path, _ = key1
+    schema = ('data_schema = { type = "object", properties = { note = { type = "integer" }, '
+              'p = { type = "string", pattern = "^a$" } } }')
+    text = config({"k1": path}, "k1").replace('encrypt = "k1"', f'encrypt = "k1"\n{schema}')
+    text = text.replace("[channels.plain]\n", f"[channels.plain]\n{schema}\n") + '\n[audit]\npath = "audit.log"\n'
+    w = wsd_factory(text)
+    audit = w.workdir / "audit.log"
+    async with w.connect("api", make_token("pub", "acme")) as pub:
+        await welcome(pub)
+        for i, data in enumerate(({"note": SECRET_WORD}, {"p": SECRET_WORD})):
+            bad = await request(pub, {"op": "publish", "id": i, "channel": "sig", "data": data})
+            assert bad["error"]["code"] == "invalid_data" and SECRET_WORD in bad["error"]["message"], bad
+        bad = await request(pub, {"op": "publish", "id": 9, "channel": "plain", "data": {"note": "visible-1"}})
+        assert bad["error"]["code"] == "invalid_data", bad
+    res = await awsctl(w, "publish", "sig/acme", "--data", json.dumps({"note": SECRET_WORD}))
+    assert res.rc != 0 and SECRET_WORD in res.err  # the operator typed it
+
+    def records() -> list[dict[str, Any]]:
+        if not audit.exists():
+            return []
+        return [r for r in map(json.loads, audit.read_text().splitlines()) if r.get("event") == "invalid_data"]
+
+    await wait_for(lambda: _true(len(records()) == 4))
+    assert SECRET_WORD not in audit.read_text()
+    sig = [r for r in records() if r["channel"] == "sig/acme"]
+    assert [r["path"] for r in sig] == ["$.note", "$.p", "$.note"]
+    assert "integer" in sig[0]["reason"] and "pattern" in sig[1]["reason"]
+    plain = [r for r in records() if r["channel"] == "plain/acme"]
+    assert "visible-1" in plain[0]["reason"]  # plain groups keep jsonschema's own words
+
+
+async def _true(v: bool) -> bool:
+    return v
+
+
+def test_a_key_written_in_place_of_its_file_is_refused_without_showing_it(tmp_path):
+    """A careless operator pastes the key itself where the key file's path goes: the check says so and never
+    prints the value (it would end in logs, `wsctl reload` replies and the journal)."""
+    key = base64.b64encode(secrets.token_bytes(32)).decode()
+    for value in (key, "/" + key[1:]):
+        code, lines = check(tmp_path, BASE.replace('k1 = "k1.key"', f'k1 = "{value}"'))
+        assert code != 0
+        text = "\n".join(lines)
+        assert value not in text and value[1:20] not in text, text
+        assert any(line.startswith("error: encryption.keys.k1:") and "key itself" in line for line in lines), lines

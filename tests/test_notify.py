@@ -435,3 +435,60 @@ def test_daemon_runs_without_writable_executable_memory(tmp_path: Path) -> None:
     finally:
         assert w.stop() == 0, w.log()
     assert "Traceback" not in w.log() and "PR_SET_MDWE" not in w.log()
+
+
+def test_a_reload_storm_pairs_every_reloading_with_ready_and_keeps_serving(wsd_factory: Callable[..., Wsd]) -> None:
+    """100 SIGHUPs as fast as they can be sent, a client connected throughout: the daemon serves on, each
+    RELOADING=1 is followed by its READY=1 (the service manager is never left in "reloading"), and the
+    MONOTONIC_USEC values never go back."""
+    lst = NotifyListener(abstract=False)
+    try:
+        w, i, _ = _start_watching(wsd_factory, lst)
+        assert w.proc is not None
+
+        async def storm() -> None:
+            async with w.connect("mt5", make_token("alice")) as ws:
+                await ws.recv()
+                for _ in range(100):
+                    os.kill(w.proc.pid, signal.SIGHUP)
+                await ws.send('{"op": "ping", "id": 1}')
+                assert '"pong"' in await asyncio.wait_for(ws.recv(), 10)  # served on through the storm
+        asyncio.run(storm())
+
+        async def reloads() -> int:
+            return int((await w.ctl("status"))["reloads"])
+        n = 0
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            n = asyncio.run(reloads())
+            lst._poll()
+            if sum(1 for m in lst.messages[i + 1:] if m.get("READY") == "1") >= n and n >= 1:
+                break
+        for _ in range(20):
+            lst._poll()
+        after = [m for m in lst.messages[i + 1:] if "RELOADING" in m or "READY" in m]
+        assert w.proc.poll() is None
+        assert 1 <= n <= 100 and len(after) == 2 * n, (n, len(after))
+        assert all("RELOADING" in a and "READY" in b for a, b in zip(after[::2], after[1::2], strict=True))
+        usecs = [int(m["MONOTONIC_USEC"]) for m in after[::2]]
+        assert usecs == sorted(usecs)
+        assert "refused" not in after[-1]["STATUS"]
+    finally:
+        lst.close()
+
+
+def test_a_watchdog_usec_far_too_short_does_not_spin_the_loop(wsd_factory: Callable[..., Wsd]) -> None:
+    """WATCHDOG_USEC=1 (a typo in WatchdogSec=): pings come at most every 10 ms, not in a busy loop starving
+    the clients, and the log says the watchdog cannot be met."""
+    lst = NotifyListener(abstract=True)
+    try:
+        w, i, _ = _start_watching(wsd_factory, lst, {"WATCHDOG_USEC": "1"})
+        time.sleep(0.5)  # fifty floor periods
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 0.3:
+            lst._poll()
+        pings = sum(1 for m in lst.messages[i + 1:] if m.get("WATCHDOG") == "1")
+        assert 1 <= pings <= 100, pings
+        assert "WATCHDOG_USEC" in w.log()
+    finally:
+        lst.close()

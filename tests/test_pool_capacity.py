@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 
 import pytest
 from websockets.asyncio.client import ClientConnection
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from tests.harness import BASE_CONFIG, Wsd, closed_with, make_token, request, wait_for, welcome
 from wsd.config import ConfigError, load_config
@@ -281,3 +282,97 @@ async def test_a_resume_into_another_pool_moves_its_seat(wsd_factory):
             await new.close()
     finally:
         await c.close_all()
+
+
+async def test_a_token_holder_resuming_its_session_over_and_over_holds_one_seat(wsd_factory):
+    """A hostile token holder resumes its own session again and again, never answering the close of the
+    connection each resume takes over: a taken-over connection gives its seat up at once, so the holder still
+    counts one (per pool, against manager.max_connections and max_connections_per_user) while those closes
+    time out, and other users still get in."""
+    text = base(6).replace("max_connections_per_user = 1000", "max_connections_per_user = 2").replace(
+        "drain_timeout_ms = 2000", "drain_timeout_ms = 8000")
+    assert "max_connections_per_user = 2" in text and "drain_timeout_ms = 8000" in text
+    w = wsd_factory(pools(frontend=(0, 6), mt5=(0, 6), api=(0, 6)), base=text)
+    c = Clients(w)
+    taken: list[ClientConnection] = []
+    try:
+        ws = await w.connect("frontend", make_token("mallory"))
+        hello = await welcome(ws)
+        for i in range(8):
+            ws.transport.pause_reading()  # it never reads the 4011 close: the server waits for its answer
+            taken.append(ws)
+            ws = await w.connect(("frontend", "api")[i % 2], make_token("mallory"),
+                                 query={"session": hello["session_id"]})
+            hello = await welcome(ws)
+        taken.append(ws)
+        cap = (await w.ctl("pools.list"))["capacity"]
+        assert cap["shared_free"] == 5, cap  # mallory holds one seat, not nine
+        second = await w.connect("api", make_token("mallory"))  # max_connections_per_user = 2: one is left
+        taken.append(second)
+        await welcome(second)
+        for _ in range(4):
+            await c.add("mt5")  # the other users' four seats are all there
+        status, body = await c.try_add("mt5")
+        assert status == 503, body
+    finally:
+        for t in taken:
+            t.transport.abort()
+        await c.close_all()
+
+
+async def test_counts_return_to_zero_after_churn_takeovers_kicks_and_aborted_sockets(wsd_factory):
+    """480 handshakes in bursts of 40 over three pools: new sessions, resumes of live ones into any pool
+    (takeovers that move seats), clean closes, aborted sockets and kicks. The shared capacity never goes below
+    0 or above what is free, and once every client is gone the pools count 0 and all of it is free again."""
+    w = wsd_factory(pools(frontend=(2, 30), mt5=(3, 30), api=(0, 30)), base=base(40))
+    rnd = random.Random(7)
+    live: list = []
+    hellos: dict[int, dict] = {}
+    stats = {"ok": 0, "refused": 0, "closed": 0}
+
+    async def one(i: int) -> None:
+        pool = rnd.choice(["frontend", "mt5", "api"])
+        query = {}
+        user = f"u{i % 25}"
+        if live and rnd.random() < 0.4:
+            old = rnd.choice(live)
+            h = hellos.get(id(old))
+            if h:
+                user, query = h["user_id"], {"session": h["session_id"]}
+        try:
+            ws = await w.connect(pool, make_token(user, "acme"), query=query)
+        except (InvalidStatus, OSError, asyncio.TimeoutError):
+            stats["refused"] += 1
+            return
+        try:
+            hellos[id(ws)] = await welcome(ws)
+        except (ConnectionClosed, asyncio.TimeoutError):
+            stats["closed"] += 1
+            return
+        stats["ok"] += 1
+        live.append(ws)
+        r = rnd.random()
+        if r < 0.2:
+            ws.transport.abort()
+            live.remove(ws)
+        elif r < 0.4:
+            await ws.close()
+            live.remove(ws)
+
+    for rnd_i in range(12):
+        await asyncio.gather(*(one(rnd_i * 40 + k) for k in range(40)))
+        c = await counts(w)
+        cap = (await w.ctl("pools.list"))["capacity"]
+        assert 0 <= cap["shared_free"] <= 35 and all(0 <= v <= 30 for v in c.values()), (c, cap)
+        if rnd_i % 3 == 2:
+            await w.ctl("kick", user=f"u{rnd_i}")
+    assert stats["ok"] >= 100 and stats["refused"] >= 1, stats  # the limits were reached, and churned
+    for ws in live:
+        with contextlib.suppress(Exception):
+            await ws.close()
+
+    async def zero() -> bool:
+        c = await counts(w)
+        cap = (await w.ctl("pools.list"))["capacity"]
+        return all(v == 0 for v in c.values()) and cap["shared_free"] == 35
+    await wait_for(zero, timeout=20)

@@ -16,7 +16,7 @@ from typing import Any
 
 from wsd.config.model import ChannelConfig, Config
 from wsd.config.problems import ConfigError, Problems, key_path, read_text
-from wsd.core.encryption import KEY_ID, KEY_ID_RULE, Sealer, parse_key
+from wsd.core.encryption import KEY_ID, KEY_ID_RULE, Sealer, is_key_text, parse_key
 
 MAX_KEY_FILE_BYTES = 4096  # a key file is 45 bytes; anything much larger is not one
 
@@ -59,6 +59,11 @@ def _read_key(errs: Problems, path: str, file: str) -> bytes | None:
         st = os.stat(file)
     except OSError:
         st = None  # read_text names the error
+        if is_key_text(file):  # never quote it: it is the key
+            errs.add(path, "is the key itself, not the path of a key file: write it to a file only the daemon's "
+                           "user can read and name that file (`wsd keygen PATH` writes one); the value is not "
+                           "shown, and a key that was written in a config is no longer secret: make a new one")
+            return None
     if st is not None:
         if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_KEY_FILE_BYTES:
             what = "not a regular file" if not stat.S_ISREG(st.st_mode) else f"larger than {MAX_KEY_FILE_BYTES} bytes"

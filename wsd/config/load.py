@@ -18,6 +18,7 @@ from wsd.config.env import apply_env
 from wsd.config.model import ChannelConfig, Config, ResolvedAuth
 from wsd.config.problems import ConfigError, Problems, key_path
 from wsd.config.validate import validate
+from wsd.core.encryption import is_key_text
 
 # File paths in the config; a relative one is taken relative to the config file's directory.
 PATH_KEYS = (("server", "tls_cert"), ("server", "tls_key"), ("auth", "secret_file"),
@@ -83,7 +84,10 @@ def load(path: str | os.PathLike[str] | None, env: Mapping[str, str] | None = No
     keys = cfg.encryption.keys  # [encryption.keys] files: relative to the config file too
     for kid, file in keys.items():
         if isinstance(file, str) and file:
-            keys[kid] = os.path.normpath(os.path.join(base, os.path.expanduser(file)))
+            resolved = os.path.normpath(os.path.join(base, os.path.expanduser(file)))
+            # the key itself pasted in place of its file's path: kept as written, so the check can say so
+            # without ever showing it (a resolved path would quote it)
+            keys[kid] = file if is_key_text(file) and not os.path.exists(resolved) else resolved
     auth = validate(cfg, errs, from_file=path is not None, raw=raw)
     if errs.items:
         raise ConfigError(errs.lines())

@@ -46,6 +46,15 @@ def parse_key(text: str) -> bytes:
     return raw
 
 
+def is_key_text(text: str) -> bool:
+    """Whether ``text`` is a key as a key file holds it (the base64 of 32 bytes), e.g. pasted where a path goes."""
+    try:
+        parse_key(text)
+    except ValueError:
+        return False
+    return True
+
+
 def new_key_text() -> str:
     """A fresh key as a key file holds it: the base64 of 32 random bytes, and a newline."""
     return base64.b64encode(os.urandom(KEY_BYTES)).decode("ascii") + "\n"

@@ -132,23 +132,33 @@ class DataSchema:
         self.validator = cls(schema, registry=referencing.Registry(), format_checker=base.FORMAT_CHECKER)
 
     def problem(self, data: Any) -> tuple[str, str] | None:
+        """Where and why ``data`` fails the schema (the reason may quote a value of ``data``), or None."""
+        found = self.problem_quoted_and_not(data)
+        return None if found is None else found[:2]
+
+    def problem_quoted_and_not(self, data: Any) -> tuple[str, str, str] | None:
+        """Like ``problem``, with a third reason that never quotes ``data``: the failed keyword and its value
+        in the schema (what may be recorded for an encrypted group, whose plaintext must not be kept)."""
         self._deadline = _perf() + VALIDATION_BUDGET_S
         try:
             error = best_match(self.validator.iter_errors(data))
         except referencing.exceptions.Unresolvable as exc:  # a $ref outside the schema: refuse, say why
-            return "$", _cut(f"the channel's schema has a $ref that cannot be resolved: {exc}")
+            reason = _cut(f"the channel's schema has a $ref that cannot be resolved: {exc}")
+            return "$", reason, reason
         except _OverBudget:
-            return "$", OVER_BUDGET
+            return "$", OVER_BUDGET, OVER_BUDGET
         except RecursionError:
-            return "$", "the data is nested too deeply to validate"
+            reason = "the data is nested too deeply to validate"
+            return "$", reason, reason
         except SchemaError as exc:
-            return "$", _cut(exc.message)
+            return "$", _cut(exc.message), _cut(exc.message)
         if error is None:
             return None
+        keyword = _cut(f"fails {error.validator!r}: {_cut(repr(error.validator_value), 80)}")
         reason = error.message
         if len(reason) > MAX_REASON_CHARS:  # the message quotes the value: name the failed keyword instead
-            reason = f"fails {error.validator!r}: {_cut(repr(error.validator_value), 80)}"
-        return _cut(error.json_path, 120), _cut(reason)
+            reason = keyword
+        return _cut(error.json_path, 120), _cut(reason), keyword
 
     # -- keywords: each checks the deadline first --------------------------------------------------------
     def _bounded(self, fn: Any) -> Any:

@@ -164,7 +164,8 @@ class Hub(Delivery, Lifecycle):
             users.discard(conn)
             if not users:
                 del self.by_user[conn.user_id]
-        self.pool_counts[conn.pool.id] -= 1
+        if not conn.taken_over:  # (a taken-over connection gave its seat up when it was taken over)
+            self.pool_counts[conn.pool.id] -= 1
         for sub in list(conn.subs.values()):
             self._unindex(sub)
         self._dirty.discard(conn)
@@ -185,7 +186,8 @@ class Hub(Delivery, Lifecycle):
         s = self.by_user.get(user_id)
         if not s:
             return 0
-        return len(s) if company_id is None else sum(1 for c in s if c.company_id == company_id)
+        # (one taken over is closing and holds no seat: the connection that took its session over does)
+        return sum(1 for c in s if not c.taken_over and (company_id is None or c.company_id == company_id))
 
     # -- subscriptions ------------------------------------------------------------------------------
     def add_subscription(self, conn: Conn, channel: str, group: str, mode: str, types: frozenset[str] | None
@@ -317,13 +319,14 @@ class Hub(Delivery, Lifecycle):
 
     def _check_data(self, schema: Any, channel: str, msg_type: str, data: Any, source: str) -> None:
         """Refuse data that fails the channel group's schema: counted, audited once, never echoed."""
-        problem = schema.problem(data)
+        problem = schema.problem_quoted_and_not(data)
         if problem is None:
             return
-        path, reason = problem
+        path, reason, unquoted = problem
         self.stats.invalid_data += 1
+        # jsonschema's reasons quote the value: an encrypted group's plaintext is never kept, not even in audit
         self.events.audit("invalid_data", source=source, channel=channel, msg_type=msg_type[:100], path=path,
-                          reason=reason)
+                          reason=unquoted if channel.split("/")[0] in self.sealers else reason)
         raise InvalidData(f"data does not match the schema of {channel.split('/')[0]}: at {path}: {reason}",
                           costly=reason == OVER_BUDGET)
 

@@ -254,7 +254,11 @@ class Lifecycle:
 
     def take_over(self, conn: Conn) -> None:
         """``conn``'s session was resumed by another connection: close it with 4011; it neither keeps nor
-        ends the session (the other connection owns it now)."""
+        ends the session (the other connection owns it now). It gives its seat up at once (its pool's count
+        and its user's): the one that took over holds it, even while this close waits for a client that never
+        answers."""
+        if not conn.taken_over and conn.id in self.conns:
+            self.pool_counts[conn.pool.id] -= 1
         conn.taken_over = True
         self.close(conn, errors.TAKEN_OVER.code, errors.TAKEN_OVER.reason)
 

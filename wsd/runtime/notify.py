@@ -19,6 +19,9 @@ log = logging.getLogger("wsd")
 
 #: A STATUS= text is cut to this many characters (systemctl status shows one line).
 STATUS_MAX = 300
+#: Pings come at most this often (seconds), whatever ``$WATCHDOG_USEC`` asks: a far too short WatchdogSec=
+#: (``1us`` for ``1s``) must not turn the event loop into a busy loop that starves the clients.
+WATCHDOG_MIN_S = 0.01
 
 
 def socket_address(value: str) -> str | None:
@@ -61,6 +64,10 @@ class Notifier:
         if raw and self.address is None:
             log.warning("NOTIFY_SOCKET=%r is not a socket path or @name: service notifications are off", raw)
         self.watchdog_s = watchdog_interval(env, os.getpid()) if self.address else None
+        if self.watchdog_s is not None and self.watchdog_s < WATCHDOG_MIN_S:
+            log.warning("WATCHDOG_USEC=%s is too short to be met (WatchdogSec= in the unit): pinging every %g s, "
+                        "the service manager will restart the daemon", env.get("WATCHDOG_USEC"), WATCHDOG_MIN_S)
+            self.watchdog_s = WATCHDOG_MIN_S
         self.last_status = ""
         self._sock: socket.socket | None = None
         self._failed = False

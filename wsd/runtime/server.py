@@ -464,14 +464,29 @@ class Endpoint:
         if response is not None:
             ext = response.headers.get("Sec-WebSocket-Extensions")
             conn.extensions = tuple(e.strip() for e in ext.split(",")) if ext else ()
-        # Handshakes run concurrently: the limits are checked again now that this one is about to count.
-        if not adm.takeover and self.capacity_refusal(adm.pool.id):
+        # Handshakes run concurrently: the limits are checked again now that this one is about to count, with
+        # nothing awaited between the last check and the register (another handshake could take the seat).
+        session = adm.session
+        holder = hub.session_holder(conn.session_id, conn.user_id)
+        # (also a session resumed from the engine that another connection here resumed meanwhile)
+        if adm.takeover or (session is not None and holder is not None):
+            if holder is not None and holder.company_id == conn.company_id:
+                # Replaced at once (no await): a takeover within the pool is never refused; from another
+                # pool it moves the seat.
+                if holder.pool.id != adm.pool.id and self.capacity_refusal(adm.pool.id, leaving=holder.pool.id):
+                    ws.close_soon(errors.TRY_AGAIN.code, errors.TRY_AGAIN.reason, hub.close_timeout())
+                    return
+                session = await self._take_over(conn)
+            else:
+                # The holder went meanwhile: this connection adds one. Its session is only read from the
+                # engine, so a refusal leaves it for the next resume.
+                session = await self._take_over(conn)
+                if self.capacity_refusal(adm.pool.id):
+                    ws.close_soon(errors.TRY_AGAIN.code, errors.TRY_AGAIN.reason, hub.close_timeout())
+                    return
+        elif self.capacity_refusal(adm.pool.id):
             ws.close_soon(errors.TRY_AGAIN.code, errors.TRY_AGAIN.reason, hub.close_timeout())
             return
-        session = adm.session
-        # (also a session resumed from the engine that another connection here resumed meanwhile)
-        if adm.takeover or (session is not None and hub.session_holder(conn.session_id, conn.user_id) is not None):
-            session = await self._take_over(conn)
         hub.register(conn)
         ws.wsd_conn = conn
         WsdServerConnection.wsd_hub = hub  # one hub for every connection: a class attribute, no per-connection slot

@@ -233,7 +233,9 @@ async def test_presence_shows_connections_and_users(wsd):
             await welcome(ws)
             await subscribe(ws, "trading-signals")
         pres = await wsd.ctl("presence.get", channel="trading-signals/acme")
-        assert pres == {"channel": "trading-signals/acme", "connections": 3, "users": ["alice", "bob"]}
+        assert {k: pres[k] for k in ("channel", "connections", "users")} == \
+            {"channel": "trading-signals/acme", "connections": 3, "users": ["alice", "bob"]}
+        assert pres["missing"] == [] and pres["by_node"] == {pres["node"]: 3}  # one node: all of it
         await request(b, {"op": "unsubscribe", "id": rid(), "channel": "trading-signals"})
         pres = await wsd.ctl("presence.get", channel="trading-signals/acme")
         assert pres["connections"] == 2 and pres["users"] == ["alice"]

@@ -230,7 +230,7 @@ async def test_two_workers_share_the_port_one_socket_sees_both_sigterm_drains_bo
     conns = await spread(w, {W1, W2})
     rc, out, err = await wsctl(w, "connections")
     assert rc == 0, err
-    assert W1 in out and W2 in out, out
+    assert W1 in out and W2 in out, out + err
     rc, out, err = await wsctl(w, "--json", "connections")
     res = json.loads(out)
     assert res["total"] == len(conns) and sorted(res["nodes"]) == [W1, W2] and res["missing"] == []

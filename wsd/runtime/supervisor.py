@@ -90,6 +90,14 @@ class Worker:
                 "uptime_s": round(time.monotonic() - self.started, 1) if self.started else 0.0}
 
 
+def _die_with_parent() -> None:  # in the child between fork and exec
+    """A worker whose supervisor is gone (SIGKILL) drains and stops: nobody would restart or reach it."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def node_prefix() -> str:
     return socket.gethostname().split(".")[0] or "wsd"
 
@@ -211,7 +219,8 @@ class Supervisor:
         env["NOTIFY_SOCKET"] = os.path.join(self.private_dir, "notify.sock")
         env["WSD_WORKER_SECRET"] = self.shared_secret
         w.ready = False
-        w.proc = await asyncio.create_subprocess_exec(*self._command(w), env=env, stdin=asyncio.subprocess.DEVNULL)
+        w.proc = await asyncio.create_subprocess_exec(*self._command(w), env=env, stdin=asyncio.subprocess.DEVNULL,
+                                                      preexec_fn=_die_with_parent)
         w.pid = w.proc.pid
         w.started = time.monotonic()
         try:
@@ -280,7 +289,7 @@ class Supervisor:
         assert w.proc is not None
         code = await w.proc.wait()
         w.ready = False
-        if self.stopping or w.retiring:
+        if self.stopping or w.retiring or self._stop.is_set():
             return
         if self.workers.get(w.slot) is not w:
             return
@@ -445,11 +454,16 @@ class Supervisor:
             wr.close()
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One wsctl connection, relayed to one live worker's private socket. Requests are pipelined: each is
+        forwarded as it comes, and the replies go back in request order (a ``reload``, answered here, in its
+        place among them)."""
         task = asyncio.current_task()
         assert task is not None
         self._clients.add(task)
         codec = P.ServerCodec()
         upstream: asyncio.StreamWriter | None = None
+        replies: asyncio.Queue[Any] = asyncio.Queue()
+        relay: asyncio.Task[None] | None = None
         try:
             sock = writer.get_extra_info("socket")
             uid = peer_uid(sock) if sock is not None else None
@@ -466,51 +480,71 @@ class Supervisor:
                 await writer.drain()
                 return
             up_r, upstream = await asyncio.open_unix_connection(w.socket, limit=P.MAX_REPLY_BYTES)
-            while True:
+            relay = asyncio.get_running_loop().create_task(self._replies(w, replies, up_r, writer, codec))
+            while not relay.done():
                 req = codec.next_event()
                 if req is P.NEED_DATA:
                     codec.receive_data(await reader.read(1 << 16))
                     continue
                 if req is P.CLOSED:
-                    return
+                    break
                 if isinstance(req, P.BadRequest):
-                    writer.write(req.reply)
-                    await writer.drain()
+                    replies.put_nowait(req.reply)
                     if req.fatal:
-                        return
+                        break
                     continue
                 assert isinstance(req, P.Request)
                 if req.method == "reload":
-                    res = await self.reload()
-                    if res["ok"]:
-                        writer.write(codec.result(req.id, res))
-                    else:
-                        writer.write(codec.error(req.id, P.E_FAILED, "reload refused, the running config "
-                                                 "stays:\n" + "\n".join(res["errors"])))
-                    await writer.drain()
+                    replies.put_nowait(asyncio.ensure_future(self._reload_reply(codec, req)))
                     continue
                 upstream.write(json.dumps({"id": req.id, "method": req.method, "params": req.params}).encode()
                                + b"\n")
+                replies.put_nowait(req)
                 await upstream.drain()
                 if req.method in P.STREAM_METHODS:
-                    await self._stream(req, up_r, writer, codec)
-                    return
-                line = await up_r.readline()
-                if not line:
-                    writer.write(codec.error(req.id, P.E_FAILED, f"worker {w.node} went away: try again"))
-                    await writer.drain()
-                    return
-                writer.write(self._amend(req, line))
-                await writer.drain()
+                    break  # a stream ends only with its connection: nothing more is read from the client
+            replies.put_nowait(None)
+            await relay
         except (ConnectionError, OSError, asyncio.CancelledError):
             pass
         except Exception:
             log.exception("control relay failed")
         finally:
             self._clients.discard(task)
+            if relay is not None:
+                relay.cancel()
             if upstream is not None:
                 upstream.close()
             writer.close()
+
+    async def _reload_reply(self, codec: P.ServerCodec, req: P.Request) -> bytes:
+        res = await self.reload()
+        if res["ok"]:
+            return codec.result(req.id, res)
+        return codec.error(req.id, P.E_FAILED, "reload refused, the running config stays:\n" + "\n".join(res["errors"]))
+
+    async def _replies(self, w: Worker, replies: asyncio.Queue[Any], up_r: asyncio.StreamReader,
+                       writer: asyncio.StreamWriter, codec: P.ServerCodec) -> None:
+        """The replies of one relayed connection, in request order."""
+        while True:
+            item = await replies.get()
+            if item is None:
+                return
+            if isinstance(item, bytes):
+                writer.write(item)
+            elif isinstance(item, asyncio.Future):
+                writer.write(await item)
+            else:
+                if item.method in P.STREAM_METHODS:
+                    await self._stream(item, up_r, writer, codec)
+                    return
+                line = await up_r.readline()
+                if not line:
+                    writer.write(codec.error(item.id, P.E_FAILED, f"worker {w.node} went away: try again"))
+                    await writer.drain()
+                    return
+                writer.write(self._amend(item, line))
+            await writer.drain()
 
     def _amend(self, req: P.Request, line: bytes) -> bytes:
         """A worker's reply with what only the supervisor knows: its workers (status), its events."""

@@ -155,12 +155,13 @@ def redis_server(tmp_path) -> Any:
 def start_workers(tmp_path, redis_server):
     started: list[Wsd] = []
 
-    def make(workers: str = "2", extra: str = "") -> Wsd:
+    def make(workers: str = "2", extra: str = "", env_extra: dict[str, str] | None = None) -> Wsd:
         d = tmp_path / f"w{len(started)}"
         d.mkdir()
         toml = f'[engine]\ntype = "redis"\nurl = "{redis_server.url}"\nprefix = "w{os.getpid()}"\n{extra}'
         env = {k: v for k, v in os.environ.items() if not k.startswith("WSD_")}
         env["PYTHONPATH"] = str(ROOT)
+        env.update(env_extra or {})
         w = Wsd(d, BASE_CONFIG + "\n" + toml, env=env, args=["--workers", workers])
         started.append(w)
         return w.start(timeout=30)
@@ -361,3 +362,40 @@ async def _broadcast_loop(w: Wsd, stop: asyncio.Event) -> None:
     finally:
         writer.close()
 
+
+
+async def test_a_worker_that_keeps_dying_stops_wsd_with_one_line_and_exit_1(start_workers, redis_server):
+    """Redis gone, a worker killed: each restart fails at once; after 5 exits within 60 s the supervisor gives up,
+    drains the other worker and exits 1."""
+    w = start_workers("2")
+    st = await nodes_ready(w, {W1, W2})
+    pid = next(i["pid"] for i in st["workers"]["items"] if i["node"] == W1)
+    redis_server.stop()
+    os.kill(pid, signal.SIGKILL)
+    code = await asyncio.to_thread(w.proc.wait, 60)
+    assert code == 1, w.log()
+    assert f"worker {W1} exited" in w.log() and "giving up, stopping wsd" in w.log()
+    assert not Path(w.socket).exists()
+
+
+def test_systemd_hears_the_supervisor_only_ready_once_every_worker_listens(start_workers):
+    from tests.test_notify import NotifyListener
+
+    lst = NotifyListener(abstract=False)
+    try:
+        w = start_workers("2", env_extra={"NOTIFY_SOCKET": lst.env_value})
+        i, ready = lst.wait(lambda m: m.get("READY") == "1", timeout=30)
+        assert ready["MAINPID"] == str(w.proc.pid) and ready["STATUS"] == "2 of 2 workers listening", ready
+        st = asyncio.run(w.ctl("status"))
+        assert all(item["ready"] for item in st["workers"]["items"])
+        w.signal(signal.SIGHUP)
+        j, _ = lst.wait(lambda m: m.get("RELOADING") == "1", i + 1)
+        k, again = lst.wait(lambda m: m.get("READY") == "1", j + 1)
+        assert "refused" not in again["STATUS"]
+        w.signal(signal.SIGTERM)
+        lst.wait(lambda m: m.get("STOPPING") == "1", k + 1)
+        assert w.proc.wait(20) == 0
+        # nothing from a worker reached the service manager: one MAINPID, the supervisor's
+        assert {m["MAINPID"] for m in lst.messages if "MAINPID" in m} == {str(w.proc.pid)}
+    finally:
+        lst.close()

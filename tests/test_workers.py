@@ -229,12 +229,12 @@ async def test_two_workers_share_the_port_one_socket_sees_both_sigterm_drains_bo
     assert st["workers"]["count"] == 2 and st["workers"]["supervisor_pid"] == w.proc.pid
     assert {i["pid"] for i in st["workers"]["items"]}.isdisjoint({w.proc.pid})
     conns = await spread(w, {W1, W2})
+    rc, out, err = await wsctl(w, "--json", "connections")
+    res = json.loads(out)
+    assert res["total"] == len(conns) and sorted(res["nodes"]) == [W1, W2] and res["missing"] == [], res
     rc, out, err = await wsctl(w, "connections")
     assert rc == 0, err
     assert W1 in out and W2 in out, out + err
-    rc, out, err = await wsctl(w, "--json", "connections")
-    res = json.loads(out)
-    assert res["total"] == len(conns) and sorted(res["nodes"]) == [W1, W2] and res["missing"] == []
     # the supervisor's own events are in the cluster's
     rc, out, err = await wsctl(w, "--json", "events", "--kind", "worker_started")
     assert rc == 0, err

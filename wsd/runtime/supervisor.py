@@ -239,6 +239,9 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         self._reserve_port()
         await self._start_control()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
         try:
             for slot in range(1, self.count.low + 1):
                 await self._spawn(self._add(slot))
@@ -258,9 +261,6 @@ class Supervisor:
                      ", ".join(w.node for w in self.workers.values()), self.socket_path)
             self.serving = True
             self.notifier.ready(self.service_status())
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, self._stop.set)
-            loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
             tasks = [loop.create_task(self._service_loop())]
             if self.count.scaling:
                 tasks.append(loop.create_task(self._autoscale()))
@@ -393,11 +393,13 @@ class Supervisor:
                 w = cfg.workers
                 self.scaler.reconfigure(up_cpu=w.scale_up_cpu, down_cpu=w.scale_down_cpu,
                                         up_after_s=w.scale_up_after_s, down_after_s=w.scale_down_after_s)
+        first = next((r for r in results.values() if isinstance(r, dict) and "pending_restart" in r), {})
         status = self.service_status()
         if errors:
             status = f"reload refused by {len(errors)} worker(s): {errors[0]}; {status}"
         self.notifier.ready(status)
-        return {"ok": not errors, "errors": errors, "workers": results}
+        return {"ok": not errors, "errors": errors, "workers": results,
+                "restart_required": first.get("restart_required", []), "pending_restart": first.get("pending_restart", [])}
 
     async def _shutdown(self) -> None:
         self.stopping = True
@@ -481,6 +483,7 @@ class Supervisor:
                 return
             up_r, upstream = await asyncio.open_unix_connection(w.socket, limit=P.MAX_REPLY_BYTES)
             relay = asyncio.get_running_loop().create_task(self._replies(w, replies, up_r, writer, codec))
+            streaming = False
             while not relay.done():
                 req = codec.next_event()
                 if req is P.NEED_DATA:
@@ -502,9 +505,15 @@ class Supervisor:
                 replies.put_nowait(req)
                 await upstream.drain()
                 if req.method in P.STREAM_METHODS:
+                    streaming = True
                     break  # a stream ends only with its connection: nothing more is read from the client
             replies.put_nowait(None)
-            await relay
+            if relay.done() or not streaming:
+                await relay
+            else:  # a stream: it ends when the worker ends it or when the client goes away
+                gone = asyncio.get_running_loop().create_task(reader.read(1 << 16))
+                await asyncio.wait({relay, gone}, return_when=asyncio.FIRST_COMPLETED)
+                gone.cancel()
         except (ConnectionError, OSError, asyncio.CancelledError):
             pass
         except Exception:
@@ -565,7 +574,7 @@ class Supervisor:
             limit = req.params.get("limit", 100)
             mine = [dict(ev, node=f"{self.prefix}-supervisor") for ev in self.sink.log]
             evs = sorted(res["events"] + mine, key=lambda e: (e.get("ts", 0), e.get("seq", 0)))
-            res["events"] = evs[-limit:] if isinstance(limit, int) and limit > 0 else evs
+            res["events"] = evs[-limit:] if isinstance(limit, int) and limit > 0 else []
         return json.dumps(reply).encode() + b"\n"
 
     async def _stream(self, req: P.Request, up_r: asyncio.StreamReader, writer: asyncio.StreamWriter,

@@ -567,6 +567,8 @@ class Supervisor:
         if not isinstance(res, dict):
             return line
         if req.method == "status":
+            # the process to signal and the socket to use are the supervisor's (each worker's are in node_stats)
+            res["pid"], res["socket"] = os.getpid(), self.socket_path
             res["workers"] = {"supervisor_pid": os.getpid(), "count": len(self.workers),
                               "min": self.count.low, "max": self.count.high,
                               "items": [w.describe() for w in sorted(self.workers.values(), key=lambda x: x.slot)]}

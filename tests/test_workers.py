@@ -207,22 +207,36 @@ async def connect(w: Wsd, user: str, session: str = "") -> Any:
     return ws
 
 
-async def where(w: Wsd) -> dict[str, str]:
-    """connection id -> node id, from the cluster-wide list."""
-    res = await w.ctl("connections.list", limit=1000)
+async def where(w: Wsd, nodes: set[str] | None = None) -> dict[str, str]:
+    """connection id -> node id, from the cluster-wide list, once it covers ``nodes`` (a node's view of the
+    registry can lag a moment behind: its answer then covers itself only, without naming the other missing)."""
+    res: dict[str, Any] = {}
+
+    async def covers() -> bool:
+        nonlocal res
+        res = await w.ctl("connections.list", limit=1000)
+        return nodes is None or set(res["nodes"]) >= nodes
+
+    await wait_for(covers, timeout=10, step=0.1)
     return {row["id"]: row["node"] for row in res["items"]}
 
 
 async def spread(w: Wsd, nodes: set[str], most: int = 60) -> list[Any]:
-    """Connect until connections land on every node in ``nodes`` (the kernel hashes each connection to one)."""
+    """Connect until connections land on every node in ``nodes`` (the kernel hashes each connection to one); each
+    connection's ``node`` is where the cluster-wide list placed it then."""
     conns: list[Any] = []
     for i in range(most):
         conns.append(await connect(w, f"u{i}"))
-        if i % 4 == 3 and set((await where(w)).values()) >= nodes:
-            return conns
+        if i % 4 == 3:
+            on = await where(w, nodes)
+            if set(on.values()) >= nodes:
+                for ws in conns:
+                    ws.node = on.get(ws.hello["connection_id"], "")
+                return conns
     raise AssertionError(f"{most} connections did not reach every node of {nodes}: {await where(w)}")
 
 
+@pytest.mark.timeout(240)  # worker starts on a loaded 2-core machine
 async def test_two_workers_share_the_port_one_socket_sees_both_sigterm_drains_both(start_workers):
     w = start_workers("2")
     st = await nodes_ready(w, {W1, W2})
@@ -251,12 +265,13 @@ async def test_two_workers_share_the_port_one_socket_sees_both_sigterm_drains_bo
     assert "stopped (all workers drained)" in w.log()
 
 
+@pytest.mark.timeout(240)  # worker starts on a loaded 2-core machine
 async def test_a_killed_worker_is_restarted_and_its_clients_resume(start_workers):
     w = start_workers("2")
     st = await nodes_ready(w, {W1, W2})
     pids = {i["node"]: i["pid"] for i in st["workers"]["items"]}
     conns = await spread(w, {W1, W2})
-    on = await where(w)
+    on = await where(w, {W1, W2})
     victims = [ws for ws in conns if on[ws.hello["connection_id"]] == W1]
     survivors = [ws for ws in conns if on[ws.hello["connection_id"]] == W2]
     os.kill(pids[W1], signal.SIGKILL)
@@ -280,6 +295,7 @@ async def test_a_killed_worker_is_restarted_and_its_clients_resume(start_workers
     assert "restarting it in" in w.log()
 
 
+@pytest.mark.timeout(240)  # worker starts on a loaded 2-core machine
 async def test_sighup_reloads_every_worker_and_a_refusal_is_reported(start_workers):
     w = start_workers("2")
     await nodes_ready(w, {W1, W2})
@@ -287,9 +303,7 @@ async def test_sighup_reloads_every_worker_and_a_refusal_is_reported(start_worke
     w.config_path.write_text(text.replace("message_burst = 1000", "message_burst = 999"))
     res = await w.ctl("reload")
     assert res["ok"] is True and set(res["workers"]) == {W1, W2}
-    for node in (W1, W2):
-        cfg = (await w.ctl("status", node=[node]))
-        assert cfg["answered"] == [node]
+    assert all(r["ok"] for r in res["workers"].values()), res
     w.config_path.write_text(text + "\n[limits]\nmessage_burst = 5\n")  # a section twice: not TOML
     with pytest.raises(Exception) as exc:
         await w.ctl("reload")
@@ -302,9 +316,10 @@ async def test_sighup_reloads_every_worker_and_a_refusal_is_reported(start_worke
     assert w.proc.poll() is None
 
 
+@pytest.mark.timeout(240)  # worker starts on a loaded 2-core machine
 async def test_autoscale_adds_a_worker_under_load_and_retires_it_after(start_workers):
     extra = ("[workers]\nscale_up_cpu = 0.3\nscale_up_after_s = 1.0\nscale_down_cpu = 0.15\n"
-             "scale_down_after_s = 3.0\n")
+             "scale_down_after_s = 5.0\n")
     w = start_workers("auto:1-2", extra)
     await nodes_ready(w, {W1})
     readers = [await connect(w, f"r{i}") for i in range(30)]
@@ -322,15 +337,14 @@ async def test_autoscale_adds_a_worker_under_load_and_retires_it_after(start_wor
     assert "worker_scaled direction=up" in w.log()
     # clients on the new worker: drained with 1001 when it is retired, then they resume on the other
     more = await spread(w, {W2})
-    on = await where(w)
-    moved = [ws for ws in more if on[ws.hello["connection_id"]] == W2]
+    moved = [ws for ws in more if ws.node == W2]
     codes = await asyncio.gather(*(closed_with(ws, timeout=60) for ws in moved))
     assert {c for c, _ in codes} == {1001}, codes
     await nodes_ready(w, {W1}, timeout=30)
     for ws in moved:
         again = await connect(w, ws.user, session=ws.hello["session_id"])
         assert again.hello["resumed"] is True, again.hello
-        assert (await where(w))[again.hello["connection_id"]] == W1
+        assert (await where(w, {W1}))[again.hello["connection_id"]] == W1
         await again.close()
     ev = await w.ctl("events.recent", limit=1000)
     down = [e for e in ev["events"] if e["event"] == "worker_scaled" and e["direction"] == "down"]
@@ -364,6 +378,7 @@ async def _broadcast_loop(w: Wsd, stop: asyncio.Event) -> None:
 
 
 
+@pytest.mark.timeout(240)  # worker starts on a loaded 2-core machine
 async def test_a_worker_that_keeps_dying_stops_wsd_with_one_line_and_exit_1(start_workers, redis_server):
     """Redis gone, a worker killed: each restart fails at once; after 5 exits within 60 s the supervisor gives up,
     drains the other worker and exits 1."""
@@ -378,6 +393,7 @@ async def test_a_worker_that_keeps_dying_stops_wsd_with_one_line_and_exit_1(star
     assert not Path(w.socket).exists()
 
 
+@pytest.mark.timeout(240)  # worker starts on a loaded 2-core machine
 def test_systemd_hears_the_supervisor_only_ready_once_every_worker_listens(start_workers):
     from tests.test_notify import NotifyListener
 

@@ -149,17 +149,36 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     }
     with tempfile.TemporaryDirectory(prefix="wsd-bench-") as tmp:
         tmpdir = Path(tmp)
-        for size in sizes:
-            per_target: dict[str, list[dict[str, Any]]] = {k: [] for k in targets}
-            for run in range(runs):
-                order = targets if run % 2 == 0 else list(reversed(targets))
-                for kind in order:
-                    log(f"=== size {size} run {run + 1}/{runs} target {kind}")
-                    per_target[kind].append(await one_run(kind, size, args, tmpdir))
-            doc["results"][str(size)] = summarize(per_target)
+        redis = None
+        if args.workers:  # `wsd serve --workers N`: the workers share a private redis-server
+            sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+            from tests.chaos import RedisServer
+
+            (tmpdir / "redis").mkdir()
+            redis = RedisServer(tmpdir / "redis")
+            redis.start()
+            args.redis_url = redis.url
+            doc["config"]["workers"] = args.workers
+        try:
+            await _sizes(args, sizes, targets, runs, tmpdir, doc)
+        finally:
+            if redis is not None:
+                redis.stop()
     doc["duration_s"] = round(time.time() - started, 1)
     doc["machine"]["load_avg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     return doc
+
+
+async def _sizes(args: argparse.Namespace, sizes: list[int], targets: list[str], runs: int, tmpdir: Path,
+                 doc: dict[str, Any]) -> None:
+    for size in sizes:
+        per_target: dict[str, list[dict[str, Any]]] = {k: [] for k in targets}
+        for run in range(runs):
+            order = targets if run % 2 == 0 else list(reversed(targets))
+            for kind in order:
+                log(f"=== size {size} run {run + 1}/{runs} target {kind}")
+                per_target[kind].append(await one_run(kind, size, args, tmpdir))
+        doc["results"][str(size)] = summarize(per_target)
 
 
 def _phase_dict(opts: PhaseOptions) -> dict[str, Any]:
@@ -204,6 +223,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--ping-interval", type=float, default=30.0, help="bare server ping interval, s (wsd: 30 s too)"
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="wsd: run `wsd serve --workers N` on a private redis-server (Redis engine, even for 1); "
+        "server CPU and RSS figures then cover the supervisor only",
     )
     p.add_argument("--settle-s", type=float)
     p.add_argument("--idle-s", type=float)

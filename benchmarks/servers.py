@@ -164,11 +164,14 @@ def wsd_config(
     secret: str,
     extra_limits: dict[str, int] | None = None,
     extra_toml: str = "",
+    redis_url: str = "",
 ) -> str:
     """The benchmark's wsd config: limits out of the way, one global channel ``bench``; ``extra_toml``
-    (more tables, e.g. a channel group or ``[engine]``) is appended."""
+    (more tables, e.g. a channel group or ``[engine]``) is appended; the Redis engine at ``redis_url`` when
+    given (``--workers``)."""
     extra = "".join(f"{k} = {v}\n" for k, v in (extra_limits or {}).items())
-    return f"""\
+    engine = f'[engine]\ntype = "redis"\nurl = "{redis_url}"\nprefix = "bench{time.time_ns()}"\n' if redis_url else ""
+    return engine + f"""\
 # written by benchmarks/servers.py for one benchmark run
 [server]
 host = "127.0.0.1"
@@ -234,11 +237,14 @@ async def start_wsd(
     ready_timeout_s: float = 30.0,
     extra_limits: dict[str, int] | None = None,
     extra_toml: str = "",
+    workers: int = 0,
+    redis_url: str = "",
 ) -> tuple[ServerProcess, Target]:
     extra = {**EXTRA_LIMITS, **(extra_limits or {})}
     for _attempt in range(len(EXTRA_LIMITS) + 1):  # bounded: each retry drops one refused key
         try:
-            return await _start_wsd_once(tmpdir, n, publish, wsd_cmd, ready_timeout_s, extra, extra_toml)
+            return await _start_wsd_once(tmpdir, n, publish, wsd_cmd, ready_timeout_s, extra, extra_toml, workers,
+                                         redis_url)
         except _RefusedKey as exc:
             log(f"wsd refused [limits] {exc.key}; retrying without it")
             extra.pop(exc.key)
@@ -259,6 +265,8 @@ async def _start_wsd_once(
     ready_timeout_s: float,
     extra_limits: dict[str, int],
     extra_toml: str = "",
+    workers: int = 0,
+    redis_url: str = "",
 ) -> tuple[ServerProcess, Target]:
     port = free_port()
     run_dir = tmpdir / f"wsd-{time.time_ns()}"
@@ -266,9 +274,11 @@ async def _start_wsd_once(
     sock = run_dir / "wsd.sock"
     secret = secrets.token_urlsafe(48)  # 64 chars
     cfg = run_dir / "wsd.toml"
-    cfg.write_text(wsd_config(n, port, sock, secret, extra_limits, extra_toml))
+    cfg.write_text(wsd_config(n, port, sock, secret, extra_limits, extra_toml, redis_url))
     cfg.chmod(0o600)
     argv = [*(shlex.split(wsd_cmd) if wsd_cmd else default_wsd_cmd()), "serve", "-c", str(cfg)]
+    if workers:
+        argv += ["--workers", str(workers)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("WSD_")}  # no stray overrides
     server = ServerProcess("wsd", argv, run_dir / "wsd.log", env=env)
     server.start()
@@ -303,5 +313,7 @@ async def start(kind: str, tmpdir: Path, n: int, args: Any) -> tuple[ServerProce
         server, target = await start_bare(tmpdir, args.ping_interval, uvloop=args.bare_loop == "uvloop")
         target.bare_frame = args.bare_frame
     else:
-        server, target = await start_wsd(tmpdir, n, args.publish, args.wsd_cmd)
+        server, target = await start_wsd(tmpdir, n, args.publish, args.wsd_cmd,
+                                         workers=getattr(args, "workers", 0) or 0,
+                                         redis_url=getattr(args, "redis_url", "") or "")
     return server, target

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import platform
 import sys
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 import typer.main
@@ -60,6 +61,10 @@ def serve(
         "--log-level", metavar="LEVEL", help="debug, info, warning or error (overrides log.level).")] = None,
     log_format: Annotated[Optional[str], typer.Option(
         "--log-format", metavar="FORMAT", help="text or json (overrides log.format).")] = None,
+    workers: Annotated[Optional[str], typer.Option(
+        "--workers", metavar="N", help="Worker processes sharing the port: a number, auto (one per CPU) or "
+        "auto:MIN-MAX (scaled on CPU); more than 1 needs engine.type = \"redis\" (overrides workers.count).")] = None,
+    worker: Annotated[str, typer.Option("--worker", hidden=True, help="(internal) run as this supervised worker")] = "",
 ) -> None:
     """Run the daemon in the foreground (no config needed: built-in defaults).
 
@@ -90,10 +95,47 @@ def serve(
     if fmt not in ("text", "json"):
         print("wsd: error: --log-format must be text or json", file=sys.stderr)
         raise typer.Exit(2)
-    logs.setup(level, fmt)
+    logs.setup(level, fmt, node=worker)
+    if not worker:
+        count = _worker_count(workers, cfg)
+        if count.high > 1:
+            _run(_supervisor(cfg, count, config, host, port, socket, level, fmt).run())
     from wsd.runtime.daemon import Daemon
 
-    daemon = Daemon(cfg, config_path=config, host=host, port=port, socket_path=socket)
+    daemon = Daemon(cfg, config_path=config, host=host, port=port, socket_path=socket, worker=worker,
+                    shared_secret=os.environ.pop("WSD_WORKER_SECRET", "") if worker else "")
+    _run(daemon.run())
+
+
+def _worker_count(value: Optional[str], cfg: Any) -> Any:
+    """--workers (or workers.count): how many; more than one needs the shared engine (a usage error: exit 2)."""
+    from wsd.core.scaling import WorkerCountError, parse_workers
+
+    try:
+        count = parse_workers(value if value is not None else cfg.workers.count, os.cpu_count() or 1)
+    except WorkerCountError as exc:
+        where = "--workers" if value is not None else "workers.count"
+        print(f"wsd: error: {where}: {exc}", file=sys.stderr)
+        raise typer.Exit(2) from None
+    if count.high > 1 and cfg.engine.type != "redis":
+        print(f"wsd: error: {count.high} workers need a shared engine: set engine.type = \"redis\" and engine.url "
+              "in the config (the memory engine is one process), or run one worker", file=sys.stderr)
+        raise typer.Exit(2)
+    return count
+
+
+def _supervisor(cfg: Any, count: Any, config: Optional[str], host: Optional[str], port: Optional[int],
+                socket: Optional[str], level: str, fmt: str) -> Any:
+    from wsd.control.protocol import default_socket_path
+    from wsd.runtime.supervisor import Supervisor
+
+    path = socket or cfg.control.socket or default_socket_path()
+    return Supervisor(cfg, count, config_path=config, socket_path=path, host=host, port=port, log_level=level,
+                      log_format=fmt)
+
+
+def _run(coro: Any) -> None:
+    """Run the daemon (or the supervisor) to its exit status."""
     try:
         import uvloop
 
@@ -101,7 +143,7 @@ def serve(
     except ImportError:  # pragma: no cover - uvloop is optional off Linux/macOS
         runner = asyncio.run
     try:
-        code = runner(daemon.run())
+        code = runner(coro)
     except (OSError, RuntimeError) as exc:
         print(f"wsd: error: {exc}", file=sys.stderr)
         raise typer.Exit(1) from None

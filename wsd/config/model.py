@@ -206,6 +206,15 @@ class EncryptionConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True,
     keys: dict[str, str] = {}
 
 
+class WorkersConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    # 1, a number, "auto" (one per CPU) or "auto:MIN-MAX" (scaled on CPU); `wsd serve --workers` overrides it
+    count: int | str = 1
+    scale_up_cpu: float = 0.75
+    scale_down_cpu: float = 0.25
+    scale_up_after_s: float = 30.0
+    scale_down_after_s: float = 300.0
+
+
 class LogConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["text", "json"] = "text"
@@ -249,6 +258,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     http: HttpConfig = msgspec.field(default_factory=HttpConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
     encryption: EncryptionConfig = msgspec.field(default_factory=EncryptionConfig)
+    workers: WorkersConfig = msgspec.field(default_factory=WorkersConfig)
     source_path: str = ""
 
 

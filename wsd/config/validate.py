@@ -27,6 +27,7 @@ from wsd.config.model import (
     ManagerConfig,
     ResolvedAuth,
     ServerConfig,
+    WorkersConfig,
 )
 from wsd.config.problems import ConfigError, Problems, key_path, read_text, show_value
 
@@ -49,6 +50,7 @@ def validate(cfg: Config, errs: Problems, *, from_file: bool, raw: dict[str, Any
     _check_routing(cfg, errs)
     check_encryption(cfg, errs)
     _check_engine(cfg.engine, errs)
+    _check_workers(cfg.workers, errs)
     _at_least(errs, "audit.max_bytes", cfg.audit.max_bytes, 1024)
     _at_least(errs, "audit.backups", cfg.audit.backups, 0)
     for i, cidr in enumerate(cfg.http.metrics_allow):
@@ -344,6 +346,22 @@ def _check_sentinel(e: EngineConfig, errs: Problems) -> None:
             errs.add("engine.url", 'with engine.mode = "sentinel" the master\'s address comes from the sentinels: '
                                    'give only its credentials and database, e.g. "redis://:password@/0" '
                                    '(rediss:// for TLS)')
+
+
+def _check_workers(w: WorkersConfig, errs: Problems) -> None:
+    from wsd.core.scaling import WorkerCountError, parse_workers
+
+    try:
+        parse_workers(w.count, os.cpu_count() or 1)
+    except WorkerCountError as exc:
+        errs.add("workers.count", str(exc))
+    _between(errs, "workers.scale_up_cpu", w.scale_up_cpu, 0.01, 1.0)
+    _between(errs, "workers.scale_down_cpu", w.scale_down_cpu, 0.0, 1.0)
+    if w.scale_down_cpu >= w.scale_up_cpu:
+        errs.add("workers.scale_down_cpu", f"must be below workers.scale_up_cpu ({w.scale_up_cpu}), "
+                                           f"got {w.scale_down_cpu}")
+    _between(errs, "workers.scale_up_after_s", w.scale_up_after_s, 0.1, 86400)
+    _between(errs, "workers.scale_down_after_s", w.scale_down_after_s, 0.1, 86400)
 
 
 def _check_engine(e: EngineConfig, errs: Problems) -> None:

@@ -75,6 +75,7 @@ EVENT_KINDS = (
     "heartbeat_timeout", "idle_timeout", "token_expired", "token_refreshed", "unhealthy", "recovery",
     "reload", "reload_failed", "rule_changed", "draining", "control_refused", "refresh_refused",
     "internal_error", "handshake_limit", "descriptors_exhausted",
+    "worker_started", "worker_exited", "worker_scaled",
 )
 
 # method -> one-line help (the daemon's table of handlers must match these names exactly)

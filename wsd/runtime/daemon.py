@@ -143,8 +143,14 @@ def listen_error(host: str, port: int, exc: OSError) -> str:
 
 class Daemon:
     def __init__(self, config: Any, *, config_path: str | None = None, host: str | None = None,
-                 port: int | None = None, socket_path: str | None = None) -> None:
+                 port: int | None = None, socket_path: str | None = None, worker: str = "",
+                 shared_secret: str = "") -> None:
         self.config = config
+        # A worker of `wsd serve --workers` (wsd.runtime.supervisor): its node id, a listener shared with the
+        # other workers (SO_REUSEPORT), and SIGUSR2 = retire (stop accepting, then drain like SIGTERM).
+        self.worker = worker
+        if shared_secret:  # the supervisor's ephemeral secret: a token minted by one worker verifies on all
+            self._ephemeral = shared_secret
         self.config_path = config_path
         self.host_override = host
         self.port_override = port
@@ -343,6 +349,8 @@ class Daemon:
             log.warning("no auth secret configured: using an ephemeral HS256 secret generated at start "
                         "(tokens die with this process; mint them with `wsctl token`)")
         self.engine = make_engine(self.config)
+        if self.worker:
+            self.engine.node_id = self.worker
         self.engine.configure(self.config.channels)
         self.hub = Hub(self.config, self.engine, self.sink, limiters=self.limiters())
         self.engine.on_gap = self.hub.on_bus_gap  # a hole in a shared engine's bus that history cannot fill
@@ -390,6 +398,8 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload_async()))
+        if self.worker:
+            loop.add_signal_handler(signal.SIGUSR2, self.retire)
         await self._stop.wait()
         await self.shutdown()
         return 0
@@ -402,11 +412,19 @@ class Daemon:
             # heartbeats are ours (one sweep, 3 missed pongs), and so are refusals and the close timeout
             return await listen(host, port, ssl=ssl_ctx, backlog=srv.backlog,
                                 open_timeout=HANDSHAKE_TIMEOUT_S, close_timeout=max(0.5, m.drain_timeout_ms / 1000.0),
-                                max_size=srv.max_message_bytes, write_limit=m.write_high_water_bytes)
+                                max_size=srv.max_message_bytes, write_limit=m.write_high_water_bytes,
+                                reuse_port=bool(self.worker))
         except OSError as exc:
             raise RuntimeError(listen_error(host, port, exc)) from None
 
     def request_stop(self) -> None:
+        self._stop.set()
+
+    def retire(self) -> None:
+        """A worker the supervisor retires: its listener closes first (new connections go to the other workers
+        sharing the port, not to a 503), then its clients are drained with 1001 to resume elsewhere."""
+        if self.server is not None:
+            self.server.close(close_connections=False)
         self._stop.set()
 
     # -- the service manager ------------------------------------------------------------------------------

@@ -130,8 +130,21 @@ class TextFormatter(logging.Formatter):
         return base
 
 
-def setup(level: str = "info", fmt: str = "text", stream: object = None) -> None:
-    """Configure the root logger once: one stderr handler, redacting, text or JSON."""
+class NodeTag(logging.Filter):
+    """Names the worker a line comes from (``wsd[host-w1]``): the workers of `wsd serve --workers` share stderr."""
+
+    def __init__(self, node: str) -> None:
+        super().__init__()
+        self.suffix = f"[{node}]"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.endswith(self.suffix):
+            record.name += self.suffix
+        return True
+
+
+def setup(level: str = "info", fmt: str = "text", stream: object = None, node: str = "") -> None:
+    """Configure the root logger once: one stderr handler, redacting, text or JSON (``node``: a worker's tag)."""
     root = logging.getLogger()
     for h in list(root.handlers):
         if getattr(h, "_wsd", False):
@@ -139,6 +152,8 @@ def setup(level: str = "info", fmt: str = "text", stream: object = None) -> None
     handler = logging.StreamHandler(stream or sys.stderr)  # type: ignore[arg-type]
     handler._wsd = True  # type: ignore[attr-defined]
     handler.addFilter(RedactingFilter())
+    if node:
+        handler.addFilter(NodeTag(node))
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root.addHandler(handler)
     root.setLevel(getattr(logging, level.upper(), logging.INFO))

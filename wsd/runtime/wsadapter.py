@@ -516,7 +516,7 @@ class WsdServerConnection(asyncio.Protocol):
 
 
 async def listen(host: Any, port: int, *, ssl: Any, backlog: int, open_timeout: float, close_timeout: float,
-                 max_size: int | None, write_limit: int) -> asyncio.Server:
+                 max_size: int | None, write_limit: int, reuse_port: bool = False) -> asyncio.Server:
     """The WebSocket listener: one ``WsdServerConnection`` per accepted TCP connection."""
     loop = asyncio.get_running_loop()
     cls = WsdServerConnection
@@ -528,4 +528,6 @@ async def listen(host: Any, port: int, *, ssl: Any, backlog: int, open_timeout: 
     kw: dict[str, Any] = {}
     if ssl is not None:
         kw = {"ssl": ssl, "ssl_handshake_timeout": open_timeout, "ssl_shutdown_timeout": close_timeout}
+    if reuse_port:
+        kw["reuse_port"] = True  # `wsd serve --workers N`: the workers share the port (SO_REUSEPORT)
     return await loop.create_server(cls, host, port, backlog=backlog, **kw)

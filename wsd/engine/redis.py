@@ -64,6 +64,8 @@ WAIT_MS = 500
 CHECK_INTERVAL_S = 1.0
 #: a node whose key was not refreshed for this long is gone
 NODE_TTL_S = 3
+#: a node whose registry key expired without a clean stop is still asked (and reported missing) this long
+NODE_FORGET_S = 30.0
 #: a channel's bus stays subscribed this long after its last subscriber here left (a subscriber that comes and
 #: goes does not make a SUBSCRIBE / UNSUBSCRIBE per visit)
 BUS_GRACE_S = 5.0
@@ -348,6 +350,7 @@ class RedisEngine(Engine):
         self._watcher: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._nodes: list[str] = []
+        self._quiet: dict[str, float] = {}  # node id -> when its registry key was first seen expired
         self._started = time.time()
         self.bus_stats = {"fills": 0, "filled": 0, "gaps": 0, "reconnects": 0, "messages_channel": 0,
                           "messages_shared": 0, "subscribes": 0, "unsubscribes": 0, "late_confirms": 0}
@@ -857,13 +860,31 @@ class RedisEngine(Engine):
             for i in ids:
                 p.exists(f"{self.prefix}:node:{i}")
             alive = await asyncio.wait_for(p.execute(), OP_TIMEOUT_S)
-        gone = [i for i, a in zip(ids, alive) if not a]
+        # A node whose key expired without leaving (a clean stop removes it from the index) stalled or died: it
+        # stays among the nodes asked, reported missing, for NODE_FORGET_S, then is dropped from the index. So a
+        # node that stalled a few seconds (a loaded host) shows as missing, never silently outside the cluster.
+        now = asyncio.get_running_loop().time()
+        quiet = self._quiet
+        gone: list[str] = []
+        for i, a in zip(ids, alive):
+            if a:
+                quiet.pop(i, None)
+            elif now - quiet.setdefault(i, now) >= NODE_FORGET_S:
+                gone.append(i)
+        for i in [i for i in quiet if i not in ids]:
+            del quiet[i]
         if gone:
             await asyncio.wait_for(self.redis.srem(reg, *gone), OP_TIMEOUT_S)
-        self._nodes = [i for i, a in zip(ids, alive) if a]
+            for i in gone:
+                quiet.pop(i, None)
+        self._nodes = [i for i in ids if i not in gone]
 
     def live_nodes(self) -> list[str] | None:
         return list(self._nodes)
+
+    async def read_registry(self) -> None:
+        """Refresh this node's registry key and read the live nodes now (a control request about to ask them)."""
+        await self._heartbeat()
 
     async def stop(self) -> None:
         if getattr(self, "control_channel", None) is not None:

@@ -176,6 +176,11 @@ class RedisControl:
     async def call(self, method: str, params: dict[str, Any], nodes: list[str] | None = None,
                    deadline_s: float = CONTROL_DEADLINE_S) -> ClusterReply:
         me = self.node_id
+        if nodes is None:
+            # The registry as it is now, not as the last heartbeat read it (a node that started a moment ago
+            # would be left out without a word); a Redis that does not answer leaves the last reading.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.engine.read_registry(), min(deadline_s, 1.0))
         expected = set(nodes) if nodes is not None else set(self.engine.live_nodes() or ())
         others = expected - {me}
         rid = secrets.token_hex(8)

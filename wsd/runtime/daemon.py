@@ -424,7 +424,7 @@ class Daemon:
         """A worker the supervisor retires: its listener closes first (new connections go to the other workers
         sharing the port, not to a 503), then its clients are drained with 1001 to resume elsewhere."""
         if self.server is not None:
-            self.server.close(close_connections=False)
+            self.server.close()  # the listening socket only: its connections stay, to be drained with 1001
         self._stop.set()
 
     # -- the service manager ------------------------------------------------------------------------------

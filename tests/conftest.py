@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.harness import BASE_CONFIG, Wsd
+from tests.harness import BASE_CONFIG, REDIS_MISSING, Wsd, tool_missing
 
 
 @pytest.fixture
@@ -31,3 +33,19 @@ def wsd_factory(tmp_path: Path) -> Iterator[Callable[..., Wsd]]:
 def wsd(wsd_factory: Callable[..., Wsd]) -> Wsd:
     """A daemon on the default pools and channels, with a known HS256 secret."""
     return wsd_factory()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[Any]:
+    """A private redis-server on a free port (AOF, appendfsync always; restartable, pausable: tests/chaos.py),
+    never the machine's shared one. Missing redis-server: skipped, failed under WSD_CI_REQUIRE_TOOLS=1."""
+    if shutil.which("redis-server") is None:
+        tool_missing(REDIS_MISSING)
+    from tests.chaos import RedisServer
+
+    d = tmp_path / "redis"
+    d.mkdir()
+    server = RedisServer(d)
+    server.start()
+    yield server
+    server.stop()

@@ -5,7 +5,6 @@ plug into :class:`tests.chaos.Chaos` (``Chaos(backend=...)``). Used by tests/tes
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import socket
@@ -14,9 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
 
-from tests.harness import free_port
+from tests.harness import free_port, tool_missing
 
 MASTER = "wsdmaster"
 
@@ -26,9 +24,7 @@ def need(*tools: str) -> None:
     missing = [t for t in tools if shutil.which(t) is None]
     if missing:
         msg = f"{', '.join(missing)} not on PATH (Debian: apt-get install redis-server redis-sentinel)"
-        if os.environ.get("WSD_CI_REQUIRE_TOOLS") == "1":
-            pytest.fail(msg)
-        pytest.skip(msg)
+        tool_missing(msg)
 
 
 def _cli(port: int, *args: str, timeout: float = 5.0) -> str:

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from tests.chaos import RedisServer
-from tests.harness import REDIS_MISSING, SECRET, Wsd, free_port
+from tests.harness import REDIS_MISSING, SECRET, Wsd, free_port, tool_missing
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "browser"
@@ -29,11 +29,6 @@ CHROMIUM = os.environ.get("WSD_CHROMIUM", "/usr/bin/chromium")
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
-
-def tool_missing(why: str) -> None:
-    if os.environ.get("WSD_CI_REQUIRE_TOOLS") == "1":
-        pytest.fail(why)
-    pytest.skip(why)
 
 
 def wsctl(w: Wsd, *args: str) -> str:

@@ -7,7 +7,7 @@ import asyncio
 from typing import Any
 
 from tests.harness import make_token, recv_until, request, wait_for, welcome
-from tests.test_cluster import prefix, redis_server  # noqa: F401
+from tests.test_cluster import prefix  # noqa: F401  # the fixture
 
 
 async def test_many_first_subscribers_at_once_all_get_their_position(wsd_factory, redis_server, prefix):

@@ -12,9 +12,14 @@ import shutil
 import pytest
 
 from tests.chaos import FAULTS, Chaos, Proxy
-from tests.harness import REDIS_MISSING, make_token, wait_for
+from tests.harness import REDIS_MISSING, make_token, tool_missing, wait_for
 
-pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason=REDIS_MISSING)
+
+
+@pytest.fixture(autouse=True)
+def _redis_server_installed() -> None:
+    if shutil.which("redis-server") is None:
+        tool_missing(REDIS_MISSING)
 
 
 async def _true(v: bool) -> bool:

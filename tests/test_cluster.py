@@ -10,7 +10,6 @@ import asyncio
 import json
 import os
 import secrets
-import shutil
 import signal
 import sys
 import time
@@ -19,8 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.chaos import RedisServer
-from tests.harness import REDIS_MISSING, Wsd, closed_with, make_token, recv_until, request, wait_for, welcome
+from tests.harness import Wsd, closed_with, make_token, recv_until, request, wait_for, welcome
 from wsd.engine.base import CONTROL_DEADLINE_S
 
 WSCTL = [sys.executable, "-m", "wsctl"]
@@ -56,18 +54,6 @@ def ok(r: Result) -> Result:
     return r
 
 
-@pytest.fixture
-def redis_server(tmp_path) -> Any:
-    if not shutil.which("redis-server"):
-        if os.environ.get("WSD_CI_REQUIRE_TOOLS") == "1":
-            pytest.fail(REDIS_MISSING)
-        pytest.skip(REDIS_MISSING)
-    d = tmp_path / "redis"
-    d.mkdir()
-    server = RedisServer(d)
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

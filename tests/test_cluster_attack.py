@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from tests.harness import make_token, recv_until, request, wait_for, welcome
-from tests.test_cluster import ROOT, SLACK_S, WSCTL, cluster, connect, node_ids, ok, prefix, redis_server, wsctl  # noqa: F401
+from tests.test_cluster import ROOT, SLACK_S, WSCTL, cluster, connect, node_ids, ok, prefix, wsctl  # noqa: F401
 from wsd.engine.base import CONTROL_DEADLINE_S
 
 

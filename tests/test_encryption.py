@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from tests.harness import make_token, recv_until, request, wait_for, welcome
+from tests.harness import REDIS_MISSING, make_token, recv_until, request, tool_missing, wait_for, welcome
 from tests.test_wsctl import awsctl, ok, wsctl
 from wsd.client import Client, Message
 from wsd.client.decrypt import open_envelope, prepare_keys
@@ -334,9 +334,7 @@ async def test_redis_holds_only_ciphertext(wsd_factory, key1, tmp_path):
     """What Redis stores (every key, read by type) and carries on its bus holds no plaintext of an encrypted group;
     the same check finds a plain group's message, so it would catch a leak; a second node delivers and replays."""
     if not shutil.which("redis-server"):
-        if os.environ.get("WSD_CI_REQUIRE_TOOLS") == "1":
-            pytest.fail("redis-server is required (WSD_CI_REQUIRE_TOOLS=1)")
-        pytest.skip("redis-server is not on PATH")
+        tool_missing(REDIS_MISSING)
     from tests.chaos import RedisServer
 
     (tmp_path / "redis").mkdir()

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.test_redis_engine import engine_toml, redis_url  # noqa: F401  # the Redis fixture
+from tests.harness import tool_missing
 
 ROOT = Path(__file__).resolve().parent.parent
 JS = ROOT / "clients" / "js"
@@ -72,9 +73,7 @@ def node_or_skip() -> str:
         if major_minor >= (20, 10):  # 20.10: the first with --experimental-websocket
             return exe
         why = f"node {version} is too old: the JavaScript client tests need Node.js 20.10 or newer"
-    if os.environ.get("WSD_CI_REQUIRE_TOOLS") == "1":
-        pytest.fail(why)
-    pytest.skip(why)
+    tool_missing(why)
 
 
 def run_node(files: list[str], env: dict[str, str], timeout: float = 240) -> None:

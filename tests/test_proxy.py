@@ -27,7 +27,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from tests.harness import BASE_CONFIG, Wsd, http_get, make_token, recv_json, recv_until, request, wait_for, welcome
+from tests.harness import BASE_CONFIG, Wsd, http_get, make_token, recv_json, recv_until, request, tool_missing, wait_for, welcome
 from wsd.config import ConfigError, load_config
 from wsd.core.proxyproto import V2_SIGNATURE
 
@@ -39,9 +39,7 @@ def need(tool: str) -> str:
                                       None)
     if path is None:
         why = f"{tool} is not installed (apt-get install {tool})"
-        if os.environ.get("WSD_CI_REQUIRE_TOOLS") == "1":
-            pytest.fail(why)
-        pytest.skip(why)
+        tool_missing(why)
     return path
 
 

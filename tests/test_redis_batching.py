@@ -10,28 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import shutil
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
 import pytest
 
-from tests.chaos import RedisServer
-from tests.harness import REDIS_MISSING, make_token, recv_until, request, wait_for, welcome
+from tests.harness import make_token, recv_until, request, wait_for, welcome
 from wsd.engine.base import ENGINE_UNAVAILABLE, EngineUnavailable, Publication
 from wsd.engine.redis import OP_TIMEOUT_S, RedisEngine
 
 
-@pytest.fixture
-def redis_server(tmp_path) -> Iterator[RedisServer]:
-    if not shutil.which("redis-server"):
-        pytest.skip(REDIS_MISSING)
-    server = RedisServer(tmp_path)
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

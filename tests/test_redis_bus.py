@@ -10,31 +10,16 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 
 from tests.chaos import RedisServer
-from tests.harness import REDIS_MISSING, make_token, recv_json, recv_until, request, wait_for, welcome
+from tests.harness import make_token, recv_json, recv_until, request, wait_for, welcome
 
 
-@pytest.fixture
-def redis_server(tmp_path) -> Iterator[RedisServer]:
-    if shutil.which("redis-server") is None:
-        if __import__("os").environ.get("WSD_CI_REQUIRE_TOOLS") == "1":
-            pytest.fail(REDIS_MISSING)
-        pytest.skip(REDIS_MISSING)
-    d = tmp_path / "redis"
-    d.mkdir()
-    r = RedisServer(d)
-    r.start()
-    yield r
-    r.stop()
 
 
 def engine_toml(url: str, prefix: str) -> str:

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.harness import REDIS_MISSING, free_port, make_token, recv_until, request, welcome
+from tests.harness import REDIS_MISSING, free_port, make_token, recv_until, request, tool_missing, welcome
 
 
 @pytest.fixture
@@ -19,7 +19,7 @@ def redis_url(tmp_path) -> Iterator[str]:
     """A private redis-server on a free port (never the machine's shared one)."""
     exe = shutil.which("redis-server")
     if not exe:
-        pytest.skip(REDIS_MISSING)
+        tool_missing(REDIS_MISSING)
     port = free_port()
     proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                              "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -9,19 +9,16 @@ import asyncio
 import json
 import os
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from tests.chaos import RedisServer  # the one private redis-server of the tests
 from tests.harness import (
-    REDIS_MISSING,
     ControlError,
     make_token,
     recv_json,
@@ -33,16 +30,6 @@ from tests.harness import (
 CHANNEL = "trading-signals/acme"
 
 
-@pytest.fixture
-def redis_server(tmp_path) -> Iterator[RedisServer]:
-    if shutil.which("redis-server") is None:
-        pytest.skip(REDIS_MISSING)
-    d = tmp_path / "redis"
-    d.mkdir()
-    r = RedisServer(d)  # AOF with appendfsync always, restartable on its port and directory
-    r.start()
-    yield r
-    r.stop()
 
 
 def engine_toml(url: str, prefix: str) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -21,8 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.chaos import RedisServer
-from tests.harness import (BASE_CONFIG, REDIS_MISSING, Wsd, closed_with, free_port, make_token, wait_for,
+from tests.harness import (BASE_CONFIG, Wsd, closed_with, free_port, make_token, wait_for, 
                            welcome)
 from wsd.core.scaling import Scaler, WorkerCount, WorkerCountError, parse_workers
 
@@ -137,18 +135,6 @@ def test_bad_workers_keys_name_the_key_path(tmp_path, toml, path):
 
 
 # -- real workers ------------------------------------------------------------------------------------------------
-@pytest.fixture
-def redis_server(tmp_path) -> Any:
-    if not shutil.which("redis-server"):
-        if os.environ.get("WSD_CI_REQUIRE_TOOLS") == "1":
-            pytest.fail(REDIS_MISSING)
-        pytest.skip(REDIS_MISSING)
-    d = tmp_path / "redis"
-    d.mkdir()
-    server = RedisServer(d)
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

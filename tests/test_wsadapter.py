@@ -3,6 +3,7 @@ connection does not need (no instance dict, no task, no handshake request)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import gc
 import json
@@ -121,3 +122,26 @@ async def test_a_subscribe_sent_with_the_handshake_waits_for_the_welcome(wsd):
     assert (await raw.read_json())["id"] == 1
     assert (await raw.read_json())["id"] == 2
     raw.close()
+
+
+async def test_a_ping_sent_with_the_request_is_answered_after_the_101_not_before(wsd):
+    """websockets queues the pong as soon as it parses the ping: written then, it came before the response."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", wsd.port)
+    writer.write(HANDSHAKE.replace(b"/ws/api", f"/ws/api?token={make_token('pinger')}".encode())
+                 .replace(b"Authorization: Bearer secret-token\r\n", b"") + masked(0x9, b"early"))
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 101 "), head[:40]
+    raw = RawWs(reader, writer, 101, {}, b"")
+    assert await raw.read_frame() == (0xA, b"early")  # the pong, then the welcome
+    assert (await raw.read_json())["type"] == "welcome"
+    raw.close()
+
+
+async def test_a_ping_sent_with_a_refused_request_gets_the_refusal_only(wsd):
+    reader, writer = await asyncio.open_connection("127.0.0.1", wsd.port)
+    writer.write(HANDSHAKE.replace(b"Bearer secret-token", b"Bearer not-a-jwt") + masked(0x9, b"early"))
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 401 "), head[:40]
+    rest = await asyncio.wait_for(reader.read(), 5)
+    assert b"early" not in rest
+    writer.close()

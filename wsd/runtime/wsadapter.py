@@ -385,9 +385,16 @@ class WsdServerConnection(asyncio.Protocol):
         self._expect_close()
 
     def send_data(self) -> None:
-        """Write what the protocol has to send; its empty bytes mean the end of our side of the stream."""
+        """Write what the protocol has to send; its empty bytes mean the end of our side of the stream.
+
+        Before the handshake response nothing is written: websockets parses the frames of a client that sent
+        them with its request and queues the pongs of its pings, which must follow the 101 (``_handshake``).
+        """
         tr = self.transport
-        for data in self.protocol.data_to_send():
+        proto = self.protocol
+        if proto.state is _CONNECTING and not proto.eof_sent:
+            return
+        for data in proto.data_to_send():
             try:
                 if data:
                     tr.write(data)
@@ -494,8 +501,11 @@ class WsdServerConnection(asyncio.Protocol):
         self.request = None
         if proto.state is not _CONNECTING or self.lost or proto.eof_sent:
             return  # the peer left meanwhile, or sent what websockets refused (its answer is sent)
+        early = proto.writes  # pongs to pings sent with the request: after the response, or not at all
+        proto.writes = []
         proto.send_response(response)
         if proto.state is OPEN:
+            proto.writes.extend(early)
             if self.timer is not None:
                 self.timer.cancel()
                 self.timer = None
